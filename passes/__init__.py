@@ -1,0 +1,1 @@
+"""The compiler passes, in pipeline order: masks -> analysis -> condense (rules) -> capture -> rewrite."""

@@ -1,0 +1,171 @@
+"""Mask discovery: turn a user's masked model into a plain reference model plus one boolean mask per weight.
+
+Sources, first match wins per weight: an explicit ``masks={"fqn.weight": mask}`` dict, a
+``torch.nn.utils.prune`` hook (``weight_orig`` * ``weight_mask``), a ``torch.nn.utils.parametrize``
+parametrization holding a ``mask`` tensor (``torch.ao.pruning`` FakeSparsity), else the exact zeros of the
+weight. The reference model has every hook and parametrization baked in, so ``weight`` *is* the masked weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+from sparsecc.errors import MaskError, SparseccWarning, WeightError
+
+log = logging.getLogger("sparsecc")
+
+LayerKind = Literal["linear", "conv2d"]
+MaskSource = Literal["masks=", "prune", "parametrize", "zeros"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One analysable weight of the reference model: where it lives, its mask and where the mask came from."""
+
+    fqn: str                    # parameter name, e.g. "encoder.layers.0.mlp.0.weight"
+    module: str                 # owning module, e.g. "encoder.layers.0.mlp.0"
+    bias: Optional[str]         # bias parameter name, if any
+    kind: LayerKind
+    mask: torch.Tensor          # bool, same shape as the weight
+    source: MaskSource
+    shared_with: tuple[str, ...] = ()   # other layer fqns using the same tensor (tied weights)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    reference: nn.Module        # eval-mode copy with masks baked in; never the user's object
+    layers: dict[str, Layer]    # keyed by weight fqn
+    was_training: bool
+
+
+def _weight_slots(model: nn.Module) -> list[tuple[str, str, Optional[str], LayerKind]]:
+    """(module fqn, weight attr, bias attr, kind) of every weight sparsecc analyses, before any stripping."""
+    slots: list[tuple[str, str, Optional[str], LayerKind]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            slots.append((name, "weight", "bias", "linear"))
+        elif isinstance(mod, nn.Conv2d):
+            slots.append((name, "weight", "bias", "conv2d"))
+        elif isinstance(mod, nn.MultiheadAttention) and mod._qkv_same_embed_dim:
+            slots.append((name, "in_proj_weight", "in_proj_bias", "linear"))
+    return slots
+
+
+def _join(module: str, attr: str) -> str:
+    return f"{module}.{attr}" if module else attr
+
+
+def _hook_mask(mod: nn.Module, attr: str) -> tuple[Optional[torch.Tensor], Optional[MaskSource]]:
+    """The mask a prune hook or a parametrization holds for ``mod.attr``, if any."""
+    buf = getattr(mod, f"{attr}_mask", None)
+    if isinstance(buf, torch.Tensor) and isinstance(getattr(mod, f"{attr}_orig", None), torch.Tensor):
+        return buf, "prune"
+    if parametrize.is_parametrized(mod, attr):
+        for p in mod.parametrizations[attr]:
+            mask = getattr(p, "mask", None)
+            if isinstance(mask, torch.Tensor):
+                return mask, "parametrize"
+    return None, None
+
+
+def _strip_hooks(model: nn.Module) -> None:
+    """Bake every prune hook and parametrization into a plain parameter (weight = orig * mask)."""
+    for mod in model.modules():
+        for hook in list(mod._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(mod, hook._tensor_name)
+        if parametrize.is_parametrized(mod):
+            for attr in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+
+
+def _as_bool_mask(fqn: str, mask: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise MaskError(f"{fqn}: mask is a {type(mask).__name__}, expected a torch.Tensor of shape "
+                        f"{tuple(weight_shape)}")
+    if mask.shape != weight_shape:
+        raise MaskError(f"{fqn}: mask shape {tuple(mask.shape)} != weight shape {tuple(weight_shape)}; "
+                        f"pass a mask of the weight's shape")
+    if mask.dtype == torch.bool:
+        return mask.detach().cpu()
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        example = mask[bad].flatten()[0].item()
+        raise MaskError(f"{fqn}: mask holds values other than 0 and 1 (e.g. {example}); pass a boolean mask "
+                        f"(mask != 0) or a 0/1 tensor")
+    return (mask != 0).detach().cpu()
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """deepcopy that also copies the non-leaf tensors prune hooks leave as attributes (``weight = orig *
+    mask``), which plain deepcopy refuses."""
+    memo: dict[int, object] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None) -> Prepared:
+    """Copy ``model`` into an eval-mode reference with masks applied and return the masks per weight."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsecc needs a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    if was_training:
+        warnings.warn("model is in train mode: sparsecc compiles an eval() copy (dropout off, BatchNorm "
+                      "running stats); call model.eval() first to silence this", SparseccWarning, stacklevel=3)
+    ref = _copy(model).eval()
+    slots = _weight_slots(ref)
+    hooked = {(m, a): _hook_mask(ref.get_submodule(m), a) for m, a, _, _ in slots}
+    _strip_hooks(ref)
+
+    explicit = dict(masks or {})
+    known = {_join(m, a) for m, a, _, _ in slots}
+    unknown = sorted(set(explicit) - known)
+    if unknown:
+        hint = ", ".join(sorted(known)[:5])
+        raise MaskError(f"masks= names {len(unknown)} weight(s) that are not Linear/Conv2d/attention weights of "
+                        f"this model: {', '.join(unknown[:5])}; use parameter names such as {hint}")
+
+    owners: dict[int, list[str]] = {}
+    layers: dict[str, Layer] = {}
+    with torch.no_grad():
+        for module_fqn, attr, bias_attr, kind in slots:
+            mod = ref.get_submodule(module_fqn)
+            fqn = _join(module_fqn, attr)
+            weight = getattr(mod, attr)
+            if fqn in explicit:
+                mask, source = _as_bool_mask(fqn, explicit[fqn], weight.shape), "masks="
+                weight.mul_(mask.to(weight.device, weight.dtype))
+            else:
+                hook_mask, hook_source = hooked[(module_fqn, attr)]
+                if hook_mask is not None:
+                    mask, source = _as_bool_mask(fqn, hook_mask, weight.shape), hook_source
+                else:
+                    mask, source = (weight != 0).cpu(), "zeros"
+            bias = getattr(mod, bias_attr, None) if bias_attr else None
+            for tensor, what in ((weight, "weight"), (bias, "bias")):
+                if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                    count = int((~torch.isfinite(tensor)).sum())
+                    raise WeightError(f"{module_fqn or '<root>'}: {what} holds {count} NaN/Inf value(s); "
+                                      f"fix the checkpoint (or the training run) before compiling")
+            owners.setdefault(id(weight), []).append(fqn)
+            layers[fqn] = Layer(fqn, module_fqn, _join(module_fqn, bias_attr) if bias is not None else None,
+                                kind, mask, source)
+    for names in owners.values():
+        if len(names) > 1:
+            warnings.warn(f"{', '.join(names)} share one tensor (tied weights): sparsecc keeps them dense; "
+                          f"untie them (clone the parameter) to condense them", SparseccWarning, stacklevel=3)
+            for n in names:
+                layers[n] = Layer(**{**layers[n].__dict__, "shared_with": tuple(o for o in names if o != n)})
+    log.debug("prepared %d layers", len(layers))
+    return Prepared(ref, layers, was_training)

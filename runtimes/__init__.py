@@ -1,0 +1,70 @@
+"""Runtimes are plug-ins: one module each, imported only when asked for, declaring the ops and dtypes it runs.
+
+A runtime module defines ``NAME``, ``DTYPES``, ``KERNELS`` (op name -> callable with the op's arguments minus
+``runtime``) and ``unavailable() -> str | None`` (why it cannot run here, or None).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+
+from sparsecc.errors import RuntimeUnavailableError
+
+#: Runtime name -> module implementing it. ``auto`` picks the first available one in PREFERENCE.
+RUNTIMES: dict[str, str] = {
+    "reference": "sparsecc.runtimes.reference",   # pure torch, runs everywhere: the correctness oracle
+}
+PREFERENCE: tuple[str, ...] = ("reference",)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    dtypes: frozenset[torch.dtype]
+    kernels: dict[str, Callable]
+
+    def supports(self, op: str, dtype: torch.dtype) -> bool:
+        return op in self.kernels and dtype in self.dtypes
+
+    def kernel(self, op: str) -> Callable:
+        try:
+            return self.kernels[op]
+        except KeyError:
+            raise RuntimeUnavailableError(f"runtime {self.name!r} has no kernel for sparsecc::{op}; "
+                                          f"it runs {sorted(self.kernels)}") from None
+
+
+def unavailable(name: str) -> Optional[str]:
+    """Why runtime ``name`` cannot run here, or None when it can."""
+    if name not in RUNTIMES:
+        return f"unknown runtime {name!r}; choose one of {sorted(RUNTIMES)} or 'auto'"
+    try:
+        module = importlib.import_module(RUNTIMES[name])
+    except ImportError as exc:
+        return f"runtime {name!r} cannot be imported: {exc}"
+    return module.unavailable()
+
+
+@lru_cache(maxsize=None)
+def get_runtime(name: str) -> Runtime:
+    why = unavailable(name)
+    if why is not None:
+        raise RuntimeUnavailableError(why)
+    module = importlib.import_module(RUNTIMES[name])
+    return Runtime(module.NAME, frozenset(module.DTYPES), dict(module.KERNELS))
+
+
+def resolve(backend: str) -> str:
+    """The runtime a ``backend=`` argument means on this machine."""
+    if backend != "auto":
+        get_runtime(backend)
+        return backend
+    for name in PREFERENCE:
+        if unavailable(name) is None:
+            return name
+    raise RuntimeUnavailableError("no runtime is available (not even 'reference'): is torch installed?")

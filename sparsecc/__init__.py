@@ -1,0 +1,13 @@
+"""sparsecc: compile trained sparse PyTorch models into condensed operators that actually run faster."""
+
+from sparsecc import ops  # noqa: F401  (registers the sparsecc:: custom ops)
+from sparsecc.api import CompiledModel, compile, inspect, masked_reference, validate
+from sparsecc.errors import (CaptureError, EquivalenceError, InputError, MaskError, PassError,
+                             RuntimeUnavailableError, SparseccError, SparseccWarning, WeightError)
+from sparsecc.report import Report
+
+__version__ = "0.1.0"
+
+__all__ = ["compile", "inspect", "validate", "masked_reference", "CompiledModel", "Report", "SparseccError", "MaskError",
+           "WeightError", "CaptureError", "PassError", "InputError", "EquivalenceError", "RuntimeUnavailableError",
+           "SparseccWarning", "__version__"]

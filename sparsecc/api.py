@@ -1,0 +1,163 @@
+"""Public entry points: `compile`, `inspect`, `validate`, and the `CompiledModel` they return."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from sparsecc.errors import EquivalenceError, InputError
+from sparsecc.passes.capture import capture
+from sparsecc.passes.condense import Decision, plan
+from sparsecc.passes.manager import PassManager
+from sparsecc.passes.masks import Prepared, prepare
+from sparsecc.passes.rewrite import CondenseFunctionalLinears, CondenseModules, DropUnusedWeights, swap_modules
+from sparsecc.report import Report, layer_report
+from sparsecc.runtimes import resolve
+from sparsecc.validation import Validation, random_like, run_validation
+
+log = logging.getLogger("sparsecc")
+
+InputSpec = list[tuple[torch.dtype, tuple[int, ...]]]
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _spec(inputs: tuple) -> InputSpec:
+    return [(t.dtype, tuple(t.shape[1:])) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+
+
+def _elem_bytes(prepared: Prepared) -> int:
+    for layer in prepared.layers.values():
+        return prepared.reference.get_parameter(layer.fqn).element_size()
+    return 4
+
+
+def _report(decisions: dict[str, Decision], runtime: str, prepared: Prepared) -> Report:
+    layers = [layer_report(d, runtime, _elem_bytes(prepared)) for d in decisions.values()]
+    notes = ["model was in train mode: compiled an eval() copy"] if prepared.was_training else []
+    return Report(layers, runtime=runtime, notes=notes)
+
+
+class CompiledModel(nn.Module):
+    """The rewritten model. Calls check inputs against what was compiled (free batch dimension); without
+    example inputs at compile time, the first call fixes that and is validated against the reference."""
+
+    def __init__(self, module: nn.Module, report: Report, reference: Optional[nn.Module],
+                 layers: dict, spec: Optional[InputSpec]) -> None:
+        super().__init__()
+        self.module = module
+        self.report = report
+        self._pending = [reference, layers] if reference is not None else None
+        self._spec = spec
+
+    def _check_inputs(self, inputs: tuple) -> None:
+        got = _spec(inputs)
+        if self._spec is None:
+            self._spec = got
+            return
+        if len(got) != len(self._spec):
+            raise InputError(f"called with {len(got)} tensor input(s); compiled for {len(self._spec)}")
+        for i, ((dt, shape), (edt, eshape)) in enumerate(zip(got, self._spec)):
+            if dt != edt or shape != eshape:
+                raise InputError(f"input {i}: got {dt} of shape (N, {', '.join(map(str, shape))}); compiled for "
+                                 f"{edt} of shape (N, {', '.join(map(str, eshape))}) with a free batch size N; "
+                                 f"cast the input or compile again with example inputs of the new shape")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_inputs((args, kwargs))
+        if self._pending is not None and not kwargs:
+            reference, layers = self._pending
+            _validate_into(self.report, reference, self.module, [args, random_like(args)], layers)
+            self._pending = None
+        return self.module(*args, **kwargs)
+
+
+def _validate_into(report: Report, reference: nn.Module, module: nn.Module, input_sets: Sequence[tuple],
+                   layers: dict) -> Validation:
+    result = run_validation(reference, module, input_sets, layers)
+    by_name = {l.name: l for l in report.layers}
+    for fqn, stat in result.layers.items():
+        by_name[fqn].error = stat
+    for fqn, n in result.positions.items():
+        by_name[fqn].positions = n
+    report.end_to_end = result.end_to_end
+    report.validated = True
+    if not result.ok:
+        raise EquivalenceError(result.message(), report)
+    return result
+
+
+def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None,
+            backend: str = "auto", validate: bool = True) -> CompiledModel:
+    """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
+
+    ``masks`` maps weight names (``"fc1.weight"``) to boolean masks and wins over prune hooks,
+    parametrizations and zeros. With ``validate`` (default) outputs are checked against the masked model on
+    ``example_inputs`` and one random input of the same shapes, or on the first call when there are none.
+    The user's model is never modified.
+    """
+    prepared = prepare(model, masks)
+    runtime = resolve(backend)
+    decisions = plan(prepared, runtime)
+    report = _report(decisions, runtime, prepared)
+    captured = capture(prepared.reference)
+    if captured.graph_module is not None:
+        passes = [CondenseModules(decisions), CondenseFunctionalLinears(decisions), DropUnusedWeights(decisions)]
+        manager = PassManager(passes)
+        module: nn.Module = manager.run(captured.graph_module)
+        applied = set().union(*(p.applied for p in passes))
+        report.rewrites = manager.rewrites
+    else:
+        module, report.rewrites, applied = swap_modules(copy.deepcopy(prepared.reference), decisions)
+        report.capture_reason = captured.reason
+    report.capture = captured.method
+    for layer in report.layers:
+        if layer.action != "kept" and layer.name not in applied:
+            why = ("a functional linear needs a traced graph" if captured.graph_module is None
+                   else "not called as a module or F.linear on the parameter in the traced graph")
+            layer.action, layer.reason, layer.runtime = "kept", f"condensable but not rewritten: {why}", "torch"
+            layer.bytes_condensed = layer.bytes_dense
+            layer.macs_sparse = layer.macs_dense
+    inputs = _as_tuple(example_inputs)
+    compiled = CompiledModel(module, report, prepared.reference if validate else None, prepared.layers,
+                             _spec(inputs) if example_inputs is not None else None)
+    if validate and example_inputs is not None:
+        _validate_into(report, prepared.reference, module, [inputs, random_like(inputs)], prepared.layers)
+        compiled._pending = None
+    log.info("%s", report.summary())
+    return compiled
+
+
+def inspect(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None) -> Report:
+    """The per-layer report (structure, bytes, FLOPs) without compiling. With ``example_inputs`` FLOPs are per
+    call; without, per output position (token or pixel)."""
+    prepared = prepare(model, masks)
+    report = _report(plan(prepared, "reference"), "reference", prepared)
+    inputs = _as_tuple(example_inputs)
+    if inputs:
+        result = run_validation(prepared.reference, prepared.reference, [inputs], prepared.layers)
+        for layer in report.layers:
+            layer.positions = result.positions.get(layer.name)
+    return report
+
+
+def masked_reference(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
+    """An eval-mode copy of ``model`` with its masks baked into plain weights: what compiled models equal."""
+    return prepare(model, masks).reference
+
+
+def validate(reference_model: nn.Module, compiled_model: nn.Module, inputs: Any) -> Validation:
+    """Compare ``compiled_model`` with the masked ``reference_model`` on ``inputs``; returns the result (check
+    ``.ok``) without raising."""
+    prepared = prepare(reference_model)
+    module = compiled_model.module if isinstance(compiled_model, CompiledModel) else compiled_model
+    return run_validation(prepared.reference, module, [_as_tuple(inputs)], prepared.layers)

@@ -1,0 +1,44 @@
+"""Every error sparsecc raises on purpose is a `SparseccError`: callers catch one type, messages name the
+layer and the fix."""
+
+from __future__ import annotations
+
+
+class SparseccError(Exception):
+    """Base class of every error sparsecc raises on purpose."""
+
+
+class MaskError(SparseccError):
+    """A mask that does not fit its weight: wrong shape, values other than 0/1, unknown layer."""
+
+
+class WeightError(SparseccError):
+    """A weight sparsecc refuses to compile, e.g. one holding NaN or Inf."""
+
+
+class CaptureError(SparseccError):
+    """The model could not be captured as a graph nor rewritten module by module."""
+
+
+class PassError(SparseccError):
+    """A rewrite pass broke the graph; the message names the pass."""
+
+
+class InputError(SparseccError):
+    """A call-time input of the wrong shape, dtype or layout for what was compiled."""
+
+
+class EquivalenceError(SparseccError):
+    """The compiled model's outputs differ from the masked reference beyond tolerance."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class RuntimeUnavailableError(SparseccError):
+    """A requested runtime cannot run here (missing package or device)."""
+
+
+class SparseccWarning(UserWarning):
+    """Something sparsecc worked around (train mode, tied weights) and reports."""

@@ -1,0 +1,110 @@
+"""The modules a rewrite puts in place of a sparse layer. Each holds its condensed tensors as buffers, checks
+its input (naming the layer), and calls one sparsecc op on the runtime chosen at compile time."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsecc import formats, ops
+from sparsecc.errors import InputError
+
+
+class CondensedLayer(nn.Module):
+    """Common part: where the layer came from, which runtime runs it, and the dense op it stands for."""
+
+    op: str
+
+    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], weight_shape: tuple[int, ...],
+                 runtime: str) -> None:
+        super().__init__()
+        self.name = name
+        self.weight_fqn = weight_fqn
+        self.bias_fqn = bias_fqn
+        self.weight_shape = tuple(weight_shape)
+        self.runtime = runtime
+
+    def _check(self, x: Tensor, dims: int, axis: int, size: int) -> None:
+        dtype = self.values.dtype
+        if x.dtype != dtype:
+            raise InputError(f"{self.name}: input dtype {x.dtype} but the layer was compiled for {dtype}; cast "
+                             f"the model input to {dtype} or compile with inputs of that dtype")
+        if x.dim() < dims or x.shape[axis] != size:
+            raise InputError(f"{self.name}: input shape {tuple(x.shape)} does not fit weight "
+                             f"{self.weight_shape} (expects size {size} at dim {axis}, at least {dims}-D)")
+
+    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, weight={self.weight_shape}, runtime={self.runtime}"
+
+
+class CondensedLinear(CondensedLayer):
+    """Constant fan-in Linear: values/indices for kept rows, ablated rows emit their bias."""
+
+    op = "condensed_linear"
+
+    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
+                 bias: Optional[Tensor], weight_shape: tuple[int, int], runtime: str) -> None:
+        super().__init__(name, weight_fqn, bias_fqn, weight_shape, runtime)
+        self.register_buffer("values", enc.values)
+        self.register_buffer("indices", enc.indices)
+        self.register_buffer("rows", enc.rows)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x, 1, -1, self.weight_shape[1])
+        return ops.condensed_linear(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0],
+                                    self.runtime)
+
+    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(x, weight, bias)
+
+
+class NMLinear(CondensedLayer):
+    """2:4 Linear along K: half the values plus 2-bit positions."""
+
+    op = "nm_linear"
+
+    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], values: Tensor, metadata: Tensor,
+                 bias: Optional[Tensor], weight_shape: tuple[int, int], runtime: str) -> None:
+        super().__init__(name, weight_fqn, bias_fqn, weight_shape, runtime)
+        self.register_buffer("values", values)
+        self.register_buffer("metadata", metadata)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x, 1, -1, self.weight_shape[1])
+        return ops.nm_linear(x, self.values, self.metadata, self.bias, self.weight_shape[1], self.runtime)
+
+    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(x, weight, bias)
+
+
+class CondensedConv2d(CondensedLayer):
+    """Constant fan-in Conv2d over each filter's flattened C/groups*R*S fan-in."""
+
+    op = "condensed_conv2d"
+
+    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
+                 bias: Optional[Tensor], weight_shape: tuple[int, int, int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], groups: int, runtime: str) -> None:
+        super().__init__(name, weight_fqn, bias_fqn, weight_shape, runtime)
+        self.register_buffer("values", enc.values)
+        self.register_buffer("indices", enc.indices)
+        self.register_buffer("rows", enc.rows)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x, 3, -3, self.weight_shape[1] * self.groups)
+        return ops.condensed_conv2d(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0],
+                                    list(self.weight_shape[2:]), self.stride, self.padding, self.dilation,
+                                    self.groups, self.runtime)
+
+    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)

@@ -1,0 +1,70 @@
+"""The sparsecc operator contract: torch.library custom ops with fake kernels, so torch.export,
+torch.compile and ONNX export can trace them.
+
+Each op takes the name of the runtime that executes it as its last argument; the real kernel is looked up in
+that runtime's kernel table at call time, so one graph can mix runtimes and an exported graph keeps its choice.
+
+- ``condensed_linear(x, values[R,k], indices[R,k], rows[R]?, bias[out]?, out_features, runtime)``:
+  ``y[..., rows[r]] = sum_j values[r,j] * x[..., indices[r,j]] + bias[rows[r]]``; rows absent from ``rows``
+  (ablated neurons) output ``bias`` (or 0). ``rows`` is None when no row is ablated.
+- ``condensed_conv2d``: the same over each filter's flattened ``C/groups*R*S`` fan-in, with stride, padding,
+  dilation and groups.
+- ``nm_linear(x, values[out, in/2], metadata[out, ceil(in/8)] uint8, bias?, in_features, runtime)``: 2:4
+  along K; each group of 4 inputs keeps 2 weights whose positions (2 bits each) fill one nibble of metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _kernel(runtime: str, op: str):
+    from sparsecc.runtimes import get_runtime
+
+    return get_runtime(runtime).kernel(op)
+
+
+@torch.library.custom_op("sparsecc::condensed_linear", mutates_args=())
+def condensed_linear(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
+                     out_features: int, runtime: str) -> Tensor:
+    return _kernel(runtime, "condensed_linear")(x, values, indices, rows, bias, out_features)
+
+
+@condensed_linear.register_fake
+def _(x, values, indices, rows, bias, out_features, runtime):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("sparsecc::condensed_conv2d", mutates_args=())
+def condensed_conv2d(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
+                     out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, runtime: str) -> Tensor:
+    return _kernel(runtime, "condensed_conv2d")(x, values, indices, rows, bias, out_channels, kernel_size, stride,
+                                                padding, dilation, groups)
+
+
+@condensed_conv2d.register_fake
+def _(x, values, indices, rows, bias, out_channels, kernel_size, stride, padding, dilation, groups, runtime):
+    h, w = (conv_out_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i]) for i in range(2))
+    return x.new_empty((*x.shape[:-3], out_channels, h, w))
+
+
+@torch.library.custom_op("sparsecc::nm_linear", mutates_args=())
+def nm_linear(x: Tensor, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int,
+              runtime: str) -> Tensor:
+    return _kernel(runtime, "nm_linear")(x, values, metadata, bias, in_features)
+
+
+@nm_linear.register_fake
+def _(x, values, metadata, bias, in_features, runtime):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def conv_out_size(size, kernel: int, stride: int, padding: int, dilation: int):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+OPS = ("condensed_linear", "condensed_conv2d", "nm_linear")

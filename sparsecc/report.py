@@ -1,0 +1,131 @@
+"""Reports: what sparsecc found and did per layer, and how close the result is to the masked reference.
+
+FLOPs follow SWAT appendix A.3: one multiply-accumulate per kept weight per output position, so a layer's
+forward cost is ``density * F * (C/groups*R*S) * N*H*W`` MACs (Linear: ``density * out * in * tokens``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sparsecc.passes.condense import Decision
+
+
+@dataclass
+class ErrorStat:
+    """Max abs error, and max abs error over max |reference| (the scale the tolerance is relative to)."""
+
+    what: str
+    max_abs: float
+    max_rel: float
+    tolerance: float            # allowed max_abs
+    ok: bool
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.what}: max abs {self.max_abs:.2e} (rel {self.max_rel:.1e}, tol {self.tolerance:.1e})" + \
+            ("" if self.ok else f" FAILED {self.detail}")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    structure: str
+    density: float
+    ablated: int
+    mask_source: str
+    action: str                 # the sparsecc op that runs it, or "kept"
+    reason: str                 # why it was kept
+    runtime: str
+    bytes_dense: int
+    bytes_condensed: int
+    macs_dense: int             # per output position until `positions` is known
+    macs_sparse: int
+    positions: Optional[int] = None
+    error: Optional[ErrorStat] = None
+
+    @property
+    def total_macs(self) -> tuple[int, int]:
+        scale = self.positions or 1
+        return self.macs_dense * scale, self.macs_sparse * scale
+
+
+def layer_report(decision: Decision, runtime: str, elem_bytes: int) -> LayerReport:
+    layer, analysis, rep = decision.layer, decision.analysis, decision.replacement
+    shape = tuple(layer.mask.shape)
+    fan_in = 1
+    for s in shape[1:]:
+        fan_in *= s
+    bias_bytes = shape[0] * elem_bytes if layer.bias else 0
+    dense_bytes = shape[0] * fan_in * elem_bytes + bias_bytes
+    condensed = sum(b.numel() * b.element_size() for b in rep.buffers()) if rep is not None else dense_bytes
+    nnz = int(layer.mask.sum())
+    ablated = getattr(analysis.structure, "ablated", ())
+    return LayerReport(
+        name=layer.fqn, kind=layer.kind, shape=shape, structure=str(analysis.structure), density=analysis.density,
+        ablated=len(ablated), mask_source=layer.source, action=rep.op if rep is not None else "kept",
+        reason=decision.reason, runtime=runtime if rep is not None else "torch", bytes_dense=dense_bytes,
+        bytes_condensed=condensed, macs_dense=shape[0] * fan_in,
+        macs_sparse=nnz if rep is not None else shape[0] * fan_in)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def _g(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
+
+
+@dataclass
+class Report:
+    """Per-layer table plus what happened to the whole model. ``str(report)`` is the table."""
+
+    layers: list[LayerReport]
+    runtime: str = "reference"
+    capture: str = "torch.fx"
+    capture_reason: str = ""
+    rewrites: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+    end_to_end: list[ErrorStat] = field(default_factory=list)
+    validated: bool = False
+
+    @property
+    def condensed(self) -> list[LayerReport]:
+        return [l for l in self.layers if l.action != "kept"]
+
+    def table(self) -> str:
+        per_position = any(l.positions is None for l in self.layers)
+        head = ("layer", "shape", "structure", "density", "op", "runtime", "MiB dense->cond",
+                "MACs dense->sparse" + (" /position" if per_position else ""), "max rel err", "note")
+        rows = []
+        for l in self.layers:
+            dense_macs, sparse_macs = (l.macs_dense, l.macs_sparse) if per_position else l.total_macs
+            rows.append((l.name, "x".join(map(str, l.shape)), l.structure, f"{l.density:.1%}", l.action, l.runtime,
+                         f"{_mib(l.bytes_dense)}->{_mib(l.bytes_condensed)}", f"{_g(dense_macs)}->{_g(sparse_macs)}",
+                         f"{l.error.max_rel:.1e}" if l.error else "-", l.reason))
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
+
+    def summary(self) -> str:
+        dense = sum(l.bytes_dense for l in self.layers)
+        cond = sum(l.bytes_condensed for l in self.layers)
+        lines = [f"{len(self.condensed)}/{len(self.layers)} layers condensed "
+                 f"({', '.join(f'{n} {op}' for op, n in sorted(self.rewrites.items())) or 'no rewrites'}); "
+                 f"runtime {self.runtime}; capture {self.capture}"
+                 + (f" ({self.capture_reason})" if self.capture_reason else ""),
+                 f"weights {_mib(dense)} MiB dense -> {_mib(cond)} MiB condensed"]
+        if self.end_to_end:
+            lines.append("end to end vs masked reference: " + "; ".join(map(str, self.end_to_end)))
+        elif not self.validated:
+            lines.append("not validated yet (validation runs on the first call)")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return f"{self.table()}\n\n{self.summary()}"

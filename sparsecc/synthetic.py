@@ -1,0 +1,74 @@
+"""Synthetic masks for demos, tests and benchmarks: the structures SRigL and ASP produce, chosen by weight
+magnitude on a model with random weights (no training, no downloads)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from sparsecc.passes.masks import _weight_slots
+
+Selector = Callable[[str, str], bool]   # (weight fqn, layer kind) -> sparsify it?
+
+
+def _targets(model: nn.Module, include: Optional[Selector]) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, attr, _, kind in _weight_slots(model):
+        fqn = f"{module}.{attr}" if module else attr
+        if include is None or include(fqn, kind):
+            out[fqn] = getattr(model.get_submodule(module), attr).detach()
+    return out
+
+
+def fanin_mask(weight: torch.Tensor, sparsity: float, ablate: float = 0.0,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Constant fan-in: each live row keeps its ``round((1-sparsity)*fan_in)`` largest |w|; a fraction
+    ``ablate`` of rows (chosen at random) is all zero, as SRigL's ablated neurons."""
+    rows = weight.reshape(weight.shape[0], -1)
+    k = max(1, round((1.0 - sparsity) * rows.shape[1]))
+    top = rows.abs().topk(k, dim=1).indices
+    mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, top, True)
+    n_ablate = int(round(ablate * rows.shape[0]))
+    if n_ablate:
+        mask[torch.randperm(rows.shape[0], generator=generator)[:n_ablate]] = False
+    return mask.reshape(weight.shape)
+
+
+def nm_mask(weight: torch.Tensor) -> torch.Tensor:
+    """Magnitude 2:4 along the input axis (Linear dim 1, Conv2d channel dim)."""
+    w = weight if weight.dim() == 2 else weight.permute(0, 2, 3, 1)
+    groups = w.abs().reshape(*w.shape[:-1], -1, 4)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    mask = mask.reshape(w.shape)
+    return mask if weight.dim() == 2 else mask.permute(0, 3, 1, 2)
+
+
+def fanin_masks(model: nn.Module, sparsity: float = 0.9, ablate: float = 0.0, include: Optional[Selector] = None,
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {fqn: fanin_mask(w, sparsity, ablate, g) for fqn, w in _targets(model, include).items()}
+
+
+def nm_masks(model: nn.Module, include: Optional[Selector] = None) -> dict[str, torch.Tensor]:
+    return {fqn: nm_mask(w) for fqn, w in _targets(model, include).items()}
+
+
+def attach_with_prune(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Attach masks as ``torch.nn.utils.prune`` hooks, the way a training script leaves them."""
+    for fqn, mask in masks.items():
+        module, _, attr = fqn.rpartition(".")
+        prune.custom_from_mask(model.get_submodule(module), attr, mask)
+    return model
+
+
+def vit_encoder(fqn: str, kind: str) -> bool:
+    """SRigL's choice on ViT: every encoder Linear (attention and MLP), stem and head stay dense."""
+    return fqn.startswith("encoder.")
+
+
+def all_but_stem(fqn: str, kind: str) -> bool:
+    """ResNet: every convolution except the 7x7 stem; the classifier stays dense."""
+    return kind == "conv2d" and fqn != "conv1.weight"

@@ -1,0 +1,28 @@
+"""Latency measurement for the demo and benchmarks: interleaved rounds, medians, ratios from one process.
+
+Rounds alternate between the contenders so that noise from a shared machine hits all of them alike; a ratio
+of two medians measured this way is the number to quote, never an absolute time alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(runs):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}

@@ -1,0 +1,145 @@
+"""One equivalence check used everywhere: compiled vs masked dense reference, end to end and per layer.
+
+Tolerance: ``max|compiled - reference| <= tol(dtype) * max|reference|`` per output tensor (and per layer),
+with tol = 1e-4 for fp32. A condensed kernel sums the same products as the dense GEMM in a different order,
+so its rounding error grows with the magnitude of the outputs, not of each element; an elementwise relative
+tolerance would fail on outputs that happen to be near zero, and a fixed absolute one would not scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from sparsecc.layers import CondensedLayer
+from sparsecc.report import ErrorStat
+
+TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 2e-2,
+}
+_TINY = 1e-30
+
+
+def compare(what: str, actual: Any, expected: Any) -> ErrorStat:
+    """Shape, then dtype, then closeness relative to max |expected|."""
+    if not isinstance(actual, Tensor) or not isinstance(expected, Tensor):
+        ok = actual == expected
+        return ErrorStat(what, 0.0 if ok else float("inf"), 0.0, 0.0, bool(ok), "" if ok else "values differ")
+    if actual.shape != expected.shape:
+        return ErrorStat(what, float("inf"), float("inf"), 0.0, False,
+                         f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
+    if actual.dtype != expected.dtype:
+        return ErrorStat(what, float("inf"), float("inf"), 0.0, False,
+                         f"dtype {actual.dtype} != reference {expected.dtype}")
+    if not expected.is_floating_point():
+        diff = int((actual != expected).sum())
+        return ErrorStat(what, float(diff), float(diff), 0.0, diff == 0, f"{diff} elements differ" if diff else "")
+    if expected.numel() == 0:
+        return ErrorStat(what, 0.0, 0.0, 0.0, True)
+    scale = max(float(expected.detach().abs().max()), _TINY)
+    max_abs = float((actual.detach().double() - expected.detach().double()).abs().max())
+    tol = TOLERANCE.get(expected.dtype, 1e-4) * scale
+    ok = max_abs <= tol   # False for NaN
+    return ErrorStat(what, max_abs, max_abs / scale, tol, ok, "" if ok else f"exceeds tolerance {tol:.2e}")
+
+
+def random_like(inputs: tuple) -> tuple:
+    """Fresh inputs of the same shapes: floats redrawn from N(0,1), everything else reused."""
+    return pytree.tree_map(lambda t: torch.randn_like(t) if isinstance(t, Tensor) and t.is_floating_point() else t,
+                           inputs)
+
+
+@dataclass
+class Validation:
+    end_to_end: list[ErrorStat]
+    layers: dict[str, ErrorStat]
+    positions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.end_to_end) and all(s.ok for s in self.layers.values())
+
+    def worst_layer(self) -> Optional[tuple[str, ErrorStat]]:
+        if not self.layers:
+            return None
+        return max(self.layers.items(), key=lambda kv: kv[1].max_abs / max(kv[1].tolerance, _TINY))
+
+    def message(self) -> str:
+        bad = [str(s) for s in self.end_to_end if not s.ok]
+        worst = self.worst_layer()
+        parts = ["compiled model differs from the masked reference"]
+        parts.append("end to end: " + ("; ".join(bad) if bad else "within tolerance"))
+        if worst:
+            parts.append(f"worst layer {worst[0]}: {worst[1]}")
+        return "; ".join(parts)
+
+
+def _merge(a: Optional[ErrorStat], b: ErrorStat) -> ErrorStat:
+    if a is None:
+        return b
+    return b if (not b.ok and a.ok) or b.max_abs / max(b.tolerance, _TINY) > a.max_abs / max(a.tolerance, _TINY) \
+        else a
+
+
+def _positions_hooks(reference: nn.Module, layers: dict[str, Any], positions: dict[str, int]) -> list:
+    """Record output positions (tokens or N*H*W) of each analysed layer on the reference model. Attention
+    calls its out_proj functionally, so the attention module's hook speaks for both of its projections."""
+    hooks = []
+    for name, mod in reference.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.MultiheadAttention):
+            names = [n for n in (f"{prefix}in_proj_weight", f"{prefix}out_proj.weight") if n in layers]
+
+            def hook(m, args, out, names=names, e=mod.embed_dim):
+                for n in names:
+                    positions.setdefault(n, args[0].numel() // e)
+        elif f"{prefix}weight" in layers and isinstance(mod, (nn.Linear, nn.Conv2d)):
+            def hook(m, args, out, fqn=f"{prefix}weight", rows=mod.weight.shape[0]):
+                positions.setdefault(fqn, out.numel() // rows)
+        else:
+            continue
+        hooks.append(mod.register_forward_hook(hook))
+    return hooks
+
+
+def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[tuple],
+                   layers: Optional[dict[str, Any]] = None) -> Validation:
+    """Run both models on every input set; compare outputs and every condensed layer on its own input."""
+    condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)}
+    end_to_end: dict[int, ErrorStat] = {}
+    per_layer: dict[str, ErrorStat] = {}
+    positions: dict[str, int] = {}
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, f=f: captured.__setitem__(f, (a[0], o)))
+             for f, m in condensed.items()]
+    ref_hooks = _positions_hooks(reference, layers, positions) if layers else []
+    try:
+        with torch.no_grad():
+            for inputs in input_sets:
+                captured.clear()
+                expected = reference(*inputs)
+                actual = compiled(*inputs)
+                exp_leaves, exp_spec = pytree.tree_flatten(expected)
+                act_leaves, act_spec = pytree.tree_flatten(actual)
+                if exp_spec != act_spec:
+                    end_to_end[-1] = ErrorStat("output", float("inf"), float("inf"), 0.0, False,
+                                               f"output structure {act_spec} != reference {exp_spec}")
+                    continue
+                for i, (a, e) in enumerate(zip(act_leaves, exp_leaves)):
+                    end_to_end[i] = _merge(end_to_end.get(i), compare(f"output {i}", a, e))
+                for fqn, (x, y) in captured.items():
+                    mod = condensed[fqn]
+                    w = reference.get_parameter(fqn)
+                    b = reference.get_parameter(mod.bias_fqn) if mod.bias_fqn else None
+                    per_layer[fqn] = _merge(per_layer.get(fqn), compare(fqn, y, mod.dense_reference(x, w, b)))
+    finally:
+        for h in hooks + ref_hooks:
+            h.remove()
+    return Validation(list(end_to_end.values()), per_layer, positions)
