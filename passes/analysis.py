@@ -97,7 +97,7 @@ def _why_unstructured(mask: torch.Tensor) -> str:
         why = (f"fan-in varies from {int(live.min())} to {int(live.max())}: {odd.numel()} of {live.numel()} "
                f"rows differ from the most common {common} (row {first} has {int(counts[first])})")
     density = float(mask.float().mean())
-    if abs(density - 0.5) < 0.05:
+    if abs(density - 0.5) < 0.1:
         groups = _groups_along_k(mask, 4)
         k_dim = mask.shape[1]
         if groups is None:

@@ -83,6 +83,11 @@ def _strip_hooks(model: nn.Module) -> None:
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(mod, hook._tensor_name)
         if parametrize.is_parametrized(mod):
+            # Removal deletes properties from the module's class, which a deepcopy shares with the user's
+            # module: give this copy a class of its own first.
+            cls = type(mod)
+            own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            mod.__class__ = type(cls.__name__, cls.__bases__, own)
             for attr in list(mod.parametrizations.keys()):
                 parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
 

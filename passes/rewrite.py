@@ -15,7 +15,18 @@ from sparsecc.errors import PassError
 from sparsecc.passes.condense import Decision
 from sparsecc.passes.manager import PassResult
 
-_FUNCTIONAL_LINEAR = {F.linear}
+#: Functional op -> (layer kind it computes, names of its leading arguments).
+_FUNCTIONAL = {
+    F.linear: ("linear", ("input", "weight", "bias")),
+    F.conv2d: ("conv2d", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+}
+
+
+def _same_conv(args: dict, replacement: nn.Module) -> bool:
+    """Whether an F.conv2d call uses the convolution parameters the replacement was built with."""
+    pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
+    return (pair(args.get("stride", 1)) == replacement.stride and pair(args.get("padding", 0)) == replacement.padding
+            and pair(args.get("dilation", 1)) == replacement.dilation and args.get("groups", 1) == replacement.groups)
 
 
 class _Base:
@@ -60,23 +71,25 @@ class CondenseModules(_Base):
                 raise PassError(f"{module} was not replaced")
 
 
-class CondenseFunctionalLinears(_Base):
-    """``F.linear(x, <param>, <param>)`` on a parameter with a replacement -> ``call_module`` to a new
-    submodule (e.g. MultiheadAttention's in_proj_weight)."""
+class CondenseFunctionalOps(_Base):
+    """``F.linear`` / ``F.conv2d`` on a parameter with a replacement -> ``call_module`` to a new submodule
+    (MultiheadAttention's in_proj_weight; the forward of a Linear or Conv2d that is the root module)."""
 
-    name = "condense_functional_linears"
+    name = "condense_functional_ops"
 
     def call(self, gm: fx.GraphModule):
         modified = False
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in _FUNCTIONAL_LINEAR:
+            if node.op != "call_function" or node.target not in _FUNCTIONAL:
                 continue
-            args = dict(zip(("input", "weight", "bias"), node.args), **node.kwargs)
+            kind, names = _FUNCTIONAL[node.target]
+            args = dict(zip(names, node.args), **node.kwargs)
             weight, bias = args.get("weight"), args.get("bias")
             if not isinstance(weight, fx.Node) or weight.op != "get_attr":
                 continue
             decision = self.decisions.get(weight.target)
-            if decision is None or decision.replacement is None or decision.layer.fqn in self.applied:
+            if decision is None or decision.replacement is None or decision.layer.fqn in self.applied \
+                    or decision.layer.kind != kind or (kind == "conv2d" and not _same_conv(args, decision.replacement)):
                 continue
             expected_bias = decision.layer.bias
             if (bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else bias) != expected_bias:
@@ -128,12 +141,17 @@ class DropUnusedWeights(_Base):
 
 
 def swap_modules(model: nn.Module, decisions: dict[str, Decision]) -> tuple[nn.Module, Counter, set[str]]:
-    """Fallback when tracing fails: replace Linear/Conv2d modules in place; functional linears stay."""
+    """Fallback when tracing fails: replace Linear/Conv2d modules in place. Functional linears stay, and so
+    does attention's out_proj, which nn.MultiheadAttention reads as a weight rather than calls."""
     counts: Counter = Counter()
     applied: set[str] = set()
     for fqn, decision in decisions.items():
-        if decision.replacement is not None and fqn == f"{decision.layer.module}.weight":
-            model.set_submodule(decision.layer.module, decision.replacement)
-            counts[decision.replacement.op] += 1
-            applied.add(fqn)
+        module = decision.layer.module
+        if decision.replacement is None or fqn != f"{module}.weight" or not module:
+            continue
+        if isinstance(model.get_submodule(module.rpartition(".")[0]), nn.MultiheadAttention):
+            continue
+        model.set_submodule(module, decision.replacement)
+        counts[decision.replacement.op] += 1
+        applied.add(fqn)
     return model, counts, applied

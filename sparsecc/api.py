@@ -15,7 +15,7 @@ from sparsecc.passes.capture import capture
 from sparsecc.passes.condense import Decision, plan
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.masks import Prepared, prepare
-from sparsecc.passes.rewrite import CondenseFunctionalLinears, CondenseModules, DropUnusedWeights, swap_modules
+from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
 from sparsecc.report import Report, layer_report
 from sparsecc.runtimes import resolve
 from sparsecc.validation import Validation, random_like, run_validation
@@ -109,9 +109,10 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     runtime = resolve(backend)
     decisions = plan(prepared, runtime)
     report = _report(decisions, runtime, prepared)
-    captured = capture(prepared.reference)
+    inputs = _as_tuple(example_inputs)
+    captured = capture(prepared.reference, len(inputs) if example_inputs is not None else None)
     if captured.graph_module is not None:
-        passes = [CondenseModules(decisions), CondenseFunctionalLinears(decisions), DropUnusedWeights(decisions)]
+        passes = [CondenseModules(decisions), CondenseFunctionalOps(decisions), DropUnusedWeights(decisions)]
         manager = PassManager(passes)
         module: nn.Module = manager.run(captured.graph_module)
         applied = set().union(*(p.applied for p in passes))
@@ -127,7 +128,6 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
             layer.action, layer.reason, layer.runtime = "kept", f"condensable but not rewritten: {why}", "torch"
             layer.bytes_condensed = layer.bytes_dense
             layer.macs_sparse = layer.macs_dense
-    inputs = _as_tuple(example_inputs)
     compiled = CompiledModel(module, report, prepared.reference if validate else None, prepared.layers,
                              _spec(inputs) if example_inputs is not None else None)
     if validate and example_inputs is not None:

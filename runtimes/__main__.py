@@ -1,0 +1,57 @@
+"""``python -m sparsecc.runtimes``: run every op of every runtime on small random layers against the dense
+masked torch op, and print PASS / FAIL / UNAVAILABLE per runtime. Exits 1 if any runtime fails."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from sparsecc import formats, ops
+from sparsecc.runtimes import RUNTIMES, unavailable
+from sparsecc.synthetic import fanin_mask, nm_mask
+from sparsecc.validation import compare
+
+
+def smoke(runtime: str) -> list[str]:
+    """Failures of ``runtime`` on one layer per op; empty when all pass."""
+    g = torch.Generator().manual_seed(0)
+    failures = []
+    w = torch.randn(24, 40, generator=g)
+    mask = fanin_mask(w, 0.75, ablate=0.25, generator=g)
+    enc = formats.encode_fanin(w * mask, mask, int(mask.sum(1).max()))
+    b = torch.randn(24, generator=g)
+    for tokens in (1, 33):
+        x = torch.randn(tokens, 40, generator=g)
+        y = ops.condensed_linear(x, enc.values, enc.indices, enc.rows, b, 24, runtime)
+        failures.append(compare(f"condensed_linear tokens={tokens}", y, F.linear(x, w * mask, b)))
+    nm = nm_mask(w)
+    values, meta = formats.encode_nm(w * nm, nm)
+    x = torch.randn(3, 40, generator=g)
+    failures.append(compare("nm_linear", ops.nm_linear(x, values, meta, b, 40, runtime), F.linear(x, w * nm, b)))
+    wc = torch.randn(8, 6, 3, 3, generator=g)
+    cmask = fanin_mask(wc, 0.5, ablate=0.25, generator=g)
+    cenc = formats.encode_fanin((wc * cmask).reshape(8, -1), cmask.reshape(8, -1), int(cmask.reshape(8, -1).sum(1).max()))
+    xc = torch.randn(2, 12, 9, 9, generator=g)
+    yc = ops.condensed_conv2d(xc, cenc.values, cenc.indices, cenc.rows, None, 8, [3, 3], [2, 2], [1, 1], [1, 1], 2,
+                              runtime)
+    failures.append(compare("condensed_conv2d", yc, F.conv2d(xc, wc * cmask, None, 2, 1, 1, 2)))
+    return [str(s) for s in failures if not s.ok]
+
+
+def main() -> int:
+    failed = False
+    for name in RUNTIMES:
+        why = unavailable(name)
+        if why is not None:
+            print(f"UNAVAILABLE {name}: {why}")
+            continue
+        problems = smoke(name)
+        failed |= bool(problems)
+        print(f"{'FAIL' if problems else 'PASS'} {name}" + "".join(f"\n  {p}" for p in problems))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Shared test helpers. Every numeric check goes through `assert_equivalent`: shape, then dtype, then
+closeness with explicit per-dtype tolerances against the masked dense torch result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+#: (rtol, atol scale): atol is scale * max|expected|, as sparsecc's own validation does.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-9, 1e-9), torch.float16: (1e-2, 1e-2),
+              torch.bfloat16: (2e-2, 2e-2)}
+
+
+def assert_equivalent(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    rtol, scale = TOLERANCES[expected.dtype]
+    atol = scale * max(float(expected.abs().max()), 1e-6)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
