@@ -20,15 +20,21 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], synthetic.Selector]] = {
 }
 
 
-def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0) -> nn.Module:
-    """A torchvision model with random weights and constant fan-in masks attached as prune hooks."""
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A torchvision model with random weights, in eval mode."""
     torch.manual_seed(seed)
-    build, include = MODELS[name]
-    model = build().eval()
+    model = MODELS[name][0]().eval()
     for mod in model.modules():   # torchvision zero-initialises ViT's head: give it weights worth checking
         if isinstance(mod, nn.Linear) and not bool(mod.weight.any()):
             nn.init.normal_(mod.weight, std=0.02)
-    return synthetic.attach_with_prune(model, synthetic.fanin_masks(model, sparsity, ablate, include, seed))
+    return model
+
+
+def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0) -> nn.Module:
+    """A torchvision model with random weights and constant fan-in masks attached as prune hooks."""
+    model = build(name, seed)
+    masks = synthetic.fanin_masks(model, sparsity, ablate, MODELS[name][1], seed)
+    return synthetic.attach_with_prune(model, masks)
 
 
 def run(name: str = "vit_b_16", sparsity: float = 0.9, ablate: float = 0.05, backend: str = "auto",

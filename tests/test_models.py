@@ -1,0 +1,61 @@
+"""Integration: torchvision models with random weights, SRigL-style and 2:4 masks, compiled and checked
+against the masked original."""
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import synthetic
+from sparsecc.demo import build, sparse_model
+from tests.conftest import assert_equivalent
+
+
+def _check(model, compiled, x):
+    with torch.no_grad():
+        assert_equivalent(compiled(x), sparsecc.masked_reference(model)(x))
+
+
+def test_resnet18_constant_fanin_with_ablation():
+    model = sparse_model("resnet18", 0.9, 0.1)
+    x = torch.randn(1, 3, 64, 64)
+    compiled = sparsecc.compile(model, (x,))
+    report = compiled.report
+    assert report.capture == "torch.fx"
+    assert report.rewrites == {"condensed_conv2d": 19}        # all 20 convs but the stem
+    stem = next(l for l in report.layers if l.name == "conv1.weight")
+    assert stem.action == "kept" and stem.reason == "no zeros in the mask"
+    assert all(l.ablated > 0 for l in report.condensed)
+    assert all(l.error is not None and l.error.ok for l in report.condensed)
+    _check(model, compiled, torch.randn(2, 3, 64, 64))
+
+
+def test_vit_b_16_constant_fanin_with_ablation():
+    model = sparse_model("vit_b_16", 0.9, 0.05)
+    x = torch.randn(1, 3, 224, 224)
+    compiled = sparsecc.compile(model, (x,))
+    report = compiled.report
+    # 12 blocks x (in_proj, out_proj, mlp.0, mlp.3)
+    assert report.rewrites == {"condensed_linear": 48}
+    in_proj = [l for l in report.condensed if l.name.endswith("in_proj_weight")]
+    assert len(in_proj) == 12 and all(l.positions == 197 for l in in_proj)
+    assert sum(l.bytes_condensed for l in report.layers) < 0.25 * sum(l.bytes_dense for l in report.layers)
+    _check(model, compiled, torch.randn(2, 3, 224, 224))
+
+
+def test_vit_b_16_two_four():
+    model = build("vit_b_16")
+    synthetic.attach_with_prune(model, synthetic.nm_masks(model, synthetic.vit_encoder))
+    compiled = sparsecc.compile(model, (torch.randn(1, 3, 224, 224),))
+    assert compiled.report.rewrites == {"nm_linear": 48}
+    _check(model, compiled, torch.randn(1, 3, 224, 224))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_resnet18_two_four_convs(backend):
+    model = build("resnet18")
+    synthetic.attach_with_prune(model, synthetic.nm_masks(model, synthetic.all_but_stem))
+    compiled = sparsecc.compile(model, (torch.randn(1, 3, 32, 32),), backend=backend)
+    assert compiled.report.rewrites == {"condensed_conv2d": 19}
+    assert {l.structure for l in compiled.report.condensed} == {"2:4"}
+    assert compiled.report.runtime == "reference"
+    _check(model, compiled, torch.randn(1, 3, 32, 32))
