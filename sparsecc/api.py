@@ -142,6 +142,7 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     call; without, per output position (token or pixel)."""
     prepared = prepare(model, masks)
     report = _report(plan(prepared, "reference"), "reference", prepared)
+    report.compiled = False
     inputs = _as_tuple(example_inputs)
     if inputs:
         result = run_validation(prepared.reference, prepared.reference, [inputs], prepared.layers)

@@ -93,6 +93,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     end_to_end: list[ErrorStat] = field(default_factory=list)
     validated: bool = False
+    compiled: bool = True        # False for `sparsecc.inspect`: a plan, nothing was rewritten or run
 
     @property
     def condensed(self) -> list[LayerReport]:
@@ -115,6 +116,9 @@ class Report:
     def summary(self) -> str:
         dense = sum(l.bytes_dense for l in self.layers)
         cond = sum(l.bytes_condensed for l in self.layers)
+        if not self.compiled:
+            return (f"{len(self.condensed)}/{len(self.layers)} layers condensable; weights {_mib(dense)} MiB "
+                    f"dense -> {_mib(cond)} MiB condensed")
         lines = [f"{len(self.condensed)}/{len(self.layers)} layers condensed "
                  f"({', '.join(f'{n} {op}' for op, n in sorted(self.rewrites.items())) or 'no rewrites'}); "
                  f"runtime {self.runtime}; capture {self.capture}"

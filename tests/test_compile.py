@@ -311,6 +311,7 @@ def test_inspect_reports_flops_per_call_with_inputs():
     layer = per_position.layers[0]
     assert (layer.macs_dense, layer.macs_sparse) == (48 * 32, 48 * 8)
     assert "/position" in per_position.table()
+    assert per_position.summary().startswith("1/3 layers condensable; weights")
     per_call = sparsecc.inspect(model, (torch.randn(5, 32),))
     assert per_call.layers[0].total_macs == (5 * 48 * 32, 5 * 48 * 8)
     assert per_call.layers[0].bytes_dense == (48 * 32 + 48) * 4
