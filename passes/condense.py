@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from sparsecc import formats
+from sparsecc import formats, runtimes
 from sparsecc.layers import CondensedConv2d, CondensedLayer, CondensedLinear, NMLinear
 from sparsecc.passes.analysis import Analysis, analyse
 from sparsecc.passes.masks import Layer, Prepared
@@ -33,7 +33,6 @@ class Source:
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     owner: nn.Module
-    runtime: str
 
 
 def _fanin(src: Source, k: int) -> formats.FanIn:
@@ -52,7 +51,7 @@ def _k(src: Source) -> int:
 
 def condensed_linear(src: Source) -> CondensedLayer:
     return CondensedLinear(src.layer.module, src.layer.fqn, src.layer.bias, _fanin(src, _k(src)), src.bias,
-                           tuple(src.weight.shape), src.runtime)
+                           tuple(src.weight.shape))
 
 
 def nm_linear(src: Source) -> CondensedLayer:
@@ -62,7 +61,7 @@ def nm_linear(src: Source) -> CondensedLayer:
         raise NotCondensable("2:4 along the output axis; sparsecc and TensorRT need it along K (the input axis)")
     values, metadata = formats.encode_nm(src.weight.detach(), src.layer.mask.to(src.weight.device))
     return NMLinear(src.layer.module, src.layer.fqn, src.layer.bias, values, metadata, src.bias,
-                    tuple(src.weight.shape), src.runtime)
+                    tuple(src.weight.shape))
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -84,7 +83,7 @@ def condensed_conv2d(src: Source) -> CondensedLayer:
     padding = _conv_padding(conv)
     return CondensedConv2d(src.layer.module, src.layer.fqn, src.layer.bias, _fanin(src, _k(src)), src.bias,
                            tuple(src.weight.shape), tuple(conv.stride), padding, tuple(conv.dilation),
-                           conv.groups, src.runtime)
+                           conv.groups)
 
 
 #: (layer kind, structure type) -> rule building the replacement module.
@@ -105,11 +104,11 @@ class Decision:
     layer: Layer
     analysis: Analysis
     replacement: Optional[CondensedLayer]
-    reason: str
+    reason: str                 # why the layer is kept, or why it runs on a fallback runtime
 
 
-def plan(prepared: Prepared, runtime: str) -> dict[str, Decision]:
-    """Analyse every layer and build the replacement of each one that can be condensed."""
+def plan(prepared: Prepared, backend: str) -> dict[str, Decision]:
+    """Analyse every layer, build the replacement of each one that can be condensed and pick its runtime."""
     decisions: dict[str, Decision] = {}
     ref = prepared.reference
     for fqn, layer in prepared.layers.items():
@@ -120,11 +119,13 @@ def plan(prepared: Prepared, runtime: str) -> dict[str, Decision]:
             reason = f"weight shared with {', '.join(layer.shared_with)} (tied); untie it to condense"
         elif rule is not None:
             owner = ref.get_submodule(layer.module)
-            src = Source(layer, analysis, ref.get_parameter(fqn), ref.get_parameter(layer.bias) if layer.bias
-                         else None, owner, runtime)
+            weight = ref.get_parameter(fqn)
+            src = Source(layer, analysis, weight, ref.get_parameter(layer.bias) if layer.bias else None, owner)
             try:
                 replacement = rule(src)
             except NotCondensable as exc:
                 reason = str(exc)
+            else:
+                replacement.runtime, reason = runtimes.for_op(backend, replacement.op, weight.dtype)
         decisions[fqn] = Decision(layer, analysis, replacement, reason)
     return decisions

@@ -17,9 +17,11 @@ from sparsecc.errors import RuntimeUnavailableError
 
 #: Runtime name -> module implementing it. ``auto`` picks the first available one in PREFERENCE.
 RUNTIMES: dict[str, str] = {
+    "tvm": "sparsecc.runtimes.tvm",               # TensorIR kernels compiled by LLVM for this CPU
     "reference": "sparsecc.runtimes.reference",   # pure torch, runs everywhere: the correctness oracle
 }
-PREFERENCE: tuple[str, ...] = ("reference",)
+#: ``auto`` and per-op fallback order: the first available runtime that runs an op and dtype gets it.
+PREFERENCE: tuple[str, ...] = ("tvm", "reference")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,17 @@ def get_runtime(name: str) -> Runtime:
         raise RuntimeUnavailableError(why)
     module = importlib.import_module(RUNTIMES[name])
     return Runtime(module.NAME, frozenset(module.DTYPES), dict(module.KERNELS))
+
+
+def for_op(backend: str, op: str, dtype: torch.dtype) -> tuple[str, str]:
+    """The runtime that runs ``op`` on ``dtype`` under ``backend``, and why it is not ``backend`` if not."""
+    primary = resolve(backend)
+    if get_runtime(primary).supports(op, dtype):
+        return primary, ""
+    for name in PREFERENCE:
+        if unavailable(name) is None and get_runtime(name).supports(op, dtype):
+            return name, f"{primary} has no {op} kernel for {str(dtype).removeprefix('torch.')}: runs on {name}"
+    raise RuntimeUnavailableError(f"no available runtime runs sparsecc::{op} on {dtype}")
 
 
 def resolve(backend: str) -> str:

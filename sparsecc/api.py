@@ -42,7 +42,7 @@ def _elem_bytes(prepared: Prepared) -> int:
 
 
 def _report(decisions: dict[str, Decision], runtime: str, prepared: Prepared) -> Report:
-    layers = [layer_report(d, runtime, _elem_bytes(prepared)) for d in decisions.values()]
+    layers = [layer_report(d, _elem_bytes(prepared)) for d in decisions.values()]
     notes = ["model was in train mode: compiled an eval() copy"] if prepared.was_training else []
     return Report(layers, runtime=runtime, notes=notes)
 
@@ -107,7 +107,7 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     """
     prepared = prepare(model, masks)
     runtime = resolve(backend)
-    decisions = plan(prepared, runtime)
+    decisions = plan(prepared, backend)
     report = _report(decisions, runtime, prepared)
     inputs = _as_tuple(example_inputs)
     captured = capture(prepared.reference, len(inputs) if example_inputs is not None else None)

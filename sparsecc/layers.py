@@ -18,14 +18,13 @@ class CondensedLayer(nn.Module):
 
     op: str
 
-    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], weight_shape: tuple[int, ...],
-                 runtime: str) -> None:
+    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], weight_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.name = name
         self.weight_fqn = weight_fqn
         self.bias_fqn = bias_fqn
         self.weight_shape = tuple(weight_shape)
-        self.runtime = runtime
+        self.runtime = "reference"     # set by the planner to the runtime that runs this op
 
     def _check(self, x: Tensor, dims: int, axis: int, size: int) -> None:
         dtype = self.values.dtype
@@ -49,8 +48,8 @@ class CondensedLinear(CondensedLayer):
     op = "condensed_linear"
 
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
-                 bias: Optional[Tensor], weight_shape: tuple[int, int], runtime: str) -> None:
-        super().__init__(name, weight_fqn, bias_fqn, weight_shape, runtime)
+                 bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
+        super().__init__(name, weight_fqn, bias_fqn, weight_shape)
         self.register_buffer("values", enc.values)
         self.register_buffer("indices", enc.indices)
         self.register_buffer("rows", enc.rows)
@@ -71,8 +70,8 @@ class NMLinear(CondensedLayer):
     op = "nm_linear"
 
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], values: Tensor, metadata: Tensor,
-                 bias: Optional[Tensor], weight_shape: tuple[int, int], runtime: str) -> None:
-        super().__init__(name, weight_fqn, bias_fqn, weight_shape, runtime)
+                 bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
+        super().__init__(name, weight_fqn, bias_fqn, weight_shape)
         self.register_buffer("values", values)
         self.register_buffer("metadata", metadata)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -92,8 +91,8 @@ class CondensedConv2d(CondensedLayer):
 
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
                  bias: Optional[Tensor], weight_shape: tuple[int, int, int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], groups: int, runtime: str) -> None:
-        super().__init__(name, weight_fqn, bias_fqn, weight_shape, runtime)
+                 padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> None:
+        super().__init__(name, weight_fqn, bias_fqn, weight_shape)
         self.register_buffer("values", enc.values)
         self.register_buffer("indices", enc.indices)
         self.register_buffer("rows", enc.rows)

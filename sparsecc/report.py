@@ -54,7 +54,7 @@ class LayerReport:
         return self.macs_dense * scale, self.macs_sparse * scale
 
 
-def layer_report(decision: Decision, runtime: str, elem_bytes: int) -> LayerReport:
+def layer_report(decision: Decision, elem_bytes: int) -> LayerReport:
     layer, analysis, rep = decision.layer, decision.analysis, decision.replacement
     shape = tuple(layer.mask.shape)
     fan_in = 1
@@ -68,7 +68,7 @@ def layer_report(decision: Decision, runtime: str, elem_bytes: int) -> LayerRepo
     return LayerReport(
         name=layer.fqn, kind=layer.kind, shape=shape, structure=str(analysis.structure), density=analysis.density,
         ablated=len(ablated), mask_source=layer.source, action=rep.op if rep is not None else "kept",
-        reason=decision.reason, runtime=runtime if rep is not None else "torch", bytes_dense=dense_bytes,
+        reason=decision.reason, runtime=rep.runtime if rep is not None else "torch", bytes_dense=dense_bytes,
         bytes_condensed=condensed, macs_dense=shape[0] * fan_in,
         macs_sparse=nnz if rep is not None else shape[0] * fan_in)
 

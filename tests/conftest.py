@@ -3,6 +3,8 @@ closeness with explicit per-dtype tolerances against the masked dense torch resu
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -22,3 +24,9 @@ def assert_equivalent(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cache(tmp_path_factory):
+    """A fresh kernel cache per test session: tests never depend on kernels a previous run left behind."""
+    os.environ["SPARSECC_CACHE_DIR"] = str(tmp_path_factory.mktemp("sparsecc-cache"))

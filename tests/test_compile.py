@@ -166,13 +166,13 @@ def test_mismatch_raises_equivalence_error_naming_the_layer(monkeypatch):
     prune.custom_from_mask(model[2], "weight", fanin_mask(model[2].weight, 0.9))
     _broken_kernel(monkeypatch)
     with pytest.raises(EquivalenceError, match=r"worst layer 2\.weight: 2\.weight: max abs .* FAILED"):
-        sparsecc.compile(model, (torch.randn(2, 32),))
+        sparsecc.compile(model, (torch.randn(2, 32),), backend="reference")
 
 
 def test_mismatch_on_first_call_raises(monkeypatch):
     model = mlp()
     prune.custom_from_mask(model[2], "weight", fanin_mask(model[2].weight, 0.9))
-    compiled = sparsecc.compile(model)
+    compiled = sparsecc.compile(model, backend="reference")
     _broken_kernel(monkeypatch)
     with pytest.raises(EquivalenceError, match="worst layer 2.weight"):
         compiled(torch.randn(2, 32))
@@ -181,7 +181,7 @@ def test_mismatch_on_first_call_raises(monkeypatch):
 def test_validate_on_demand_reports_without_raising(monkeypatch):
     model = mlp()
     prune.custom_from_mask(model[0], "weight", fanin_mask(model[0].weight, 0.9))
-    compiled = sparsecc.compile(model, (torch.randn(1, 32),))
+    compiled = sparsecc.compile(model, (torch.randn(1, 32),), backend="reference")
     x = torch.randn(3, 32)
     assert sparsecc.validate(model, compiled, (x,)).ok
     _broken_kernel(monkeypatch)
