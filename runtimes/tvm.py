@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -74,16 +74,24 @@ class _Layer:
     has_bias: bool
     indices: Tensor     # the op's indices, or group-offset int32 indices for grouped convolutions
     refs: tuple         # weak references to the op's tensors: the entry is valid while they are the same
+    k: int
+    kernels: dict = field(default_factory=dict)   # (kind, tokens) -> compiled kernel
+
+    def kernel(self, kind: str, tokens: int) -> Callable:
+        fn = self.kernels.get((kind, tokens))
+        if fn is None:
+            fn = self.kernels[(kind, tokens)] = _kernel(kind, self.k, tokens, self.indices.dtype, self.has_bias)
+        return fn
 
 
-_layers: dict[int, _Layer] = {}
+_layers: dict[tuple[int, ...], _Layer] = {}
 
 
 def _layer(values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor], out: int,
            groups: int = 1, group_fan_in: int = 0) -> _Layer:
-    key = id(values)
-    entry = _layers.get(key)
     tensors = (values, indices, rows, bias)
+    key = tuple(map(id, tensors))
+    entry = _layers.get(key)
     if entry is not None and all((r() if r is not None else None) is t for r, t in zip(entry.refs, tensors)):
         return entry
     live = torch.ones(out, dtype=torch.bool)
@@ -97,7 +105,8 @@ def _layer(values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Option
         shift = (orow // (out // groups)) * group_fan_in
         idx = (indices.to(torch.int64) + shift[:, None]).to(torch.int32).contiguous()
     entry = _Layer(orow.to(torch.int32), arow, bias.contiguous() if bias is not None else values.new_zeros(out),
-                   bias is not None, idx, tuple(weakref.ref(t) if t is not None else None for t in tensors))
+                   bias is not None, idx, tuple(weakref.ref(t) if t is not None else None for t in tensors),
+                   values.shape[1])
     with _state_lock:
         _layers[key] = entry
     weakref.finalize(values, _layers.pop, key, None)
@@ -119,8 +128,7 @@ def _spmm(xt: Tensor, values: Tensor, layer: _Layer, out: int) -> Tensor:
     """``[out, tokens]`` from ``xt = [in, tokens]``."""
     tokens = xt.shape[1]
     y = xt.new_empty(out, tokens)
-    fn = _kernel("spmm", values.shape[1], tokens, layer.indices.dtype, layer.has_bias)
-    fn(xt, values, layer.indices, layer.orow, layer.arow, layer.bias, y)
+    layer.kernel("spmm", tokens)(xt, values, layer.indices, layer.orow, layer.arow, layer.bias, y)
     return y
 
 
@@ -133,7 +141,7 @@ def condensed_linear(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[
         y = _spmm(x2.t().contiguous(), values, layer, out_features).t().contiguous()
     else:
         y = x2.new_empty(tokens, out_features)
-        fn = _kernel("gemv", values.shape[1], 1, layer.indices.dtype, layer.has_bias)
+        fn = layer.kernel("gemv", 1)
         for t in range(tokens):
             fn(x2[t], values, layer.indices, layer.orow, layer.arow, layer.bias, y[t])
     return y.reshape(*x.shape[:-1], out_features)

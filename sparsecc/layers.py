@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from sparsecc import formats, ops
 from sparsecc.errors import InputError
+from sparsecc.runtimes import get_runtime
 
 
 class CondensedLayer(nn.Module):
@@ -38,6 +39,13 @@ class CondensedLayer(nn.Module):
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def _run(self, *args):
+        """Eager calls go straight to the runtime's kernel (the custom op's Python dispatch costs tens of
+        microseconds, as much as a whole batch-1 kernel); tracing and compiling see the custom op."""
+        if torch.compiler.is_compiling():
+            return getattr(ops, self.op)(*args, self.runtime)
+        return get_runtime(self.runtime).kernels[self.op](*args)
+
     def extra_repr(self) -> str:
         return f"{self.name}, weight={self.weight_shape}, runtime={self.runtime}"
 
@@ -57,8 +65,7 @@ class CondensedLinear(CondensedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, 1, -1, self.weight_shape[1])
-        return ops.condensed_linear(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0],
-                                    self.runtime)
+        return self._run(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0])
 
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, weight, bias)
@@ -78,7 +85,7 @@ class NMLinear(CondensedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, 1, -1, self.weight_shape[1])
-        return ops.nm_linear(x, self.values, self.metadata, self.bias, self.weight_shape[1], self.runtime)
+        return self._run(x, self.values, self.metadata, self.bias, self.weight_shape[1])
 
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, weight, bias)
@@ -101,9 +108,8 @@ class CondensedConv2d(CondensedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, 3, -3, self.weight_shape[1] * self.groups)
-        return ops.condensed_conv2d(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0],
-                                    list(self.weight_shape[2:]), self.stride, self.padding, self.dilation,
-                                    self.groups, self.runtime)
+        return self._run(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0],
+                         list(self.weight_shape[2:]), self.stride, self.padding, self.dilation, self.groups)
 
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
