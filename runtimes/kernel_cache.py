@@ -3,8 +3,9 @@
 An entry is ``<digest>.so`` plus ``<digest>.json`` naming what it holds. The digest covers the kernel key,
 the target, the TVM / tvm-ffi versions and the kernel source, so any change compiles anew. Writes go to a
 temporary file renamed into place (atomic on POSIX): readers see a whole entry or none, and two processes
-compiling the same kernel both succeed (the last rename wins, both files are valid). An entry that fails to
-load, lacks its function, or whose sidecar disagrees is rebuilt.
+compiling the same kernel both succeed (the last rename wins, both files are valid). The sidecar holds the
+SHA-256 of the library, checked before it is loaded: a truncated or foreign file is rebuilt instead of being
+handed to the dynamic loader (which can fault on a damaged ELF). So is an entry that lacks its function.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class KernelCache:
         so, sidecar, meta = self._paths(name)
         if so.exists():
             try:
-                if json.loads(sidecar.read_text()) != meta:
-                    raise ValueError("sidecar does not describe this kernel")
+                if json.loads(sidecar.read_text()) != {**meta, "sha256": _sha256(so)}:
+                    raise ValueError("sidecar does not describe this library")
                 module = tvm.runtime.load_module(str(so))
                 fn = module.get_function(name)
                 if fn is None:
@@ -93,11 +94,16 @@ class KernelCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         executable = tvm.compile(build(), target=self.target)
         _atomic(so, lambda tmp: executable.export_library(tmp))
+        meta["sha256"] = _sha256(so)
         _atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, sort_keys=True)))
         self.stats["built"] += 1
         module = tvm.runtime.load_module(str(so))
         self._modules.append(module)
         return module.get_function(name)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _atomic(path: Path, write: Callable[[str], Any]) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsecc import ops
 from sparsecc.errors import InputError
 
 NAME = "tvm"
@@ -132,10 +133,22 @@ def _spmm(xt: Tensor, values: Tensor, layer: _Layer, out: int) -> Tensor:
     return y
 
 
+def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel_dim: int) -> Tensor:
+    """The output of a layer whose every row is ablated: its bias (or zeros) broadcast."""
+    if bias is None:
+        return x.new_zeros(shape)
+    view = [1] * len(shape)
+    view[channel_dim] = -1
+    return bias.view(view).expand(shape).contiguous()
+
+
 def condensed_linear(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
                      out_features: int) -> Tensor:
+    x = _float_contiguous(x, "input")
+    if values.shape[0] == 0:
+        return _constant(x, bias, (*x.shape[:-1], out_features), -1)
     layer = _layer(values, indices, rows, bias, out_features)
-    x2 = _float_contiguous(x, "input").reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     if tokens >= SPMM_MIN_TOKENS:
         y = _spmm(x2.t().contiguous(), values, layer, out_features).t().contiguous()
@@ -154,6 +167,11 @@ def condensed_conv2d(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[
     unbatched = x.dim() == 3
     xb = x.unsqueeze(0) if unbatched else x
     n, c, h, w = xb.shape
+    if values.shape[0] == 0:
+        oh, ow = (ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
+                  zip((h, w), kernel_size, stride, padding, dilation))
+        y = _constant(x, bias, (n, out_channels, oh, ow), 1)
+        return y[0] if unbatched else y
     layer = _layer(values, indices, rows, bias, out_channels, groups,
                    (c // groups) * kernel_size[0] * kernel_size[1])
     pointwise = kernel_size == [1, 1] and padding == [0, 0] and dilation == [1, 1]
@@ -165,8 +183,8 @@ def condensed_conv2d(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[
             cols = sample.reshape(c, oh * ow).contiguous()
         else:
             cols = F.unfold(xb[i:i + 1], kernel_size, dilation, padding, stride)[0]
-            oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-            ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+            oh, ow = (ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
+                      zip((h, w), kernel_size, stride, padding, dilation))
         outs.append(_spmm(cols, values, layer, out_channels).view(out_channels, oh, ow))
     y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
     return y[0] if unbatched else y

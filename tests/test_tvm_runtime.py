@@ -1,0 +1,197 @@
+"""TVM runtime kernels against the dense masked torch ops: shapes, k, ablation, bias, token counts on both
+kernel paths and their tails, index widths, misaligned and non-contiguous inputs, threads, and the kernel
+cache (hit, corrupt entry, concurrent compiles)."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+from sparsecc import InputError, formats
+from sparsecc.runtimes import get_runtime, unavailable
+from sparsecc.runtimes import tvm as tvm_runtime
+from sparsecc.synthetic import fanin_mask
+from tests.conftest import assert_equivalent
+
+pytestmark = pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
+
+
+def _layer(out_f, in_f, sparsity, ablate, index_dtype=torch.int16):
+    w = torch.randn(out_f, in_f)
+    mask = fanin_mask(w, sparsity, ablate)
+    enc = formats.encode_fanin(w * mask, mask, int(mask.sum(1).max()))
+    return w * mask, formats.FanIn(enc.values, enc.indices.to(index_dtype), enc.rows)
+
+
+@pytest.mark.parametrize("out_f,in_f,sparsity,ablate", [
+    (64, 128, 0.9, 0.1),      # k = 13: not a multiple of the vector width
+    (40, 100, 0.5, 0.0),      # in_features not a multiple of 16, no ablation
+    (9, 24, 0.95, 0.3),       # k = 1; 9 rows: not a multiple of the 4-row block
+    (33, 70, 0.8, 0.5),       # half the rows ablated
+])
+@pytest.mark.parametrize("tokens", [(1,), (3,), (8,), (2, 13), (37,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_condensed_linear(out_f, in_f, sparsity, ablate, tokens, bias):
+    w, enc = _layer(out_f, in_f, sparsity, ablate)
+    b = torch.randn(out_f) if bias else None
+    x = torch.randn(*tokens, in_f)
+    y = tvm_runtime.condensed_linear(x, enc.values, enc.indices, enc.rows, b, out_f)
+    assert_equivalent(y, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_int32_indices(tokens):
+    w, enc = _layer(24, 50, 0.7, 0.2, torch.int32)
+    x = torch.randn(tokens, 50)
+    assert_equivalent(tvm_runtime.condensed_linear(x, enc.values, enc.indices, enc.rows, None, 24), F.linear(x, w))
+
+
+def test_every_row_ablated_outputs_bias():
+    b = torch.randn(5)
+    x = torch.randn(2, 7)
+    y = tvm_runtime.condensed_linear(x, torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int16),
+                                     torch.zeros(0, dtype=torch.int64), b, 5)
+    assert_equivalent(y, b.expand(2, 5).contiguous())
+
+
+@pytest.mark.parametrize("tokens", [1, 12])
+def test_misaligned_and_non_contiguous_inputs(tokens):
+    w, enc = _layer(32, 64, 0.9, 0.1)
+    b = torch.randn(32)
+    storage = torch.randn(tokens * 64 + 1)
+    misaligned = storage[1:].view(tokens, 64)                # 4 bytes past a 64-byte boundary
+    assert misaligned.data_ptr() % 64 != 0
+    transposed = torch.randn(64, tokens).t()                 # non-contiguous
+    values = torch.randn(enc.values.numel() + 1)[1:].view_as(enc.values).copy_(enc.values)
+    for x in (misaligned, transposed):
+        for v in (enc.values, values):
+            assert_equivalent(tvm_runtime.condensed_linear(x, v, enc.indices, enc.rows, b, 32), F.linear(x, w, b))
+
+
+def test_wrong_dtype_is_a_clear_error():
+    w, enc = _layer(8, 16, 0.5, 0.0)
+    with pytest.raises(InputError, match="tvm runtime: input is torch.float64; its kernels take float32"):
+        tvm_runtime.condensed_linear(torch.randn(1, 16, dtype=torch.float64), enc.values, enc.indices, None, None, 8)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,groups,hw", [
+    (8, 16, 3, 1, 1, 1, 1, (9, 11)), (16, 32, 1, 1, 0, 1, 1, (7, 7)), (16, 8, 1, 2, 0, 1, 1, (8, 8)),
+    (8, 16, 3, 2, 1, 1, 2, (10, 10)), (12, 12, 3, 1, 1, 1, 12, (6, 5)), (4, 8, 5, 1, 2, 2, 1, (12, 12))])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_condensed_conv2d(cin, cout, k, stride, padding, dilation, groups, hw, batch):
+    conv = torch.nn.Conv2d(cin, cout, k, stride, padding, dilation, groups)
+    w = conv.weight.detach()
+    mask = fanin_mask(w, 0.75, ablate=0.25)
+    rows = mask.reshape(cout, -1)
+    enc = formats.encode_fanin((w * mask).reshape(cout, -1), rows, int(rows.sum(1).max()))
+    x = torch.randn(batch, cin, *hw)
+    y = tvm_runtime.condensed_conv2d(x, enc.values, enc.indices, enc.rows, conv.bias.detach(), cout, [k, k],
+                                     [stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    assert_equivalent(y, F.conv2d(x, w * mask, conv.bias.detach(), stride, padding, dilation, groups))
+
+
+def test_four_threads_share_one_compiled_model():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 10)).eval()
+    masks = {"0.weight": fanin_mask(model[0].weight, 0.9), "2.weight": fanin_mask(model[2].weight, 0.8)}
+    inputs = [torch.randn(t, 64) for t in (1, 1, 9, 17)]
+    compiled = sparsecc.compile(model, (inputs[0],), masks=masks, backend="tvm")
+    with torch.no_grad():
+        expected = [compiled(x) for x in inputs]
+    results: dict[int, list] = {}
+
+    def work(i):
+        with torch.no_grad():
+            results[i] = [compiled(x) for _ in range(20) for x in inputs]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for j, y in enumerate(results[i]):
+            assert torch.equal(y, expected[j % len(inputs)])
+
+
+_CHILD = """
+import json, torch, torch.nn.functional as F
+from sparsecc import formats
+from sparsecc.runtimes import tvm as rt
+torch.manual_seed(0)
+w = torch.randn(16, 48); m = torch.zeros_like(w, dtype=torch.bool); m[:, ::4] = True
+enc = formats.encode_fanin(w * m, m, 12)
+x = torch.randn(3, 48)
+y = rt.condensed_linear(x, enc.values, enc.indices, None, None, 16)
+assert torch.allclose(y, F.linear(x, w * m), rtol=0, atol=1e-5 * float(F.linear(x, w * m).abs().max())), "mismatch"
+print(json.dumps(rt.kernel_cache().stats))
+"""
+
+
+def _children(cache_dir, n=1):
+    """Run the kernel in ``n`` fresh processes at once (a process never reloads a library path it has
+    loaded, so cache loading is tested across processes); returns their cache statistics."""
+    env = {**os.environ, "SPARSECC_CACHE_DIR": str(cache_dir)}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    stats = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        stats.append(json.loads(out.strip().splitlines()[-1]))
+    return stats
+
+
+def test_cache_hit_from_disk(tmp_path):
+    assert _children(tmp_path) == [{"memory": 0, "disk": 0, "built": 1, "rebuilt": 0}]
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
+    assert _children(tmp_path) == [{"memory": 0, "disk": 1, "built": 0, "rebuilt": 0}]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign", "sidecar"])
+def test_corrupt_or_foreign_entry_is_rebuilt(tmp_path, damage):
+    _children(tmp_path)
+    so = next((tmp_path / "kernels").glob("*.so"))
+    target, content = {
+        "truncate": (so, so.read_bytes()[:100]),
+        "foreign": (so, Path(sys.executable).read_bytes()[:4096]),
+        "sidecar": (so.with_suffix(".json"), b'{"function": "something else"}'),
+    }[damage]
+    target.write_bytes(content)
+    assert _children(tmp_path) == [{"memory": 0, "disk": 0, "built": 1, "rebuilt": 1}]
+    assert _children(tmp_path) == [{"memory": 0, "disk": 1, "built": 0, "rebuilt": 0}]
+
+
+def test_concurrent_compiles_in_two_processes(tmp_path):
+    stats = _children(tmp_path, n=2)
+    assert all(s["built"] + s["disk"] == 1 for s in stats)
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
+    assert not list((tmp_path / "kernels").glob(".*")), "temporary files left behind"
+
+
+def test_auto_backend_uses_tvm_and_reports_it():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32)).eval()
+    compiled = sparsecc.compile(model, (torch.randn(1, 32),), masks={"0.weight": fanin_mask(model[0].weight, 0.9)})
+    assert compiled.report.runtime == "tvm"
+    assert compiled.report.layers[0].runtime == "tvm"
+    assert get_runtime("tvm").supports("condensed_linear", torch.float32)
+
+
+def test_unsupported_op_falls_back_to_reference_with_a_note():
+    from sparsecc.synthetic import nm_mask
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
+    compiled = sparsecc.compile(model, (torch.randn(2, 32),), masks={"0.weight": nm_mask(model[0].weight)},
+                                backend="tvm")
+    layer = compiled.report.layers[0]
+    if get_runtime("tvm").supports("nm_linear", torch.float32):
+        assert layer.runtime == "tvm"
+    else:
+        assert layer.runtime == "reference"
+        assert layer.reason == "tvm has no nm_linear kernel for float32: runs on reference"
