@@ -1,7 +1,9 @@
 """Runtimes are plug-ins: one module each, imported only when asked for, declaring the ops and dtypes it runs.
 
 A runtime module defines ``NAME``, ``DTYPES``, ``KERNELS`` (op name -> callable with the op's arguments minus
-``runtime``) and ``unavailable() -> str | None`` (why it cannot run here, or None).
+``runtime``) and ``unavailable() -> str | None`` (why it cannot run here, or None). It may define
+``bind(op, *constants) -> callable(x)``: work that depends only on a layer's tensors is then done once per
+layer instead of once per call.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ class Runtime:
     name: str
     dtypes: frozenset[torch.dtype]
     kernels: dict[str, Callable]
+    binder: Optional[Callable] = None
+
+    def bind(self, op: str, *constants) -> Callable:
+        """``op`` with everything but its input fixed."""
+        if self.binder is not None:
+            return self.binder(op, *constants)
+        self.kernel(op)
+        return lambda x: self.kernels[op](x, *constants)
 
     def supports(self, op: str, dtype: torch.dtype) -> bool:
         return op in self.kernels and dtype in self.dtypes
@@ -58,7 +68,7 @@ def get_runtime(name: str) -> Runtime:
     if why is not None:
         raise RuntimeUnavailableError(why)
     module = importlib.import_module(RUNTIMES[name])
-    return Runtime(module.NAME, frozenset(module.DTYPES), dict(module.KERNELS))
+    return Runtime(module.NAME, frozenset(module.DTYPES), dict(module.KERNELS), getattr(module, "bind", None))
 
 
 def for_op(backend: str, op: str, dtype: torch.dtype) -> tuple[str, str]:

@@ -10,8 +10,6 @@ Kernels run on the calling thread; concurrent callers share compiled kernels rea
 from __future__ import annotations
 
 import threading
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -65,72 +63,14 @@ def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool
     return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
 
 
-@dataclass
-class _Layer:
-    """Per-layer constants the kernels need, derived once from the op's tensors."""
-
-    orow: Tensor        # int32 output row of each live row
-    arow: Tensor        # int32 ablated output rows
-    bias: Tensor        # the bias, or zeros (the kernel built without bias does not read it)
-    has_bias: bool
-    indices: Tensor     # the op's indices, or group-offset int32 indices for grouped convolutions
-    refs: tuple         # weak references to the op's tensors: the entry is valid while they are the same
-    k: int
-    kernels: dict = field(default_factory=dict)   # (kind, tokens) -> compiled kernel
-
-    def kernel(self, kind: str, tokens: int) -> Callable:
-        fn = self.kernels.get((kind, tokens))
-        if fn is None:
-            fn = self.kernels[(kind, tokens)] = _kernel(kind, self.k, tokens, self.indices.dtype, self.has_bias)
-        return fn
-
-
-_layers: dict[tuple[int, ...], _Layer] = {}
-
-
-def _layer(values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor], out: int,
-           groups: int = 1, group_fan_in: int = 0) -> _Layer:
-    tensors = (values, indices, rows, bias)
-    key = tuple(map(id, tensors))
-    entry = _layers.get(key)
-    if entry is not None and all((r() if r is not None else None) is t for r, t in zip(entry.refs, tensors)):
-        return entry
-    live = torch.ones(out, dtype=torch.bool)
-    if rows is not None:
-        live[:] = False
-        live[rows] = True
-    orow = torch.nonzero(live).flatten()
-    arow = torch.nonzero(~live).flatten().to(torch.int32)
-    idx = indices
-    if groups > 1:   # one kernel over the whole unfolded input: shift each filter's indices into its group
-        shift = (orow // (out // groups)) * group_fan_in
-        idx = (indices.to(torch.int64) + shift[:, None]).to(torch.int32).contiguous()
-    entry = _Layer(orow.to(torch.int32), arow, bias.contiguous() if bias is not None else values.new_zeros(out),
-                   bias is not None, idx, tuple(weakref.ref(t) if t is not None else None for t in tensors),
-                   values.shape[1])
-    with _state_lock:
-        _layers[key] = entry
-    weakref.finalize(values, _layers.pop, key, None)
-    return entry
-
-
-def _float_contiguous(x: Tensor, what: str) -> Tensor:
+def _float_contiguous(x: Tensor) -> Tensor:
     if x.dtype != torch.float32:
-        raise InputError(f"tvm runtime: {what} is {x.dtype}; its kernels take float32 (compile with "
+        raise InputError(f"tvm runtime: input is {x.dtype}; its kernels take float32 (compile with "
                          f"backend='reference' for other dtypes)")
-    if x.device.type != "cpu":
-        raise InputError(f"tvm runtime: {what} is on {x.device}; its kernels run on the CPU")
-    # Kernels assume element alignment only, but a view whose storage offset is not a whole element cannot
-    # exist for float32; contiguity is what they need.
+    if not x.is_cpu:
+        raise InputError(f"tvm runtime: input is on {x.device}; its kernels run on the CPU")
+    # Kernels assume element alignment only (any float32 view has it); contiguity is what they need.
     return x if x.is_contiguous() else x.contiguous()
-
-
-def _spmm(xt: Tensor, values: Tensor, layer: _Layer, out: int) -> Tensor:
-    """``[out, tokens]`` from ``xt = [in, tokens]``."""
-    tokens = xt.shape[1]
-    y = xt.new_empty(out, tokens)
-    layer.kernel("spmm", tokens)(xt, values, layer.indices, layer.orow, layer.arow, layer.bias, y)
-    return y
 
 
 def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel_dim: int) -> Tensor:
@@ -142,56 +82,114 @@ def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel
     return bias.view(view).expand(shape).contiguous()
 
 
-def condensed_linear(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
-                     out_features: int) -> Tensor:
-    x = _float_contiguous(x, "input")
-    if values.shape[0] == 0:
-        return _constant(x, bias, (*x.shape[:-1], out_features), -1)
-    layer = _layer(values, indices, rows, bias, out_features)
-    x2 = x.reshape(-1, x.shape[-1])
-    tokens = x2.shape[0]
-    if tokens >= SPMM_MIN_TOKENS:
-        y = _spmm(x2.t().contiguous(), values, layer, out_features).t().contiguous()
-    else:
-        y = x2.new_empty(tokens, out_features)
-        fn = layer.kernel("gemv", 1)
-        for t in range(tokens):
-            fn(x2[t], values, layer.indices, layer.orow, layer.arow, layer.bias, y[t])
-    return y.reshape(*x.shape[:-1], out_features)
+class _Bound:
+    """One layer's constants in the form the kernels take, derived once, plus its kernels by token count."""
+
+    def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor], out: int,
+                 groups: int = 1, group_fan_in: int = 0) -> None:
+        live = torch.ones(out, dtype=torch.bool)
+        if rows is not None:
+            live[:] = False
+            live[rows] = True
+        orow = torch.nonzero(live).flatten()
+        if groups > 1:   # one kernel over the whole unfolded input: shift each filter's indices to its group
+            shift = (orow // (out // groups)) * group_fan_in
+            indices = (indices.to(torch.int64) + shift[:, None]).to(torch.int32).contiguous()
+        self.values, self.indices, self.out = values, indices, out
+        self.orow = orow.to(torch.int32)
+        self.arow = torch.nonzero(~live).flatten().to(torch.int32)
+        self.has_bias = bias is not None
+        self.bias = bias.contiguous() if bias is not None else values.new_zeros(out)
+        self.bias_or_none = bias
+        self.kernels: dict[tuple[str, int], Callable] = {}
+
+    def kernel(self, kind: str, tokens: int) -> Callable:
+        fn = self.kernels.get((kind, tokens))
+        if fn is None:
+            fn = self.kernels[(kind, tokens)] = _kernel(kind, self.values.shape[1], tokens, self.indices.dtype,
+                                                        self.has_bias)
+        return fn
+
+    def spmm(self, xt: Tensor) -> Tensor:
+        """``[out, tokens]`` from ``xt = [in, tokens]``."""
+        y = xt.new_empty(self.out, xt.shape[1])
+        self.kernel("spmm", xt.shape[1])(xt, self.values, self.indices, self.orow, self.arow, self.bias, y)
+        return y
 
 
-def condensed_conv2d(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
-                     out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
-                     dilation: list[int], groups: int) -> Tensor:
-    x = _float_contiguous(x, "input")
-    unbatched = x.dim() == 3
-    xb = x.unsqueeze(0) if unbatched else x
-    n, c, h, w = xb.shape
-    if values.shape[0] == 0:
-        oh, ow = (ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
-                  zip((h, w), kernel_size, stride, padding, dilation))
-        y = _constant(x, bias, (n, out_channels, oh, ow), 1)
-        return y[0] if unbatched else y
-    layer = _layer(values, indices, rows, bias, out_channels, groups,
-                   (c // groups) * kernel_size[0] * kernel_size[1])
-    pointwise = kernel_size == [1, 1] and padding == [0, 0] and dilation == [1, 1]
-    outs = []
-    for i in range(n):
-        if pointwise:
-            sample = xb[i, :, ::stride[0], ::stride[1]] if stride != [1, 1] else xb[i]
-            oh, ow = sample.shape[-2:]
-            cols = sample.reshape(c, oh * ow).contiguous()
+class BoundLinear(_Bound):
+    def __call__(self, x: Tensor) -> Tensor:
+        x = _float_contiguous(x)
+        if self.values.shape[0] == 0:
+            return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        tokens = x2.shape[0]
+        if tokens >= SPMM_MIN_TOKENS:
+            y = self.spmm(x2.t().contiguous()).t().contiguous()
         else:
-            cols = F.unfold(xb[i:i + 1], kernel_size, dilation, padding, stride)[0]
-            oh, ow = (ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
-                      zip((h, w), kernel_size, stride, padding, dilation))
-        outs.append(_spmm(cols, values, layer, out_channels).view(out_channels, oh, ow))
-    y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
-    return y[0] if unbatched else y
+            y = x2.new_empty(tokens, self.out)
+            fn = self.kernel("gemv", 1)
+            if tokens == 1:
+                fn(x2, self.values, self.indices, self.orow, self.arow, self.bias, y)
+            else:
+                for t in range(tokens):
+                    fn(x2[t:t + 1], self.values, self.indices, self.orow, self.arow, self.bias, y[t:t + 1])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
+
+
+class BoundConv2d(_Bound):
+    def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
+                 out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, in_channels: int) -> None:
+        super().__init__(values, indices, rows, bias, out_channels, groups,
+                         (in_channels // groups) * kernel_size[0] * kernel_size[1])
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.pointwise = kernel_size == [1, 1] and padding == [0, 0] and dilation == [1, 1]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = _float_contiguous(x)
+        unbatched = x.dim() == 3
+        xb = x.unsqueeze(0) if unbatched else x
+        n, c, h, w = xb.shape
+        oh, ow = (ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
+                  zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation))
+        if self.values.shape[0] == 0:
+            y = _constant(x, self.bias_or_none, (n, self.out, oh, ow), 1)
+        else:
+            outs = []
+            for i in range(n):
+                if self.pointwise:
+                    sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
+                    cols = sample.reshape(c, oh * ow).contiguous()
+                else:
+                    cols = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
+                outs.append(self.spmm(cols).view(self.out, oh, ow))
+            y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
+        return y[0] if unbatched else y
+
+
+def bind(op: str, *constants) -> Callable[[Tensor], Tensor]:
+    """A callable running ``op`` on an input with everything else fixed: what a layer keeps between calls."""
+    if op == "condensed_linear":
+        return BoundLinear(*constants)
+    if op == "condensed_conv2d":
+        return _LazyConv(constants)
+    raise KeyError(op)
+
+
+class _LazyConv:
+    """Grouped convolutions need the input's channel count to place indices: bound on the first input."""
+
+    def __init__(self, constants: tuple) -> None:
+        self.constants, self.bound = constants, None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.bound is None:
+            self.bound = BoundConv2d(*self.constants, in_channels=x.shape[-3])
+        return self.bound(x)
 
 
 KERNELS = {
-    "condensed_linear": condensed_linear,
-    "condensed_conv2d": condensed_conv2d,
+    "condensed_linear": lambda x, *constants: bind("condensed_linear", *constants)(x),
+    "condensed_conv2d": lambda x, *constants: bind("condensed_conv2d", *constants)(x),
 }
-

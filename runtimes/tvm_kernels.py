@@ -47,7 +47,7 @@ def build(key: KernelKey):
 
 
 def fanin_gemv(key: KernelKey):
-    """One token (``key.tokens`` must be 1; callers loop over a few tokens)."""
+    """One token: ``x [1, in]`` (callers loop over a few tokens)."""
     K, IDX, DT, BIAS = key.k, key.index_dtype, key.dtype, key.bias
     KV = K // VEC * VEC
 
@@ -59,13 +59,13 @@ def fanin_gemv(key: KernelKey):
         A = T.int32()
         IN = T.int32()
         OUT = T.int32()
-        x = T.match_buffer(x_h, (IN,), DT, offset_factor=1, align=4)
+        x = T.match_buffer(x_h, (1, IN), DT, offset_factor=1, align=4)
         v = T.match_buffer(v_h, (R, K), DT, offset_factor=1, align=4)
         idx = T.match_buffer(i_h, (R, K), IDX, offset_factor=1, align=2)
         orow = T.match_buffer(orow_h, (R,), "int32", offset_factor=1, align=4)
         arow = T.match_buffer(arow_h, (A,), "int32", offset_factor=1, align=4)
         b = T.match_buffer(b_h, (OUT,), DT, offset_factor=1, align=4)
-        y = T.match_buffer(y_h, (OUT,), DT, offset_factor=1, align=4)
+        y = T.match_buffer(y_h, (1, OUT), DT, offset_factor=1, align=4)
         for r in range(R):
             acc = T.decl_buffer((VEC,), DT, scope="local")
             tail = T.decl_buffer((1,), DT, scope="local")
@@ -76,19 +76,19 @@ def fanin_gemv(key: KernelKey):
                 # The gathered inputs are assembled lane by lane from scalar index loads: a vector index load
                 # would be extracted lane by lane, competing with the inserts for the shuffle ports.
                 acc[T.ramp(0, 1, VEC)] = acc[T.ramp(0, 1, VEC)] + v[r, T.ramp(jo * VEC, 1, VEC)] * T.Shuffle(
-                    [x[T.Cast("int32", idx[r, jo * VEC + l])] for l in range(VEC)], list(range(VEC)))
+                    [x[0, T.Cast("int32", idx[r, jo * VEC + l])] for l in range(VEC)], list(range(VEC)))
             for j in range(KV, K):
-                tail[0] = tail[0] + v[r, j] * x[T.Cast("int32", idx[r, j])]
+                tail[0] = tail[0] + v[r, j] * x[0, T.Cast("int32", idx[r, j])]
             total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail[0]
             if BIAS:
-                y[orow[r]] = total + b[orow[r]]
+                y[0, orow[r]] = total + b[orow[r]]
             else:
-                y[orow[r]] = total
+                y[0, orow[r]] = total
         for a in range(A):
             if BIAS:
-                y[arow[a]] = b[arow[a]]
+                y[0, arow[a]] = b[arow[a]]
             else:
-                y[arow[a]] = T.cast(0, DT)
+                y[0, arow[a]] = T.cast(0, DT)
 
     return gemv
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -20,16 +22,39 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto")
     demo.add_argument("--runs", type=int, default=10)
     demo.add_argument("--threads", type=int, default=1)
+    bench = sub.add_parser("bench", help="batch-1, 1-thread latency of condensed layers and models vs peers")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
+                       "latency.png go")
+    bench.add_argument("--runs", type=int, default=200, help="timed rounds per layer configuration")
+    bench.add_argument("--model-runs", type=int, default=10, help="timed rounds per end-to-end model")
+    bench.add_argument("--models", nargs="*", default=["vit_b_16", "resnet50"])
+    bench.add_argument("--no-memory", action="store_true", help="skip the resident-memory subprocesses")
     return p
 
 
+def _single_threaded(argv: Sequence[str]) -> None:
+    """Benchmarks need 1 thread set before torch and TVM start their pools: re-run this command with the
+    environment set if it is not."""
+    wanted = {"OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
+    if any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.environ.update(wanted)
+        os.execv(sys.executable, [sys.executable, "-m", "sparsecc.cli", *argv])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        _single_threaded(argv)
     from sparsecc import demo
     from sparsecc.errors import SparseccError
 
     try:
-        if args.command == "demo":
+        if args.command == "bench":
+            from sparsecc import bench
+
+            print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory))
+        elif args.command == "demo":
             demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads)
         else:
             import torch

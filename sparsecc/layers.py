@@ -39,12 +39,23 @@ class CondensedLayer(nn.Module):
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def _run(self, *args):
-        """Eager calls go straight to the runtime's kernel (the custom op's Python dispatch costs tens of
-        microseconds, as much as a whole batch-1 kernel); tracing and compiling see the custom op."""
+    def __getstate__(self):
+        """Copies and pickles leave the bound kernel behind: it is rebuilt on the first call."""
+        state = self.__dict__.copy()
+        state.pop("_bound", None)
+        return state
+
+    def _run(self, x: Tensor, *constants):
+        """Eager calls go to the runtime's kernel bound to this layer's tensors (the custom op's Python
+        dispatch costs tens of microseconds, as much as a batch-1 kernel); tracing and compiling see the op."""
         if torch.compiler.is_compiling():
-            return getattr(ops, self.op)(*args, self.runtime)
-        return get_runtime(self.runtime).kernels[self.op](*args)
+            return getattr(ops, self.op)(x, *constants, self.runtime)
+        bound = self.__dict__.get("_bound")
+        if bound is None or bound[0] is not self.values or bound[1] != self.runtime:
+            # Rebound when buffers are replaced (.to(), load_state_dict) or the runtime changes.
+            bound = self.__dict__["_bound"] = (self.values, self.runtime,
+                                               get_runtime(self.runtime).bind(self.op, *constants))
+        return bound[2](x)
 
     def extra_repr(self) -> str:
         return f"{self.name}, weight={self.weight_shape}, runtime={self.runtime}"

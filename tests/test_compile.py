@@ -343,3 +343,14 @@ def test_optional_forward_arguments_are_fixed_to_their_defaults():
     compiled = sparsecc.compile(model, (torch.randn(2, 5, 32),))
     assert compiled.report.capture == "torch.fx"
     check(model, compiled, torch.randn(3, 5, 32))
+
+
+def test_compiled_model_survives_deepcopy_after_use():
+    import copy
+
+    model = _pruned_mlp()
+    compiled = sparsecc.compile(model, (torch.randn(2, 32),))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = compiled(x)
+        assert_equivalent(copy.deepcopy(compiled)(x), expected)

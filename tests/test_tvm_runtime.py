@@ -42,7 +42,7 @@ def test_condensed_linear(out_f, in_f, sparsity, ablate, tokens, bias):
     w, enc = _layer(out_f, in_f, sparsity, ablate)
     b = torch.randn(out_f) if bias else None
     x = torch.randn(*tokens, in_f)
-    y = tvm_runtime.condensed_linear(x, enc.values, enc.indices, enc.rows, b, out_f)
+    y = tvm_runtime.KERNELS["condensed_linear"](x, enc.values, enc.indices, enc.rows, b, out_f)
     assert_equivalent(y, F.linear(x, w, b))
 
 
@@ -50,13 +50,13 @@ def test_condensed_linear(out_f, in_f, sparsity, ablate, tokens, bias):
 def test_int32_indices(tokens):
     w, enc = _layer(24, 50, 0.7, 0.2, torch.int32)
     x = torch.randn(tokens, 50)
-    assert_equivalent(tvm_runtime.condensed_linear(x, enc.values, enc.indices, enc.rows, None, 24), F.linear(x, w))
+    assert_equivalent(tvm_runtime.KERNELS["condensed_linear"](x, enc.values, enc.indices, enc.rows, None, 24), F.linear(x, w))
 
 
 def test_every_row_ablated_outputs_bias():
     b = torch.randn(5)
     x = torch.randn(2, 7)
-    y = tvm_runtime.condensed_linear(x, torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int16),
+    y = tvm_runtime.KERNELS["condensed_linear"](x, torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int16),
                                      torch.zeros(0, dtype=torch.int64), b, 5)
     assert_equivalent(y, b.expand(2, 5).contiguous())
 
@@ -72,13 +72,13 @@ def test_misaligned_and_non_contiguous_inputs(tokens):
     values = torch.randn(enc.values.numel() + 1)[1:].view_as(enc.values).copy_(enc.values)
     for x in (misaligned, transposed):
         for v in (enc.values, values):
-            assert_equivalent(tvm_runtime.condensed_linear(x, v, enc.indices, enc.rows, b, 32), F.linear(x, w, b))
+            assert_equivalent(tvm_runtime.KERNELS["condensed_linear"](x, v, enc.indices, enc.rows, b, 32), F.linear(x, w, b))
 
 
 def test_wrong_dtype_is_a_clear_error():
     w, enc = _layer(8, 16, 0.5, 0.0)
     with pytest.raises(InputError, match="tvm runtime: input is torch.float64; its kernels take float32"):
-        tvm_runtime.condensed_linear(torch.randn(1, 16, dtype=torch.float64), enc.values, enc.indices, None, None, 8)
+        tvm_runtime.KERNELS["condensed_linear"](torch.randn(1, 16, dtype=torch.float64), enc.values, enc.indices, None, None, 8)
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,groups,hw", [
@@ -92,7 +92,7 @@ def test_condensed_conv2d(cin, cout, k, stride, padding, dilation, groups, hw, b
     rows = mask.reshape(cout, -1)
     enc = formats.encode_fanin((w * mask).reshape(cout, -1), rows, int(rows.sum(1).max()))
     x = torch.randn(batch, cin, *hw)
-    y = tvm_runtime.condensed_conv2d(x, enc.values, enc.indices, enc.rows, conv.bias.detach(), cout, [k, k],
+    y = tvm_runtime.KERNELS["condensed_conv2d"](x, enc.values, enc.indices, enc.rows, conv.bias.detach(), cout, [k, k],
                                      [stride] * 2, [padding] * 2, [dilation] * 2, groups)
     assert_equivalent(y, F.conv2d(x, w * mask, conv.bias.detach(), stride, padding, dilation, groups))
 
@@ -128,7 +128,7 @@ torch.manual_seed(0)
 w = torch.randn(16, 48); m = torch.zeros_like(w, dtype=torch.bool); m[:, ::4] = True
 enc = formats.encode_fanin(w * m, m, 12)
 x = torch.randn(3, 48)
-y = rt.condensed_linear(x, enc.values, enc.indices, None, None, 16)
+y = rt.KERNELS["condensed_linear"](x, enc.values, enc.indices, None, None, 16)
 assert torch.allclose(y, F.linear(x, w * m), rtol=0, atol=1e-5 * float(F.linear(x, w * m).abs().max())), "mismatch"
 print(json.dumps(rt.kernel_cache().stats))
 """

@@ -1,0 +1,252 @@
+"""``sparsecc bench``: batch-1 CPU latency of condensed layers and models against their peers.
+
+Every number comes from this process at 1 thread (the CLI sets ``OMP_NUM_THREADS=1`` and
+``TVM_NUM_THREADS=1`` before torch is imported), as the median of interleaved rounds after warm-up, and every
+ratio divides two medians taken in the same rounds. Every method's output is checked against the masked
+dense layer before it is timed; a method that disagrees is reported as invalid, not timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsecc
+from sparsecc import synthetic
+from sparsecc.timing import medians
+from sparsecc.validation import compare
+
+#: ViT-B/16 encoder layer 11 mlp.3, the layer the SRigL paper times.
+SRIGL_LAYER = (768, 3072)
+SPARSITIES = (0.8, 0.9, 0.95, 0.99)
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        filled = int(30 * self.done / self.total)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {what[:50]:<50}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def _onnxruntime_dense(weight: torch.Tensor, bias: torch.Tensor, directory: Path) -> Callable:
+    """A one-Gemm ONNX model with the masked weight as a plain initializer, run by onnxruntime on 1 thread."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_f, in_f = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", in_f])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", out_f])],
+        [numpy_helper.from_array(weight.numpy(), "w"), numpy_helper.from_array(bias.numpy(), "b")])
+    path = directory / "dense.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8          # onnx writes a newer IR than onnxruntime reads; opset 17 needs IR 8
+    onnx.save(model, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, directory: Path
+                  ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Every way to run one masked Linear, keyed by the name the tables use."""
+    masked = weight * mask
+    dense = nn.Linear(*reversed(weight.shape)).eval()
+    with torch.no_grad():
+        dense.weight.copy_(masked)
+        dense.bias.copy_(bias)
+    csr = masked.to_sparse_csr()
+    k = int(mask.sum(1).max())
+    live = mask.sum(1) > 0
+    idx = torch.zeros(weight.shape[0], k, dtype=torch.long)
+    vals = torch.zeros(weight.shape[0], k)
+    idx[live] = torch.nonzero(mask[live])[:, 1].view(-1, k)
+    vals[live] = torch.gather(masked[live], 1, idx[live])
+
+    def srigl(x):   # the SRigL paper's condensed matmul
+        return torch.sum(vals * x[..., idx], dim=-1) + bias
+
+    methods: dict[str, Callable] = {
+        "dense eager": dense,
+        "dense torch.compile": torch.compile(dense),
+        "torch CSR": lambda x: torch.sparse.addmm(bias[:, None], csr, x.t()).t(),
+        "SRigL method (torch.compile)": torch.compile(srigl),
+        "onnxruntime dense": _onnxruntime_dense(masked, bias, directory),
+    }
+    layer = nn.Sequential(dense).eval()
+    example = (torch.randn(1, weight.shape[1]),)
+    for backend in ("reference", "tvm"):
+        methods[f"sparsecc {backend}"] = sparsecc.compile(layer, example, masks={"0.weight": mask}, backend=backend)
+    return methods
+
+
+@dataclass
+class Row:
+    name: str
+    times: dict[str, float]                 # method -> median seconds
+    invalid: dict[str, str] = field(default_factory=dict)
+
+    def ratio(self, method: str, base: str = "dense eager") -> float:
+        return self.times[base] / self.times[method]
+
+
+def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress) -> Row:
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        methods = layer_methods(weight, bias, mask, Path(tmp))
+        x = torch.randn(1, weight.shape[1])
+        expected = F.linear(x, weight * mask, bias)
+        valid, invalid = {}, {}
+        for method, fn in methods.items():
+            stat = compare(method, fn(x), expected)
+            (valid if stat.ok else invalid)[method] = fn if stat.ok else str(stat)
+        times = medians({m: (lambda fn=fn: fn(x)) for m, fn in valid.items()}, runs=runs, warmup=max(5, runs // 20))
+    progress.step(name)
+    return Row(name, times, invalid)
+
+
+def _rss_child(name: str, compiled: bool) -> int:
+    """Resident memory (bytes) of a fresh process holding the dense masked or the compiled model, after the
+    source model is gone."""
+    code = (
+        "import gc, torch, sparsecc\n"
+        "from sparsecc.demo import sparse_model\n"
+        f"model = sparse_model({name!r}, 0.9, 0.05)\n"
+        "x = torch.randn(1, 3, 224, 224)\n"
+        f"run = sparsecc.compile(model, (x,)) if {compiled} else sparsecc.masked_reference(model)\n"
+        "del model; gc.collect()\n"
+        "with torch.no_grad(): run(x)\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+@dataclass
+class ModelRow:
+    name: str
+    times: dict[str, float]
+    compile_cold: float
+    compile_warm: float
+    bytes_dense: int
+    bytes_condensed: int
+    rss_dense: Optional[int]
+    rss_compiled: Optional[int]
+    max_rel_error: float
+
+
+def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> ModelRow:
+    from sparsecc.demo import sparse_model
+    from sparsecc.runtimes import tvm as tvm_runtime
+
+    model = sparse_model(name, 0.9, 0.05)
+    x = torch.randn(1, 3, 224, 224)
+    start = time.perf_counter()
+    compiled = sparsecc.compile(model, (x,))
+    cold = time.perf_counter() - start
+    tvm_runtime._cache = None     # as in a new process: kernels come from the disk cache
+    start = time.perf_counter()
+    sparsecc.compile(model, (x,))
+    warm = time.perf_counter() - start
+    dense = sparsecc.masked_reference(model)
+    report = compiled.report
+    with torch.no_grad():
+        times = medians({"dense eager": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs, warmup=2)
+    rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
+    progress.step(name)
+    return ModelRow(name, times, cold, warm, sum(l.bytes_dense for l in report.layers),
+                    sum(l.bytes_condensed for l in report.layers), *rss,
+                    max(s.max_rel for s in report.end_to_end))
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f}"
+
+
+def layer_table(rows: list[Row]) -> str:
+    methods = list(rows[0].times) + [m for m in rows[0].invalid if m not in rows[0].times]
+    head = "| layer 3072→768, batch 1 | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (len(methods) + 1)]
+    for r in rows:
+        cells = [f"{_us(r.times[m])} µs ({r.ratio(m):.2f}x)" if m in r.times else "invalid" for m in methods]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_table(rows: list[ModelRow]) -> str:
+    lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | compile cold / warm | "
+             "weights dense → condensed | RSS dense → compiled | max rel error |", "|" + "---|" * 8]
+    for r in rows:
+        rss = (f"{r.rss_dense / 2**20:.0f} → {r.rss_compiled / 2**20:.0f} MiB" if r.rss_dense else "not measured")
+        lines.append(f"| {r.name} | {r.times['dense eager'] * 1e3:.1f} ms | {r.times['sparsecc'] * 1e3:.1f} ms | "
+                     f"{r.times['dense eager'] / r.times['sparsecc']:.2f}x | {r.compile_cold:.1f} s / "
+                     f"{r.compile_warm:.1f} s | {r.bytes_dense / 2**20:.1f} → {r.bytes_condensed / 2**20:.1f} MiB | "
+                     f"{rss} | {r.max_rel_error:.1e} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fan_in = [r for r in rows if r.name.endswith("% fan-in")]
+    x = [float(r.name.split("%")[0]) for r in fan_in]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in fan_in[0].times:
+        ax.plot(x, [r.times.get(method, float("nan")) * 1e6 for r in fan_in], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (%), constant fan-in")
+    ax.set_ylabel("median latency (µs), batch 1, 1 thread")
+    ax.set_title("Linear 3072→768 (ViT-B/16 encoder 11 mlp.3)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(out: Path, runs: int = 200, model_runs: int = 10, models: tuple[str, ...] = ("vit_b_16", "resnet50"),
+        memory: bool = True) -> str:
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["SPARSECC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsecc-bench-")   # cold-cache compile timing
+    progress = Progress(len(SPARSITIES) + 1 + len(models))
+    torch.manual_seed(0)
+    out_f, in_f = SRIGL_LAYER
+    weight, bias = torch.randn(out_f, in_f) * 0.02, torch.randn(out_f) * 0.02
+    rows = [bench_layer(f"{s:.0%} fan-in", weight, bias, synthetic.fanin_mask(weight, s), runs, progress)
+            for s in SPARSITIES]
+    rows.append(bench_layer("50% 2:4", weight, bias, synthetic.nm_mask(weight), runs, progress))
+    model_rows = [bench_model(m, model_runs, progress, memory) for m in models]
+    plot(rows, out / "latency.png")
+    text = (f"### SRigL layer\n\n{layer_table(rows)}\n\n" + "".join(
+        f"- {r.name}: invalid {m}: {why}\n" for r in rows for m, why in r.invalid.items()) +
+        (f"### End to end\n\n{model_table(model_rows)}\n" if model_rows else ""))
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"layers": [r.__dict__ for r in rows],
+                                                  "models": [r.__dict__ for r in model_rows]}, indent=1))
+    gc.collect()
+    return text
