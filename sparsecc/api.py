@@ -32,6 +32,8 @@ def _as_tuple(example_inputs: Any) -> tuple:
 
 
 def _spec(inputs: tuple) -> InputSpec:
+    if all(type(t) is Tensor for t in inputs):     # the common case, without pytree's per-call cost
+        return [(t.dtype, tuple(t.shape[1:])) for t in inputs]
     return [(t.dtype, tuple(t.shape[1:])) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
 
 
@@ -73,7 +75,7 @@ class CompiledModel(nn.Module):
                                  f"cast the input or compile again with example inputs of the new shape")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_inputs((args, kwargs))
+        self._check_inputs((*args, kwargs) if kwargs else args)
         if self._pending is not None and not kwargs:
             reference, layers = self._pending
             _validate_into(self.report, reference, self.module, [args, random_like(args)], layers)
