@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsecc import ops
+from sparsecc import formats, ops
 from sparsecc.errors import InputError
 
 NAME = "tvm"
@@ -168,12 +168,55 @@ class BoundConv2d(_Bound):
         return y[0] if unbatched else y
 
 
+class BoundNM:
+    """2:4 Linear: few tokens read the 2-bit metadata directly; many tokens (or shapes the 2:4 kernels do
+    not take) run the fan-in kernels on the expanded positions (k = in/2)."""
+
+    #: order of the 4 groups of a 16-input block in the AVX kernel's input layout
+    _AVX_ORDER = torch.tensor([0, 2, 1, 3])
+
+    def __init__(self, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int) -> None:
+        from tvm.target import codegen
+
+        self.values, self.metadata, self.in_features, self.out = values, metadata, in_features, values.shape[0]
+        self.has_bias = bias is not None
+        self.bias = bias.contiguous() if bias is not None else values.new_zeros(self.out)
+        groups = in_features // 4
+        if in_features % 16 == 0 and codegen.target_has_features("avx", kernel_cache().target):
+            self.kind = "nm_gemv_avx"
+        elif in_features % 32 == 0:
+            self.kind = "nm_gemv"
+        else:
+            self.kind = None
+        self.direct = _kernel(self.kind, groups, 1, torch.int16, self.has_bias) if self.kind else None
+        indices = formats.nm_indices(metadata, in_features).to(formats.index_dtype(in_features))
+        self.fanin = BoundLinear(values, indices, None, bias, self.out)
+
+    def _layout(self, x1: Tensor) -> Tensor:
+        if self.kind == "nm_gemv_avx":
+            return x1.view(-1, 4, 4).index_select(1, self._AVX_ORDER).reshape(-1)
+        return x1.view(-1, 4).t().contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = _float_contiguous(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens = x2.shape[0]
+        if self.direct is None or tokens >= SPMM_MIN_TOKENS:
+            return self.fanin(x)
+        y = x2.new_empty(tokens, self.out)
+        for t in range(tokens):
+            self.direct(self._layout(x2[t]), self.values, self.metadata, self.bias, y[t:t + 1])
+        return y.reshape(*x.shape[:-1], self.out)
+
+
 def bind(op: str, *constants) -> Callable[[Tensor], Tensor]:
     """A callable running ``op`` on an input with everything else fixed: what a layer keeps between calls."""
     if op == "condensed_linear":
         return BoundLinear(*constants)
     if op == "condensed_conv2d":
         return _LazyConv(constants)
+    if op == "nm_linear":
+        return BoundNM(*constants)
     raise KeyError(op)
 
 
@@ -189,7 +232,5 @@ class _LazyConv:
         return self.bound(x)
 
 
-KERNELS = {
-    "condensed_linear": lambda x, *constants: bind("condensed_linear", *constants)(x),
-    "condensed_conv2d": lambda x, *constants: bind("condensed_conv2d", *constants)(x),
-}
+KERNELS = {op: (lambda x, *constants, op=op: bind(op, *constants)(x))
+           for op in ("condensed_linear", "condensed_conv2d", "nm_linear")}

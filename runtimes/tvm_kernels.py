@@ -7,6 +7,8 @@ data, so a misaligned view cannot make them fault.
 
 - `fanin_gemv` — few tokens: each live row accumulates 8 products at a time (values and indices contiguous,
   inputs gathered), then reduces horizontally. Best when there is no token dimension to vectorise over.
+- `nm_gemv_avx` / `nm_gemv` — 2:4 for few tokens, reading the 2-bit metadata directly (x86 AVX permutes, or
+  portable vector selects).
 - `fanin_spmm` — many tokens (ViT's 197, a convolution's H*W pixels): inputs transposed to ``[in, tokens]`` so
   each index selects a contiguous row; 4 rows x 16 tokens of accumulators stay in registers while the
   fan-in streams by. The output is ``[out, tokens]``: NCHW for a convolution; a Linear transposes it back
@@ -23,14 +25,15 @@ from tvm.script import tirx as T
 VEC = 8            # fp32 lanes of one AVX2 register; LLVM splits or widens for other targets
 ROWS = 4           # rows per register block in the token kernel
 TOKENS = 16        # tokens per register block in the token kernel
+CHAINS = 4         # independent accumulators in the one-token kernels
 
 
 @dataclass(frozen=True)
 class KernelKey:
     """Everything a compiled kernel is specialised on; part of the on-disk cache key."""
 
-    kind: str          # "gemv" | "spmm"
-    k: int
+    kind: str          # "gemv" | "spmm" | "nm_gemv"
+    k: int             # fan-in; for nm_gemv the number of groups of 4 along K
     tokens: int
     index_dtype: str
     dtype: str
@@ -42,14 +45,22 @@ class KernelKey:
 
 def build(key: KernelKey):
     """The PrimFunc for ``key`` (not yet compiled)."""
-    builder = {"gemv": fanin_gemv, "spmm": fanin_spmm}[key.kind]
+    builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "nm_gemv": nm_gemv, "nm_gemv_avx": nm_gemv_avx}[key.kind]
     return builder(key).with_attr("global_symbol", key.name())
 
 
 def fanin_gemv(key: KernelKey):
     """One token: ``x [1, in]`` (callers loop over a few tokens)."""
     K, IDX, DT, BIAS = key.k, key.index_dtype, key.dtype, key.bias
-    KV = K // VEC * VEC
+    NV = K // VEC                   # full vectors of the fan-in
+    NC = NV // CHAINS * CHAINS      # of which handled CHAINS at a time
+
+    @T.macro
+    def step(acc, c, x, v, idx, r, jo):
+        # The gathered inputs are assembled lane by lane from scalar index loads: a vector index load would be
+        # extracted lane by lane, competing with the inserts for the shuffle ports.
+        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + v[r, T.ramp(jo * VEC, 1, VEC)] * T.Shuffle(
+            [x[0, T.Cast("int32", idx[r, jo * VEC + l])] for l in range(VEC)], list(range(VEC)))
 
     @T.prim_func
     def gemv(x_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
@@ -67,19 +78,23 @@ def fanin_gemv(key: KernelKey):
         b = T.match_buffer(b_h, (OUT,), DT, offset_factor=1, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, offset_factor=1, align=4)
         for r in range(R):
-            acc = T.decl_buffer((VEC,), DT, scope="local")
+            # CHAINS independent accumulators hide the FMA latency a single running sum would expose.
+            acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
             tail = T.decl_buffer((1,), DT, scope="local")
-            for l in T.vectorized(VEC):
-                acc[l] = T.cast(0, DT)
+            for c in T.unroll(CHAINS):
+                acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
             tail[0] = T.cast(0, DT)
-            for jo in range(KV // VEC):
-                # The gathered inputs are assembled lane by lane from scalar index loads: a vector index load
-                # would be extracted lane by lane, competing with the inserts for the shuffle ports.
-                acc[T.ramp(0, 1, VEC)] = acc[T.ramp(0, 1, VEC)] + v[r, T.ramp(jo * VEC, 1, VEC)] * T.Shuffle(
-                    [x[0, T.Cast("int32", idx[r, jo * VEC + l])] for l in range(VEC)], list(range(VEC)))
-            for j in range(KV, K):
+            for jc in range(NC // CHAINS):
+                for c in T.unroll(CHAINS):
+                    step(acc, c, x, v, idx, r, jc * CHAINS + c)
+            for jo in range(NC, NV):
+                step(acc, 0, x, v, idx, r, jo)
+            for j in range(NV * VEC, K):
                 tail[0] = tail[0] + v[r, j] * x[0, T.Cast("int32", idx[r, j])]
-            total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail[0]
+            for c in T.unroll(1, CHAINS):
+                acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
+            total = ((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) + \
+                ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])) + tail[0]
             if BIAS:
                 y[0, orow[r]] = total + b[orow[r]]
             else:
@@ -152,3 +167,108 @@ def fanin_spmm(key: KernelKey):
                 y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
 
     return spmm
+
+
+@T.macro
+def _nm_epilogue(acc, y, b, r, BIAS):
+    for c in T.unroll(1, CHAINS):
+        acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
+    total = ((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) + ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7]))
+    if BIAS:
+        y[0, r] = total + b[r]
+    else:
+        y[0, r] = total
+
+
+def nm_gemv(key: KernelKey):
+    """2:4 along K for one token, portable. ``xq [4, in/4]`` holds the input de-interleaved by position in its
+    group (``xq[c, g] = x[4g + c]``): the two kept inputs of 8 groups are picked with vector selects from 4
+    contiguous loads, each group's 2-bit positions coming from one 32-bit metadata load per 8 groups."""
+    DT, BIAS = key.dtype, key.bias
+    G = key.k           # groups of 4 along K (in_features / 4); a multiple of 8
+    NB = G // VEC
+
+    @T.macro
+    def step(acc, c, xq, v, meta, r, go):
+        word = T.reinterpret("uint32", meta[r, T.ramp(go * 4, 1, 4)])
+        nib = T.shift_right(T.broadcast(word, VEC), T.ramp(T.uint32(0), T.uint32(4), VEC))
+        x0, x1 = xq[0, T.ramp(go * VEC, 1, VEC)], xq[1, T.ramp(go * VEC, 1, VEC)]
+        x2, x3 = xq[2, T.ramp(go * VEC, 1, VEC)], xq[3, T.ramp(go * VEC, 1, VEC)]
+        one = T.broadcast(T.uint32(1), VEC)
+        zero = T.broadcast(T.uint32(0), VEC)
+        b0 = T.bitwise_and(nib, one) != zero
+        b1 = T.bitwise_and(T.shift_right(nib, one), one) != zero
+        b2 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(2), VEC)), one) != zero
+        b3 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(3), VEC)), one) != zero
+        # p0 = bits 0-1, p1 = bits 2-3: the low bit picks within a pair of inputs, the high bit between pairs.
+        first = T.Select(b1, T.Select(b0, x3, x2), T.Select(b0, x1, x0))
+        second = T.Select(b3, T.Select(b2, x3, x2), T.Select(b2, x1, x0))
+        pair = v[r, T.ramp(go * 2 * VEC, 1, 2 * VEC)]
+        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + \
+            T.Shuffle([pair], list(range(0, 2 * VEC, 2))) * first + T.Shuffle([pair], list(range(1, 2 * VEC, 2))) * second
+
+    @T.prim_func
+    def gemv(xq_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        OUT = T.int32()
+        xq = T.match_buffer(xq_h, (4, G), DT, offset_factor=1, align=4)
+        v = T.match_buffer(v_h, (OUT, 2 * G), DT, offset_factor=1, align=4)
+        meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", offset_factor=1, align=1)
+        b = T.match_buffer(b_h, (OUT,), DT, offset_factor=1, align=4)
+        y = T.match_buffer(y_h, (1, OUT), DT, offset_factor=1, align=4)
+        for r in range(OUT):
+            acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
+            for c in T.unroll(CHAINS):
+                acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
+            for bo in range(NB // CHAINS):
+                for c in T.unroll(CHAINS):
+                    step(acc, c, xq, v, meta, r, bo * CHAINS + c)
+            for go in range(NB // CHAINS * CHAINS, NB):
+                step(acc, 0, xq, v, meta, r, go)
+            _nm_epilogue(acc, y, b, r, BIAS)
+
+    return gemv
+
+
+def nm_gemv_avx(key: KernelKey):
+    """2:4 along K for one token, with AVX's in-lane variable permute. ``xp [in]`` is the input with each
+    block of 4 groups stored as (g, g+2, g+1, g+3), so one 8-float load holds two groups in its two 128-bit
+    halves; ``vpermilps`` picks each value's input by the low 2 bits of its control lane, and the control for
+    8 values is one 16-bit metadata load shifted per lane (the bits above are ignored by the instruction).
+    Two permutes and a blend give 8 products with no wasted lane."""
+    DT, BIAS = key.dtype, key.bias
+    G = key.k           # groups of 4 along K; a multiple of 4
+    NB = G // 4
+
+    @T.macro
+    def step(acc, c, xp, v, meta, r, blk):
+        bits = T.Cast("uint32", T.reinterpret("uint16", meta[r, T.ramp(blk * 2, 1, 2)]))
+        ctrl = T.reinterpret("int32x8", T.shift_right(T.broadcast(bits, VEC), T.ramp(T.uint32(0), T.uint32(2), VEC)))
+        first = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256", xp[T.ramp(blk * 16, 1, VEC)],
+                                        ctrl)
+        second = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256",
+                                         xp[T.ramp(blk * 16 + 8, 1, VEC)], ctrl)
+        picked = T.Shuffle([first, second], [0, 1, 10, 11, 4, 5, 14, 15])
+        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + v[r, T.ramp(blk * VEC, 1, VEC)] * picked
+
+    @T.prim_func
+    def gemv(xp_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        OUT = T.int32()
+        xp = T.match_buffer(xp_h, (4 * G,), DT, offset_factor=1, align=4)
+        v = T.match_buffer(v_h, (OUT, 2 * G), DT, offset_factor=1, align=4)
+        meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", offset_factor=1, align=1)
+        b = T.match_buffer(b_h, (OUT,), DT, offset_factor=1, align=4)
+        y = T.match_buffer(y_h, (1, OUT), DT, offset_factor=1, align=4)
+        for r in range(OUT):
+            acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
+            for c in T.unroll(CHAINS):
+                acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
+            for bo in range(NB // CHAINS):
+                for c in T.unroll(CHAINS):
+                    step(acc, c, xp, v, meta, r, bo * CHAINS + c)
+            for blk in range(NB // CHAINS * CHAINS, NB):
+                step(acc, 0, xp, v, meta, r, blk)
+            _nm_epilogue(acc, y, b, r, BIAS)
+
+    return gemv

@@ -183,15 +183,37 @@ def test_auto_backend_uses_tvm_and_reports_it():
     assert get_runtime("tvm").supports("condensed_linear", torch.float32)
 
 
-def test_unsupported_op_falls_back_to_reference_with_a_note():
+def test_unsupported_dtype_falls_back_to_reference_with_a_note():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).double().eval()
+    x = torch.randn(2, 32, dtype=torch.float64)
+    masks = {"0.weight": fanin_mask(model[0].weight, 0.75)}
+    compiled = sparsecc.compile(model, (x,), masks=masks, backend="tvm")
+    layer = compiled.report.layers[0]
+    assert layer.runtime == "reference"
+    assert layer.reason == "tvm has no condensed_linear kernel for float64: runs on reference"
+    with torch.no_grad():
+        assert_equivalent(compiled(x), sparsecc.masked_reference(model, masks)(x))
+
+
+@pytest.mark.parametrize("in_f", [64, 48, 40, 12])     # AVX kernel, AVX with a tail block, select, fan-in path
+@pytest.mark.parametrize("tokens", [1, 3, 11])
+@pytest.mark.parametrize("bias", [True, False])
+def test_nm_linear(in_f, tokens, bias):
     from sparsecc.synthetic import nm_mask
 
-    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
-    compiled = sparsecc.compile(model, (torch.randn(2, 32),), masks={"0.weight": nm_mask(model[0].weight)},
-                                backend="tvm")
-    layer = compiled.report.layers[0]
-    if get_runtime("tvm").supports("nm_linear", torch.float32):
-        assert layer.runtime == "tvm"
-    else:
-        assert layer.runtime == "reference"
-        assert layer.reason == "tvm has no nm_linear kernel for float32: runs on reference"
+    w = torch.randn(20, in_f)
+    mask = nm_mask(w)
+    values, metadata = formats.encode_nm(w * mask, mask)
+    b = torch.randn(20) if bias else None
+    x = torch.randn(tokens, in_f)
+    y = tvm_runtime.KERNELS["nm_linear"](x, values, metadata, b, in_f)
+    assert_equivalent(y, F.linear(x, w * mask, b))
+
+
+def test_nm_kernel_choice_by_shape():
+    from tvm.target import codegen
+
+    avx = codegen.target_has_features("avx", tvm_runtime.kernel_cache().target)
+    assert tvm_runtime.BoundNM(torch.zeros(4, 32), torch.zeros(4, 8, dtype=torch.uint8), None, 64).kind == \
+        ("nm_gemv_avx" if avx else "nm_gemv")
+    assert tvm_runtime.BoundNM(torch.zeros(4, 6), torch.zeros(4, 2, dtype=torch.uint8), None, 12).kind is None
