@@ -106,7 +106,8 @@ class _Bound:
     def kernel(self, kind: str, tokens: int) -> Callable:
         fn = self.kernels.get((kind, tokens))
         if fn is None:
-            fn = self.kernels[(kind, tokens)] = _kernel(kind, self.values.shape[1], tokens, self.indices.dtype,
+            index_dtype = torch.int32 if kind == "spmm_flat" else self.indices.dtype
+            fn = self.kernels[(kind, tokens)] = _kernel(kind, self.values.shape[1], tokens, index_dtype,
                                                         self.has_bias)
         return fn
 
@@ -138,6 +139,9 @@ class BoundLinear(_Bound):
 
 
 class BoundConv2d(_Bound):
+    """Stride-1 ungrouped convolutions run the flat token kernel on the zero-padded input (no im2col); the
+    others run the token kernel on ``F.unfold`` columns, 1x1 ones on the input itself."""
+
     def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
                  out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
                  dilation: list[int], groups: int, in_channels: int) -> None:
@@ -145,6 +149,33 @@ class BoundConv2d(_Bound):
                          (in_channels // groups) * kernel_size[0] * kernel_size[1])
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self.pointwise = kernel_size == [1, 1] and padding == [0, 0] and dilation == [1, 1]
+        self.direct = not self.pointwise and stride == [1, 1] and groups == 1
+        self.offsets: dict[tuple[int, int], Tensor] = {}
+
+    def _offsets(self, h: int, w: int) -> Tensor:
+        """Flat offset of each tap in the padded input plane stack, for an input of ``h x w``."""
+        found = self.offsets.get((h, w))
+        if found is None:
+            kh, kw = self.kernel_size
+            hp, wp = h + 2 * self.padding[0], w + 2 * self.padding[1]
+            idx = self.indices.long()
+            c, dy, dx = idx // (kh * kw), idx % (kh * kw) // kw, idx % kw
+            found = (c * hp * wp + dy * self.dilation[0] * wp + dx * self.dilation[1]).to(torch.int32).contiguous()
+            self.offsets[(h, w)] = found
+        return found
+
+    def _direct(self, sample: Tensor, oh: int, ow: int) -> Tensor:
+        c, h, w = sample.shape
+        ph, pw = self.padding
+        wp = w + 2 * pw
+        # Outputs are computed over the padded width (the extra columns are dropped), and the input carries
+        # enough trailing zeros for the last taps of the last row.
+        extra = self.dilation[1] * (self.kernel_size[1] - 1)
+        flat = sample.new_zeros(c * (h + 2 * ph) * wp + extra)
+        flat[:c * (h + 2 * ph) * wp].view(c, h + 2 * ph, wp)[:, ph:ph + h, pw:pw + w] = sample
+        y = sample.new_empty(self.out, oh * wp)
+        self.kernel("spmm_flat", oh * wp)(flat, self.values, self._offsets(h, w), self.orow, self.arow, self.bias, y)
+        return y.view(self.out, oh, wp)[:, :, :ow].contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
         x = _float_contiguous(x)
@@ -158,6 +189,9 @@ class BoundConv2d(_Bound):
         else:
             outs = []
             for i in range(n):
+                if self.direct:
+                    outs.append(self._direct(xb[i], oh, ow))
+                    continue
                 if self.pointwise:
                     sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
                     cols = sample.reshape(c, oh * ow).contiguous()

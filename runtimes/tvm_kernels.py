@@ -12,7 +12,9 @@ data, so a misaligned view cannot make them fault.
 - `fanin_spmm` — many tokens (ViT's 197, a convolution's H*W pixels): inputs transposed to ``[in, tokens]`` so
   each index selects a contiguous row; 4 rows x 16 tokens of accumulators stay in registers while the
   fan-in streams by. The output is ``[out, tokens]``: NCHW for a convolution; a Linear transposes it back
-  (cheaper than strided stores from the kernel).
+  (cheaper than strided stores from the kernel). ``spmm_flat`` reads ``X[off[r, j] + t]`` from a flat input
+  instead: a stride-1 convolution whose taps are offsets into the zero-padded input plane, computed over the
+  padded width so that an output row tile is contiguous in the input (no im2col columns).
 Ablated rows are never computed: live row ``r`` writes output row ``orow[r]``, ablated rows get their bias.
 """
 
@@ -32,7 +34,7 @@ CHAINS = 4         # independent accumulators in the one-token kernels
 class KernelKey:
     """Everything a compiled kernel is specialised on; part of the on-disk cache key."""
 
-    kind: str          # "gemv" | "spmm" | "nm_gemv"
+    kind: str          # "gemv" | "spmm" | "spmm_flat" | "nm_gemv" | "nm_gemv_avx"
     k: int             # fan-in; for nm_gemv the number of groups of 4 along K
     tokens: int
     index_dtype: str
@@ -45,7 +47,8 @@ class KernelKey:
 
 def build(key: KernelKey):
     """The PrimFunc for ``key`` (not yet compiled)."""
-    builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "nm_gemv": nm_gemv, "nm_gemv_avx": nm_gemv_avx}[key.kind]
+    builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "spmm_flat": fanin_spmm, "nm_gemv": nm_gemv,
+               "nm_gemv_avx": nm_gemv_avx}[key.kind]
     return builder(key).with_attr("global_symbol", key.name())
 
 
@@ -109,9 +112,26 @@ def fanin_gemv(key: KernelKey):
 
 
 def fanin_spmm(key: KernelKey):
-    K, NT, IDX, DT, BIAS = key.k, key.tokens, key.index_dtype, key.dtype, key.bias
+    K, NT, IDX, DT, BIAS, FLAT = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.kind == "spmm_flat"
     NTB = NT // TOKENS
     TAIL = NT - NTB * TOKENS
+
+    @T.macro
+    def tile(xt, v, idx, orow, b, y, r0, nrows, t0, width):
+        acc = T.decl_buffer((ROWS, width), DT, scope="local")
+        for q in T.unroll(nrows):
+            for t in T.vectorized(width):
+                acc[q, t] = T.cast(0, DT)
+        for j in range(K):
+            for q in T.unroll(nrows):
+                for t in T.vectorized(width):
+                    if FLAT:
+                        acc[q, t] = acc[q, t] + v[r0 + q, j] * xt[idx[r0 + q, j] + t0 + t]
+                    else:
+                        acc[q, t] = acc[q, t] + v[r0 + q, j] * xt[T.Cast("int32", idx[r0 + q, j]), t0 + t]
+        for q in T.unroll(nrows):
+            for t in T.vectorized(width):
+                y[orow[r0 + q], t0 + t] = acc[q, t] + (b[orow[r0 + q]] if BIAS else T.cast(0, DT))
 
     @T.prim_func
     def spmm(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
@@ -121,7 +141,7 @@ def fanin_spmm(key: KernelKey):
         A = T.int32()
         IN = T.int32()
         OUT = T.int32()
-        xt = T.match_buffer(xt_h, (IN, NT), DT, offset_factor=1, align=4)
+        xt = T.match_buffer(xt_h, (IN,) if FLAT else (IN, NT), DT, offset_factor=1, align=4)
         v = T.match_buffer(v_h, (R, K), DT, offset_factor=1, align=4)
         idx = T.match_buffer(i_h, (R, K), IDX, offset_factor=1, align=2)
         orow = T.match_buffer(orow_h, (R,), "int32", offset_factor=1, align=4)
@@ -130,38 +150,14 @@ def fanin_spmm(key: KernelKey):
         y = T.match_buffer(y_h, (OUT, NT), DT, offset_factor=1, align=4)
         for tb in range(NTB):
             for rb in range(R // ROWS):
-                acc = T.decl_buffer((ROWS, TOKENS), DT, scope="local")
-                for q in T.unroll(ROWS):
-                    for t in T.vectorized(TOKENS):
-                        acc[q, t] = T.cast(0, DT)
-                for j in range(K):
-                    for q in T.unroll(ROWS):
-                        for t in T.vectorized(TOKENS):
-                            acc[q, t] = acc[q, t] + v[rb * ROWS + q, j] * \
-                                xt[T.Cast("int32", idx[rb * ROWS + q, j]), tb * TOKENS + t]
-                for q in T.unroll(ROWS):
-                    for t in T.vectorized(TOKENS):
-                        y[orow[rb * ROWS + q], tb * TOKENS + t] = acc[q, t] + (
-                            b[orow[rb * ROWS + q]] if BIAS else T.cast(0, DT))
+                tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, tb * TOKENS, TOKENS)
             for r in range(R // ROWS * ROWS, R):
-                acc1 = T.decl_buffer((TOKENS,), DT, scope="local")
-                for t in T.vectorized(TOKENS):
-                    acc1[t] = T.cast(0, DT)
-                for j in range(K):
-                    for t in T.vectorized(TOKENS):
-                        acc1[t] = acc1[t] + v[r, j] * xt[T.Cast("int32", idx[r, j]), tb * TOKENS + t]
-                for t in T.vectorized(TOKENS):
-                    y[orow[r], tb * TOKENS + t] = acc1[t] + (b[orow[r]] if BIAS else T.cast(0, DT))
+                tile(xt, v, idx, orow, b, y, r, 1, tb * TOKENS, TOKENS)
         if TAIL > 0:
-            for r in range(R):
-                acct = T.decl_buffer((TAIL,), DT, scope="local")
-                for t in T.vectorized(TAIL):
-                    acct[t] = T.cast(0, DT)
-                for j in range(K):
-                    for t in T.vectorized(TAIL):
-                        acct[t] = acct[t] + v[r, j] * xt[T.Cast("int32", idx[r, j]), NTB * TOKENS + t]
-                for t in T.vectorized(TAIL):
-                    y[orow[r], NTB * TOKENS + t] = acct[t] + (b[orow[r]] if BIAS else T.cast(0, DT))
+            for rb in range(R // ROWS):
+                tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, NTB * TOKENS, TAIL)
+            for r in range(R // ROWS * ROWS, R):
+                tile(xt, v, idx, orow, b, y, r, 1, NTB * TOKENS, TAIL)
         for a in range(A):
             for t in range(NT):
                 y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
@@ -272,3 +268,4 @@ def nm_gemv_avx(key: KernelKey):
             _nm_epilogue(acc, y, b, r, BIAS)
 
     return gemv
+
