@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 VEC = 8            # fp32 lanes of one AVX2 register; LLVM splits or widens for other targets
-ROWS = 4           # rows per register block in the token kernel
-TOKENS = 16        # tokens per register block in the token kernel
+ROWS = 2           # rows per register block in the token kernel
+TOKENS = 32        # tokens per register block in the token kernel (2x32 measured fastest of 4x16, 1x64, ...)
 CHAINS = 4         # independent accumulators in the one-token kernels
 
 
@@ -114,7 +114,15 @@ def fanin_gemv(key: KernelKey):
 def fanin_spmm(key: KernelKey):
     K, NT, IDX, DT, BIAS, FLAT = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.kind == "spmm_flat"
     NTB = NT // TOKENS
-    TAIL = NT - NTB * TOKENS
+    # The remainder is covered by power-of-two tiles of 16, 8, 4, 2 and 1 tokens (each present or not, at
+    # offset S16.. ): LLVM keeps those in registers, odd widths it spills.
+    rest = NT - NTB * TOKENS
+    S16 = NTB * TOKENS
+    S8 = S16 + (rest & 16)
+    S4 = S8 + (rest & 8)
+    S2 = S4 + (rest & 4)
+    S1 = S2 + (rest & 2)
+    H16, H8, H4, H2, H1 = (bool(rest & w) for w in (16, 8, 4, 2, 1))
 
     @T.macro
     def tile(xt, v, idx, orow, b, y, r0, nrows, t0, width):
@@ -133,6 +141,13 @@ def fanin_spmm(key: KernelKey):
             for t in T.vectorized(width):
                 y[orow[r0 + q], t0 + t] = acc[q, t] + (b[orow[r0 + q]] if BIAS else T.cast(0, DT))
 
+    @T.macro
+    def rows_at(xt, v, idx, orow, b, y, R, t0, width):
+        for rb in range(R // ROWS):
+            tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, t0, width)
+        for r in range(R // ROWS * ROWS, R):
+            tile(xt, v, idx, orow, b, y, r, 1, t0, width)
+
     @T.prim_func
     def spmm(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
              y_h: T.handle):
@@ -149,15 +164,17 @@ def fanin_spmm(key: KernelKey):
         b = T.match_buffer(b_h, (OUT,), DT, offset_factor=1, align=4)
         y = T.match_buffer(y_h, (OUT, NT), DT, offset_factor=1, align=4)
         for tb in range(NTB):
-            for rb in range(R // ROWS):
-                tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, tb * TOKENS, TOKENS)
-            for r in range(R // ROWS * ROWS, R):
-                tile(xt, v, idx, orow, b, y, r, 1, tb * TOKENS, TOKENS)
-        if TAIL > 0:
-            for rb in range(R // ROWS):
-                tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, NTB * TOKENS, TAIL)
-            for r in range(R // ROWS * ROWS, R):
-                tile(xt, v, idx, orow, b, y, r, 1, NTB * TOKENS, TAIL)
+            rows_at(xt, v, idx, orow, b, y, R, tb * TOKENS, TOKENS)
+        if H16:
+            rows_at(xt, v, idx, orow, b, y, R, S16, 16)
+        if H8:
+            rows_at(xt, v, idx, orow, b, y, R, S8, 8)
+        if H4:
+            rows_at(xt, v, idx, orow, b, y, R, S4, 4)
+        if H2:
+            rows_at(xt, v, idx, orow, b, y, R, S2, 2)
+        if H1:
+            rows_at(xt, v, idx, orow, b, y, R, S1, 1)
         for a in range(A):
             for t in range(NT):
                 y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
