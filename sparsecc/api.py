@@ -22,7 +22,7 @@ from sparsecc.validation import Validation, random_like, run_validation
 
 log = logging.getLogger("sparsecc")
 
-InputSpec = list[tuple[torch.dtype, tuple[int, ...]]]
+InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -32,9 +32,7 @@ def _as_tuple(example_inputs: Any) -> tuple:
 
 
 def _spec(inputs: tuple) -> InputSpec:
-    if all(type(t) is Tensor for t in inputs):     # the common case, without pytree's per-call cost
-        return [(t.dtype, tuple(t.shape[1:])) for t in inputs]
-    return [(t.dtype, tuple(t.shape[1:])) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+    return tuple((t.dtype, t.shape[1:]) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor))
 
 
 def _elem_bytes(prepared: Prepared) -> int:
@@ -62,13 +60,17 @@ class CompiledModel(nn.Module):
         self._spec = spec
 
     def _check_inputs(self, inputs: tuple) -> None:
+        spec = self._spec
+        if spec is not None and len(inputs) == len(spec) and all(
+                type(t) is Tensor and t.dtype == dt and t.shape[1:] == shape for t, (dt, shape) in zip(inputs, spec)):
+            return      # the common case, checked without pytree (this runs on every call)
         got = _spec(inputs)
-        if self._spec is None:
+        if spec is None:
             self._spec = got
             return
-        if len(got) != len(self._spec):
+        if len(got) != len(spec):
             raise InputError(f"called with {len(got)} tensor input(s); compiled for {len(self._spec)}")
-        for i, ((dt, shape), (edt, eshape)) in enumerate(zip(got, self._spec)):
+        for i, ((dt, shape), (edt, eshape)) in enumerate(zip(got, spec)):
             if dt != edt or shape != eshape:
                 raise InputError(f"input {i}: got {dt} of shape (N, {', '.join(map(str, shape))}); compiled for "
                                  f"{edt} of shape (N, {', '.join(map(str, eshape))}) with a free batch size N; "

@@ -36,7 +36,7 @@ def _layer(out_f, in_f, sparsity, ablate, index_dtype=torch.int16):
     (9, 24, 0.95, 0.3),       # k = 1; 9 rows: not a multiple of the 4-row block
     (33, 70, 0.8, 0.5),       # half the rows ablated
 ])
-@pytest.mark.parametrize("tokens", [(1,), (3,), (8,), (2, 13), (37,)])
+@pytest.mark.parametrize("tokens", [(1,), (2,), (8,), (2, 13), (37,)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_condensed_linear(out_f, in_f, sparsity, ablate, tokens, bias):
     w, enc = _layer(out_f, in_f, sparsity, ablate)
@@ -196,7 +196,7 @@ def test_unsupported_dtype_falls_back_to_reference_with_a_note():
 
 
 @pytest.mark.parametrize("in_f", [64, 48, 40, 12])     # AVX kernel, AVX with a tail block, select, fan-in path
-@pytest.mark.parametrize("tokens", [1, 3, 11])
+@pytest.mark.parametrize("tokens", [1, 2, 11])
 @pytest.mark.parametrize("bias", [True, False])
 def test_nm_linear(in_f, tokens, bias):
     from sparsecc.synthetic import nm_mask
