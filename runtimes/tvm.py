@@ -208,9 +208,6 @@ class BoundNM:
     """2:4 Linear: few tokens read the 2-bit metadata directly; many tokens (or shapes the 2:4 kernels do
     not take) run the fan-in kernels on the expanded positions (k = in/2)."""
 
-    #: order of the 4 groups of a 16-input block in the AVX kernel's input layout
-    _AVX_ORDER = torch.tensor([0, 2, 1, 3])
-
     def __init__(self, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int) -> None:
         from tvm.target import codegen
 
@@ -229,8 +226,11 @@ class BoundNM:
         self.fanin = BoundLinear(values, indices, None, bias, self.out)
 
     def _layout(self, x1: Tensor) -> Tensor:
+        """The input as the kernel reads it. AVX: groups (g, g+2, g+1, g+3) per block of 4, i.e. the block
+        viewed as [2, 2, 4] with its first two axes swapped (cheaper per call than shuffles in the kernel's
+        inner loop). Otherwise de-interleaved by position in group."""
         if self.kind == "nm_gemv_avx":
-            return x1.view(-1, 4, 4).index_select(1, self._AVX_ORDER).reshape(-1)
+            return x1.view(-1, 2, 2, 4).transpose(1, 2).reshape(-1)
         return x1.view(-1, 4).t().contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:

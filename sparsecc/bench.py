@@ -129,19 +129,28 @@ def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress) ->
 
 
 def _rss_child(name: str, compiled: bool) -> int:
-    """Resident memory (bytes) of a fresh process holding the dense masked or the compiled model, after the
-    source model is gone."""
+    """Resident memory (bytes) of a fresh process holding the dense masked or the compiled model and having
+    run it once, after the source model is gone and freed memory is handed back to the OS (``malloc_trim``;
+    otherwise glibc keeps it and RSS only shows the peak of building the model)."""
     code = (
-        "import gc, torch, sparsecc\n"
+        "import ctypes, gc, torch, sparsecc\n"
         "from sparsecc.demo import sparse_model\n"
         f"model = sparse_model({name!r}, 0.9, 0.05)\n"
         "x = torch.randn(1, 3, 224, 224)\n"
         f"run = sparsecc.compile(model, (x,)) if {compiled} else sparsecc.masked_reference(model)\n"
         "del model; gc.collect()\n"
         "with torch.no_grad(): run(x)\n"
+        "gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0)\n"
         "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*module.parameters(), *module.buffers()]}
+    return sum(storages.values())
 
 
 @dataclass
@@ -152,6 +161,8 @@ class ModelRow:
     compile_warm: float
     bytes_dense: int
     bytes_condensed: int
+    model_dense: int
+    model_compiled: int
     rss_dense: Optional[int]
     rss_compiled: Optional[int]
     max_rel_error: float
@@ -177,7 +188,7 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
     rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
     progress.step(name)
     return ModelRow(name, times, cold, warm, sum(l.bytes_dense for l in report.layers),
-                    sum(l.bytes_condensed for l in report.layers), *rss,
+                    sum(l.bytes_condensed for l in report.layers), tensor_bytes(dense), tensor_bytes(compiled), *rss,
                     max(s.max_rel for s in report.end_to_end))
 
 
@@ -197,13 +208,14 @@ def layer_table(rows: list[Row]) -> str:
 
 def model_table(rows: list[ModelRow]) -> str:
     lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | compile cold / warm | "
-             "weights dense → condensed | RSS dense → compiled | max rel error |", "|" + "---|" * 8]
+             "analysed weights dense → condensed | all model tensors | process RSS | max rel error |", "|" + "---|" * 9]
+    mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     for r in rows:
-        rss = (f"{r.rss_dense / 2**20:.0f} → {r.rss_compiled / 2**20:.0f} MiB" if r.rss_dense else "not measured")
+        rss = f"{mib(r.rss_dense)} → {mib(r.rss_compiled)} MiB" if r.rss_dense else "not measured"
         lines.append(f"| {r.name} | {r.times['dense eager'] * 1e3:.1f} ms | {r.times['sparsecc'] * 1e3:.1f} ms | "
                      f"{r.times['dense eager'] / r.times['sparsecc']:.2f}x | {r.compile_cold:.1f} s / "
-                     f"{r.compile_warm:.1f} s | {r.bytes_dense / 2**20:.1f} → {r.bytes_condensed / 2**20:.1f} MiB | "
-                     f"{rss} | {r.max_rel_error:.1e} |")
+                     f"{r.compile_warm:.1f} s | {mib(r.bytes_dense)} → {mib(r.bytes_condensed)} MiB | "
+                     f"{mib(r.model_dense)} → {mib(r.model_compiled)} MiB | {rss} | {r.max_rel_error:.1e} |")
     return "\n".join(lines)
 
 
