@@ -31,6 +31,8 @@ from sparsecc.validation import compare
 #: ViT-B/16 encoder layer 11 mlp.3, the layer the SRigL paper times.
 SRIGL_LAYER = (768, 3072)
 SPARSITIES = (0.8, 0.9, 0.95, 0.99)
+#: Layer timings: calls per method per interleaved round; the median is a warm-cache time.
+BURST = 10
 
 
 class Progress:
@@ -123,7 +125,8 @@ def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress) ->
         for method, fn in methods.items():
             stat = compare(method, fn(x), expected)
             (valid if stat.ok else invalid)[method] = fn if stat.ok else str(stat)
-        times = medians({m: (lambda fn=fn: fn(x)) for m, fn in valid.items()}, runs=runs, warmup=max(5, runs // 20))
+        times = medians({m: (lambda fn=fn: fn(x)) for m, fn in valid.items()}, runs=max(1, runs // BURST),
+                        warmup=5, burst=BURST)
     progress.step(name)
     return Row(name, times, invalid)
 

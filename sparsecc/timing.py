@@ -1,7 +1,9 @@
 """Latency measurement for the demo and benchmarks: interleaved rounds, medians, ratios from one process.
 
 Rounds alternate between the contenders so that noise from a shared machine hits all of them alike; a ratio
-of two medians measured this way is the number to quote, never an absolute time alone.
+of two medians measured this way is the number to quote, never an absolute time alone. Within a round each
+contender runs a burst of calls: with ``burst > 1`` the median sees it with its own data in cache (a layer
+micro-benchmark), with ``burst=1`` every call follows the others' (as a layer inside a large model).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any, Callable
 import torch
 
 
-def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds."""
+def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3, burst: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function over ``runs`` interleaved rounds of ``burst`` calls each."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for _ in range(warmup):
@@ -22,7 +24,8 @@ def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3) 
                 fn()
         for _ in range(runs):
             for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
+                for _ in range(burst):
+                    start = time.perf_counter()
+                    fn()
+                    samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
