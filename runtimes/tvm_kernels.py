@@ -63,7 +63,7 @@ def fanin_gemv(key: KernelKey):
         # The gathered inputs are assembled lane by lane from scalar index loads: a vector index load would be
         # extracted lane by lane, competing with the inserts for the shuffle ports.
         acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + v[r, T.ramp(jo * VEC, 1, VEC)] * T.Shuffle(
-            [x[0, T.Cast("int32", idx[r, jo * VEC + l])] for l in range(VEC)], list(range(VEC)))
+            [x[0, T.Cast("int32", idx[r, jo * VEC + lane])] for lane in range(VEC)], list(range(VEC)))
 
     @T.prim_func
     def gemv(x_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,

@@ -88,7 +88,7 @@ class CompiledModel(nn.Module):
 def _validate_into(report: Report, reference: nn.Module, module: nn.Module, input_sets: Sequence[tuple],
                    layers: dict) -> Validation:
     result = run_validation(reference, module, input_sets, layers)
-    by_name = {l.name: l for l in report.layers}
+    by_name = {lay.name: lay for lay in report.layers}
     for fqn, stat in result.layers.items():
         by_name[fqn].error = stat
     for fqn, n in result.positions.items():

@@ -144,7 +144,7 @@ def _rss_child(name: str, compiled: bool) -> int:
         "del model; gc.collect()\n"
         "with torch.no_grad(): run(x)\n"
         "gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0)\n"
-        "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])\n")
+        "print([lay for lay in open('/proc/self/status') if lay.startswith('VmRSS')][0].split()[1])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) * 1024
 
@@ -190,8 +190,8 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
         times = medians({"dense eager": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs, warmup=2)
     rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
     progress.step(name)
-    return ModelRow(name, times, cold, warm, sum(l.bytes_dense for l in report.layers),
-                    sum(l.bytes_condensed for l in report.layers), tensor_bytes(dense), tensor_bytes(compiled), *rss,
+    return ModelRow(name, times, cold, warm, sum(lay.bytes_dense for lay in report.layers),
+                    sum(lay.bytes_condensed for lay in report.layers), tensor_bytes(dense), tensor_bytes(compiled), *rss,
                     max(s.max_rel for s in report.end_to_end))
 
 

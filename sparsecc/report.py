@@ -97,25 +97,25 @@ class Report:
 
     @property
     def condensed(self) -> list[LayerReport]:
-        return [l for l in self.layers if l.action != "kept"]
+        return [lay for lay in self.layers if lay.action != "kept"]
 
     def table(self) -> str:
-        per_position = any(l.positions is None for l in self.layers)
+        per_position = any(lay.positions is None for lay in self.layers)
         head = ("layer", "shape", "structure", "density", "op", "runtime", "MiB dense->cond",
                 "MACs dense->sparse" + (" /position" if per_position else ""), "max rel err", "note")
         rows = []
-        for l in self.layers:
-            dense_macs, sparse_macs = (l.macs_dense, l.macs_sparse) if per_position else l.total_macs
-            rows.append((l.name, "x".join(map(str, l.shape)), l.structure, f"{l.density:.1%}", l.action, l.runtime,
-                         f"{_mib(l.bytes_dense)}->{_mib(l.bytes_condensed)}", f"{_g(dense_macs)}->{_g(sparse_macs)}",
-                         f"{l.error.max_rel:.1e}" if l.error else "-", l.reason))
+        for lay in self.layers:
+            dense_macs, sparse_macs = (lay.macs_dense, lay.macs_sparse) if per_position else lay.total_macs
+            rows.append((lay.name, "x".join(map(str, lay.shape)), lay.structure, f"{lay.density:.1%}", lay.action, lay.runtime,
+                         f"{_mib(lay.bytes_dense)}->{_mib(lay.bytes_condensed)}", f"{_g(dense_macs)}->{_g(sparse_macs)}",
+                         f"{lay.error.max_rel:.1e}" if lay.error else "-", lay.reason))
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
     def summary(self) -> str:
-        dense = sum(l.bytes_dense for l in self.layers)
-        cond = sum(l.bytes_condensed for l in self.layers)
+        dense = sum(lay.bytes_dense for lay in self.layers)
+        cond = sum(lay.bytes_condensed for lay in self.layers)
         if not self.compiled:
             return (f"{len(self.condensed)}/{len(self.layers)} layers condensable; weights {_mib(dense)} MiB "
                     f"dense -> {_mib(cond)} MiB condensed")

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from sparsecc import cli
 

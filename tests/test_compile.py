@@ -35,7 +35,7 @@ def test_mlp_pruned_with_prune_hooks():
     x = torch.randn(2, 32)
     compiled = sparsecc.compile(model, (x,))
     assert compiled.report.rewrites == {"condensed_linear": 2}
-    actions = {l.name: l.action for l in compiled.report.layers}
+    actions = {lay.name: lay.action for lay in compiled.report.layers}
     assert actions == {"0.weight": "condensed_linear", "2.weight": "condensed_linear", "4.weight": "kept"}
     assert compiled.report.validated and all(s.ok for s in compiled.report.end_to_end)
     check(model, compiled, torch.randn(5, 32))
@@ -55,7 +55,7 @@ def test_explicit_masks_and_dense_weights_freed():
     compiled = sparsecc.compile(model, (torch.randn(1, 32),), masks=masks)
     names = {n for n, _ in compiled.named_parameters()}
     assert "module.2.weight" not in names and "module.0.weight" in names
-    layer = next(l for l in compiled.report.layers if l.name == "2.weight")
+    layer = next(lay for lay in compiled.report.layers if lay.name == "2.weight")
     assert layer.bytes_condensed < layer.bytes_dense / 4
     check(sparsecc.masked_reference(model, masks), compiled, torch.randn(4, 32))
 
@@ -76,7 +76,7 @@ def test_unstructured_and_dense_layers_are_kept_with_reasons():
     prune.custom_from_mask(model[2], "weight", mask)
     compiled = sparsecc.compile(model, (torch.randn(1, 32),))
     assert compiled.report.rewrites == {}
-    by_name = {l.name: l for l in compiled.report.layers}
+    by_name = {lay.name: lay for lay in compiled.report.layers}
     assert by_name["2.weight"].action == "kept"
     assert by_name["2.weight"].reason.startswith("row 3 has fan-in 48, the others 24")
     assert by_name["0.weight"].reason == "no zeros in the mask"
@@ -127,7 +127,7 @@ def test_attention_in_proj_is_condensed(batch_first):
     x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
     compiled = sparsecc.compile(model, (x,))
     assert compiled.report.rewrites == {"condensed_linear": 2}
-    assert {l.name for l in compiled.report.condensed} == {"attn.in_proj_weight", "attn.out_proj.weight"}
+    assert {lay.name for lay in compiled.report.condensed} == {"attn.in_proj_weight", "attn.out_proj.weight"}
     assert "module.attn.in_proj_weight" not in dict(compiled.named_parameters())
     check(model, compiled, x)
 
@@ -254,7 +254,7 @@ def test_tied_weights_are_kept_dense():
     with pytest.warns(SparseccWarning, match="tied weights"):
         compiled = sparsecc.compile(model, (torch.randn(1, 32),))
     assert compiled.report.rewrites == {}
-    reasons = {l.name: l.reason for l in compiled.report.layers}
+    reasons = {lay.name: lay.reason for lay in compiled.report.layers}
     assert reasons["2.weight"] == "weight shared with 4.weight (tied); untie it to condense"
     check(model, compiled, torch.randn(2, 32))
 
@@ -290,7 +290,7 @@ def test_convolutions():
     x = torch.randn(1, 3, 15, 15)
     compiled = sparsecc.compile(model, (x,))
     assert compiled.report.rewrites == {"condensed_conv2d": 4}
-    c4 = next(l for l in compiled.report.layers if l.name == "c4.weight")
+    c4 = next(lay for lay in compiled.report.layers if lay.name == "c4.weight")
     assert c4.action == "kept" and c4.reason == "padding_mode='reflect'; sparsecc's convolutions pad with zeros only"
     check(model, compiled, torch.randn(2, 3, 15, 15))
 
@@ -332,7 +332,7 @@ def test_cross_attention_keeps_sliced_in_proj_dense_and_stays_exact():
     prune.custom_from_mask(model.attn, "in_proj_weight", fanin_mask(model.attn.in_proj_weight, 0.75))
     q, kv = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     compiled = sparsecc.compile(model, (q, kv))
-    layer = next(l for l in compiled.report.layers if l.name == "attn.in_proj_weight")
+    layer = next(lay for lay in compiled.report.layers if lay.name == "attn.in_proj_weight")
     assert layer.action == "kept" and "condensable but not rewritten" in layer.reason
     check(model, compiled, torch.randn(1, 3, 16), torch.randn(1, 5, 16))
 

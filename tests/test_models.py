@@ -22,10 +22,10 @@ def test_resnet18_constant_fanin_with_ablation():
     report = compiled.report
     assert report.capture == "torch.fx"
     assert report.rewrites == {"condensed_conv2d": 19}        # all 20 convs but the stem
-    stem = next(l for l in report.layers if l.name == "conv1.weight")
+    stem = next(lay for lay in report.layers if lay.name == "conv1.weight")
     assert stem.action == "kept" and stem.reason == "no zeros in the mask"
-    assert all(l.ablated > 0 for l in report.condensed)
-    assert all(l.error is not None and l.error.ok for l in report.condensed)
+    assert all(lay.ablated > 0 for lay in report.condensed)
+    assert all(lay.error is not None and lay.error.ok for lay in report.condensed)
     _check(model, compiled, torch.randn(2, 3, 64, 64))
 
 
@@ -36,9 +36,9 @@ def test_vit_b_16_constant_fanin_with_ablation():
     report = compiled.report
     # 12 blocks x (in_proj, out_proj, mlp.0, mlp.3)
     assert report.rewrites == {"condensed_linear": 48}
-    in_proj = [l for l in report.condensed if l.name.endswith("in_proj_weight")]
-    assert len(in_proj) == 12 and all(l.positions == 197 for l in in_proj)
-    assert sum(l.bytes_condensed for l in report.layers) < 0.25 * sum(l.bytes_dense for l in report.layers)
+    in_proj = [lay for lay in report.condensed if lay.name.endswith("in_proj_weight")]
+    assert len(in_proj) == 12 and all(lay.positions == 197 for lay in in_proj)
+    assert sum(lay.bytes_condensed for lay in report.layers) < 0.25 * sum(lay.bytes_dense for lay in report.layers)
     _check(model, compiled, torch.randn(2, 3, 224, 224))
 
 
@@ -56,7 +56,7 @@ def test_resnet18_two_four_convs(backend):
     synthetic.attach_with_prune(model, synthetic.nm_masks(model, synthetic.all_but_stem))
     compiled = sparsecc.compile(model, (torch.randn(1, 3, 32, 32),), backend=backend)
     assert compiled.report.rewrites == {"condensed_conv2d": 19}
-    assert {l.structure for l in compiled.report.condensed} == {"2:4"}
+    assert {lay.structure for lay in compiled.report.condensed} == {"2:4"}
     assert compiled.report.runtime == ("tvm" if backend == "auto" else "reference")
-    assert {l.runtime for l in compiled.report.condensed} == {compiled.report.runtime}
+    assert {lay.runtime for lay in compiled.report.condensed} == {compiled.report.runtime}
     _check(model, compiled, torch.randn(1, 3, 32, 32))
