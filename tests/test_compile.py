@@ -354,3 +354,17 @@ def test_compiled_model_survives_deepcopy_after_use():
     with torch.no_grad():
         expected = compiled(x)
         assert_equivalent(copy.deepcopy(compiled)(x), expected)
+
+
+def test_missing_runtime_is_a_clear_error_and_auto_falls_back(monkeypatch):
+    from sparsecc import RuntimeUnavailableError, runtimes
+
+    monkeypatch.setitem(runtimes.RUNTIMES, "tvm", "sparsecc.runtimes.not_installed")
+    runtimes.get_runtime.cache_clear()
+    try:
+        with pytest.raises(RuntimeUnavailableError, match="runtime 'tvm' cannot be imported: No module named"):
+            sparsecc.compile(_pruned_mlp(), (torch.randn(1, 32),), backend="tvm")
+        compiled = sparsecc.compile(_pruned_mlp(), (torch.randn(1, 32),))
+        assert compiled.report.runtime == "reference"
+    finally:
+        runtimes.get_runtime.cache_clear()
