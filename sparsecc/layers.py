@@ -15,9 +15,14 @@ from sparsecc.runtimes import get_runtime
 
 
 class CondensedLayer(nn.Module):
-    """Common part: where the layer came from, which runtime runs it, and the dense op it stands for."""
+    """Common part: where the layer came from, which runtime runs it, and the dense op it stands for.
+
+    Subclasses say which input dimension must match (`_dims`, `_axis`, `_size`) and which tensors and
+    arguments their op takes (`_constants`)."""
 
     op: str
+    _dims: int
+    _axis: int
 
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], weight_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -27,14 +32,20 @@ class CondensedLayer(nn.Module):
         self.weight_shape = tuple(weight_shape)
         self.runtime = "reference"     # set by the planner to the runtime that runs this op
 
-    def _check(self, x: Tensor, dims: int, axis: int, size: int) -> None:
-        dtype = self.values.dtype
+    @property
+    def _size(self) -> int:
+        return self.weight_shape[1]
+
+    def _constants(self) -> tuple:
+        raise NotImplementedError
+
+    def _check(self, x: Tensor, dtype: torch.dtype) -> None:
         if x.dtype != dtype:
             raise InputError(f"{self.name}: input dtype {x.dtype} but the layer was compiled for {dtype}; cast "
                              f"the model input to {dtype} or compile with inputs of that dtype")
-        if x.dim() < dims or x.shape[axis] != size:
-            raise InputError(f"{self.name}: input shape {tuple(x.shape)} does not fit weight "
-                             f"{self.weight_shape} (expects size {size} at dim {axis}, at least {dims}-D)")
+        if x.dim() < self._dims or x.shape[self._axis] != self._size:
+            raise InputError(f"{self.name}: input shape {tuple(x.shape)} does not fit weight {self.weight_shape} "
+                             f"(expects size {self._size} at dim {self._axis}, at least {self._dims}-D)")
 
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
@@ -45,16 +56,19 @@ class CondensedLayer(nn.Module):
         state.pop("_bound", None)
         return state
 
-    def _run(self, x: Tensor, *constants):
+    def forward(self, x: Tensor) -> Tensor:
         """Eager calls go to the runtime's kernel bound to this layer's tensors (the custom op's Python
-        dispatch costs tens of microseconds, as much as a batch-1 kernel); tracing and compiling see the op."""
+        dispatch costs tens of microseconds, as much as a batch-1 kernel); tracing and compiling see the op.
+        The bound path reads buffers from ``_buffers`` directly: it runs on every call."""
+        values = self._buffers["values"]
+        self._check(x, values.dtype)
         if torch.compiler.is_compiling():
-            return getattr(ops, self.op)(x, *constants, self.runtime)
+            return getattr(ops, self.op)(x, *self._constants(), self.runtime)
         bound = self.__dict__.get("_bound")
-        if bound is None or bound[0] is not self.values or bound[1] != self.runtime:
+        if bound is None or bound[0] is not values or bound[1] != self.runtime:
             # Rebound when buffers are replaced (.to(), load_state_dict) or the runtime changes.
-            bound = self.__dict__["_bound"] = (self.values, self.runtime,
-                                               get_runtime(self.runtime).bind(self.op, *constants))
+            bound = self.__dict__["_bound"] = (values, self.runtime,
+                                               get_runtime(self.runtime).bind(self.op, *self._constants()))
         return bound[2](x)
 
     def extra_repr(self) -> str:
@@ -65,6 +79,7 @@ class CondensedLinear(CondensedLayer):
     """Constant fan-in Linear: values/indices for kept rows, ablated rows emit their bias."""
 
     op = "condensed_linear"
+    _dims, _axis = 1, -1
 
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
                  bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
@@ -74,9 +89,8 @@ class CondensedLinear(CondensedLayer):
         self.register_buffer("rows", enc.rows)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x, 1, -1, self.weight_shape[1])
-        return self._run(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0])
+    def _constants(self) -> tuple:
+        return self.values, self.indices, self.rows, self.bias, self.weight_shape[0]
 
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, weight, bias)
@@ -86,6 +100,7 @@ class NMLinear(CondensedLayer):
     """2:4 Linear along K: half the values plus 2-bit positions."""
 
     op = "nm_linear"
+    _dims, _axis = 1, -1
 
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], values: Tensor, metadata: Tensor,
                  bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
@@ -94,9 +109,8 @@ class NMLinear(CondensedLayer):
         self.register_buffer("metadata", metadata)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x, 1, -1, self.weight_shape[1])
-        return self._run(x, self.values, self.metadata, self.bias, self.weight_shape[1])
+    def _constants(self) -> tuple:
+        return self.values, self.metadata, self.bias, self.weight_shape[1]
 
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, weight, bias)
@@ -106,6 +120,7 @@ class CondensedConv2d(CondensedLayer):
     """Constant fan-in Conv2d over each filter's flattened C/groups*R*S fan-in."""
 
     op = "condensed_conv2d"
+    _dims, _axis = 3, -3
 
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
                  bias: Optional[Tensor], weight_shape: tuple[int, int, int, int], stride: tuple[int, int],
@@ -117,10 +132,13 @@ class CondensedConv2d(CondensedLayer):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x, 3, -3, self.weight_shape[1] * self.groups)
-        return self._run(x, self.values, self.indices, self.rows, self.bias, self.weight_shape[0],
-                         list(self.weight_shape[2:]), self.stride, self.padding, self.dilation, self.groups)
+    @property
+    def _size(self) -> int:
+        return self.weight_shape[1] * self.groups
+
+    def _constants(self) -> tuple:
+        return (self.values, self.indices, self.rows, self.bias, self.weight_shape[0], list(self.weight_shape[2:]),
+                self.stride, self.padding, self.dilation, self.groups)
 
     def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
