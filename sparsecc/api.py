@@ -101,18 +101,22 @@ def _validate_into(report: Report, reference: nn.Module, module: nn.Module, inpu
 
 
 def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None,
-            backend: str = "auto", validate: bool = True) -> CompiledModel:
+            backend: str = "auto", validate: bool = True, autotune: bool = False) -> CompiledModel:
     """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
 
     ``masks`` maps weight names (``"fc1.weight"``) to boolean masks and wins over prune hooks,
     parametrizations and zeros. With ``validate`` (default) outputs are checked against the masked model on
     ``example_inputs`` and one random input of the same shapes, or on the first call when there are none.
-    The user's model is never modified.
+    With ``autotune`` (needs ``example_inputs``; off by default: it times every layer) a condensed layer that
+    measures slower than its dense op runs dense, and the report gives both times. The user's model is never
+    modified.
     """
     prepared = prepare(model, masks)
     runtime = resolve(backend)
     decisions = plan(prepared, backend)
     report = _report(decisions, runtime, prepared)
+    if autotune and example_inputs is None:
+        raise InputError("autotune=True times layers on the example inputs: pass example_inputs")
     inputs = _as_tuple(example_inputs)
     captured = capture(prepared.reference, len(inputs) if example_inputs is not None else None)
     if captured.graph_module is not None:
@@ -132,6 +136,10 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
             layer.action, layer.reason, layer.runtime = "kept", f"condensable but not rewritten: {why}", "torch"
             layer.bytes_condensed = layer.bytes_dense
             layer.macs_sparse = layer.macs_dense
+    if autotune:
+        from sparsecc.autotune import autotune as tune
+
+        tune(module, prepared.reference, inputs, report)
     compiled = CompiledModel(module, report, prepared.reference if validate else None, prepared.layers,
                              _spec(inputs) if example_inputs is not None else None)
     if validate and example_inputs is not None:

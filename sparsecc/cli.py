@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto")
     demo.add_argument("--runs", type=int, default=10)
     demo.add_argument("--threads", type=int, default=1)
+    demo.add_argument("--autotune", action="store_true", help="run a layer dense where its kernel measures slower")
     bench = sub.add_parser("bench", help="batch-1, 1-thread latency of condensed layers and models vs peers")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
                        "latency.png go")
@@ -55,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory))
         elif args.command == "demo":
-            demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads)
+            demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, args.autotune)
         else:
             import torch
 

@@ -38,12 +38,12 @@ def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0) -> nn
 
 
 def run(name: str = "vit_b_16", sparsity: float = 0.9, ablate: float = 0.05, backend: str = "auto",
-        runs: int = 10, threads: int = 1) -> sparsecc.CompiledModel:
+        runs: int = 10, threads: int = 1, autotune: bool = False) -> sparsecc.CompiledModel:
     torch.set_num_threads(threads)
     model = sparse_model(name, sparsity, ablate)
     x = torch.randn(1, 3, 224, 224)
     print(f"{name}: {sparsity:.0%} constant fan-in, {ablate:.0%} of neurons ablated (random weights)\n")
-    compiled = sparsecc.compile(model, (x,), backend=backend)
+    compiled = sparsecc.compile(model, (x,), backend=backend, autotune=autotune)
     print(compiled.report, end="\n\n")
     dense = sparsecc.masked_reference(model)
     t = medians({"dense": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs)

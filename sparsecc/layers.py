@@ -3,7 +3,8 @@ its input (naming the layer), and calls one sparsecc op on the runtime chosen at
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ class CondensedLayer(nn.Module):
             raise InputError(f"{self.name}: input shape {tuple(x.shape)} does not fit weight {self.weight_shape} "
                              f"(expects size {self._size} at dim {self._axis}, at least {self._dims}-D)")
 
-    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+        """The dense op this layer stands for, as ``op(x, weight, bias)`` (holds no reference to the layer)."""
         raise NotImplementedError
 
     def __getstate__(self):
@@ -75,6 +77,21 @@ class CondensedLayer(nn.Module):
         return f"{self.name}, weight={self.weight_shape}, runtime={self.runtime}"
 
 
+class DenseLayer(nn.Module):
+    """A condensable layer that runs dense after all (autotune measured it faster): masked weight + dense op."""
+
+    def __init__(self, name: str, weight: Tensor, bias: Optional[Tensor],
+                 op: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]) -> None:
+        super().__init__()
+        self.name = name
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self.op = op
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x, self.weight, self.bias)
+
+
 class CondensedLinear(CondensedLayer):
     """Constant fan-in Linear: values/indices for kept rows, ablated rows emit their bias."""
 
@@ -92,8 +109,8 @@ class CondensedLinear(CondensedLayer):
     def _constants(self) -> tuple:
         return self.values, self.indices, self.rows, self.bias, self.weight_shape[0]
 
-    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return F.linear(x, weight, bias)
+    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+        return F.linear
 
 
 class NMLinear(CondensedLayer):
@@ -112,8 +129,8 @@ class NMLinear(CondensedLayer):
     def _constants(self) -> tuple:
         return self.values, self.metadata, self.bias, self.weight_shape[1]
 
-    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return F.linear(x, weight, bias)
+    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+        return F.linear
 
 
 class CondensedConv2d(CondensedLayer):
@@ -140,5 +157,6 @@ class CondensedConv2d(CondensedLayer):
         return (self.values, self.indices, self.rows, self.bias, self.weight_shape[0], list(self.weight_shape[2:]),
                 self.stride, self.padding, self.dilation, self.groups)
 
-    def dense_reference(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+        return functools.partial(F.conv2d, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                 groups=self.groups)

@@ -138,7 +138,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
                     mod = condensed[fqn]
                     w = reference.get_parameter(fqn)
                     b = reference.get_parameter(mod.bias_fqn) if mod.bias_fqn else None
-                    per_layer[fqn] = _merge(per_layer.get(fqn), compare(fqn, y, mod.dense_reference(x, w, b)))
+                    per_layer[fqn] = _merge(per_layer.get(fqn), compare(fqn, y, mod.dense_op()(x, w, b)))
     finally:
         for h in hooks + ref_hooks:
             h.remove()

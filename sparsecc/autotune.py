@@ -1,0 +1,53 @@
+"""Optional autotune (``compile(..., autotune=True)``): time each condensed layer against its dense op on the
+layer's own input from the example inputs; a layer whose kernel is slower runs dense instead. The report
+keeps both timings either way."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsecc.layers import CondensedLayer, DenseLayer
+from sparsecc.report import Report
+from sparsecc.timing import medians
+
+log = logging.getLogger("sparsecc")
+
+
+def autotune(module: nn.Module, reference: nn.Module, inputs: tuple, report: Report, runs: int = 5) -> None:
+    """Replace, in ``module``, every condensed layer slower than its dense op; note both times in ``report``."""
+    condensed = {path: m for path, m in module.named_modules() if isinstance(m, CondensedLayer)}
+    captured: dict[str, Any] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, p=path: captured.setdefault(p, args[0]))
+             for path, m in condensed.items()]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    by_name = {layer.name: layer for layer in report.layers}
+    for path, layer in condensed.items():
+        x = captured.get(path)
+        if x is None:
+            continue
+        weight = reference.get_parameter(layer.weight_fqn)
+        bias = reference.get_parameter(layer.bias_fqn) if layer.bias_fqn else None
+        op = layer.dense_op()
+        times = medians({"condensed": lambda: layer(x), "dense": lambda: op(x, weight, bias)}, runs=runs, warmup=2,
+                        burst=3)
+        entry = by_name[layer.weight_fqn]
+        timing = f"condensed {times['condensed'] * 1e6:,.0f} us vs dense {times['dense'] * 1e6:,.0f} us"
+        if times["condensed"] <= times["dense"]:
+            entry.reason = "; ".join(filter(None, (entry.reason, f"autotune: {timing}")))
+            continue
+        module.set_submodule(path, DenseLayer(layer.name, weight, bias, op))
+        report.rewrites[layer.op] -= 1
+        entry.action, entry.runtime = "kept", "torch"
+        entry.reason = f"autotune: {timing} on the example input; runs dense"
+        entry.bytes_condensed, entry.macs_sparse = entry.bytes_dense, entry.macs_dense
+        log.info("%s: %s", layer.weight_fqn, entry.reason)
+    report.rewrites = +report.rewrites      # unary + drops the ops whose every layer went back to dense
