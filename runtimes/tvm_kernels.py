@@ -254,15 +254,28 @@ def nm_gemv_avx(key: KernelKey):
     NB = G // 4
 
     @T.macro
-    def step(acc, c, xp, v, meta, r, blk):
-        bits = T.Cast("uint32", T.reinterpret("uint16", meta[r, T.ramp(blk * 2, 1, 2)]))
-        ctrl = T.reinterpret("int32x8", T.shift_right(T.broadcast(bits, VEC), T.ramp(T.uint32(0), T.uint32(2), VEC)))
+    def product(acc, c, xp, v, r, blk, ctrl):
         first = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256", xp[T.ramp(blk * 16, 1, VEC)],
                                         ctrl)
         second = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256",
                                          xp[T.ramp(blk * 16 + 8, 1, VEC)], ctrl)
         picked = T.Shuffle([first, second], [0, 1, 10, 11, 4, 5, 14, 15])
         acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + v[r, T.ramp(blk * VEC, 1, VEC)] * picked
+
+    @T.macro
+    def step(acc, c, xp, v, meta, r, blk):
+        bits = T.Cast("uint32", T.reinterpret("uint16", meta[r, T.ramp(blk * 2, 1, 2)]))
+        product(acc, c, xp, v, r, blk,
+                T.reinterpret("int32x8", T.shift_right(T.broadcast(bits, VEC), T.ramp(T.uint32(0), T.uint32(2), VEC))))
+
+    @T.macro
+    def step2(acc, c, xp, v, meta, r, pair):
+        # One 32-bit metadata load controls two blocks: the second block's positions are the upper 16 bits.
+        bits = T.broadcast(T.reinterpret("uint32", meta[r, T.ramp(pair * 4, 1, 4)]), VEC)
+        product(acc, c, xp, v, r, 2 * pair,
+                T.reinterpret("int32x8", T.shift_right(bits, T.ramp(T.uint32(0), T.uint32(2), VEC))))
+        product(acc, c, xp, v, r, 2 * pair + 1,
+                T.reinterpret("int32x8", T.shift_right(bits, T.ramp(T.uint32(16), T.uint32(2), VEC))))
 
     @T.prim_func
     def gemv(xp_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -277,10 +290,10 @@ def nm_gemv_avx(key: KernelKey):
             acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
             for c in T.unroll(CHAINS):
                 acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
-            for bo in range(NB // CHAINS):
+            for bo in range(NB // (2 * CHAINS)):
                 for c in T.unroll(CHAINS):
-                    step(acc, c, xp, v, meta, r, bo * CHAINS + c)
-            for blk in range(NB // CHAINS * CHAINS, NB):
+                    step2(acc, c, xp, v, meta, r, bo * CHAINS + c)
+            for blk in range(NB // (2 * CHAINS) * 2 * CHAINS, NB):
                 step(acc, 0, xp, v, meta, r, blk)
             _nm_epilogue(acc, y, b, r, BIAS)
 
