@@ -226,11 +226,10 @@ class BoundNM:
         self.fanin = BoundLinear(values, indices, None, bias, self.out)
 
     def _layout(self, x1: Tensor) -> Tensor:
-        """The input as the kernel reads it. AVX: groups (g, g+2, g+1, g+3) per block of 4, i.e. the block
-        viewed as [2, 2, 4] with its first two axes swapped (cheaper per call than shuffles in the kernel's
-        inner loop). Otherwise de-interleaved by position in group."""
+        """The input as the kernel reads it: the AVX kernel reorders it itself; the portable one takes it
+        de-interleaved by position in group."""
         if self.kind == "nm_gemv_avx":
-            return x1.view(-1, 2, 2, 4).transpose(1, 2).reshape(-1)
+            return x1
         return x1.view(-1, 4).t().contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -241,7 +240,7 @@ class BoundNM:
             return self.fanin(x)
         y = x2.new_empty(tokens, self.out)
         for t in range(tokens):
-            self.direct(self._layout(x2[t]), self.values, self.metadata, self.bias, y[t:t + 1])
+            self.direct(self._layout(x2[t:t + 1]), self.values, self.metadata, self.bias, y[t:t + 1])
         return y.reshape(*x.shape[:-1], self.out)
 
 

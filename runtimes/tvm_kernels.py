@@ -244,9 +244,9 @@ def nm_gemv(key: KernelKey):
 
 
 def nm_gemv_avx(key: KernelKey):
-    """2:4 along K for one token, with AVX's in-lane variable permute. ``xp [in]`` is the input with each
-    block of 4 groups stored as (g, g+2, g+1, g+3), so one 8-float load holds two groups in its two 128-bit
-    halves; ``vpermilps`` picks each value's input by the low 2 bits of its control lane, and the control for
+    """2:4 along K for one token, with AVX's in-lane variable permute. A prologue copies the input ``x [1, in]``
+    to a stack buffer with each block of 4 groups stored as (g, g+2, g+1, g+3), so one 8-float load holds two
+    groups in its two 128-bit halves; ``vpermilps`` picks each value's input by the low 2 bits of its control lane, and the control for
     8 values is one 16-bit metadata load shifted per lane (the bits above are ignored by the instruction).
     Two permutes and a blend give 8 products with no wasted lane."""
     DT, BIAS = key.dtype, key.bias
@@ -278,14 +278,19 @@ def nm_gemv_avx(key: KernelKey):
                 T.reinterpret("int32x8", T.shift_right(bits, T.ramp(T.uint32(16), T.uint32(2), VEC))))
 
     @T.prim_func
-    def gemv(xp_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
+    def gemv(x_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         OUT = T.int32()
-        xp = T.match_buffer(xp_h, (4 * G,), DT, offset_factor=1, align=4)
+        x = T.match_buffer(x_h, (1, 4 * G), DT, offset_factor=1, align=4)
         v = T.match_buffer(v_h, (OUT, 2 * G), DT, offset_factor=1, align=4)
         meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", offset_factor=1, align=1)
         b = T.match_buffer(b_h, (OUT,), DT, offset_factor=1, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, offset_factor=1, align=4)
+        xp = T.decl_buffer((4 * G,), DT, scope="local")
+        for blk in range(NB):
+            for h in T.unroll(4):
+                for e in T.vectorized(4):
+                    xp[blk * 16 + h * 4 + e] = x[0, blk * 16 + (h % 2 * 2 + h // 2) * 4 + e]
         for r in range(OUT):
             acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
             for c in T.unroll(CHAINS):
