@@ -222,8 +222,15 @@ class BoundNM:
         else:
             self.kind = None
         self.direct = _kernel(self.kind, groups, 1, torch.int16, self.has_bias) if self.kind else None
-        indices = formats.nm_indices(metadata, in_features).to(formats.index_dtype(in_features))
-        self.fanin = BoundLinear(values, indices, None, bias, self.out)
+        self._fanin: Optional[BoundLinear] = None
+
+    @property
+    def fanin(self) -> BoundLinear:
+        """The fan-in binding on expanded positions, built on first use (its indices cost in/2 per row)."""
+        if self._fanin is None:
+            indices = formats.nm_indices(self.metadata, self.in_features).to(formats.index_dtype(self.in_features))
+            self._fanin = BoundLinear(self.values, indices, None, self.bias if self.has_bias else None, self.out)
+        return self._fanin
 
     def _layout(self, x1: Tensor) -> Tensor:
         """The input as the kernel reads it: the AVX kernel reorders it itself; the portable one takes it
