@@ -2,12 +2,12 @@
 
 from sparsecc import ops  # noqa: F401  (registers the sparsecc:: custom ops)
 from sparsecc.api import CompiledModel, compile, inspect, masked_reference, validate
-from sparsecc.errors import (CaptureError, EquivalenceError, InputError, MaskError, PassError,
+from sparsecc.errors import (EquivalenceError, InputError, MaskError, PassError,
                              RuntimeUnavailableError, SparseccError, SparseccWarning, WeightError)
 from sparsecc.report import Report
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "inspect", "validate", "masked_reference", "CompiledModel", "Report", "SparseccError", "MaskError",
-           "WeightError", "CaptureError", "PassError", "InputError", "EquivalenceError", "RuntimeUnavailableError",
+           "WeightError", "PassError", "InputError", "EquivalenceError", "RuntimeUnavailableError",
            "SparseccWarning", "__version__"]

@@ -133,18 +133,16 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
         if layer.action != "kept" and layer.name not in applied:
             why = ("a functional linear needs a traced graph" if captured.graph_module is None
                    else "not called as a module or F.linear on the parameter in the traced graph")
-            layer.action, layer.reason, layer.runtime = "kept", f"condensable but not rewritten: {why}", "torch"
-            layer.bytes_condensed = layer.bytes_dense
-            layer.macs_sparse = layer.macs_dense
+            layer.keep(f"condensable but not rewritten: {why}")
     if autotune:
         from sparsecc.autotune import autotune as tune
 
         tune(module, prepared.reference, inputs, report)
-    compiled = CompiledModel(module, report, prepared.reference if validate else None, prepared.layers,
-                             _spec(inputs) if example_inputs is not None else None)
     if validate and example_inputs is not None:
         _validate_into(report, prepared.reference, module, [inputs, random_like(inputs)], prepared.layers)
-        compiled._pending = None
+    validate_first_call = validate and example_inputs is None
+    compiled = CompiledModel(module, report, prepared.reference if validate_first_call else None, prepared.layers,
+                             _spec(inputs) if example_inputs is not None else None)
     log.info("%s", report.summary())
     return compiled
 

@@ -46,8 +46,6 @@ def autotune(module: nn.Module, reference: nn.Module, inputs: tuple, report: Rep
             continue
         module.set_submodule(path, DenseLayer(layer.name, weight, bias, op))
         report.rewrites[layer.op] -= 1
-        entry.action, entry.runtime = "kept", "torch"
-        entry.reason = f"autotune: {timing} on the example input; runs dense"
-        entry.bytes_condensed, entry.macs_sparse = entry.bytes_dense, entry.macs_dense
+        entry.keep(f"autotune: {timing} on the example input; runs dense")
         log.info("%s: %s", layer.weight_fqn, entry.reason)
     report.rewrites = +report.rewrites      # unary + drops the ops whose every layer went back to dense

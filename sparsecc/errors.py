@@ -16,10 +16,6 @@ class WeightError(SparseccError):
     """A weight sparsecc refuses to compile, e.g. one holding NaN or Inf."""
 
 
-class CaptureError(SparseccError):
-    """The model could not be captured as a graph nor rewritten module by module."""
-
-
 class PassError(SparseccError):
     """A rewrite pass broke the graph; the message names the pass."""
 

@@ -48,6 +48,11 @@ class LayerReport:
     positions: Optional[int] = None
     error: Optional[ErrorStat] = None
 
+    def keep(self, reason: str) -> None:
+        """Record that the layer runs as the original dense op after all, and why."""
+        self.action, self.runtime, self.reason = "kept", "torch", reason
+        self.bytes_condensed, self.macs_sparse = self.bytes_dense, self.macs_dense
+
     @property
     def total_macs(self) -> tuple[int, int]:
         scale = self.positions or 1

@@ -84,23 +84,28 @@ def test_unstructured_and_dense_layers_are_kept_with_reasons():
 
 
 class FunctionalNet(nn.Module):
-    """A linear that is not an nn.Linear: F.linear on a parameter."""
+    """A linear that is not an nn.Linear: F.linear on a parameter of a custom module, constant fan-in 4."""
 
     def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(24, 16))
+        w = torch.randn(24, 16)
+        self.w = nn.Parameter(w * fanin_mask(w, 0.75))
         self.b = nn.Parameter(torch.randn(24))
 
     def forward(self, x):
         return F.linear(x, self.w, self.b).relu()
 
 
-def test_functional_linear_on_a_parameter():
+def test_parameters_of_custom_modules_are_not_analysed():
+    """Only nn.Linear / nn.Conv2d / attention weights are analysed, even when a custom one is sparse."""
     model = FunctionalNet().eval()
-    masks = {}
-    compiled = sparsecc.compile(model, (torch.randn(1, 16),), masks=masks)
-    assert compiled.report.rewrites == {}, "only nn.Linear/Conv2d and attention weights are analysed"
-    # A module holding the same computation as an nn.Linear is condensed through the functional rule:
+    compiled = sparsecc.compile(model, (torch.randn(1, 16),))
+    assert compiled.report.layers == [] and compiled.report.rewrites == {}
+    check(model, compiled, torch.randn(3, 16))
+
+
+def test_root_linear_is_condensed_through_the_functional_rule():
+    """Tracing a bare nn.Linear yields F.linear on its weight, which the functional rule condenses."""
     lin = nn.Linear(16, 24).eval()
     prune.custom_from_mask(lin, "weight", fanin_mask(lin.weight, 0.75))
     compiled = sparsecc.compile(lin, (torch.randn(1, 16),))
