@@ -119,10 +119,18 @@ class _Bound:
 
 
 class BoundLinear(_Bound):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.empty = self.values.shape[0] == 0
+
     def __call__(self, x: Tensor) -> Tensor:
         x = _float_contiguous(x)
-        if self.values.shape[0] == 0:
+        if self.empty:
             return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
+        if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
+            y = x.new_empty(1, self.out)
+            self.kernel("gemv", 1)(x, self.values, self.indices, self.orow, self.arow, self.bias, y)
+            return y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         tokens = x2.shape[0]
         if tokens >= SPMM_MIN_TOKENS:
@@ -132,11 +140,8 @@ class BoundLinear(_Bound):
         else:
             y = x2.new_empty(tokens, self.out)
             fn = self.kernel("gemv", 1)
-            if tokens == 1:
-                fn(x2, self.values, self.indices, self.orow, self.arow, self.bias, y)
-            else:
-                for t in range(tokens):
-                    fn(x2[t:t + 1], self.values, self.indices, self.orow, self.arow, self.bias, y[t:t + 1])
+            for t in range(tokens):
+                fn(x2[t:t + 1], self.values, self.indices, self.orow, self.arow, self.bias, y[t:t + 1])
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
 
 

@@ -61,9 +61,12 @@ class CompiledModel(nn.Module):
 
     def _check_inputs(self, inputs: tuple) -> None:
         spec = self._spec
-        if spec is not None and len(inputs) == len(spec) and all(
-                type(t) is Tensor and t.dtype == dt and t.shape[1:] == shape for t, (dt, shape) in zip(inputs, spec)):
-            return      # the common case, checked without pytree (this runs on every call)
+        if spec is not None and len(inputs) == len(spec):
+            for t, (dt, shape) in zip(inputs, spec):   # the common case without pytree: this runs on every call
+                if type(t) is not Tensor or t.dtype != dt or t.shape[1:] != shape:
+                    break
+            else:
+                return
         got = _spec(inputs)
         if spec is None:
             self._spec = got
@@ -82,7 +85,8 @@ class CompiledModel(nn.Module):
             reference, layers = self._pending
             _validate_into(self.report, reference, self.module, [args, random_like(args)], layers)
             self._pending = None
-        return self.module(*args, **kwargs)
+        # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
+        return nn.Module.__call__(self.module, *args, **kwargs)
 
 
 def _validate_into(report: Report, reference: nn.Module, module: nn.Module, input_sets: Sequence[tuple],

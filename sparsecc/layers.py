@@ -18,7 +18,7 @@ from sparsecc.runtimes import get_runtime
 class CondensedLayer(nn.Module):
     """Common part: where the layer came from, which runtime runs it, and the dense op it stands for.
 
-    Subclasses say which input dimension must match (`_dims`, `_axis`, `_size`) and which tensors and
+    Subclasses say which input dimension must match (`_dims`, `_axis`, `in_size`) and which tensors and
     arguments their op takes (`_constants`)."""
 
     op: str
@@ -32,21 +32,17 @@ class CondensedLayer(nn.Module):
         self.bias_fqn = bias_fqn
         self.weight_shape = tuple(weight_shape)
         self.runtime = "reference"     # set by the planner to the runtime that runs this op
-
-    @property
-    def _size(self) -> int:
-        return self.weight_shape[1]
+        self.in_size = self.weight_shape[1]
 
     def _constants(self) -> tuple:
         raise NotImplementedError
 
-    def _check(self, x: Tensor, dtype: torch.dtype) -> None:
+    def _reject(self, x: Tensor, dtype: torch.dtype) -> None:
         if x.dtype != dtype:
             raise InputError(f"{self.name}: input dtype {x.dtype} but the layer was compiled for {dtype}; cast "
                              f"the model input to {dtype} or compile with inputs of that dtype")
-        if x.dim() < self._dims or x.shape[self._axis] != self._size:
-            raise InputError(f"{self.name}: input shape {tuple(x.shape)} does not fit weight {self.weight_shape} "
-                             f"(expects size {self._size} at dim {self._axis}, at least {self._dims}-D)")
+        raise InputError(f"{self.name}: input shape {tuple(x.shape)} does not fit weight {self.weight_shape} "
+                         f"(expects size {self.in_size} at dim {self._axis}, at least {self._dims}-D)")
 
     def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         """The dense op this layer stands for, as ``op(x, weight, bias)`` (holds no reference to the layer)."""
@@ -61,9 +57,10 @@ class CondensedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Eager calls go to the runtime's kernel bound to this layer's tensors (the custom op's Python
         dispatch costs tens of microseconds, as much as a batch-1 kernel); tracing and compiling see the op.
-        The bound path reads buffers from ``_buffers`` directly: it runs on every call."""
+        This runs on every call: buffers are read from ``_buffers`` directly, checks are inline."""
         values = self._buffers["values"]
-        self._check(x, values.dtype)
+        if x.dtype != values.dtype or x.dim() < self._dims or x.shape[self._axis] != self.in_size:
+            self._reject(x, values.dtype)
         if torch.compiler.is_compiling():
             return getattr(ops, self.op)(x, *self._constants(), self.runtime)
         bound = self.__dict__.get("_bound")
@@ -148,10 +145,7 @@ class CondensedConv2d(CondensedLayer):
         self.register_buffer("rows", enc.rows)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
-
-    @property
-    def _size(self) -> int:
-        return self.weight_shape[1] * self.groups
+        self.in_size = weight_shape[1] * groups
 
     def _constants(self) -> tuple:
         return (self.values, self.indices, self.rows, self.bias, self.weight_shape[0], list(self.weight_shape[2:]),
