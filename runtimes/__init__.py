@@ -1,9 +1,15 @@
 """Runtimes are plug-ins: one module each, imported only when asked for, declaring the ops and dtypes it runs.
 
-A runtime module defines ``NAME``, ``DTYPES``, ``KERNELS`` (op name -> callable with the op's arguments minus
-``runtime``) and ``unavailable() -> str | None`` (why it cannot run here, or None). It may define
+Op runtimes (`RUNTIMES`) run single sparsecc ops inside the torch model. A runtime module defines ``NAME``,
+``DTYPES``, ``KERNELS`` (op name -> callable with the op's arguments minus ``runtime``) and
+``unavailable() -> str | None`` (why it cannot run here, or None). It may define
 ``bind(op, *constants) -> callable(x)``: work that depends only on a layer's tensors is then done once per
 layer instead of once per call.
+
+Engines (`ENGINES`) run a whole exported model instead. An engine module defines ``NAME``, ``EXPORT`` (the
+`export_onnx` mode and precision it consumes), ``OPTIONS`` (the ``runtime_options`` it accepts),
+``KEEPS_FILE`` (whether the ONNX file must outlive loading), ``unavailable()`` and
+``load(onnx_path, input_names, outputs, *, example_inputs, **options) -> nn.Module``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ RUNTIMES: dict[str, str] = {
 }
 #: ``auto`` and per-op fallback order: the first available runtime that runs an op and dtype gets it.
 PREFERENCE: tuple[str, ...] = ("tvm", "reference")
+#: Engine name -> module running a whole exported model (`compile(backend=name)` exports to it).
+ENGINES: dict[str, str] = {
+    "onnxruntime": "sparsecc.runtimes.onnxruntime",   # condensed ONNX in an InferenceSession, CPU
+    "tensorrt": "sparsecc.runtimes.tensorrt",         # dense fp16 ONNX -> engine with sparse weights, GPU
+}
 
 
 @dataclass(frozen=True)
@@ -52,14 +63,19 @@ class Runtime:
 
 
 def unavailable(name: str) -> Optional[str]:
-    """Why runtime ``name`` cannot run here, or None when it can."""
-    if name not in RUNTIMES:
-        return f"unknown runtime {name!r}; choose one of {sorted(RUNTIMES)} or 'auto'"
+    """Why runtime or engine ``name`` cannot run here, or None when it can."""
+    if name not in RUNTIMES and name not in ENGINES:
+        return f"unknown backend {name!r}; choose one of {sorted(RUNTIMES) + sorted(ENGINES)} or 'auto'"
     try:
-        module = importlib.import_module(RUNTIMES[name])
+        module = importlib.import_module(RUNTIMES.get(name) or ENGINES[name])
     except ImportError as exc:
         return f"runtime {name!r} cannot be imported: {exc}"
     return module.unavailable()
+
+
+def engine(name: str):
+    """The module of engine ``name`` (imported now; it may still lack its device, see ``unavailable``)."""
+    return importlib.import_module(ENGINES[name])
 
 
 @lru_cache(maxsize=None)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -11,14 +14,15 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.errors import EquivalenceError, InputError
+from sparsecc.export.onnx_file import PRECISIONS
 from sparsecc.passes.capture import capture
 from sparsecc.passes.condense import Decision, plan
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.masks import Prepared, prepare
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
 from sparsecc.report import Report, layer_report
-from sparsecc.runtimes import resolve
-from sparsecc.validation import Validation, random_like, run_validation
+from sparsecc.runtimes import ENGINES, engine, resolve
+from sparsecc.validation import TOLERANCE, Validation, random_like, run_validation
 
 log = logging.getLogger("sparsecc")
 
@@ -90,8 +94,8 @@ class CompiledModel(nn.Module):
 
 
 def _validate_into(report: Report, reference: nn.Module, module: nn.Module, input_sets: Sequence[tuple],
-                   layers: dict) -> Validation:
-    result = run_validation(reference, module, input_sets, layers)
+                   layers: dict, tolerance: Optional[float] = None) -> Validation:
+    result = run_validation(reference, module, input_sets, layers, tolerance)
     by_name = {lay.name: lay for lay in report.layers}
     for fqn, stat in result.layers.items():
         by_name[fqn].error = stat
@@ -104,8 +108,38 @@ def _validate_into(report: Report, reference: nn.Module, module: nn.Module, inpu
     return result
 
 
+def _on_engine(name: str, compiled: "CompiledModel", reference: nn.Module, inputs: tuple,
+               options: Mapping[str, Any]) -> nn.Module:
+    """Export the rewritten model for engine ``name`` and load it; the report says which form each layer got."""
+    from sparsecc.export.onnx_file import export_onnx
+
+    eng = engine(name)
+    unknown = sorted(set(options) - set(eng.OPTIONS))
+    if unknown:
+        raise InputError(f"runtime_options {unknown} are not understood by {name}; it takes {list(eng.OPTIONS)}")
+    options = dict(options)
+    given = options.pop("onnx_path", None)
+    folder = None if given else tempfile.mkdtemp(prefix="sparsecc-")
+    path = Path(given) if given else Path(folder) / "model.onnx"
+    try:
+        exported = export_onnx(compiled, inputs, path, **eng.EXPORT)
+        with torch.no_grad():
+            outputs = pytree.tree_flatten(reference(*inputs))[1]
+        runner = eng.load(exported.path, exported.input_names, outputs, example_inputs=inputs, **options)
+    finally:
+        if folder is not None and not eng.KEEPS_FILE:
+            shutil.rmtree(folder, ignore_errors=True)
+    for layer in compiled.report.condensed:
+        layer.runtime = f"{name} ({exported.forms.get(layer.name, 'dense')})"
+    compiled.report.runtime = name
+    compiled.report.notes.append(f"{name} runs the whole exported graph: validated end to end only (its layers "
+                                 f"are not observable one by one)")
+    return runner
+
+
 def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None,
-            backend: str = "auto", validate: bool = True, autotune: bool = False) -> CompiledModel:
+            backend: str = "auto", validate: bool = True, autotune: bool = False,
+            runtime_options: Optional[Mapping[str, Any]] = None) -> CompiledModel:
     """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
 
     ``masks`` maps weight names (``"fc1.weight"``) to boolean masks and wins over prune hooks,
@@ -114,13 +148,24 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     With ``autotune`` (needs ``example_inputs``; off by default: it times every layer) a condensed layer that
     measures slower than its dense op runs dense, and the report gives both times. The user's model is never
     modified.
+
+    ``backend`` is an op runtime (``"tvm"``, ``"reference"``, ``"auto"``) or an engine that runs the whole
+    exported model (``"onnxruntime"``, ``"tensorrt"``; needs ``example_inputs``). ``runtime_options`` go to
+    the engine, e.g. ``{"threads": 1}`` for onnxruntime or ``{"onnx_path": ...}`` to keep the exported file.
     """
     prepared = prepare(model, masks)
-    runtime = resolve(backend)
-    decisions = plan(prepared, backend)
+    on_engine = backend in ENGINES
+    if on_engine and example_inputs is None:
+        raise InputError(f"backend={backend!r} exports the model: pass example_inputs")
+    if runtime_options and not on_engine:
+        raise InputError(f"runtime_options are for the engines {sorted(ENGINES)}; backend={backend!r} takes none")
+    if autotune and (example_inputs is None or on_engine):
+        raise InputError("autotune=True times layers on the example inputs with an op runtime: pass "
+                         "example_inputs and a backend other than " + ", ".join(sorted(ENGINES)))
+    op_backend = "reference" if on_engine else backend
+    runtime = resolve(op_backend)
+    decisions = plan(prepared, op_backend)
     report = _report(decisions, runtime, prepared)
-    if autotune and example_inputs is None:
-        raise InputError("autotune=True times layers on the example inputs: pass example_inputs")
     inputs = _as_tuple(example_inputs)
     captured = capture(prepared.reference, len(inputs) if example_inputs is not None else None)
     if captured.graph_module is not None:
@@ -142,8 +187,14 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
         from sparsecc.autotune import autotune as tune
 
         tune(module, prepared.reference, inputs, report)
+    tolerance = None
+    if on_engine:
+        module = _on_engine(backend, CompiledModel(module, report, None, {}, None), prepared.reference, inputs,
+                            runtime_options or {})
+        tolerance = TOLERANCE[PRECISIONS[engine(backend).EXPORT["precision"]]]
     if validate and example_inputs is not None:
-        _validate_into(report, prepared.reference, module, [inputs, random_like(inputs)], prepared.layers)
+        _validate_into(report, prepared.reference, module, [inputs, random_like(inputs)], prepared.layers,
+                       tolerance)
     validate_first_call = validate and example_inputs is None
     compiled = CompiledModel(module, report, prepared.reference if validate_first_call else None, prepared.layers,
                              _spec(inputs) if example_inputs is not None else None)

@@ -38,3 +38,7 @@ class RuntimeUnavailableError(SparseccError):
 
 class SparseccWarning(UserWarning):
     """Something sparsecc worked around (train mode, tied weights) and reports."""
+
+
+class ExportError(SparseccError):
+    """A model that cannot be exported as asked (unsupported ops, unwritable path); says what to change."""

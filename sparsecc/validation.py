@@ -27,8 +27,8 @@ TOLERANCE: dict[torch.dtype, float] = {
 _TINY = 1e-30
 
 
-def compare(what: str, actual: Any, expected: Any) -> ErrorStat:
-    """Shape, then dtype, then closeness relative to max |expected|."""
+def compare(what: str, actual: Any, expected: Any, tolerance: Optional[float] = None) -> ErrorStat:
+    """Shape, then dtype, then closeness relative to max |expected| (``tolerance`` overrides the dtype's)."""
     if not isinstance(actual, Tensor) or not isinstance(expected, Tensor):
         ok = actual == expected
         return ErrorStat(what, 0.0 if ok else float("inf"), 0.0, 0.0, bool(ok), "" if ok else "values differ")
@@ -45,7 +45,7 @@ def compare(what: str, actual: Any, expected: Any) -> ErrorStat:
         return ErrorStat(what, 0.0, 0.0, 0.0, True)
     scale = max(float(expected.detach().abs().max()), _TINY)
     max_abs = float((actual.detach().double() - expected.detach().double()).abs().max())
-    tol = TOLERANCE.get(expected.dtype, 1e-4) * scale
+    tol = (tolerance if tolerance is not None else TOLERANCE.get(expected.dtype, 1e-4)) * scale
     ok = max_abs <= tol   # False for NaN
     return ErrorStat(what, max_abs, max_abs / scale, tol, ok, "" if ok else f"exceeds tolerance {tol:.2e}")
 
@@ -110,8 +110,9 @@ def _positions_hooks(reference: nn.Module, layers: dict[str, Any], positions: di
 
 
 def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[tuple],
-                   layers: Optional[dict[str, Any]] = None) -> Validation:
-    """Run both models on every input set; compare outputs and every condensed layer on its own input."""
+                   layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None) -> Validation:
+    """Run both models on every input set; compare outputs and every condensed layer on its own input.
+    ``tolerance`` replaces the per-dtype one end to end (an fp16 engine checked against fp32 outputs)."""
     condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)}
     end_to_end: dict[int, ErrorStat] = {}
     per_layer: dict[str, ErrorStat] = {}
@@ -133,7 +134,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
                                                f"output structure {act_spec} != reference {exp_spec}")
                     continue
                 for i, (a, e) in enumerate(zip(act_leaves, exp_leaves)):
-                    end_to_end[i] = _merge(end_to_end.get(i), compare(f"output {i}", a, e))
+                    end_to_end[i] = _merge(end_to_end.get(i), compare(f"output {i}", a, e, tolerance))
                 for fqn, (x, y) in captured.items():
                     mod = condensed[fqn]
                     w = reference.get_parameter(fqn)

@@ -1,0 +1,87 @@
+"""onnxruntime engine: a whole model exported by `sparsecc.export_onnx` (condensed mode) run in an
+InferenceSession on the CPU. Unlike the op runtimes it runs the entire graph; `compile(backend="onnxruntime")`
+exports, loads and validates it like any backend.
+
+Sessions default to 1 intra-op thread (batch-1 latency is what this runtime is for; more threads only add
+synchronisation at that size) and full graph optimisation.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from sparsecc.errors import InputError
+
+NAME = "onnxruntime"
+#: What this engine is fed: `export_onnx` arguments.
+EXPORT = {"mode": "condensed", "precision": "fp32"}
+OPTIONS = ("threads", "onnx_path")
+KEEPS_FILE = False      # the session keeps the bytes
+
+
+def unavailable() -> Optional[str]:
+    try:
+        import onnxruntime  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means the engine is missing
+        return f"onnxruntime is not importable ({type(exc).__name__}: {exc}); pip install onnxruntime"
+    return None
+
+
+def session(model: "str | Path | bytes", threads: int = 1):
+    """An InferenceSession on the CPU for a file or its bytes, with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
+
+
+class SessionModule(nn.Module):
+    """Calls an ONNX session with torch tensors and returns torch tensors nested like the original outputs.
+    The session is made from the file's bytes once and is safe to call from several threads."""
+
+    def __init__(self, model_bytes: bytes, input_names: list[str], outputs: pytree.TreeSpec, threads: int) -> None:
+        super().__init__()
+        self.model_bytes, self.input_names, self.outputs, self.threads = model_bytes, input_names, outputs, threads
+        self._lock = threading.Lock()
+        self._session = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_session"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _get(self):
+        with self._lock:
+            if self._session is None:
+                self._session = session(self.model_bytes, self.threads)
+            return self._session
+
+    def forward(self, *inputs: Tensor) -> Any:
+        if len(inputs) != len(self.input_names):
+            raise InputError(f"onnxruntime model takes {len(self.input_names)} input(s), got {len(inputs)}")
+        feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
+        outs = self._get().run(None, feeds)
+        return pytree.tree_unflatten([torch.from_numpy(o) for o in outs], self.outputs)
+
+
+def load(onnx_path: Path, input_names: list[str], outputs: pytree.TreeSpec, threads: int = 1, **_: Any) -> nn.Module:
+    """The exported file as a module (its bytes are kept: the file may be temporary)."""
+    if not isinstance(threads, int) or threads < 1:
+        raise InputError(f"onnxruntime threads={threads!r}: give a positive integer")
+    module = SessionModule(Path(onnx_path).read_bytes(), input_names, outputs, threads)
+    module._get()
+    return module

@@ -1,0 +1,216 @@
+"""`export_onnx`: a compiled (or masked) model as a standard ONNX file that any ONNX runtime can run.
+
+Pipeline: compile (reference runtime) if needed -> swap every condensed layer for its export form
+(`forms.FORMS`) -> `torch.export` with a free batch dimension -> scan the graph and list every op the ONNX
+exporter cannot translate, in one error -> `torch.onnx.export` -> `onnx.checker` (full check) -> written to a
+temporary file beside ``path`` and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sparsecc.errors import ExportError, InputError, SparseccWarning
+from sparsecc.export import forms
+from sparsecc.layers import CondensedLayer
+
+MODES = ("condensed", "dense")
+FORMULATIONS = ("auto", "gather", "rows")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+OPSET = 18
+
+
+@dataclass
+class OnnxExport:
+    """What was written: the file, and which formulation each condensed layer got."""
+
+    path: Path
+    mode: str
+    precision: str
+    forms: dict[str, str] = field(default_factory=dict)
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def _writable_target(path: Path) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: directory {parent} does not exist (create it first)")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a directory; give a file name such as {path / 'model.onnx'}")
+
+
+def _tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise InputError("export needs example_inputs: a tensor or a tuple of tensors (batch first)")
+    return inputs
+
+
+def _choose(layer: CondensedLayer, mode: str, formulation: str, per_sample: Optional[int]) -> str:
+    if mode == "dense":
+        return "dense"
+    if formulation == "gather" and (not isinstance(layer, forms.CondensedLinear) or layer.values.shape[0] == 0):
+        return "rows"      # gather is for fan-in Linear layers with live rows; the others get the next best
+    if formulation != "auto":
+        return formulation
+    return "gather" if forms.gather_fits(layer, per_sample) else "rows"
+
+
+def _positions_per_sample(module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, int]:
+    """Output positions (tokens, pixels) per sample of each condensed layer, from one run on the inputs."""
+    batch = inputs[0].shape[0] if inputs[0].dim() else 1
+    seen: dict[str, int] = {}
+
+    def record(layer: CondensedLayer, args: tuple, out: Tensor) -> None:
+        seen.setdefault(layer.weight_fqn, out.numel() // layer.weight_shape[0] // batch)
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, CondensedLayer)]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def export_module(module: nn.Module, inputs: tuple[Tensor, ...], mode: str,
+                  formulation: str) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of ``module`` with every condensed layer replaced by its export form."""
+    positions = _positions_per_sample(module, inputs) if mode == "condensed" and formulation == "auto" else {}
+    module = copy.deepcopy(module)
+    chosen: dict[str, str] = {}
+    for name, layer in list(module.named_modules()):
+        if not isinstance(layer, CondensedLayer):
+            continue
+        form = _choose(layer, mode, formulation, positions.get(layer.weight_fqn))
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, attr, forms.FORMS[form](layer))
+        chosen[layer.weight_fqn] = form
+    return module, chosen
+
+
+def _registry():
+    # The exporter's own op registry: private in torch 2.14 (pinned), the only way to list every missing op
+    # up front instead of failing on the first.
+    from torch.onnx._internal.exporter import _decomp, _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    table = _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
+    return registry, table
+
+
+def unsupported_ops(program: torch.export.ExportedProgram) -> dict[str, list[str]]:
+    """Every op in ``program`` the ONNX exporter cannot translate -> the modules that call it."""
+    registry, table = _registry()
+    decomposed = program.run_decompositions(table)
+    missing: dict[str, list[str]] = {}
+    for node in decomposed.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if not registry.get_decomps(node.target):
+            stack = node.meta.get("nn_module_stack") or {}
+            where = next(reversed(stack.values()))[0] if stack else node.name
+            missing.setdefault(str(node.target), []).append(where or "<top level>")
+    return missing
+
+
+def _batched(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Example inputs with a batch of 2: a batch of 1 would be specialised to 1 by torch.export."""
+    return tuple(torch.cat([t[:1], t[:1]]) for t in inputs)
+
+
+def _write(onnx_program, path: Path) -> None:
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx_program.save(tmp, external_data=False)
+        onnx.checker.check_model(tmp, full_check=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _warn_not_2to4(path: Path) -> None:
+    """Dense exports feed TensorRT's sparse builder: warn for each half-sparse weight it cannot use."""
+    from sparsecc.export.check import check_2to4
+
+    for entry in check_2to4(path):
+        if not entry.ok and 0.45 <= entry.sparsity <= 0.55:
+            warnings.warn(f"{entry.node} ({entry.initializer}): {entry.reason}; TensorRT will run it dense",
+                          SparseccWarning, stacklevel=3)
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, mode: str = "condensed",
+                formulation: str = "auto", precision: str = "fp32",
+                masks: Optional[Mapping[str, Tensor]] = None) -> OnnxExport:
+    """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here) as an ONNX file.
+
+    ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per
+    layer what onnxruntime runs fastest, see `sparsecc.export.forms`); ablated neurons dropped.
+    ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers (explicit zeros), the input
+    of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis TensorRT reads
+    get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16. The batch dimension
+    is dynamic.
+    """
+    from sparsecc.api import CompiledModel, compile
+
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r}: choose one of {MODES}")
+    if formulation not in FORMULATIONS:
+        raise InputError(f"formulation={formulation!r}: choose one of {FORMULATIONS}")
+    if precision not in PRECISIONS:
+        raise InputError(f"precision={precision!r}: choose one of {sorted(PRECISIONS)}")
+    path = Path(path)
+    _writable_target(path)
+    inputs = _tensor_inputs(example_inputs)
+    compiled = model if isinstance(model, CompiledModel) else compile(model, inputs, masks=masks,
+                                                                       backend="reference")
+    module, chosen = export_module(compiled.module, inputs, mode, formulation)
+    dtype = PRECISIONS[precision]
+    args = _batched(inputs)
+    if dtype != torch.float32:
+        module = module.to(dtype)
+        args = tuple(t.to(dtype) if t.is_floating_point() else t for t in args)
+    names = [f"input{i}" for i in range(len(args))]
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} for _ in args)
+    try:
+        program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the message is what matters
+        raise ExportError(f"torch.export could not capture the model with a free batch dimension: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    missing = unsupported_ops(program)
+    if missing:
+        listed = "; ".join(f"{op} (in {', '.join(sorted(set(where))[:3])})" for op, where in sorted(missing.items()))
+        raise ExportError(f"{len(missing)} op(s) have no ONNX translation: {listed}. Replace them in the model "
+                          f"or register a translation with torch.onnx (custom_translation_table)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # the exporter's own progress chatter
+        onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=names, opset_version=OPSET,
+                                         verbose=False)
+    outputs = [v.name for v in onnx_program.model.graph.outputs]
+    _write(onnx_program, path)
+    if mode == "dense":
+        _warn_not_2to4(path)
+    return OnnxExport(path, mode, precision, chosen, names, outputs)
+
