@@ -8,7 +8,7 @@ Formulations, per layer, one table (`FORMS`):
   keeps under ~1/60 of its inputs and there is one position (token) per sample (3072 -> 768, 1 thread:
   1.55x dense at 99%, 0.26x at 90%, 0.03-0.27x with 197 tokens; `GATHER_MAX_DENSITY`).
 - ``rows`` — a dense MatMul / Conv over the live rows only (ablated neurons dropped): what runs fastest in
-  onnxruntime otherwise, since it has no sparse kernel for CPU.
+  onnxruntime otherwise, since it has no sparse kernel for CPU. Grouped convolutions keep all their filters.
 - ``dense`` — the masked dense weight with explicit zeros (``mode="dense"``): what TensorRT's sparse-weight
   builder reads.
 
@@ -155,6 +155,8 @@ def _gather(layer: CondensedLayer) -> nn.Module:
 
 
 def _rows(layer: CondensedLayer) -> nn.Module:
+    if isinstance(layer, CondensedConv2d) and layer.groups > 1:
+        return _dense(layer)    # dropping filters would move the group boundaries
     live, rows = _live_weight(layer)
     if live.shape[0] == 0:    # every neuron ablated: one zero row keeps the graph's shapes non-empty
         live = live.new_zeros(1, *live.shape[1:])

@@ -49,10 +49,14 @@ def _writable_target(path: Path) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise ExportError(f"cannot write {path}: directory {parent} does not exist (create it first)")
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"cannot write {path}: directory {parent} is not writable")
     if path.is_dir():
         raise ExportError(f"cannot write {path}: it is a directory; give a file name such as {path / 'model.onnx'}")
+    try:    # a real probe: permission bits say nothing for root or read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: directory {parent} is not writable ({exc.strerror})") from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
