@@ -1,5 +1,6 @@
 """``python -m sparsecc.runtimes``: run every op of every runtime on small random layers against the dense
-masked torch op, and print PASS / FAIL / UNAVAILABLE per runtime. Exits 1 if any runtime fails."""
+masked torch op, and every engine on a small masked model, and print PASS / FAIL / UNAVAILABLE for each.
+Exits 1 if any fails."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc import formats, ops
-from sparsecc.runtimes import RUNTIMES, get_runtime, unavailable
+from sparsecc.runtimes import ENGINES, RUNTIMES, get_runtime, unavailable
 from sparsecc.synthetic import fanin_mask, nm_mask
 from sparsecc.validation import compare
 
@@ -44,8 +45,34 @@ def smoke(runtime: str) -> list[str]:
     return [str(s) for s in failures if not s.ok]
 
 
+def smoke_engine(name: str) -> list[str]:
+    """Failures of engine ``name`` compiling (and so validating) a small masked MLP; empty when it passes."""
+    import sparsecc
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8)).eval()
+    masks = {"0.weight": fanin_mask(model[0].weight, 0.75, ablate=0.25, generator=g)}
+    try:
+        compiled = sparsecc.compile(model, torch.randn(1, 40, generator=g), masks=masks, backend=name)
+    except sparsecc.SparseccError as exc:
+        return [str(exc)]
+    x = torch.randn(3, 40, generator=g)
+    with torch.no_grad():
+        stat = compare(name, compiled(x), sparsecc.masked_reference(model, masks)(x),
+                       1e-2 if name == "tensorrt" else None)
+    return [] if stat.ok else [str(stat)]
+
+
 def main() -> int:
     failed = False
+    for name in ENGINES:
+        why = unavailable(name)
+        if why is not None:
+            print(f"UNAVAILABLE {name}: {why}")
+            continue
+        problems = smoke_engine(name)
+        failed |= bool(problems)
+        print(f"{'FAIL' if problems else 'PASS'} {name} (whole model)" + "".join(f"\n  {p}" for p in problems))
     for name in RUNTIMES:
         why = unavailable(name)
         if why is not None:

@@ -23,6 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", type=int, default=10)
     demo.add_argument("--threads", type=int, default=1)
     demo.add_argument("--autotune", action="store_true", help="run a layer dense where its kernel measures slower")
+    export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX")
+    export.add_argument("out", type=Path, help="the .onnx file to write")
+    export.add_argument("--model", default="vit_b_16", choices=["vit_b_16", "resnet18", "resnet50"])
+    export.add_argument("--structure", default="fanin", choices=["fanin", "2:4"])
+    export.add_argument("--sparsity", type=float, default=0.9, help="fan-in sparsity (ignored for 2:4)")
+    export.add_argument("--ablate", type=float, default=0.05, help="fraction of neurons ablated (fan-in)")
+    export.add_argument("--mode", default="condensed", choices=["condensed", "dense"])
+    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    check = sub.add_parser("check-2to4", help="which Gemm/MatMul/Conv weights of an ONNX file TensorRT reads as 2:4")
+    check.add_argument("onnx", type=Path)
     bench = sub.add_parser("bench", help="batch-1, 1-thread latency of condensed layers and models vs peers")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
                        "latency.png go")
@@ -57,6 +67,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory))
         elif args.command == "demo":
             demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, args.autotune)
+        elif args.command == "export":
+            import torch
+
+            import sparsecc
+
+            model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure)
+            result = sparsecc.export_onnx(model, torch.randn(1, 3, 224, 224), args.out, mode=args.mode,
+                                          precision=args.precision)
+            counts = {form: list(result.forms.values()).count(form) for form in sorted(set(result.forms.values()))}
+            print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {args.mode}, {args.precision}); "
+                  f"layers by formulation: {counts}")
+        elif args.command == "check-2to4":
+            import sparsecc
+
+            entries = sparsecc.check_2to4(args.onnx)
+            for entry in entries:
+                print(entry)
+            print(f"{sum(e.ok for e in entries)} of {len(entries)} weights are 2:4 where TensorRT reads them")
         else:
             import torch
 

@@ -24,9 +24,25 @@ def test_inspect_prints_structures(capsys):
 
 def test_unknown_backend_is_a_clean_error(capsys):
     assert cli.main(["demo", "--model", "resnet18", "--backend", "nope", "--runs", "1"]) == 2
-    assert "unknown runtime 'nope'" in capsys.readouterr().err
+    assert "unknown backend 'nope'" in capsys.readouterr().err
 
 
 def test_runtimes_smoke_module():
     out = subprocess.run([sys.executable, "-m", "sparsecc.runtimes"], capture_output=True, text=True, check=True)
-    assert "PASS reference" in out.stdout
+    assert "PASS reference" in out.stdout and "PASS tvm" in out.stdout and "PASS onnxruntime" in out.stdout
+    assert "tensorrt" in out.stdout
+
+
+def test_export_then_check_2to4(tmp_path, capsys):
+    out = tmp_path / "r18.onnx"
+    assert cli.main(["export", str(out), "--model", "resnet18", "--structure", "2:4", "--mode", "dense"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out and out.is_file()
+    assert cli.main(["check-2to4", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "19 of 21 weights are 2:4 where TensorRT reads them"   # all convs but the stem; not fc
+    assert any("layer4.1.conv2.weight 512x512x3x3 axis 1: 50% zeros, 2:4" in line for line in lines)
+
+
+def test_check_2to4_missing_file_is_a_clean_error(tmp_path, capsys):
+    assert cli.main(["check-2to4", str(tmp_path / "none.onnx")]) == 2
+    assert "is not a file" in capsys.readouterr().err

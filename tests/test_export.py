@@ -253,6 +253,14 @@ def test_check_2to4_k_not_a_multiple_of_4(tmp_path):
     assert not entry.ok and "K = 6 along axis 1 is not a multiple of 4" in entry.reason
 
 
+def test_check_2to4_on_a_missing_or_foreign_file(tmp_path):
+    with pytest.raises(sparsecc.InputError, match="is not a file"):
+        sparsecc.check_2to4(tmp_path / "absent.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a model\xff" * 10)
+    with pytest.raises(sparsecc.InputError, match="is not an ONNX model"):
+        sparsecc.check_2to4(tmp_path / "junk.onnx")
+
+
 def test_dense_export_warns_per_layer_tensorrt_cannot_use(tmp_path):
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
     along_out = synthetic.nm_mask(model[2].weight.t().contiguous()).t()       # 2:4 along the output axis

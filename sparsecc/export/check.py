@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from sparsecc.errors import InputError
+
 #: op type -> function(node attributes) -> (index of the weight input, its K axis)
 _WEIGHT_AXIS = {
     "Conv": lambda attrs: (1, 1),
@@ -59,7 +61,12 @@ def check_2to4(onnx_path: "str | os.PathLike") -> list[TwoFour]:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(os.fspath(onnx_path))
+    if not os.path.isfile(onnx_path):
+        raise InputError(f"check_2to4: {onnx_path} is not a file")
+    try:
+        model = onnx.load(os.fspath(onnx_path))
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have no common public type
+        raise InputError(f"check_2to4: {onnx_path} is not an ONNX model ({type(exc).__name__}: {exc})") from exc
     inits = {init.name: init for init in model.graph.initializer}
     found = []
     for i, node in enumerate(model.graph.node):
