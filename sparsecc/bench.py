@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 import sparsecc
 from sparsecc import synthetic
@@ -50,27 +51,14 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _onnxruntime_dense(weight: torch.Tensor, bias: torch.Tensor, directory: Path) -> Callable:
-    """A one-Gemm ONNX model with the masked weight as a plain initializer, run by onnxruntime on 1 thread."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+def _onnxruntime_dense(module: nn.Module, example: tuple, directory: Path) -> Callable:
+    """The masked model as a dense-mode ONNX file (explicit zeros), in onnxruntime on 1 thread."""
+    from sparsecc.runtimes import onnxruntime as ort_runtime
 
-    out_f, in_f = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", in_f])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", out_f])],
-        [numpy_helper.from_array(weight.numpy(), "w"), numpy_helper.from_array(bias.numpy(), "b")])
-    path = directory / "dense.onnx"
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8          # onnx writes a newer IR than onnxruntime reads; opset 17 needs IR 8
-    onnx.save(model, path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    exported = sparsecc.export_onnx(module, example, directory / "dense.onnx", mode="dense")
+    with torch.no_grad():
+        outputs = pytree.tree_structure(module(*example))
+    return ort_runtime.load(exported.path, exported.input_names, outputs)
 
 
 def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, directory: Path
@@ -97,10 +85,12 @@ def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, 
         "dense torch.compile": torch.compile(dense),
         "torch CSR": lambda x: torch.sparse.addmm(bias[:, None], csr, x.t()).t(),
         "SRigL method (torch.compile)": torch.compile(srigl),
-        "onnxruntime dense": _onnxruntime_dense(masked, bias, directory),
     }
     layer = nn.Sequential(dense).eval()
     example = (torch.randn(1, weight.shape[1]),)
+    methods["onnxruntime dense"] = _onnxruntime_dense(layer, example, directory)
+    methods["onnxruntime condensed"] = sparsecc.compile(layer, example, masks={"0.weight": mask},
+                                                        backend="onnxruntime")
     for backend in ("reference", "tvm"):
         methods[f"sparsecc {backend}"] = sparsecc.compile(layer, example, masks={"0.weight": mask}, backend=backend)
     return methods
@@ -186,8 +176,17 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
     warm = time.perf_counter() - start
     dense = sparsecc.masked_reference(model)
     report = compiled.report
+    ort_condensed = sparsecc.compile(model, (x,), backend="onnxruntime")
+    with tempfile.TemporaryDirectory() as tmp:
+        ort_dense = _onnxruntime_dense(dense, (x,), Path(tmp))
     with torch.no_grad():
-        times = medians({"dense eager": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs, warmup=2)
+        for method, fn in (("onnxruntime dense", ort_dense), ("onnxruntime condensed", ort_condensed)):
+            stat = compare(method, fn(x), dense(x))
+            if not stat.ok:
+                raise sparsecc.EquivalenceError(f"{name} {method}: {stat}")
+        times = medians({"dense eager": lambda: dense(x), "sparsecc": lambda: compiled(x),
+                         "onnxruntime dense": lambda: ort_dense(x), "onnxruntime condensed": lambda: ort_condensed(x)},
+                        runs=runs, warmup=2)
     rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
     progress.step(name)
     return ModelRow(name, times, cold, warm, sum(lay.bytes_dense for lay in report.layers),
@@ -210,13 +209,16 @@ def layer_table(rows: list[Row]) -> str:
 
 
 def model_table(rows: list[ModelRow]) -> str:
-    lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | compile cold / warm | "
-             "analysed weights dense → condensed | all model tensors | process RSS | max rel error |", "|" + "---|" * 9]
+    lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | onnxruntime dense | "
+             "onnxruntime condensed | compile cold / warm | analysed weights dense → condensed | all model tensors | "
+             "process RSS | max rel error |", "|" + "---|" * 11]
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     for r in rows:
         rss = f"{mib(r.rss_dense)} → {mib(r.rss_compiled)} MiB" if r.rss_dense else "not measured"
+        ort = " | ".join(f"{r.times[m] * 1e3:.1f} ms ({r.times['dense eager'] / r.times[m]:.2f}x)"
+                         for m in ("onnxruntime dense", "onnxruntime condensed"))
         lines.append(f"| {r.name} | {r.times['dense eager'] * 1e3:.1f} ms | {r.times['sparsecc'] * 1e3:.1f} ms | "
-                     f"{r.times['dense eager'] / r.times['sparsecc']:.2f}x | {r.compile_cold:.1f} s / "
+                     f"{r.times['dense eager'] / r.times['sparsecc']:.2f}x | {ort} | {r.compile_cold:.1f} s / "
                      f"{r.compile_warm:.1f} s | {mib(r.bytes_dense)} → {mib(r.bytes_condensed)} MiB | "
                      f"{mib(r.model_dense)} → {mib(r.model_compiled)} MiB | {rss} | {r.max_rel_error:.1e} |")
     return "\n".join(lines)

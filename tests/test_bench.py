@@ -12,7 +12,7 @@ def test_layer_methods_all_valid_and_tables_render(tmp_path):
     rows = [bench.bench_layer("90% fan-in", weight, b, synthetic.fanin_mask(weight, 0.9), 3, progress),
             bench.bench_layer("50% 2:4", weight, b, synthetic.nm_mask(weight), 3, progress)]
     expected = {"dense eager", "dense torch.compile", "torch CSR", "SRigL method (torch.compile)",
-                "onnxruntime dense", "sparsecc reference", "sparsecc tvm"}
+                "onnxruntime dense", "onnxruntime condensed", "sparsecc reference", "sparsecc tvm"}
     for row in rows:
         assert row.invalid == {}
         assert set(row.times) == expected
