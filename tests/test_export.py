@@ -87,26 +87,32 @@ def test_conv_forms_equal_masked_conv_batched_and_unbatched(form, groups):
             assert_equivalent(exported(x), F.conv2d(x, conv.weight * mask, conv.bias, 2, 1, 1, groups))
 
 
-def test_gather_is_chosen_only_where_onnxruntime_runs_it_faster():
-    model = nn.Sequential(nn.Linear(3072, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
-    masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.99),       # k = 31 <= 3072 / 60
-             "2.weight": synthetic.fanin_mask(model[2].weight, 0.5)}        # k = 32 > 64 / 60
-    one_token = sparsecc.export_onnx(model, torch.randn(1, 3072), _tmp("choice.onnx"), masks=masks)
-    assert one_token.forms == {"0.weight": "gather", "2.weight": "rows"}
-    tokens = sparsecc.export_onnx(model, torch.randn(1, 10, 3072), _tmp("choice.onnx"), masks=masks)
-    assert tokens.forms == {"0.weight": "rows", "2.weight": "rows"}
+def test_auto_formulation_picks_what_onnxruntime_runs_fastest(tmp_path):
+    model = nn.Sequential(nn.Linear(3072, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 8)).eval()
+    masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.99),              # k = 31 <= 3072 / 60
+             "2.weight": synthetic.fanin_mask(model[2].weight, 0.5, ablate=0.6),   # 24 of 40 rows ablated
+             "4.weight": synthetic.fanin_mask(model[4].weight, 0.5, ablate=0.3)}   # 2 of 8 ablated: 25%
+    one_token = sparsecc.export_onnx(model, torch.randn(1, 3072), tmp_path / "a.onnx", masks=masks)
+    assert one_token.forms == {"0.weight": "gather", "2.weight": "rows", "4.weight": "rows"}
+    tokens = sparsecc.export_onnx(model, torch.randn(1, 10, 3072), tmp_path / "b.onnx", masks=masks)
+    assert tokens.forms == {"0.weight": "dense", "2.weight": "rows", "4.weight": "dense"}
+    x = torch.randn(2, 10, 3072)
+    with torch.no_grad():
+        assert_equivalent(_run(tokens.path, x), sparsecc.masked_reference(model, masks)(x))
+    unablated = masks | {"4.weight": synthetic.fanin_mask(model[4].weight, 0.5)}
+    assert sparsecc.export_onnx(model, torch.randn(1, 3072), tmp_path / "c.onnx", masks=unablated).forms[
+        "4.weight"] == "dense"
 
 
-_TMP: list[Path] = []
-
-
-def _tmp(name: str) -> Path:
-    return _TMP[0] / name
-
-
-@pytest.fixture(autouse=True)
-def _tmpdir(tmp_path):
-    _TMP[:] = [tmp_path]
+def test_auto_formulation_for_convolutions(tmp_path):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1)).eval()
+    masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.5, ablate=0.5),
+             "2.weight": synthetic.fanin_mask(model[2].weight, 0.5, ablate=0.1)}
+    result = sparsecc.export_onnx(model, torch.randn(1, 8, 6, 6), tmp_path / "c.onnx", masks=masks)
+    assert result.forms == {"0.weight": "rows", "2.weight": "dense"}
+    x = torch.randn(3, 8, 6, 6)
+    with torch.no_grad():
+        assert_equivalent(_run(result.path, x), sparsecc.masked_reference(model, masks)(x))
 
 
 # -- ONNX round trips ---------------------------------------------------------------------------------------------
@@ -119,7 +125,8 @@ def test_mlp_round_trip_dynamic_batch(tmp_path, mode, formulation):
     result = sparsecc.export_onnx(model, torch.randn(1, 64), path, mode=mode, formulation=formulation, masks=masks)
     assert result.path == path and path.is_file()
     onnx.checker.check_model(str(path), full_check=True)
-    expected_form = "dense" if mode == "dense" else ("gather" if formulation == "gather" else "rows")
+    expected_form = {"gather": "gather", "rows": "rows", "auto": "rows"}[formulation] if mode == "condensed" \
+        else "dense"     # auto: 25% of the rows are ablated, one token: rows pays
     assert set(result.forms.values()) == {expected_form}
     batch_dim = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
@@ -386,7 +393,7 @@ def test_compile_backend_onnxruntime_validates_and_keeps_output_structure():
     assert report.runtime == "onnxruntime" and report.validated
     assert all(e.ok for e in report.end_to_end) and len(report.end_to_end) == 2
     assert {lay.name: lay.runtime for lay in report.condensed} == {"a.weight": "onnxruntime (gather)",
-                                                                    "b.weight": "onnxruntime (rows)"}
+                                                                    "b.weight": "onnxruntime (dense)"}
     assert compiled.module.threads == 2
     x = torch.randn(5, 512)
     with torch.no_grad():
@@ -403,7 +410,7 @@ def test_compile_backend_onnxruntime_vit(tmp_path):
     compiled = sparsecc.compile(model, torch.randn(1, 3, 224, 224), masks=masks, backend="onnxruntime",
                                 runtime_options={"onnx_path": keep})
     assert keep.is_file() and compiled.report.validated
-    assert {lay.runtime for lay in compiled.report.condensed} == {"onnxruntime (rows)"}
+    assert {lay.runtime for lay in compiled.report.condensed} == {"onnxruntime (dense)"}   # 5% ablated
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert_equivalent(compiled(x), sparsecc.masked_reference(model, masks)(x))

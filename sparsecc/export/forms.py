@@ -7,13 +7,14 @@ Formulations, per layer, one table (`FORMS`):
   indices per row. onnxruntime runs Gather at ~13 ns per element, so it beats a dense MatMul only when a row
   keeps under ~1/60 of its inputs and there is one position (token) per sample (3072 -> 768, 1 thread:
   1.55x dense at 99%, 0.26x at 90%, 0.03-0.27x with 197 tokens; `GATHER_MAX_DENSITY`).
-- ``rows`` — a dense MatMul / Conv over the live rows only (ablated neurons dropped): what runs fastest in
-  onnxruntime otherwise, since it has no sparse kernel for CPU. Grouped convolutions keep all their filters.
-- ``dense`` — the masked dense weight with explicit zeros (``mode="dense"``): what TensorRT's sparse-weight
-  builder reads.
-
-Ablated rows are put back by padding the live outputs with one zero channel and gathering every output
-channel from it (ablated ones pick the zero), then adding the full bias: ``act(bias)`` stays exact.
+- ``rows`` — a dense MatMul / Conv over the live rows only (ablated neurons dropped). Ablated rows are put
+  back by padding the live outputs with one zero channel and gathering every output channel from it (ablated
+  ones pick the zero), then adding the full bias: ``act(bias)`` stays exact. That Gather is cheap along a
+  convolution's channels (whole planes) but runs element by element along a Linear's last axis, so it pays
+  only from `ROWS_MIN_ABLATED` of the rows ablated (measured, docs/exporting.md). Grouped convolutions keep
+  all their filters.
+- ``dense`` — the masked dense weight with explicit zeros: what onnxruntime runs fastest when neither of the
+  above pays (it has no sparse CPU kernel), and what TensorRT's sparse-weight builder reads (``mode="dense"``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from sparsecc.layers import CondensedConv2d, CondensedLayer, CondensedLinear, NM
 
 #: Largest k / in_features for which ``gather`` is picked (one position per sample); measured, see above.
 GATHER_MAX_DENSITY = 1 / 60
+#: Smallest fraction of ablated rows for which ``rows`` beats ``dense`` in onnxruntime: Linear layers with
+#: several positions per sample (3072x768, 197 tokens: 0.69x at 5%, 0.84x at 30%, 1.12x at 60%), and the
+#: others (1 token: 0.91x / 1.18x / 1.59x; convs 0.82-1.00x / 1.01-1.30x / 1.42-2.06x).
+ROWS_MIN_ABLATED = {"tokens": 0.5, "other": 0.25}
 
 
 def _placement(rows: Optional[Tensor], out: int) -> Optional[Tensor]:
@@ -146,6 +151,15 @@ def gather_fits(layer: CondensedLayer, positions_per_sample: Optional[int]) -> b
     """Whether ``gather`` is the faster formulation for ``layer`` in onnxruntime (see module docstring)."""
     return (isinstance(layer, CondensedLinear) and positions_per_sample == 1 and layer.values.shape[0] > 0
             and layer.values.shape[1] <= GATHER_MAX_DENSITY * layer.weight_shape[1])
+
+
+def pick(layer: CondensedLayer, positions_per_sample: Optional[int]) -> str:
+    """The formulation onnxruntime runs fastest for ``layer`` (``formulation="auto"``)."""
+    if gather_fits(layer, positions_per_sample):
+        return "gather"
+    ablated = 1 - layer.values.shape[0] / layer.weight_shape[0]
+    tokens = not isinstance(layer, CondensedConv2d) and (positions_per_sample or 1) > 1
+    return "rows" if ablated >= ROWS_MIN_ABLATED["tokens" if tokens else "other"] else "dense"
 
 
 def _gather(layer: CondensedLayer) -> nn.Module:

@@ -73,7 +73,7 @@ def _choose(layer: CondensedLayer, mode: str, formulation: str, per_sample: Opti
         return "rows"      # gather is for fan-in Linear layers with live rows; the others get the next best
     if formulation != "auto":
         return formulation
-    return "gather" if forms.gather_fits(layer, per_sample) else "rows"
+    return forms.pick(layer, per_sample)
 
 
 def _positions_per_sample(module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, int]:
@@ -170,7 +170,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here) as an ONNX file.
 
     ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per
-    layer what onnxruntime runs fastest, see `sparsecc.export.forms`); ablated neurons dropped.
+    layer what onnxruntime runs fastest, see `sparsecc.export.forms`: gather over the fan-in, live rows only,
+    or dense with zeros where neither pays).
     ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers (explicit zeros), the input
     of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis TensorRT reads
     get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16. The batch dimension
