@@ -194,6 +194,49 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
                     max(s.max_rel for s in report.end_to_end))
 
 
+#: (name, layer, example input) for the onnxruntime formulation crossovers: ViT-B/16 and ResNet shapes.
+FORMULATION_CASES = (
+    ("Linear 768→3072, 197 tokens", lambda: nn.Linear(768, 3072), (1, 197, 768)),
+    ("Linear 3072→768, 1 token", lambda: nn.Linear(3072, 768), (1, 3072)),
+    ("Conv 3x3 256→256, 14x14", lambda: nn.Conv2d(256, 256, 3, padding=1), (1, 256, 14, 14)),
+    ("Conv 1x1 64→256, 56x56", lambda: nn.Conv2d(64, 256, 1), (1, 64, 56, 56)),
+)
+
+
+def formulation_table(runs: int = 30) -> str:
+    """onnxruntime latency of each export formulation of one layer relative to its dense form, by sparsity and
+    ablated fraction: the measurements behind `sparsecc.export.forms.pick`."""
+    from sparsecc.runtimes import onnxruntime as ort_runtime
+
+    torch.set_num_threads(1)
+    lines = ["| layer | fan-in sparsity | ablated rows | dense | rows | gather |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for name, make, shape in FORMULATION_CASES:
+            layer = nn.Sequential(make()).eval()
+            x = torch.randn(*shape)
+            expected_shape = pytree.tree_structure(layer(x))
+            for sparsity, ablate in ((0.9, 0.05), (0.9, 0.3), (0.9, 0.6), (0.99, 0.0)):
+                masks = {"0.weight": synthetic.fanin_mask(layer[0].weight, sparsity, ablate)}
+                reference = sparsecc.masked_reference(layer, masks)(x)
+                fns = {}
+                for form in ("dense", "rows", "gather"):
+                    if form == "gather" and isinstance(layer[0], nn.Conv2d):
+                        continue
+                    exported = sparsecc.export_onnx(layer, x, Path(tmp) / f"{form}.onnx", masks=masks,
+                                                    **({"mode": "dense"} if form == "dense" else {"formulation": form}))
+                    fn = ort_runtime.load(exported.path, exported.input_names, expected_shape)
+                    stat = compare(form, fn(x), reference)
+                    if not stat.ok:
+                        raise sparsecc.EquivalenceError(f"{name} {form}: {stat}")
+                    fns[form] = fn
+                times = medians({f: (lambda fn=fn: fn(x)) for f, fn in fns.items()}, runs=runs, warmup=3)
+                cells = [f"{_us(times['dense'])} µs"] + [
+                    f"{_us(times[f])} µs ({times['dense'] / times[f]:.2f}x)" if f in times else "-"
+                    for f in ("rows", "gather")]
+                lines.append(f"| {name} | {sparsity:.0%} | {ablate:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f}"
 

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-runs", type=int, default=10, help="timed rounds per end-to-end model")
     bench.add_argument("--models", nargs="*", default=["vit_b_16", "resnet50"])
     bench.add_argument("--no-memory", action="store_true", help="skip the resident-memory subprocesses")
+    bench.add_argument("--onnx-formulations", action="store_true", help="only time each ONNX export formulation "
+                       "of ViT/ResNet-shaped layers in onnxruntime (the crossovers `formulation='auto'` uses)")
     return p
 
 
@@ -64,7 +66,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "bench":
             from sparsecc import bench
 
-            print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory))
+            if args.onnx_formulations:
+                print(bench.formulation_table())
+            else:
+                print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory))
         elif args.command == "demo":
             demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, args.autotune)
         elif args.command == "export":

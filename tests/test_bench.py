@@ -27,3 +27,15 @@ def test_tensor_bytes_counts_shared_storage_once():
     lin = torch.nn.Linear(4, 3)
     model = torch.nn.Sequential(lin, lin)
     assert bench.tensor_bytes(model) == (4 * 3 + 3) * 4
+
+
+def test_onnx_formulation_table_validates_every_form(monkeypatch):
+    monkeypatch.setattr(bench, "FORMULATION_CASES", (
+        ("Linear 64→32, 5 tokens", lambda: torch.nn.Linear(64, 32), (1, 5, 64)),
+        ("Conv 3x3 8→8, 6x6", lambda: torch.nn.Conv2d(8, 8, 3, padding=1), (1, 8, 6, 6))))
+    table = bench.formulation_table(runs=1).splitlines()
+    assert len(table) == 2 + 2 * 4
+    linear_rows = [line for line in table if line.startswith("| Linear")]
+    conv_rows = [line for line in table if line.startswith("| Conv")]
+    assert all(line.count("µs") == 3 for line in linear_rows)      # dense, rows, gather
+    assert all(line.count("µs") == 2 and line.endswith("| - |") for line in conv_rows)
