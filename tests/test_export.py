@@ -269,13 +269,17 @@ def test_check_2to4_on_a_missing_or_foreign_file(tmp_path):
 
 
 def test_dense_export_warns_per_layer_tensorrt_cannot_use(tmp_path):
-    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+                          nn.Linear(6, 4)).eval()
     along_out = synthetic.nm_mask(model[2].weight.t().contiguous()).t()       # 2:4 along the output axis
-    masks = {"0.weight": synthetic.nm_mask(model[0].weight), "2.weight": along_out}
+    masks = {"0.weight": synthetic.nm_mask(model[0].weight), "2.weight": along_out,
+             "6.weight": synthetic.fanin_mask(model[6].weight, 0.5)}            # K = 6: no groups of 4
     with pytest.warns(sparsecc.SparseccWarning) as record:
         result = sparsecc.export_onnx(model, torch.randn(1, 16), tmp_path / "w.onnx", mode="dense", masks=masks)
-    messages = [str(w.message) for w in record if issubclass(w.category, sparsecc.SparseccWarning)]
-    assert len(messages) == 1 and "2.weight" in messages[0] and "TensorRT will run it dense" in messages[0]
+    messages = sorted(str(w.message) for w in record if issubclass(w.category, sparsecc.SparseccWarning))
+    assert len(messages) == 2 and all("TensorRT will run it dense" in m for m in messages)
+    assert "(2.weight)" in messages[0] and "keep more than 2" in messages[0]
+    assert "(6.weight)" in messages[1] and "K = 6 along axis 1 is not a multiple of 4" in messages[1]
     assert result.path.is_file()
     x = torch.randn(2, 16)
     with torch.no_grad():
