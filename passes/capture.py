@@ -8,6 +8,8 @@ handled by module swapping instead; `capture` returns the reason.
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 import math
 from dataclasses import dataclass
@@ -119,9 +121,13 @@ def _concrete_defaults(model: nn.Module, n_args: Optional[int]) -> dict[str, Any
 
 
 def capture(model: nn.Module, n_args: Optional[int] = None) -> Captured:
-    """Trace ``model``; ``n_args`` is how many positional example inputs there are (None: unknown)."""
+    """Trace ``model``; ``n_args`` is how many positional example inputs there are (None: unknown). A model
+    that already is a graph (the torch.compile backend's) and cannot be traced again is used as it is."""
     try:
         graph = Tracer().trace(model, concrete_args=_concrete_defaults(model, n_args) or None)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back to swapping modules
-        return Captured(None, "module swapping", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if isinstance(model, fx.GraphModule):
+            return Captured(copy.deepcopy(model), "torch.fx (given graph)", reason)
+        return Captured(None, "module swapping", reason)
     return Captured(fx.GraphModule(model, graph, class_name=type(model).__name__), "torch.fx")
