@@ -42,3 +42,7 @@ class SparseccWarning(UserWarning):
 
 class ExportError(SparseccError):
     """A model that cannot be exported as asked (unsupported ops, unwritable path); says what to change."""
+
+
+class VersionError(SparseccError):
+    """A saved file from an incompatible sparsecc (or not from sparsecc at all)."""
