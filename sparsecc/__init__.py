@@ -10,7 +10,7 @@ from sparsecc.serialize import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "inspect", "validate", "masked_reference", "CompiledModel", "Report", "save", "load", "export_onnx",
-           "check_2to4", "export_tensorrt", "SparseccError", "MaskError", "WeightError", "PassError", "InputError",
-           "EquivalenceError", "ExportError", "RuntimeUnavailableError", "SparseccWarning", "VersionError",
-           "__version__"]
+__all__ = ["compile", "inspect", "validate", "masked_reference", "CompiledModel", "Report", "save", "load",
+           "export_onnx", "check_2to4", "export_tensorrt", "SparseccError", "MaskError", "WeightError", "PassError",
+           "InputError", "EquivalenceError", "ExportError", "RuntimeUnavailableError", "SparseccWarning",
+           "VersionError", "__version__"]

@@ -109,8 +109,9 @@ def test_vit_b_16(structure):
     assert explanation.graph_break_count == 0
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=dynamo.backend_with(inductor=False))
-    _check_batches(model, compiled, (3, 224, 224), batches=(1, 2))
-    assert len(dynamo.REPORTS) == 2
+    batches = (1, 2) if structure == "fanin" else (1,)     # the dynamic recompile is checked once
+    _check_batches(model, compiled, (3, 224, 224), batches=batches)
+    assert len(dynamo.REPORTS) == len(batches)
     op = "condensed_linear" if structure == "fanin" else "nm_linear"
     assert dynamo.last_report().rewrites == {op: 48}
     names = {lay.name for lay in dynamo.last_report().condensed}
