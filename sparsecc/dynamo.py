@@ -118,7 +118,7 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphMod
                 value = (getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method"
                          else node.target(*args, **kwargs))
             if isinstance(value, Tensor):
-                # Named after the first constant it reads: weight_orig * mask -> <module>.weight_orig_1
+                # Named after the first constant it reads, so it stays under that module's path.
                 env[node] = graph.get_attr(_set_tensor(root, env[producers[0]].target.split(".", 1)[1], value))
                 constants[env[node]] = value
                 continue
