@@ -279,5 +279,17 @@ class _LazyConv:
         return self.bound(x)
 
 
-KERNELS = {op: (lambda x, *constants, op=op: bind(op, *constants)(x))
+def bound(op: str, *constants) -> Callable[[Tensor], Tensor]:
+    """`bind`, cached on the layer's values tensor: graphs run by torch.compile or loaded from a .pt2 call the
+    op with the same constant tensors every time, and binding (row maps, tap offsets) is not free. The cache
+    keeps the constants alive, so their ids stay unique, and keys on their versions (in-place edits rebind)."""
+    values = constants[0]
+    key = (op, *((id(c), c._version) if isinstance(c, Tensor) else c for c in constants))
+    cached = values.__dict__.get("_sparsecc_bound")
+    if cached is None or cached[0] != key:
+        cached = values.__dict__["_sparsecc_bound"] = (key, bind(op, *constants), constants)
+    return cached[1]
+
+
+KERNELS = {op: (lambda x, *constants, op=op: bound(op, *constants)(x))
            for op in ("condensed_linear", "condensed_conv2d", "nm_linear")}

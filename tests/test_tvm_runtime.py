@@ -61,6 +61,23 @@ def test_every_row_ablated_outputs_bias():
     assert_equivalent(y, b.expand(2, 5).contiguous())
 
 
+def test_op_calls_reuse_one_binding_until_a_constant_changes():
+    w, enc = _layer(24, 40, 0.75, 0.25)
+    b = torch.randn(24)
+    run = lambda x: tvm_runtime.KERNELS["condensed_linear"](x, enc.values, enc.indices, enc.rows, b, 24)  # noqa: E731
+    x = torch.randn(1, 40)
+    assert_equivalent(run(x), F.linear(x, w, b))
+    first = enc.values.__dict__["_sparsecc_bound"][1]
+    assert_equivalent(run(x), F.linear(x, w, b))
+    assert enc.values.__dict__["_sparsecc_bound"][1] is first          # same constants: bound once
+    with torch.no_grad():
+        enc.values.mul_(2)
+        b.add_(1)
+    w2 = formats.decode_fanin(enc.values, enc.indices, enc.rows, 24, 40)
+    assert_equivalent(run(x), F.linear(x, w2, b))                        # in-place edits are seen
+    assert enc.values.__dict__["_sparsecc_bound"][1] is not first
+
+
 @pytest.mark.parametrize("tokens", [1, 12])
 def test_misaligned_and_non_contiguous_inputs(tokens):
     w, enc = _layer(32, 64, 0.9, 0.1)
