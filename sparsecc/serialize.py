@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecc.errors import InputError, VersionError
+from sparsecc.export.onnx_file import batch_of_two
 
 #: Bump when the ops' signatures or the meaning of their arguments change.
 FORMAT = 1
@@ -31,8 +32,7 @@ def _example(compiled: Any, example_inputs: Any) -> tuple[Tensor, ...]:
         inputs = tuple(torch.zeros(1, *shape, dtype=dtype) for dtype, shape in compiled._spec)
     else:
         raise InputError("save needs example_inputs: this model was compiled without any and never called")
-    # A batch of 1 would be specialised to 1 by torch.export: trace at 2 with a free batch dimension.
-    return tuple(torch.cat([t[:1], t[:1]]) for t in inputs)
+    return batch_of_two(inputs)
 
 
 def save(compiled: nn.Module, path: "str | os.PathLike", example_inputs: Any = None) -> Path:

@@ -59,7 +59,7 @@ def _writable_target(path: Path) -> None:
     os.unlink(probe)
 
 
-def _tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
+def tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise InputError("export needs example_inputs: a tensor or a tuple of tensors (batch first)")
@@ -135,8 +135,8 @@ def unsupported_ops(program: torch.export.ExportedProgram) -> dict[str, list[str
     return missing
 
 
-def _batched(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Example inputs with a batch of 2: a batch of 1 would be specialised to 1 by torch.export."""
+def batch_of_two(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Example inputs with a batch of 2: torch.export would specialise a batch of 1 to 1."""
     return tuple(torch.cat([t[:1], t[:1]]) for t in inputs)
 
 
@@ -187,12 +187,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
         raise InputError(f"precision={precision!r}: choose one of {sorted(PRECISIONS)}")
     path = Path(path)
     _writable_target(path)
-    inputs = _tensor_inputs(example_inputs)
+    inputs = tensor_inputs(example_inputs)
     compiled = model if isinstance(model, CompiledModel) else compile(model, inputs, masks=masks,
                                                                        backend="reference")
     module, chosen = export_module(compiled.module, inputs, mode, formulation)
     dtype = PRECISIONS[precision]
-    args = _batched(inputs)
+    args = batch_of_two(inputs)
     if dtype != torch.float32:
         module = module.to(dtype)
         args = tuple(t.to(dtype) if t.is_floating_point() else t for t in args)

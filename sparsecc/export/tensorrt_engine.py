@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 from torch import Tensor, nn
 
 from sparsecc.errors import InputError
-from sparsecc.export.onnx_file import _tensor_inputs, export_onnx
+from sparsecc.export.onnx_file import export_onnx, tensor_inputs
 
 
 def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, precision: str = "fp16",
@@ -26,7 +26,7 @@ def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathL
     engine_path = Path(path)
     if engine_path.suffix == ".onnx":
         raise InputError(f"{engine_path} is the engine path; its ONNX source is written beside it as .onnx")
-    inputs = _tensor_inputs(example_inputs)
+    inputs = tensor_inputs(example_inputs)
     exported = export_onnx(model, inputs, engine_path.with_suffix(".onnx"), mode="dense", precision=precision,
                            masks=masks)
     return tensorrt.build(exported.path, engine_path, exported.input_names, inputs, max_batch)
