@@ -177,15 +177,18 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
     dense = sparsecc.masked_reference(model)
     report = compiled.report
     ort_condensed = sparsecc.compile(model, (x,), backend="onnxruntime")
+    via_dynamo = torch.compile(model, backend="sparsecc")
     with tempfile.TemporaryDirectory() as tmp:
         ort_dense = _onnxruntime_dense(dense, (x,), Path(tmp))
     with torch.no_grad():
-        for method, fn in (("onnxruntime dense", ort_dense), ("onnxruntime condensed", ort_condensed)):
+        for method, fn in (("onnxruntime dense", ort_dense), ("onnxruntime condensed", ort_condensed),
+                           ("torch.compile sparsecc", via_dynamo)):
             stat = compare(method, fn(x), dense(x))
             if not stat.ok:
                 raise sparsecc.EquivalenceError(f"{name} {method}: {stat}")
         times = medians({"dense eager": lambda: dense(x), "sparsecc": lambda: compiled(x),
-                         "onnxruntime dense": lambda: ort_dense(x), "onnxruntime condensed": lambda: ort_condensed(x)},
+                         "onnxruntime dense": lambda: ort_dense(x), "onnxruntime condensed": lambda: ort_condensed(x),
+                         "torch.compile sparsecc": lambda: via_dynamo(x)},
                         runs=runs, warmup=2)
     rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
     progress.step(name)
@@ -252,14 +255,15 @@ def layer_table(rows: list[Row]) -> str:
 
 
 def model_table(rows: list[ModelRow]) -> str:
-    lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | onnxruntime dense | "
-             "onnxruntime condensed | compile cold / warm | analysed weights dense → condensed | all model tensors | "
-             "process RSS | max rel error |", "|" + "---|" * 11]
+    others = ("torch.compile sparsecc", "onnxruntime dense", "onnxruntime condensed")
+    lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | " + " | ".join(others)
+             + " | compile cold / warm | analysed weights dense → condensed | all model tensors | process RSS | "
+             "max rel error |", "|" + "---|" * 12]
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     for r in rows:
         rss = f"{mib(r.rss_dense)} → {mib(r.rss_compiled)} MiB" if r.rss_dense else "not measured"
         ort = " | ".join(f"{r.times[m] * 1e3:.1f} ms ({r.times['dense eager'] / r.times[m]:.2f}x)"
-                         for m in ("onnxruntime dense", "onnxruntime condensed"))
+                         for m in others)
         lines.append(f"| {r.name} | {r.times['dense eager'] * 1e3:.1f} ms | {r.times['sparsecc'] * 1e3:.1f} ms | "
                      f"{r.times['dense eager'] / r.times['sparsecc']:.2f}x | {ort} | {r.compile_cold:.1f} s / "
                      f"{r.compile_warm:.1f} s | {mib(r.bytes_dense)} → {mib(r.bytes_condensed)} MiB | "
