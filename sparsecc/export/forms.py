@@ -31,8 +31,8 @@ from sparsecc.layers import CondensedConv2d, CondensedLayer, CondensedLinear, NM
 #: Largest k / in_features for which ``gather`` is picked (one position per sample); measured, see above.
 GATHER_MAX_DENSITY = 1 / 60
 #: Smallest fraction of ablated rows for which ``rows`` beats ``dense`` in onnxruntime: Linear layers with
-#: several positions per sample (3072x768, 197 tokens: 0.69x at 5%, 0.84x at 30%, 1.12x at 60%), and the
-#: others (1 token: 0.91x / 1.18x / 1.59x; convs 0.82-1.00x / 1.01-1.30x / 1.42-2.06x).
+#: several positions per sample (768->3072, 197 tokens: 0.71x at 5%, 0.85x at 30%, 1.14x at 60%), and the
+#: others (1 token: 1.00x / 1.24x / 1.76x; convs 0.79-1.01x / 1.01-1.33x / 1.39-2.08x); docs/exporting.md.
 ROWS_MIN_ABLATED = {"tokens": 0.5, "other": 0.25}
 
 
