@@ -5,8 +5,8 @@ Formulations, per layer, one table (`FORMS`):
 
 - ``gather`` — ``ReduceSum(Mul(Gather(x, indices), values))`` over the live rows: stores ``k`` values and
   indices per row. onnxruntime runs Gather at ~13 ns per element, so it beats a dense MatMul only when a row
-  keeps under ~1/60 of its inputs and there is one position (token) per sample (3072 -> 768, 1 thread:
-  1.51x dense at 99%, 0.22x at 90%, 0.03-0.25x with 197 tokens; `GATHER_MAX_DENSITY`).
+  keeps under ~1/60 of its inputs and there is one position (token) per sample (1 thread: 3072 -> 768 at one
+  token 1.51x dense at 99%, 0.22x at 90%; 768 -> 3072 at 197 tokens 0.03-0.25x; `GATHER_MAX_DENSITY`).
 - ``rows`` — a dense MatMul / Conv over the live rows only (ablated neurons dropped). Ablated rows are put
   back by padding the live outputs with one zero channel and gathering every output channel from it (ablated
   ones pick the zero), then adding the full bias: ``act(bias)`` stays exact. That Gather is cheap along a
