@@ -65,23 +65,16 @@ def smoke_engine(name: str) -> list[str]:
 
 def main() -> int:
     failed = False
-    for name in ENGINES:
+    checks = [(name, smoke_engine, lambda n: "whole model") for name in ENGINES] + \
+             [(name, smoke, lambda n: ", ".join(sorted(get_runtime(n).kernels))) for name in RUNTIMES]
+    for name, check, what in checks:
         why = unavailable(name)
         if why is not None:
             print(f"UNAVAILABLE {name}: {why}")
             continue
-        problems = smoke_engine(name)
+        problems = check(name)
         failed |= bool(problems)
-        print(f"{'FAIL' if problems else 'PASS'} {name} (whole model)" + "".join(f"\n  {p}" for p in problems))
-    for name in RUNTIMES:
-        why = unavailable(name)
-        if why is not None:
-            print(f"UNAVAILABLE {name}: {why}")
-            continue
-        problems = smoke(name)
-        failed |= bool(problems)
-        ops_run = ", ".join(sorted(get_runtime(name).kernels))
-        print(f"{'FAIL' if problems else 'PASS'} {name} ({ops_run})" + "".join(f"\n  {p}" for p in problems))
+        print(f"{'FAIL' if problems else 'PASS'} {name} ({what(name)})" + "".join(f"\n  {p}" for p in problems))
     return 1 if failed else 0
 
 

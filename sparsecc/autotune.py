@@ -5,12 +5,10 @@ keeps both timings either way."""
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import torch
 from torch import nn
 
-from sparsecc.layers import CondensedLayer, DenseLayer
+from sparsecc.layers import DenseLayer, first_calls
 from sparsecc.report import Report
 from sparsecc.timing import medians
 
@@ -19,21 +17,8 @@ log = logging.getLogger("sparsecc")
 
 def autotune(module: nn.Module, reference: nn.Module, inputs: tuple, report: Report, runs: int = 5) -> None:
     """Replace, in ``module``, every condensed layer slower than its dense op; note both times in ``report``."""
-    condensed = {path: m for path, m in module.named_modules() if isinstance(m, CondensedLayer)}
-    captured: dict[str, Any] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args, p=path: captured.setdefault(p, args[0]))
-             for path, m in condensed.items()]
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
     by_name = {layer.name: layer for layer in report.layers}
-    for path, layer in condensed.items():
-        x = captured.get(path)
-        if x is None:
-            continue
+    for path, (layer, x, _) in first_calls(module, inputs).items():
         weight = reference.get_parameter(layer.weight_fqn)
         bias = reference.get_parameter(layer.bias_fqn) if layer.bias_fqn else None
         op = layer.dense_op()

@@ -34,10 +34,7 @@ def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0, struc
     """A torchvision model with random weights and masks attached as prune hooks: constant fan-in (SRigL,
     ``sparsity`` and ``ablate`` apply) or ``"2:4"`` along the input dimension."""
     model = build(name, seed)
-    if structure == "2:4":
-        masks = synthetic.nm_masks(model, MODELS[name][1])
-    else:
-        masks = synthetic.fanin_masks(model, sparsity, ablate, MODELS[name][1], seed)
+    masks = synthetic.structured_masks(model, structure, sparsity, ablate, MODELS[name][1], seed)
     return synthetic.attach_with_prune(model, masks)
 
 

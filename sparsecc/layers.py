@@ -154,3 +154,22 @@ class CondensedConv2d(CondensedLayer):
     def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         return functools.partial(F.conv2d, stride=self.stride, padding=self.padding, dilation=self.dilation,
                                  groups=self.groups)
+
+
+def first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple["CondensedLayer", Tensor, Tensor]]:
+    """Each condensed layer of ``module`` (by path) with its input and output on its first call, from one
+    no-grad run on ``inputs``; layers the run does not reach are absent."""
+    seen: dict[str, tuple[CondensedLayer, Tensor, Tensor]] = {}
+
+    def record(path: str, layer: CondensedLayer, args: tuple, out: Tensor) -> None:   # None: output unchanged
+        seen.setdefault(path, (layer, args[0], out))
+
+    hooks = [m.register_forward_hook(functools.partial(record, path))
+             for path, m in module.named_modules() if isinstance(m, CondensedLayer)]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

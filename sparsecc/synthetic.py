@@ -56,6 +56,16 @@ def nm_masks(model: nn.Module, include: Optional[Selector] = None) -> dict[str, 
     return {fqn: nm_mask(w) for fqn, w in _targets(model, include).items()}
 
 
+def structured_masks(model: nn.Module, structure: str, sparsity: float = 0.9, ablate: float = 0.0,
+                     include: Optional[Selector] = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``"fanin"`` (SRigL: ``sparsity``, ``ablate`` apply) or ``"2:4"`` masks for the selected weights."""
+    if structure == "2:4":
+        return nm_masks(model, include)
+    if structure == "fanin":
+        return fanin_masks(model, sparsity, ablate, include, seed)
+    raise ValueError(f"structure {structure!r}: choose 'fanin' or '2:4'")
+
+
 def attach_with_prune(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Attach masks as ``torch.nn.utils.prune`` hooks, the way a training script leaves them."""
     for fqn, mask in masks.items():

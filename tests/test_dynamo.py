@@ -82,8 +82,7 @@ def test_nothing_to_condense(caplog):
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_resnet18(structure):
     model = build("resnet18")
-    masks = (synthetic.fanin_masks(model, 0.9, 0.1, synthetic.all_but_stem) if structure == "fanin"
-             else synthetic.nm_masks(model, synthetic.all_but_stem))
+    masks = synthetic.structured_masks(model, structure, 0.9, 0.1, synthetic.all_but_stem)
     synthetic.attach_with_prune(model, masks)
     x = torch.randn(1, 3, 64, 64)
     explanation = torch._dynamo.explain(model)(x)
@@ -101,8 +100,7 @@ def test_resnet18(structure):
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_vit_b_16(structure):
     model = build("vit_b_16")
-    masks = (synthetic.fanin_masks(model, 0.9, 0.05, synthetic.vit_encoder) if structure == "fanin"
-             else synthetic.nm_masks(model, synthetic.vit_encoder))
+    masks = synthetic.structured_masks(model, structure, 0.9, 0.05, synthetic.vit_encoder)
     synthetic.attach_with_prune(model, masks)
     x = torch.randn(1, 3, 224, 224)
     explanation = torch._dynamo.explain(model)(x)

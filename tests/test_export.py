@@ -175,8 +175,7 @@ def test_fp16_dense_export(tmp_path):
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_resnet18_round_trip(tmp_path, structure):
     model = build("resnet18")
-    masks = (synthetic.fanin_masks(model, 0.9, 0.1, synthetic.all_but_stem) if structure == "fanin"
-             else synthetic.nm_masks(model, synthetic.all_but_stem))
+    masks = synthetic.structured_masks(model, structure, 0.9, 0.1, synthetic.all_but_stem)
     x = torch.randn(1, 3, 64, 64)
     mode = "condensed" if structure == "fanin" else "dense"
     result = sparsecc.export_onnx(model, x, tmp_path / "r18.onnx", mode=mode, masks=masks)
@@ -195,8 +194,7 @@ def test_resnet18_round_trip(tmp_path, structure):
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_vit_b_16_round_trip(tmp_path, structure):
     model = build("vit_b_16")
-    masks = (synthetic.fanin_masks(model, 0.9, 0.05, synthetic.vit_encoder) if structure == "fanin"
-             else synthetic.nm_masks(model, synthetic.vit_encoder))
+    masks = synthetic.structured_masks(model, structure, 0.9, 0.05, synthetic.vit_encoder)
     mode = "condensed" if structure == "fanin" else "dense"
     result = sparsecc.export_onnx(model, torch.randn(1, 3, 224, 224), tmp_path / "vit.onnx", mode=mode, masks=masks)
     assert len(result.forms) == 48

@@ -39,8 +39,7 @@ def _run_fresh(path, inputs, tmp_path):
 def test_round_trip_in_a_fresh_process(tmp_path, name, structure, shape):
     model = build(name)
     include = synthetic.all_but_stem if name == "resnet18" else synthetic.vit_encoder
-    masks = (synthetic.fanin_masks(model, 0.9, 0.1, include) if structure == "fanin"
-             else synthetic.nm_masks(model, include))
+    masks = synthetic.structured_masks(model, structure, 0.9, 0.1, include)
     compiled = sparsecc.compile(model, torch.randn(1, *shape), masks=masks)
     path = sparsecc.save(compiled, tmp_path / "model.pt2")
     inputs = [torch.randn(1, *shape), torch.randn(3, *shape)]

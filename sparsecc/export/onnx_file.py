@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sparsecc.errors import ExportError, InputError, SparseccWarning
 from sparsecc.export import forms
-from sparsecc.layers import CondensedLayer
+from sparsecc.layers import CondensedLayer, first_calls
 
 MODES = ("condensed", "dense")
 FORMULATIONS = ("auto", "gather", "rows")
@@ -79,19 +79,8 @@ def _choose(layer: CondensedLayer, mode: str, formulation: str, per_sample: Opti
 def _positions_per_sample(module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, int]:
     """Output positions (tokens, pixels) per sample of each condensed layer, from one run on the inputs."""
     batch = inputs[0].shape[0] if inputs[0].dim() else 1
-    seen: dict[str, int] = {}
-
-    def record(layer: CondensedLayer, args: tuple, out: Tensor) -> None:
-        seen.setdefault(layer.weight_fqn, out.numel() // layer.weight_shape[0] // batch)
-
-    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, CondensedLayer)]
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return {layer.weight_fqn: out.numel() // layer.weight_shape[0] // batch
+            for layer, _, out in first_calls(module, inputs).values()}
 
 
 def export_module(module: nn.Module, inputs: tuple[Tensor, ...], mode: str,
