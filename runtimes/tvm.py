@@ -74,12 +74,13 @@ def _float_contiguous(x: Tensor) -> Tensor:
 
 
 def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel_dim: int) -> Tensor:
-    """The output of a layer whose every row is ablated: its bias (or zeros) broadcast."""
+    """The output of a layer whose every row is ablated: its bias (or zeros) broadcast, in fresh memory (a view
+    of the bias would let callers write into it, and custom ops may not alias their inputs)."""
     if bias is None:
         return x.new_zeros(shape)
     view = [1] * len(shape)
     view[channel_dim] = -1
-    return bias.view(view).expand(shape).contiguous()
+    return bias.view(view).expand(shape).clone(memory_format=torch.contiguous_format)
 
 
 class _Bound:
@@ -209,24 +210,28 @@ class BoundConv2d(_Bound):
         return y[0] if unbatched else y
 
 
+def nm_kind(in_features: int, target) -> Optional[str]:
+    """The 2:4 one-token kernel for this input width and target, or None (the fan-in kernels run instead)."""
+    from tvm.target import codegen
+
+    if in_features % 16 == 0 and codegen.target_has_features("avx", target):
+        return "nm_gemv_avx"
+    return "nm_gemv" if in_features % 32 == 0 else None
+
+
 class BoundNM:
     """2:4 Linear: few tokens read the 2-bit metadata directly; many tokens (or shapes the 2:4 kernels do
     not take) run the fan-in kernels on the expanded positions (k = in/2)."""
 
-    def __init__(self, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int) -> None:
-        from tvm.target import codegen
-
+    def __init__(self, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int,
+                 compile_kernel: bool = True) -> None:
         self.values, self.metadata, self.in_features, self.out = values, metadata, in_features, values.shape[0]
         self.has_bias = bias is not None
         self.bias = bias.contiguous() if bias is not None else values.new_zeros(self.out)
         groups = in_features // 4
-        if in_features % 16 == 0 and codegen.target_has_features("avx", kernel_cache().target):
-            self.kind = "nm_gemv_avx"
-        elif in_features % 32 == 0:
-            self.kind = "nm_gemv"
-        else:
-            self.kind = None
-        self.direct = _kernel(self.kind, groups, 1, torch.int16, self.has_bias) if self.kind else None
+        self.kind = nm_kind(in_features, kernel_cache().target)
+        self.direct = (_kernel(self.kind, groups, 1, torch.int16, self.has_bias)
+                       if self.kind and compile_kernel else None)
         self._fanin: Optional[BoundLinear] = None
 
     @property

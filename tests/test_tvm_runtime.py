@@ -61,6 +61,23 @@ def test_every_row_ablated_outputs_bias():
     assert_equivalent(y, b.expand(2, 5).contiguous())
 
 
+@pytest.mark.parametrize("op", ["condensed_linear", "condensed_conv2d"])
+def test_every_row_ablated_output_does_not_alias_the_bias(op):
+    # ViT-B/16's head is zero-initialised: at batch 1 its broadcast bias was a view of the bias buffer, which
+    # the custom op refused (outputs may not alias inputs) and callers could write through.
+    b = torch.randn(5)
+    empty = (torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int16), torch.zeros(0, dtype=torch.int64), b, 5)
+    if op == "condensed_linear":
+        x, expected = torch.randn(1, 7), b.expand(1, 5)
+        y = torch.ops.sparsecc.condensed_linear(x, *empty, "tvm")
+    else:
+        x, expected = torch.randn(1, 3, 1, 1), b.view(1, 5, 1, 1)
+        y = torch.ops.sparsecc.condensed_conv2d(x, *empty, [1, 1], [1, 1], [0, 0], [1, 1], 1, "tvm")
+    assert_equivalent(y, expected.contiguous())
+    y.add_(1.0)
+    assert_equivalent(b, expected.reshape(5))
+
+
 def test_op_calls_reuse_one_binding_until_a_constant_changes():
     w, enc = _layer(24, 40, 0.75, 0.25)
     b = torch.randn(24)
