@@ -180,15 +180,17 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
     via_dynamo = torch.compile(model, backend="sparsecc")
     with tempfile.TemporaryDirectory() as tmp:
         ort_dense = _onnxruntime_dense(dense, (x,), Path(tmp))
+        library = sparsecc.load_tvm(sparsecc.export_tvm(compiled, (x,), Path(tmp) / f"{name}.so").path)
+    tvm_library = lambda x: torch.from_numpy(library(x))  # noqa: E731
     with torch.no_grad():
         for method, fn in (("onnxruntime dense", ort_dense), ("onnxruntime condensed", ort_condensed),
-                           ("torch.compile sparsecc", via_dynamo)):
+                           ("torch.compile sparsecc", via_dynamo), ("TVM library", tvm_library)):
             stat = compare(method, fn(x), dense(x))
             if not stat.ok:
                 raise sparsecc.EquivalenceError(f"{name} {method}: {stat}")
         times = medians({"dense eager": lambda: dense(x), "sparsecc": lambda: compiled(x),
                          "onnxruntime dense": lambda: ort_dense(x), "onnxruntime condensed": lambda: ort_condensed(x),
-                         "torch.compile sparsecc": lambda: via_dynamo(x)},
+                         "torch.compile sparsecc": lambda: via_dynamo(x), "TVM library": lambda: tvm_library(x)},
                         runs=runs, warmup=2)
     rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
     progress.step(name)
@@ -255,10 +257,10 @@ def layer_table(rows: list[Row]) -> str:
 
 
 def model_table(rows: list[ModelRow]) -> str:
-    others = ("torch.compile sparsecc", "onnxruntime dense", "onnxruntime condensed")
+    others = ("torch.compile sparsecc", "TVM library", "onnxruntime dense", "onnxruntime condensed")
     lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | " + " | ".join(others)
              + " | compile cold / warm | analysed weights dense → condensed | all model tensors | process RSS | "
-             "max rel error |", "|" + "---|" * 12]
+             "max rel error |", "|" + "---|" * (9 + len(others))]
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     for r in rows:
         rss = f"{mib(r.rss_dense)} → {mib(r.rss_compiled)} MiB" if r.rss_dense else "not measured"

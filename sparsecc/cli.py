@@ -23,14 +23,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", type=int, default=10)
     demo.add_argument("--threads", type=int, default=1)
     demo.add_argument("--autotune", action="store_true", help="run a layer dense where its kernel measures slower")
-    export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX")
-    export.add_argument("out", type=Path, help="the .onnx file to write")
+    export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX (.onnx) "
+                            "or as a TVM library that runs without PyTorch (.so)")
+    export.add_argument("out", type=Path, help="the .onnx or .so file to write")
     export.add_argument("--model", default="vit_b_16", choices=["vit_b_16", "resnet18", "resnet50"])
     export.add_argument("--structure", default="fanin", choices=["fanin", "2:4"])
     export.add_argument("--sparsity", type=float, default=0.9, help="fan-in sparsity (ignored for 2:4)")
     export.add_argument("--ablate", type=float, default=0.05, help="fraction of neurons ablated (fan-in)")
-    export.add_argument("--mode", default="condensed", choices=["condensed", "dense"])
-    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    export.add_argument("--mode", default="condensed", choices=["condensed", "dense"], help="ONNX only")
+    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="ONNX only")
     check = sub.add_parser("check-2to4", help="which Gemm/MatMul/Conv weights of an ONNX file TensorRT reads as 2:4")
     check.add_argument("onnx", type=Path)
     bench = sub.add_parser("bench", help="batch-1, 1-thread latency of condensed layers and models vs peers")
@@ -76,8 +77,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import torch
 
             import sparsecc
+            from sparsecc.export import tvm_runner
 
             model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure)
+            if args.out.suffix == ".so":
+                library = sparsecc.export_tvm(model, torch.randn(1, 3, 224, 224), args.out)
+                print(f"wrote {library.path} ({library.bytes / 2**20:.1f} MiB, TVM, batch 1); kernel calls: "
+                      f"{library.kernels}; run it without torch: python {tvm_runner.__file__} {library.path}")
+                return 0
             result = sparsecc.export_onnx(model, torch.randn(1, 3, 224, 224), args.out, mode=args.mode,
                                           precision=args.precision)
             counts = {form: list(result.forms.values()).count(form) for form in sorted(set(result.forms.values()))}

@@ -1,5 +1,6 @@
 """The command line: demo and inspect print what they promise; errors exit 2 with a message."""
 
+import json
 import subprocess
 import sys
 
@@ -46,3 +47,17 @@ def test_export_then_check_2to4(tmp_path, capsys):
 def test_check_2to4_missing_file_is_a_clean_error(tmp_path, capsys):
     assert cli.main(["check-2to4", str(tmp_path / "none.onnx")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_export_tvm_library_then_run_it_with_the_runner(tmp_path, capsys):
+    out = tmp_path / "r18.so"
+    assert cli.main(["export", str(out), "--model", "resnet18"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "'condensed_conv2d/spmm_flat': 13" in printed and out.is_file()
+    from sparsecc.export import tvm_runner
+
+    done = subprocess.run([sys.executable, tvm_runner.__file__, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
+    assert meta["inputs"] == [[[1, 3, 224, 224], "float32"]] and meta["outputs"] == [[1, 1000]]
+    assert "output (1, 1000) float32 finite" in done.stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import sparsecc
@@ -102,26 +103,6 @@ def test_dense_ops_on_the_token_kernel(tmp_path):
     assert exported.kernels == {"convolution/spmm": 2, "bmm/spmm": 2, "condensed_linear/spmm": 1}
 
 
-@pytest.mark.parametrize("structure", ["fanin", "2:4"])
-def test_resnet18(tmp_path, structure):
-    model = build("resnet18")
-    masks = synthetic.structured_masks(model, structure, 0.9, 0.1, synthetic.all_but_stem)
-    exported = _check(model, masks, torch.randn(1, 3, 64, 64), tmp_path / "r18.so")
-    assert sum(n for k, n in exported.kernels.items() if k.startswith("condensed_conv2d/")) == 19
-    assert exported.kernels["convolution/spmm"] == 1    # the dense stem
-
-
-@pytest.mark.parametrize("structure", ["fanin", "2:4"])
-def test_vit_b_16(tmp_path, structure):
-    model = build("vit_b_16")
-    masks = synthetic.structured_masks(model, structure, 0.9, 0.05, synthetic.vit_encoder)
-    exported = _check(model, masks, torch.randn(1, 3, 224, 224), tmp_path / "vit.so")
-    sparse = "nm_linear" if structure == "2:4" else "condensed_linear"
-    # 197 tokens: the token kernel for every encoder Linear; attention's two bmm per layer, 12 heads each;
-    # the dense patch embedding
-    assert exported.kernels == {f"{sparse}/spmm": 48, "bmm/spmm": 2 * 12 * 12, "convolution/spmm": 1}
-
-
 _NO_TORCH = """
 import importlib.util, sys
 sys.modules["torch"] = None          # importing torch (or sparsecc, which needs it) now fails
@@ -135,18 +116,38 @@ assert "torch" not in [m.split(".")[0] for m, v in sys.modules.items() if v is n
 """
 
 
-def test_library_runs_in_a_process_without_torch(tmp_path):
-    model = build("resnet18")
-    masks = synthetic.structured_masks(model, "fanin", 0.9, 0.1, synthetic.all_but_stem)
-    x = torch.randn(2, 3, 32, 32)
-    exported = sparsecc.export_tvm(model, x, tmp_path / "r18.so", masks=masks)
+def _run_without_torch(path: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
     np.save(tmp_path / "x.npy", x.numpy())
-    done = subprocess.run([sys.executable, "-c", _NO_TORCH, tvm_runner.__file__, str(exported.path),
-                           str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, tvm_runner.__file__, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return torch.from_numpy(np.load(tmp_path / "y.npy"))
+
+
+@pytest.mark.parametrize("structure", ["fanin", "2:4"])
+def test_resnet18(tmp_path, structure):
+    model = build("resnet18")
+    masks = synthetic.structured_masks(model, structure, 0.9, 0.1, synthetic.all_but_stem)
+    x = torch.randn(1, 3, 64, 64)
+    exported = _check(model, masks, x, tmp_path / "r18.so")
+    assert sum(n for k, n in exported.kernels.items() if k.startswith("condensed_conv2d/")) == 19
+    assert exported.kernels["convolution/spmm"] == 1    # the dense stem
+    # a fresh process that cannot import torch loads and runs the same library
     with torch.no_grad():
-        assert_equivalent(torch.from_numpy(np.load(tmp_path / "y.npy")), sparsecc.masked_reference(model, masks)(x))
+        assert_equivalent(_run_without_torch(exported.path, x, tmp_path), sparsecc.masked_reference(model, masks)(x))
+
+
+@pytest.mark.parametrize("structure,image", [("fanin", 224), ("2:4", 64)])   # 197 and 17 tokens
+def test_vit_b_16(tmp_path, structure, image):
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=image).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)   # torchvision zero-initialises it
+    masks = synthetic.structured_masks(model, structure, 0.9, 0.05, synthetic.vit_encoder)
+    exported = _check(model, masks, torch.randn(1, 3, image, image), tmp_path / "vit.so")
+    sparse = "nm_linear" if structure == "2:4" else "condensed_linear"
+    # the token kernel for every encoder Linear; attention's two bmm per layer, 12 heads each; the dense
+    # patch embedding
+    assert exported.kernels == {f"{sparse}/spmm": 48, "bmm/spmm": 2 * 12 * 12, "convolution/spmm": 1}
 
 
 def test_runner_script_prints_metadata(tmp_path):
