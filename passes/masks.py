@@ -2,8 +2,9 @@
 
 Sources, first match wins per weight: an explicit ``masks={"fqn.weight": mask}`` dict, a
 ``torch.nn.utils.prune`` hook (``weight_orig`` * ``weight_mask``), a ``torch.nn.utils.parametrize``
-parametrization holding a ``mask`` tensor (``torch.ao.pruning`` FakeSparsity), else the exact zeros of the
-weight. The reference model has every hook and parametrization baked in, so ``weight`` *is* the masked weight.
+parametrization holding a ``mask`` tensor (``torch.ao.pruning`` FakeSparsity), a sparsifying module that
+folds itself (``sparsecc_fold()``, e.g. `sparsecc.swat.TopKLinear`), else the exact zeros of the weight.
+The reference model has every hook and parametrization baked in, so ``weight`` *is* the masked weight.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sparsecc.errors import MaskError, SparseccWarning, WeightError
 log = logging.getLogger("sparsecc")
 
 LayerKind = Literal["linear", "conv2d"]
-MaskSource = Literal["masks=", "prune", "parametrize", "zeros"]
+MaskSource = Literal["masks=", "prune", "parametrize", "module", "zeros"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,26 @@ def _hook_mask(mod: nn.Module, attr: str) -> tuple[Optional[torch.Tensor], Optio
             if isinstance(mask, torch.Tensor):
                 return mask, "parametrize"
     return None, None
+
+
+def _fold_modules(model: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
+    """Replace every module that folds itself (`sparsecc.swat.Foldable`) by the plain module it returns;
+    the masks it returns by (module fqn, weight attr)."""
+    from sparsecc.swat import Foldable
+
+    masks: dict[tuple[str, str], torch.Tensor] = {}
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, Foldable):
+            continue
+        if not name:
+            raise MaskError(f"the model itself ({type(mod).__name__}) folds into another module; wrap it in "
+                            f"nn.Sequential to compile it")
+        with torch.no_grad():
+            plain, folded = mod.sparsecc_fold()
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, plain.train(mod.training))
+        masks.update({(name, a): m for a, m in folded.items()})
+    return masks
 
 
 def _strip_hooks(model: nn.Module) -> None:
@@ -129,8 +150,10 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
         warnings.warn("model is in train mode: sparsecc compiles an eval() copy (dropout off, BatchNorm "
                       "running stats); call model.eval() first to silence this", SparseccWarning, stacklevel=3)
     ref = _copy(model).eval()
+    folded = _fold_modules(ref)
     slots = _weight_slots(ref)
-    hooked = {(m, a): _hook_mask(ref.get_submodule(m), a) for m, a, _, _ in slots}
+    hooked = {(m, a): (folded[(m, a)], "module") if (m, a) in folded else _hook_mask(ref.get_submodule(m), a)
+              for m, a, _, _ in slots}
     _strip_hooks(ref)
 
     explicit = dict(masks or {})

@@ -7,11 +7,12 @@ from sparsecc.errors import (EquivalenceError, ExportError, InputError, MaskErro
 from sparsecc.export import check_2to4, export_onnx, export_tensorrt, export_tvm, load_tvm
 from sparsecc.report import Report
 from sparsecc.serialize import load, save
+from sparsecc.sparsify import SparsifyReport, sparsify
+from sparsecc import swat  # TopKLinear, TopKConv2d, swatify
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "inspect", "validate", "masked_reference", "CompiledModel", "Report", "save", "load",
-           "export_onnx", "check_2to4", "export_tensorrt", "export_tvm", "load_tvm", "SparseccError", "MaskError",
-           "WeightError", "PassError",
-           "InputError", "EquivalenceError", "ExportError", "RuntimeUnavailableError", "SparseccWarning",
-           "VersionError", "__version__"]
+           "export_onnx", "check_2to4", "export_tensorrt", "export_tvm", "load_tvm", "sparsify", "SparsifyReport",
+           "swat", "SparseccError", "MaskError", "WeightError", "PassError", "InputError", "EquivalenceError",
+           "ExportError", "RuntimeUnavailableError", "SparseccWarning", "VersionError", "__version__"]
