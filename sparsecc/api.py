@@ -19,6 +19,7 @@ from sparsecc.passes.capture import capture
 from sparsecc.passes.condense import Decision, plan
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.masks import Prepared, prepare
+from sparsecc.passes.narrow import narrow as narrow_network
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
 from sparsecc.report import Report, layer_report
 from sparsecc.runtimes import ENGINES, engine, resolve
@@ -94,8 +95,9 @@ class CompiledModel(nn.Module):
 
 
 def _validate_into(report: Report, reference: nn.Module, module: nn.Module, input_sets: Sequence[tuple],
-                   layers: dict, tolerance: Optional[float] = None) -> Validation:
-    result = run_validation(reference, module, input_sets, layers, tolerance)
+                   layers: dict, tolerance: Optional[float] = None,
+                   weights_from: Optional[nn.Module] = None) -> Validation:
+    result = run_validation(reference, module, input_sets, layers, tolerance, weights_from)
     by_name = {lay.name: lay for lay in report.layers}
     for fqn, stat in result.layers.items():
         by_name[fqn].error = stat
@@ -139,7 +141,7 @@ def _on_engine(name: str, compiled: "CompiledModel", reference: nn.Module, input
 
 def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None,
             backend: str = "auto", validate: bool = True, autotune: bool = False,
-            runtime_options: Optional[Mapping[str, Any]] = None) -> CompiledModel:
+            runtime_options: Optional[Mapping[str, Any]] = None, narrow: bool = False) -> CompiledModel:
     """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
 
     ``masks`` maps weight names (``"fc1.weight"``) to boolean masks and wins over prune hooks,
@@ -152,8 +154,14 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     ``backend`` is an op runtime (``"tvm"``, ``"reference"``, ``"auto"``) or an engine that runs the whole
     exported model (``"onnxruntime"``, ``"tensorrt"``; needs ``example_inputs``). ``runtime_options`` go to
     the engine, e.g. ``{"threads": 1}`` for onnxruntime or ``{"onnx_path": ...}`` to keep the exported file.
+
+    ``narrow=True`` (needs ``example_inputs``) first removes ablated neurons and unused channels from the
+    network itself (`sparsecc.passes.narrow`): producers, BatchNorms and consumers get narrower, consumers'
+    biases absorb the constants; the report's notes list widths before and after and what was left and why.
     """
     prepared = prepare(model, masks)
+    if narrow and example_inputs is None:
+        raise InputError("narrow=True checks the narrowed network on the example inputs: pass example_inputs")
     on_engine = backend in ENGINES
     if on_engine and example_inputs is None:
         raise InputError(f"backend={backend!r} exports the model: pass example_inputs")
@@ -164,10 +172,18 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
                          "example_inputs and a backend other than " + ", ".join(sorted(ENGINES)))
     op_backend = "reference" if on_engine else backend
     runtime = resolve(op_backend)
-    decisions = plan(prepared, op_backend)
-    report = _report(decisions, runtime, prepared)
     inputs = _as_tuple(example_inputs)
-    captured = capture(prepared.reference, len(inputs) if example_inputs is not None else None)
+    work, narrowing = prepared, None
+    if narrow:
+        narrowing = narrow_network(prepared, inputs)
+        work = Prepared(narrowing.model, narrowing.layers, prepared.was_training)
+    decisions = plan(work, op_backend)
+    report = _report(decisions, runtime, work)
+    if narrowing is not None:
+        report.notes += [f"narrowed {r}" for r in narrowing.removals] or ["narrow: no channel removed"]
+        report.notes += [f"not narrowed {p}: {why}" for p, why in narrowing.skipped.items()
+                         if why != "no ablated or unused channels"]
+    captured = capture(work.reference, len(inputs) if example_inputs is not None else None)
     if captured.graph_module is not None:
         passes = [CondenseModules(decisions), CondenseFunctionalOps(decisions), DropUnusedWeights(decisions)]
         manager = PassManager(passes)
@@ -175,7 +191,7 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
         applied = set().union(*(p.applied for p in passes))
         report.rewrites = manager.rewrites
     else:
-        module, report.rewrites, applied = swap_modules(copy.deepcopy(prepared.reference), decisions)
+        module, report.rewrites, applied = swap_modules(copy.deepcopy(work.reference), decisions)
         report.capture_reason = captured.reason
     report.capture = captured.method
     for layer in report.layers:
@@ -186,15 +202,15 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     if autotune:
         from sparsecc.autotune import autotune as tune
 
-        tune(module, prepared.reference, inputs, report)
+        tune(module, work.reference, inputs, report)
     tolerance = None
     if on_engine:
         module = _on_engine(backend, CompiledModel(module, report, None, {}, None), prepared.reference, inputs,
                             runtime_options or {})
         tolerance = TOLERANCE[PRECISIONS[engine(backend).EXPORT["precision"]]]
     if validate and example_inputs is not None:
-        _validate_into(report, prepared.reference, module, [inputs, random_like(inputs)], prepared.layers,
-                       tolerance)
+        _validate_into(report, prepared.reference, module, [inputs, random_like(inputs)], work.layers,
+                       tolerance, work.reference)
     validate_first_call = validate and example_inputs is None
     compiled = CompiledModel(module, report, prepared.reference if validate_first_call else None, prepared.layers,
                              _spec(inputs) if example_inputs is not None else None)

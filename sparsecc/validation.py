@@ -110,9 +110,13 @@ def _positions_hooks(reference: nn.Module, layers: dict[str, Any], positions: di
 
 
 def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[tuple],
-                   layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None) -> Validation:
+                   layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None,
+                   weights_from: Optional[nn.Module] = None) -> Validation:
     """Run both models on every input set; compare outputs and every condensed layer on its own input.
-    ``tolerance`` replaces the per-dtype one end to end (an fp16 engine checked against fp32 outputs)."""
+    ``tolerance`` replaces the per-dtype one end to end (an fp16 engine checked against fp32 outputs).
+    Layers are checked against the weights of ``weights_from`` (default ``reference``; the narrowed copy when
+    channels were removed, whose layers have other shapes)."""
+    weights_from = reference if weights_from is None else weights_from
     condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)}
     end_to_end: dict[int, ErrorStat] = {}
     per_layer: dict[str, ErrorStat] = {}
@@ -137,8 +141,8 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
                     end_to_end[i] = _merge(end_to_end.get(i), compare(f"output {i}", a, e, tolerance))
                 for fqn, (x, y) in captured.items():
                     mod = condensed[fqn]
-                    w = reference.get_parameter(fqn)
-                    b = reference.get_parameter(mod.bias_fqn) if mod.bias_fqn else None
+                    w = weights_from.get_parameter(fqn)
+                    b = weights_from.get_parameter(mod.bias_fqn) if mod.bias_fqn else None
                     per_layer[fqn] = _merge(per_layer.get(fqn), compare(fqn, y, mod.dense_op()(x, w, b)))
     finally:
         for h in hooks + ref_hooks:

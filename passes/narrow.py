@@ -1,0 +1,308 @@
+"""Physically narrower networks: output channels that are constant (ablated neurons: an all-zero weight row)
+or unused (the consumer's columns for them are all zero) are removed from the producing Linear/Conv2d, from
+the BatchNorms between, and from the consuming Linear/Conv2d, whose bias absorbs what the constant
+contributed.
+
+A producer ``P`` and a consumer ``C`` pair up when P's output reaches C's input through ops that act per
+channel, each used once (`PER_CHANNEL`: activations, dropout, BatchNorm, pooling, flatten into a Linear).
+The constant a removed channel carries is P's bias pushed through those ops, exactly. Not crossed:
+ops that mix channels (LayerNorm, softmax, attention) and outputs used twice (a residual add whose other
+branch keeps the channel); a consumer that zero-pads (a constant channel is not constant at the padded
+border) takes only channels whose constant is exactly 0; grouped convolutions and 2:4 consumers (removing
+inputs breaks the groups of 4) are left. Each pair that is not narrowed says why.
+
+The consumer's mask loses the removed columns; rows whose fan-in drops below the layer's new maximum get
+explicit zero-weight entries on inputs they did not use, so a constant fan-in layer stays one (its MACs
+shrink to the new maximum k).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from sparsecc.errors import PassError
+from sparsecc.passes.analysis import analyse
+from sparsecc.passes.capture import Tracer, _concrete_defaults
+from sparsecc.passes.masks import Layer, Prepared
+from sparsecc.passes.structures import NM
+
+#: Modules that act on each channel alone: a constant channel stays constant and keeps its index.
+PER_CHANNEL: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
+                                 nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.Mish, nn.Dropout, nn.Identity,
+                                 nn.BatchNorm1d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten)
+PER_CHANNEL_FUNCTIONS: frozenset[Callable] = frozenset({
+    torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu, torch.sigmoid,
+    torch.tanh, torch.nn.functional.dropout, torch.flatten})
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One narrowed producer/consumer pair: widths before and after, and how many removed channels were
+    constant (folded into the consumer's bias) or unused."""
+
+    producer: str
+    consumer: str
+    before: int
+    after: int
+    folded: int
+    unused: int
+
+    def __str__(self) -> str:
+        return (f"{self.producer} -> {self.consumer}: {self.before} -> {self.after} channels "
+                f"({self.folded} constant folded into {self.consumer}.bias, {self.unused} unused)")
+
+
+@dataclass
+class Narrowing:
+    """The narrowed copy of the reference, its layers (masks sliced), and what was and was not removed."""
+
+    model: nn.Module
+    layers: dict[str, Layer]
+    removals: list[Removal] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)    # producer -> why it was not narrowed
+
+    @property
+    def prepared(self) -> Prepared:
+        return Prepared(self.model, self.layers, False)
+
+
+@dataclass(frozen=True)
+class _Chain:
+    consumer: str
+    ops: tuple[fx.Node, ...]       # the per-channel ops between producer and consumer, in order
+    spatial: int                   # consumer inputs per channel (H*W after a flatten into a Linear, else 1)
+
+
+def _per_channel(node: fx.Node, model: nn.Module) -> Optional[str]:
+    """None if ``node`` keeps channels apart (and their index), else why not."""
+    if node.op == "call_module":
+        mod = model.get_submodule(node.target)
+        if isinstance(mod, nn.Flatten) and mod.start_dim != 1:
+            return f"{node.target} flattens from dim {mod.start_dim}"
+        if isinstance(mod, nn.MaxPool2d) or isinstance(mod, PER_CHANNEL):
+            return None
+        return f"{node.target} ({type(mod).__name__}) mixes or reorders channels"
+    if node.op == "output":
+        return "it is the model's output"
+    if node.op == "call_function" and node.target in PER_CHANNEL_FUNCTIONS:
+        if node.target is torch.flatten and (node.args[1:2] or [node.kwargs.get("start_dim", 0)])[0] != 1:
+            return "torch.flatten not from dim 1"
+        if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+            return f"{node.name} takes a second tensor"
+        return None
+    return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) is not per-channel"
+
+
+def _chain(producer: fx.Node, model: nn.Module, weights: set[str]) -> "_Chain | str":
+    ops: list[fx.Node] = []
+    cur = producer
+    while True:
+        if len(cur.users) != 1:
+            return f"output of {cur.name} is used by {len(cur.users)} ops"
+        (nxt,) = cur.users
+        if nxt.op == "call_module" and nxt.target in weights:
+            if nxt.args[0] is not cur:
+                return f"{nxt.target} takes it as a second argument"
+            flat = [n for n in ops if _is_flatten(n, model)]
+            spatial = 1
+            if flat:
+                shape = flat[0].args[0].meta.get("tensor_meta")
+                if shape is None:
+                    return "flatten into a Linear needs example inputs (spatial size)"
+                spatial = int(torch.Size(shape.shape[2:]).numel())
+            return _Chain(nxt.target, tuple(ops), spatial)
+        why = _per_channel(nxt, model)
+        if why:
+            return why
+        ops.append(nxt)
+        cur = nxt
+
+
+def _is_flatten(node: fx.Node, model: nn.Module) -> bool:
+    return ((node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.Flatten))
+            or (node.op == "call_function" and node.target is torch.flatten))
+
+
+def _constants(producer: nn.Module, chain: _Chain, model: nn.Module) -> Tensor:
+    """What each output channel of ``producer`` becomes at the consumer's input when its weight row is zero."""
+    channels = producer.weight.shape[0]
+    v = producer.bias.detach().clone() if producer.bias is not None else producer.weight.new_zeros(channels)
+    x = v.view(1, channels, 1, 1) if isinstance(producer, nn.Conv2d) else v.view(1, channels)
+    with torch.no_grad():
+        for node in chain.ops:
+            if _is_flatten(node, model):
+                continue
+            if node.op == "call_module":
+                x = model.get_submodule(node.target)(x)
+            else:
+                x = node.target(x, *node.args[1:], **node.kwargs)
+    return x.reshape(1, channels, -1)[0, :, 0]    # pooling may have grown the 1x1 plane: every entry is equal
+
+
+def _fold_and_slice(producer: nn.Module, consumer: nn.Module, chain: _Chain, model: nn.Module, keep: Tensor,
+                    constant: Tensor, folded: Tensor) -> None:
+    """Add the folded channels' contribution to the consumer's bias; keep only ``keep`` channels."""
+    with torch.no_grad():
+        w = consumer.weight
+        cols = lambda ch: (ch[:, None] * chain.spatial + torch.arange(chain.spatial)).flatten()  # noqa: E731
+        if bool(folded.any()):
+            idx = torch.nonzero(folded).flatten()
+            if isinstance(consumer, nn.Linear):
+                add = w[:, cols(idx)] @ constant[idx].repeat_interleave(chain.spatial)
+            else:
+                add = w[:, idx].sum((2, 3)) @ constant[idx]
+            if consumer.bias is None:
+                consumer.bias = nn.Parameter(add.clone())
+            else:
+                consumer.bias.add_(add)
+        kept = torch.nonzero(keep).flatten()
+        producer.weight = nn.Parameter(producer.weight[kept].clone())
+        if producer.bias is not None:
+            producer.bias = nn.Parameter(producer.bias[kept].clone())
+        if isinstance(producer, nn.Linear):
+            producer.out_features = len(kept)
+        else:
+            producer.out_channels = len(kept)
+        for node in chain.ops:
+            mod = model.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                for name in ("weight", "bias"):
+                    if getattr(mod, name) is not None:
+                        setattr(mod, name, nn.Parameter(getattr(mod, name)[kept].clone()))
+                for name in ("running_mean", "running_var"):
+                    if getattr(mod, name) is not None:
+                        setattr(mod, name, getattr(mod, name)[kept].clone())
+                mod.num_features = len(kept)
+        if isinstance(consumer, nn.Linear):
+            consumer.weight = nn.Parameter(w[:, cols(kept)].clone())
+            consumer.in_features = consumer.weight.shape[1]
+        else:
+            consumer.weight = nn.Parameter(w[:, kept].clone())
+            consumer.in_channels = len(kept)
+
+
+def _slice_masks(layers: dict[str, Layer], producer: str, consumer: str, chain: _Chain, keep: Tensor,
+                 consumer_weight: Tensor) -> None:
+    kept = torch.nonzero(keep).flatten()
+    p = layers[f"{producer}.weight"]
+    layers[p.fqn] = replace(p, mask=p.mask[kept].clone())
+    c = layers[f"{consumer}.weight"]
+    if c.kind == "linear":
+        cols = (kept[:, None] * chain.spatial + torch.arange(chain.spatial)).flatten()
+        mask = c.mask[:, cols].clone()
+    else:
+        mask = c.mask[:, kept].clone()
+    layers[c.fqn] = replace(c, mask=_even_fan_in(mask, consumer_weight))
+
+
+def _even_fan_in(mask: Tensor, weight: Tensor) -> Tensor:
+    """Rows below the largest remaining fan-in get explicit entries on inputs they do not use (weight 0 there,
+    so nothing changes): a constant fan-in mask stays constant fan-in. Ablated rows stay empty."""
+    rows = mask.reshape(mask.shape[0], -1)
+    counts = rows.sum(1)
+    k = int(counts.max()) if rows.numel() else 0
+    if k == 0 or bool(((counts == k) | (counts == 0)).all()) or k == rows.shape[1]:
+        return mask
+    out = rows.clone()
+    zero = (weight.detach().reshape(rows.shape) == 0)
+    for r in torch.nonzero((counts > 0) & (counts < k)).flatten().tolist():
+        free = torch.nonzero(~rows[r] & zero[r]).flatten()[: k - int(counts[r])]
+        out[r, free] = True
+    return out.reshape(mask.shape)
+
+
+def narrow(prepared: Prepared, example_inputs: tuple = ()) -> Narrowing:
+    """A copy of the reference with constant and unused channels removed (see the module docstring)."""
+    model = copy.deepcopy(prepared.reference)
+    layers = dict(prepared.layers)
+    result = Narrowing(model, layers)
+    try:
+        graph = Tracer().trace(model, concrete_args=_concrete_defaults(model, len(example_inputs) or None) or None)
+    except Exception as exc:  # noqa: BLE001 - untraceable: nothing is narrowed, and the reason is kept
+        result.skipped["<model>"] = f"not traceable by torch.fx ({type(exc).__name__})"
+        return result
+    gm = fx.GraphModule(model, graph)
+    if example_inputs:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    weights = {lay.module for lay in layers.values() if lay.fqn.endswith(".weight")
+               and isinstance(model.get_submodule(lay.module), (nn.Linear, nn.Conv2d))}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in weights:
+            continue
+        why = _narrow_pair(model, layers, node, weights, result)
+        if why:
+            result.skipped[node.target] = why
+    if example_inputs and result.removals:
+        _check(prepared.reference, model, example_inputs)
+    return result
+
+
+def _narrow_pair(model: nn.Module, layers: dict[str, Layer], node: fx.Node, weights: set[str],
+                 result: Narrowing) -> Optional[str]:
+    producer = model.get_submodule(node.target)
+    if getattr(producer, "groups", 1) != 1:
+        return "grouped convolution"
+    chain = _chain(node, model, weights)
+    if isinstance(chain, str):
+        return chain
+    consumer = model.get_submodule(chain.consumer)
+    flattens = any(_is_flatten(n, model) for n in chain.ops)
+    if isinstance(producer, nn.Linear) and (isinstance(consumer, nn.Conv2d) or flattens):
+        return f"{chain.consumer} does not read {node.target}'s features as its channels"
+    if isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear) and not flattens:
+        return f"{chain.consumer} reads {node.target}'s last spatial axis, not its channels"
+    meta = node.meta.get("tensor_meta")
+    if isinstance(producer, nn.Linear) and any(isinstance(model.get_submodule(n.target), nn.BatchNorm1d)
+                                               for n in chain.ops if n.op == "call_module"):
+        if meta is None or len(meta.shape) != 2:
+            return "BatchNorm1d after a Linear normalises dim 1, the features only for 2-D inputs"
+    c_layer = layers[f"{chain.consumer}.weight"]
+    if getattr(consumer, "groups", 1) != 1:
+        return f"consumer {chain.consumer} is a grouped convolution"
+    if isinstance(analyse(c_layer.fqn, c_layer.mask).structure, NM):
+        return f"consumer {chain.consumer} is 2:4: removing inputs would break its groups of 4"
+    p_mask = layers[f"{node.target}.weight"].mask
+    ablated = ~p_mask.reshape(p_mask.shape[0], -1).any(1)
+    cw = c_layer.mask if c_layer.kind == "linear" else c_layer.mask.any((2, 3))
+    unused = ~cw.reshape(cw.shape[0], -1, chain.spatial).any(2).any(0)
+    constant = _constants(producer, chain, model)
+    pads = isinstance(consumer, nn.Conv2d) and (consumer.padding != "valid" if isinstance(consumer.padding, str)
+                                                 else any(consumer.padding))
+    foldable = ablated & ((constant == 0) | torch.tensor(not pads))
+    remove = unused | foldable
+    if not bool(remove.any()):
+        if bool(ablated.any()):
+            return f"consumer {chain.consumer} zero-pads: its {int(ablated.sum())} constant channel(s) are not " \
+                   f"constant at the border"
+        return "no ablated or unused channels"
+    if bool(remove.all()):
+        return "every channel is removable: the layer's output is a constant (left as it is)"
+    folded = remove & ~unused
+    before = int(remove.numel())
+    _fold_and_slice(producer, consumer, chain, model, ~remove, constant, folded)
+    _slice_masks(layers, node.target, chain.consumer, chain, ~remove, consumer.weight)
+    result.removals.append(Removal(node.target, chain.consumer, before, before - int(remove.sum()),
+                                   int(folded.sum()), int((remove & unused).sum())))
+    return None
+
+
+def _check(reference: nn.Module, narrowed: nn.Module, inputs: tuple) -> None:
+    """The narrowed model must compute what the reference computes; a mismatch is a bug in this pass."""
+    with torch.no_grad():
+        expected, actual = reference(*inputs), narrowed(*inputs)
+    for e, a in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(actual)):
+        scale = float(e.abs().max()) if e.numel() else 1.0
+        err = float((a - e).abs().max()) if e.numel() else 0.0
+        if a.shape != e.shape or err > 1e-4 * max(scale, 1.0):
+            raise PassError(f"narrow: the narrowed model differs from the reference (max abs {err:.2e}); "
+                            f"compile with narrow=False and report this model")
+
