@@ -195,8 +195,8 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
     rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
     progress.step(name)
     return ModelRow(name, times, cold, warm, sum(lay.bytes_dense for lay in report.layers),
-                    sum(lay.bytes_condensed for lay in report.layers), tensor_bytes(dense), tensor_bytes(compiled), *rss,
-                    max(s.max_rel for s in report.end_to_end))
+                    sum(lay.bytes_condensed for lay in report.layers), tensor_bytes(dense), tensor_bytes(compiled),
+                    *rss, max(s.max_rel for s in report.end_to_end))
 
 
 #: (name, layer, example input) for the onnxruntime formulation crossovers: ViT-B/16 and ResNet shapes.
@@ -292,6 +292,32 @@ def plot(rows: list[Row], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def narrow_table(models: tuple[str, ...] = ("vit_b_16", "resnet50"), runs: int = 10, ablate: float = 0.3) -> str:
+    """Condensed only vs condensed + physically narrower (`compile(narrow=True)`), 90% fan-in with ``ablate``
+    of the neurons ablated, batch 1, medians of interleaved rounds in one process."""
+    from sparsecc.demo import sparse_model
+
+    torch.set_num_threads(1)
+    lines = [f"| model (90% fan-in, {ablate:.0%} ablated), batch 1 | dense eager | condensed | condensed + narrow "
+             "| narrow vs condensed | pairs narrowed | parameters condensed → narrowed |", "|" + "---|" * 7]
+    for name in models:
+        model = sparse_model(name, 0.9, ablate)
+        x = torch.randn(1, 3, 224, 224)
+        condensed = sparsecc.compile(model, (x,))
+        narrowed = sparsecc.compile(model, (x,), narrow=True)     # validated against the masked original
+        dense = sparsecc.masked_reference(model)
+        t = medians({"dense": lambda: dense(x), "condensed": lambda: condensed(x),
+                     "narrowed": lambda: narrowed(x)}, runs=runs, warmup=2)
+        pairs = sum(n.startswith("narrowed ") for n in narrowed.report.notes)
+        params = [sum(p.numel() for p in m.module.parameters()) + sum(b.numel() for b in m.module.buffers())
+                  for m in (condensed, narrowed)]
+        lines.append(f"| {name} | {t['dense'] * 1e3:.1f} ms | {t['condensed'] * 1e3:.1f} ms "
+                     f"({t['dense'] / t['condensed']:.2f}x) | {t['narrowed'] * 1e3:.1f} ms "
+                     f"({t['dense'] / t['narrowed']:.2f}x) | {t['condensed'] / t['narrowed']:.2f}x | {pairs} | "
+                     f"{params[0]:,} → {params[1]:,} |")
+    return "\n".join(lines)
 
 
 def run(out: Path, runs: int = 200, model_runs: int = 10, models: tuple[str, ...] = ("vit_b_16", "resnet50"),

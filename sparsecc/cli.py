@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-runs", type=int, default=10, help="timed rounds per end-to-end model")
     bench.add_argument("--models", nargs="*", default=["vit_b_16", "resnet50"])
     bench.add_argument("--no-memory", action="store_true", help="skip the resident-memory subprocesses")
+    bench.add_argument("--narrow", action="store_true", help="only time condensed vs condensed + physically "
+                       "narrower models (30%% of neurons ablated)")
     bench.add_argument("--onnx-formulations", action="store_true", help="only time each ONNX export formulation "
                        "of ViT/ResNet-shaped layers in onnxruntime (the crossovers `formulation='auto'` uses)")
     return p
@@ -69,6 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             if args.onnx_formulations:
                 print(bench.formulation_table())
+            elif args.narrow:
+                print(bench.narrow_table(tuple(args.models), args.model_runs))
             else:
                 print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory))
         elif args.command == "demo":

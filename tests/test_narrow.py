@@ -1,0 +1,191 @@
+"""Structural narrowing (`compile(narrow=True)`, passes/narrow.py): each removal pattern is exact against the
+masked original, widths and parameter counts shrink as promised, and what must stay stays (with a reason)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import sparsecc
+from sparsecc import InputError, synthetic
+from sparsecc.demo import sparse_model
+from sparsecc.passes.masks import prepare
+from sparsecc.passes.narrow import narrow
+from tests.conftest import assert_equivalent
+
+
+def _ablate_rows(layer: nn.Module, rows: list[int], density: float = 0.5) -> torch.Tensor:
+    mask = synthetic.fanin_mask(layer.weight, 1.0 - density)
+    mask[rows] = False
+    return mask
+
+
+def _narrowed(model: nn.Module, masks: dict, x: torch.Tensor):
+    result = narrow(prepare(model, masks), (x,))
+    with torch.no_grad():
+        assert_equivalent(result.model(x), sparsecc.masked_reference(model, masks)(x))
+    return result
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    for t in (bn.weight, bn.bias, bn.running_mean):
+        nn.init.normal_(t)
+    nn.init.uniform_(bn.running_var, 0.5, 2.0)
+    return bn
+
+
+def test_linear_act_linear_folds_constants_into_the_consumer_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Dropout(0.1), nn.Linear(10, 6), nn.Tanh(),
+                          nn.Linear(6, 3)).eval()
+    masks = {"0.weight": _ablate_rows(model[0], [1, 4, 7]), "3.weight": _ablate_rows(model[3], [0])}
+    result = _narrowed(model, masks, torch.randn(5, 12))
+    assert [str(r) for r in result.removals] == [
+        "0 -> 3: 10 -> 7 channels (3 constant folded into 3.bias, 0 unused)",
+        "3 -> 5: 6 -> 5 channels (1 constant folded into 5.bias, 0 unused)"]
+    assert (result.model[0].out_features, result.model[3].in_features, result.model[3].out_features,
+            result.model[5].in_features) == (7, 7, 5, 5)
+    # 3 rows of 12 + bias, 3 columns of 6, 1 row of 7 + bias, 1 column of 3
+    assert _params(model) - _params(result.model) == 3 * 13 + 3 * 6 + 1 * 8 + 1 * 3
+    assert result.skipped["5"] == "it is the model's output"
+
+
+def test_conv_batchnorm_relu_conv_without_padding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _bn(8), nn.ReLU(), nn.Conv2d(8, 4, 1), _bn(4)).eval()
+    masks = {"0.weight": _ablate_rows(model[0], [0, 5])}
+    result = _narrowed(model, masks, torch.randn(2, 3, 7, 7))
+    assert [(r.before, r.after, r.folded) for r in result.removals] == [(8, 6, 2)]
+    assert result.model[1].num_features == 6 and result.model[1].running_mean.shape == (6,)
+
+
+def test_zero_padding_consumer_takes_only_channels_whose_constant_is_zero():
+    torch.manual_seed(0)
+    bn = _bn(8)
+    with torch.no_grad():   # after BN + ReLU, channel 2's constant is 0 and channel 6's is positive
+        bn.bias[2], bn.bias[6] = -5.0, 5.0
+        bn.running_mean.zero_()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), bn, nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    masks = {"0.weight": _ablate_rows(model[0], [2, 6])}
+    result = _narrowed(model, masks, torch.randn(1, 3, 8, 8))
+    assert [(r.before, r.after, r.folded) for r in result.removals] == [(8, 7, 1)]
+    kept = result.layers["0.weight"].mask.reshape(7, -1).any(1)
+    assert int((~kept).sum()) == 1        # channel 6 stays, ablated: it is not constant at the padded border
+
+    only_positive = {"0.weight": _ablate_rows(model[0], [6])}
+    result = _narrowed(model, only_positive, torch.randn(1, 3, 8, 8))
+    assert result.removals == [] and "zero-pads" in result.skipped["0"]
+
+
+def test_conv_pool_flatten_linear_scales_indices():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), _bn(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(6 * 4, 5)).eval()
+    masks = {"0.weight": _ablate_rows(model[0], [1, 3])}
+    result = _narrowed(model, masks, torch.randn(2, 3, 6, 6))
+    assert [(r.consumer, r.before, r.after) for r in result.removals] == [("5", 6, 4)]
+    assert result.model[5].in_features == 4 * 4
+
+
+def test_residual_branch_is_not_crossed():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h + x)        # h's channels meet x's: removing one would change the sum
+
+    model = Block().eval()
+    masks = {"a.weight": _ablate_rows(model.a, [0, 3])}
+    result = _narrowed(model, masks, torch.randn(3, 8))
+    assert result.removals == [] and "add" in result.skipped["a"]
+
+
+def test_output_used_twice_is_not_narrowed():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) + self.c(h)
+
+    model = Two().eval()
+    result = _narrowed(model, {"a.weight": _ablate_rows(model.a, [2])}, torch.randn(2, 8))
+    assert result.removals == [] and result.skipped["a"] == "output of a is used by 2 ops"
+
+
+def test_unused_input_channels_are_removed_from_a_dense_producer():
+    # SWAT channel-structured consumer: whole input channels are zero; the producer only feeds it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    mask = torch.ones_like(model[2].weight, dtype=torch.bool)
+    mask[:, [1, 2, 5]] = False
+    result = _narrowed(model, {"2.weight": mask}, torch.randn(1, 3, 6, 6))
+    assert [(r.before, r.after, r.folded, r.unused) for r in result.removals] == [(8, 5, 0, 3)]
+    assert str(sparsecc.compile(model, torch.randn(1, 3, 6, 6), masks={"2.weight": mask}, narrow=True)
+               .report.layers[1].structure) == "dense"          # what is left of the consumer is dense
+
+
+def test_constant_fan_in_consumer_stays_constant_fan_in():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    masks = synthetic.fanin_masks(model, 0.75, 0.3)
+    x = torch.randn(4, 64)
+    compiled = sparsecc.compile(model, x, masks=masks, narrow=True)
+    consumer = compiled.report.layers[1]
+    assert consumer.shape[1] < 64 and str(consumer.structure).startswith("fan-in k=")
+    assert consumer.action == "condensed_linear"
+    with torch.no_grad():
+        assert_equivalent(compiled(x), sparsecc.masked_reference(model, masks)(x))
+
+
+def test_two_four_consumer_is_left_with_a_reason():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    masks = {"0.weight": _ablate_rows(model[0], [0]), "2.weight": synthetic.nm_mask(model[2].weight)}
+    result = _narrowed(model, masks, torch.randn(2, 8))
+    assert result.removals == [] and "2:4" in result.skipped["0"]
+
+
+def test_narrow_needs_example_inputs():
+    with pytest.raises(InputError, match="narrow=True"):
+        sparsecc.compile(nn.Sequential(nn.Linear(4, 4)), narrow=True)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnets_with_ablated_neurons(name):
+    model = sparse_model(name, 0.9, 0.3)
+    x = torch.randn(1, 3, 64, 64)
+    plain = sparsecc.compile(model, x)
+    compiled = sparsecc.compile(model, x, narrow=True)          # validated against the masked original
+    removed = [n for n in compiled.report.notes if n.startswith("narrowed ")]
+    pairs = {"resnet18": 8, "resnet50": 32}[name]               # conv1 -> conv2 per block (+ conv2 -> conv3)
+    assert len(removed) == pairs
+    assert _params(compiled.module) < _params(plain.module)
+    assert any("used by 2 ops" in n or "add" in n for n in compiled.report.notes)   # residual outputs stay
+    with torch.no_grad():
+        assert_equivalent(compiled(x), sparsecc.masked_reference(model)(x))
+
+
+def test_vit_b_16_mlp_neurons_are_removed():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    masks = synthetic.fanin_masks(model, 0.9, 0.3, synthetic.vit_encoder)
+    x = torch.randn(1, 3, 64, 64)
+    compiled = sparsecc.compile(model, x, masks=masks, narrow=True)
+    removed = [n for n in compiled.report.notes if n.startswith("narrowed ")]
+    assert len(removed) == 12 and all(".mlp.0 -> " in n and "3072 -> 2150 channels" in n for n in removed)
+    with torch.no_grad():
+        assert_equivalent(compiled(x), sparsecc.masked_reference(model, masks)(x))
