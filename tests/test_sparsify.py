@@ -193,3 +193,14 @@ def test_users_own_sparsifying_module_folds_through_the_hook():
     assert (layer.name, layer.mask_source, str(layer.structure)) == ("0.weight", "module", "channels 4 kept")
     with torch.no_grad():
         assert_equivalent(compiled(x), model(x))
+
+
+def test_inspect_shows_the_flop_and_byte_reduction_of_the_result():
+    model = _conv_net()
+    x = torch.randn(1, 4, 6, 6)
+    sparsify(model, "fanin", sparsity=0.75)
+    report = sparsecc.inspect(model, x)
+    dense, sparse = (sum(lay.total_macs[i] for lay in report.layers) for i in (0, 1))
+    assert all(lay.positions for lay in report.layers)             # per call: every layer ran on x
+    assert sparse == pytest.approx(0.25 * dense, rel=0.05)
+    assert sum(lay.bytes_condensed for lay in report.layers) < 0.5 * sum(lay.bytes_dense for lay in report.layers)
