@@ -111,9 +111,10 @@ class Report:
         rows = []
         for lay in self.layers:
             dense_macs, sparse_macs = (lay.macs_dense, lay.macs_sparse) if per_position else lay.total_macs
-            rows.append((lay.name, "x".join(map(str, lay.shape)), lay.structure, f"{lay.density:.1%}", lay.action, lay.runtime,
-                         f"{_mib(lay.bytes_dense)}->{_mib(lay.bytes_condensed)}", f"{_g(dense_macs)}->{_g(sparse_macs)}",
-                         f"{lay.error.max_rel:.1e}" if lay.error else "-", lay.reason))
+            rows.append((lay.name, "x".join(map(str, lay.shape)), lay.structure, f"{lay.density:.1%}", lay.action,
+                         lay.runtime, f"{_mib(lay.bytes_dense)}->{_mib(lay.bytes_condensed)}",
+                         f"{_g(dense_macs)}->{_g(sparse_macs)}", f"{lay.error.max_rel:.1e}" if lay.error else "-",
+                         lay.reason))
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])

@@ -49,6 +49,16 @@ def topk_mask(weight: Tensor, density: float, structured: bool) -> Tensor:
     return torch.zeros(w.numel(), dtype=torch.bool, device=w.device).scatter_(0, top, True).view_as(w)
 
 
+def _fold(layer: "TopKLinear | TopKConv2d", plain: nn.Module) -> tuple[nn.Module, dict[str, Tensor]]:
+    """``plain`` given the layer's current top-K weight and bias, and that mask."""
+    mask = layer.mask()
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight * mask)
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias)
+    return plain, {"weight": mask}
+
+
 class TopKLinear(nn.Linear):
     """``nn.Linear`` whose forward uses only its top-K weights (recomputed every call, as in SWAT training)."""
 
@@ -65,14 +75,8 @@ class TopKLinear(nn.Linear):
         return F.linear(x, self.weight * self.mask(), self.bias)
 
     def sparsecc_fold(self) -> tuple[nn.Module, dict[str, Tensor]]:
-        mask = self.mask()
-        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(self.weight * mask)
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return plain, {"weight": mask}
+        return _fold(self, nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                     device=self.weight.device, dtype=self.weight.dtype))
 
 
 class TopKConv2d(nn.Conv2d):
@@ -91,15 +95,9 @@ class TopKConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight * self.mask(), self.bias)
 
     def sparsecc_fold(self) -> tuple[nn.Module, dict[str, Tensor]]:
-        mask = self.mask()
-        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(self.weight * mask)
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return plain, {"weight": mask}
+        return _fold(self, nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                     self.padding, self.dilation, self.groups, self.bias is not None,
+                                     self.padding_mode, device=self.weight.device, dtype=self.weight.dtype))
 
 
 def swatify(model: nn.Module, density: float, structured: bool = False) -> nn.Module:

@@ -124,6 +124,13 @@ def unsupported_ops(program: torch.export.ExportedProgram) -> dict[str, list[str
     return missing
 
 
+def refuse_missing(missing: dict[str, list[str]], into: str, fix: str) -> None:
+    """One `ExportError` listing every op without a translation (and where it is called), or nothing."""
+    if missing:
+        listed = "; ".join(f"{op} (in {', '.join(sorted(set(where))[:3])})" for op, where in sorted(missing.items()))
+        raise ExportError(f"{len(missing)} op(s) have no {into} translation: {listed}. {fix}")
+
+
 def batch_of_two(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Example inputs with a batch of 2: torch.export would specialise a batch of 1 to 1."""
     return tuple(torch.cat([t[:1], t[:1]]) for t in inputs)
@@ -193,11 +200,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the message is what matters
         raise ExportError(f"torch.export could not capture the model with a free batch dimension: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    missing = unsupported_ops(program)
-    if missing:
-        listed = "; ".join(f"{op} (in {', '.join(sorted(set(where))[:3])})" for op, where in sorted(missing.items()))
-        raise ExportError(f"{len(missing)} op(s) have no ONNX translation: {listed}. Replace them in the model "
-                          f"or register a translation with torch.onnx (custom_translation_table)")
+    refuse_missing(unsupported_ops(program), "ONNX", "Replace them in the model or register a translation with "
+                   "torch.onnx (custom_translation_table)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # the exporter's own progress chatter
         onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=names, opset_version=OPSET,

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sparsecc import ops
 from sparsecc.errors import ExportError, InputError
-from sparsecc.export.onnx_file import _writable_target, tensor_inputs
+from sparsecc.export.onnx_file import _writable_target, refuse_missing, tensor_inputs
 from sparsecc.export import tvm_runner
 from sparsecc.export.tvm_runner import FORMAT, META_FUNCTION
 
@@ -398,11 +398,8 @@ def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike",
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the message is what matters
         raise ExportError(f"torch.export could not capture the model: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0]}") from exc
-    missing = unsupported_ops(program)
-    if missing:
-        listed = "; ".join(f"{op} (in {', '.join(sorted(set(where))[:3])})" for op, where in sorted(missing.items()))
-        raise ExportError(f"{len(missing)} op(s) have no TVM translation: {listed}. Replace them in the model, "
-                          f"or export ONNX instead (sparsecc.export_onnx)")
+    refuse_missing(unsupported_ops(program), "TVM", "Replace them in the model, or export ONNX instead "
+                   "(sparsecc.export_onnx)")
     target = _target(target)
     ctx = _Converter(program, target)
 
