@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/sparsecc demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info

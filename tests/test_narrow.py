@@ -166,7 +166,7 @@ def test_narrow_needs_example_inputs():
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnets_with_ablated_neurons(name):
     model = sparse_model(name, 0.9, 0.3)
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     plain = sparsecc.compile(model, x)
     compiled = sparsecc.compile(model, x, narrow=True)          # validated against the masked original
     removed = [n for n in compiled.report.notes if n.startswith("narrowed ")]
