@@ -1,17 +1,18 @@
 """Physically narrower networks: output channels that are constant (ablated neurons: an all-zero weight row)
-or unused (the consumer's columns for them are all zero) are removed from the producing Linear/Conv2d, from
-the BatchNorms between, and from the consuming Linear/Conv2d, whose bias absorbs what the constant
+or unused (every consumer's columns for them are all zero) are removed from the producing Linear/Conv2d,
+from the BatchNorms between, and from every consuming Linear/Conv2d, whose bias absorbs what the constant
 contributed.
 
-A producer ``P`` and a consumer ``C`` pair up when P's output reaches C's input through ops that act per
-channel, each used once (`PER_CHANNEL`: activations, dropout, BatchNorm, pooling, flatten into a Linear).
-The constant a removed channel carries is P's bias pushed through those ops, exactly. Not crossed:
-ops that mix channels (LayerNorm, softmax, attention) and outputs used twice (a residual add whose other
-branch keeps the channel); a consumer that zero-pads (a constant channel is not constant at the padded
-border) takes only channels whose constant is exactly 0; grouped convolutions and 2:4 consumers (removing
-inputs breaks the groups of 4) are left. Each pair that is not narrowed says why.
+A producer ``P`` is narrowed when every path from its output reaches a Linear/Conv2d input through ops
+that act per channel (`PER_CHANNEL`: activations, dropout, BatchNorm, pooling, flatten into a Linear);
+paths may branch (one output feeding several consumers, e.g. separate q/k/v projections). The constant a
+removed channel carries is P's bias pushed through each path's ops, exactly. Not crossed: ops that mix
+channels (LayerNorm, softmax, attention) or combine tensors (a residual add whose other branch keeps the
+channel), and the model's output; a consumer that zero-pads (a constant channel is not constant at the
+padded border) takes only channels whose constant is exactly 0; grouped convolutions and 2:4 consumers
+(removing inputs breaks the groups of 4) are left. Each producer that is not narrowed says why.
 
-The consumer's mask loses the removed columns; rows whose fan-in drops below the layer's new maximum get
+The consumers' masks lose the removed columns; rows whose fan-in drops below the layer's new maximum get
 explicit zero-weight entries on inputs they did not use, so a constant fan-in layer stays one (its MACs
 shrink to the new maximum k).
 """
@@ -43,19 +44,20 @@ PER_CHANNEL_FUNCTIONS: frozenset[Callable] = frozenset({
 
 @dataclass(frozen=True)
 class Removal:
-    """One narrowed producer/consumer pair: widths before and after, and how many removed channels were
-    constant (folded into the consumer's bias) or unused."""
+    """One narrowed producer and its consumers: widths before and after, and how many removed channels were
+    constant (folded into the consumers' biases) or unused by every consumer."""
 
     producer: str
-    consumer: str
+    consumer: str              # consumers, comma-separated
     before: int
     after: int
     folded: int
     unused: int
 
     def __str__(self) -> str:
+        into = ", ".join(f"{c}.bias" for c in self.consumer.split(", "))
         return (f"{self.producer} -> {self.consumer}: {self.before} -> {self.after} channels "
-                f"({self.folded} constant folded into {self.consumer}.bias, {self.unused} unused)")
+                f"({self.folded} constant folded into {into}, {self.unused} unused)")
 
 
 @dataclass
@@ -66,10 +68,6 @@ class Narrowing:
     layers: dict[str, Layer]
     removals: list[Removal] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)    # producer -> why it was not narrowed
-
-    @property
-    def prepared(self) -> Prepared:
-        return Prepared(self.model, self.layers, False)
 
 
 @dataclass(frozen=True)
@@ -99,29 +97,32 @@ def _per_channel(node: fx.Node, model: nn.Module) -> Optional[str]:
     return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) is not per-channel"
 
 
-def _chain(producer: fx.Node, model: nn.Module, weights: set[str]) -> "_Chain | str":
-    ops: list[fx.Node] = []
-    cur = producer
-    while True:
-        if len(cur.users) != 1:
-            return f"output of {cur.name} is used by {len(cur.users)} ops"
-        (nxt,) = cur.users
-        if nxt.op == "call_module" and nxt.target in weights:
-            if nxt.args[0] is not cur:
-                return f"{nxt.target} takes it as a second argument"
-            flat = [n for n in ops if _is_flatten(n, model)]
-            spatial = 1
-            if flat:
-                shape = flat[0].args[0].meta.get("tensor_meta")
-                if shape is None:
-                    return "flatten into a Linear needs example inputs (spatial size)"
-                spatial = int(torch.Size(shape.shape[2:]).numel())
-            return _Chain(nxt.target, tuple(ops), spatial)
-        why = _per_channel(nxt, model)
-        if why:
-            return why
-        ops.append(nxt)
-        cur = nxt
+def _chains(producer: fx.Node, model: nn.Module, weights: set[str]) -> "list[_Chain] | str":
+    """Every path from ``producer``'s output to a Linear/Conv2d input through per-channel ops (branches
+    included), or why a path leaves the per-channel world."""
+    chains: list[_Chain] = []
+
+    def walk(node: fx.Node, ops: list[fx.Node]) -> Optional[str]:
+        for user in node.users:
+            if user.op == "call_module" and user.target in weights:
+                if user.args[0] is not node:
+                    return f"{user.target} takes it as a second argument"
+                flat = [n for n in ops if _is_flatten(n, model)]
+                spatial = 1
+                if flat:
+                    shape = flat[0].args[0].meta.get("tensor_meta")
+                    if shape is None:
+                        return "flatten into a Linear needs example inputs (spatial size)"
+                    spatial = int(torch.Size(shape.shape[2:]).numel())
+                chains.append(_Chain(user.target, tuple(ops), spatial))
+                continue
+            why = _per_channel(user, model) or walk(user, ops + [user])
+            if why:
+                return why
+        return None
+
+    why = walk(producer, [])
+    return why if why else chains
 
 
 def _is_flatten(node: fx.Node, model: nn.Module) -> bool:
@@ -145,23 +146,33 @@ def _constants(producer: nn.Module, chain: _Chain, model: nn.Module) -> Tensor:
     return x.reshape(1, channels, -1)[0, :, 0]    # pooling may have grown the 1x1 plane: every entry is equal
 
 
-def _fold_and_slice(producer: nn.Module, consumer: nn.Module, chain: _Chain, model: nn.Module, keep: Tensor,
-                    constant: Tensor, folded: Tensor) -> None:
-    """Add the folded channels' contribution to the consumer's bias; keep only ``keep`` channels."""
+def _columns(chain: _Chain, channels: Tensor) -> Tensor:
+    """The consumer's input columns of ``channels`` (a flattened channel spans ``spatial`` columns)."""
+    return (channels[:, None] * chain.spatial + torch.arange(chain.spatial)).flatten()
+
+
+def _fold(consumer: nn.Module, chain: _Chain, constant: Tensor, folded: Tensor) -> None:
+    """Add what the ``folded`` channels (constant at the consumer's input) contribute to the consumer's bias."""
+    if not bool(folded.any()):
+        return
+    idx = torch.nonzero(folded).flatten()
     with torch.no_grad():
         w = consumer.weight
-        cols = lambda ch: (ch[:, None] * chain.spatial + torch.arange(chain.spatial)).flatten()  # noqa: E731
-        if bool(folded.any()):
-            idx = torch.nonzero(folded).flatten()
-            if isinstance(consumer, nn.Linear):
-                add = w[:, cols(idx)] @ constant[idx].repeat_interleave(chain.spatial)
-            else:
-                add = w[:, idx].sum((2, 3)) @ constant[idx]
-            if consumer.bias is None:
-                consumer.bias = nn.Parameter(add.clone())
-            else:
-                consumer.bias.add_(add)
-        kept = torch.nonzero(keep).flatten()
+        if isinstance(consumer, nn.Linear):
+            add = w[:, _columns(chain, idx)] @ constant[idx].repeat_interleave(chain.spatial)
+        else:
+            add = w[:, idx].sum((2, 3)) @ constant[idx]
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(add.clone())
+        else:
+            consumer.bias.add_(add)
+
+
+def _slice(model: nn.Module, producer_name: str, chains: list[_Chain], keep: Tensor) -> None:
+    """Keep only the ``keep`` channels in the producer, the BatchNorms on the way and every consumer."""
+    kept = torch.nonzero(keep).flatten()
+    with torch.no_grad():
+        producer = model.get_submodule(producer_name)
         producer.weight = nn.Parameter(producer.weight[kept].clone())
         if producer.bias is not None:
             producer.bias = nn.Parameter(producer.bias[kept].clone())
@@ -169,36 +180,36 @@ def _fold_and_slice(producer: nn.Module, consumer: nn.Module, chain: _Chain, mod
             producer.out_features = len(kept)
         else:
             producer.out_channels = len(kept)
-        for node in chain.ops:
-            mod = model.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                for name in ("weight", "bias"):
-                    if getattr(mod, name) is not None:
-                        setattr(mod, name, nn.Parameter(getattr(mod, name)[kept].clone()))
-                for name in ("running_mean", "running_var"):
-                    if getattr(mod, name) is not None:
-                        setattr(mod, name, getattr(mod, name)[kept].clone())
-                mod.num_features = len(kept)
-        if isinstance(consumer, nn.Linear):
-            consumer.weight = nn.Parameter(w[:, cols(kept)].clone())
-            consumer.in_features = consumer.weight.shape[1]
-        else:
-            consumer.weight = nn.Parameter(w[:, kept].clone())
-            consumer.in_channels = len(kept)
+        norms = {n.target for chain in chains for n in chain.ops if n.op == "call_module"
+                 and isinstance(model.get_submodule(n.target), (nn.BatchNorm1d, nn.BatchNorm2d))}
+        for name in norms:
+            bn = model.get_submodule(name)
+            for attr in ("weight", "bias"):
+                if getattr(bn, attr) is not None:
+                    setattr(bn, attr, nn.Parameter(getattr(bn, attr)[kept].clone()))
+            for attr in ("running_mean", "running_var"):
+                if getattr(bn, attr) is not None:
+                    setattr(bn, attr, getattr(bn, attr)[kept].clone())
+            bn.num_features = len(kept)
+        for chain in chains:
+            consumer = model.get_submodule(chain.consumer)
+            if isinstance(consumer, nn.Linear):
+                consumer.weight = nn.Parameter(consumer.weight[:, _columns(chain, kept)].clone())
+                consumer.in_features = consumer.weight.shape[1]
+            else:
+                consumer.weight = nn.Parameter(consumer.weight[:, kept].clone())
+                consumer.in_channels = len(kept)
 
 
-def _slice_masks(layers: dict[str, Layer], producer: str, consumer: str, chain: _Chain, keep: Tensor,
-                 consumer_weight: Tensor) -> None:
+def _slice_masks(layers: dict[str, Layer], producer: str, chains: list[_Chain], keep: Tensor,
+                 model: nn.Module) -> None:
     kept = torch.nonzero(keep).flatten()
     p = layers[f"{producer}.weight"]
     layers[p.fqn] = replace(p, mask=p.mask[kept].clone())
-    c = layers[f"{consumer}.weight"]
-    if c.kind == "linear":
-        cols = (kept[:, None] * chain.spatial + torch.arange(chain.spatial)).flatten()
-        mask = c.mask[:, cols].clone()
-    else:
-        mask = c.mask[:, kept].clone()
-    layers[c.fqn] = replace(c, mask=_even_fan_in(mask, consumer_weight))
+    for chain in chains:
+        c = layers[f"{chain.consumer}.weight"]
+        mask = c.mask[:, _columns(chain, kept)] if c.kind == "linear" else c.mask[:, kept]
+        layers[c.fqn] = replace(c, mask=_even_fan_in(mask.clone(), model.get_submodule(chain.consumer).weight))
 
 
 def _even_fan_in(mask: Tensor, weight: Tensor) -> Tensor:
@@ -251,47 +262,72 @@ def _narrow_pair(model: nn.Module, layers: dict[str, Layer], node: fx.Node, weig
     producer = model.get_submodule(node.target)
     if getattr(producer, "groups", 1) != 1:
         return "grouped convolution"
-    chain = _chain(node, model, weights)
-    if isinstance(chain, str):
-        return chain
-    consumer = model.get_submodule(chain.consumer)
-    flattens = any(_is_flatten(n, model) for n in chain.ops)
-    if isinstance(producer, nn.Linear) and (isinstance(consumer, nn.Conv2d) or flattens):
-        return f"{chain.consumer} does not read {node.target}'s features as its channels"
-    if isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear) and not flattens:
-        return f"{chain.consumer} reads {node.target}'s last spatial axis, not its channels"
+    chains = _chains(node, model, weights)
+    if isinstance(chains, str):
+        return chains
+    if not chains:
+        return "its output reaches no Linear/Conv2d"
+    calls = [n.target for n in node.graph.nodes if n.op == "call_module"]
     meta = node.meta.get("tensor_meta")
-    if isinstance(producer, nn.Linear) and any(isinstance(model.get_submodule(n.target), nn.BatchNorm1d)
-                                               for n in chain.ops if n.op == "call_module"):
-        if meta is None or len(meta.shape) != 2:
-            return "BatchNorm1d after a Linear normalises dim 1, the features only for 2-D inputs"
-    c_layer = layers[f"{chain.consumer}.weight"]
-    if getattr(consumer, "groups", 1) != 1:
-        return f"consumer {chain.consumer} is a grouped convolution"
-    if isinstance(analyse(c_layer.fqn, c_layer.mask).structure, NM):
-        return f"consumer {chain.consumer} is 2:4: removing inputs would break its groups of 4"
-    p_mask = layers[f"{node.target}.weight"].mask
-    ablated = ~p_mask.reshape(p_mask.shape[0], -1).any(1)
-    cw = c_layer.mask if c_layer.kind == "linear" else c_layer.mask.any((2, 3))
-    unused = ~cw.reshape(cw.shape[0], -1, chain.spatial).any(2).any(0)
-    constant = _constants(producer, chain, model)
-    pads = isinstance(consumer, nn.Conv2d) and (consumer.padding != "valid" if isinstance(consumer.padding, str)
-                                                 else any(consumer.padding))
-    foldable = ablated & ((constant == 0) | torch.tensor(not pads))
-    remove = unused | foldable
+    remove = torch.ones(producer.weight.shape[0], dtype=torch.bool)
+    folds: list[Tensor] = []
+    for chain in chains:
+        why = _pair_problem(model, layers, node.target, producer, chain, meta, calls)
+        if why:
+            return why
+        consumer = model.get_submodule(chain.consumer)
+        c_layer = layers[f"{chain.consumer}.weight"]
+        cw = c_layer.mask if c_layer.kind == "linear" else c_layer.mask.any((2, 3))
+        unused = ~cw.reshape(cw.shape[0], -1, chain.spatial).any(2).any(0)
+        constant = _constants(producer, chain, model)
+        pads = isinstance(consumer, nn.Conv2d) and (consumer.padding != "valid" if isinstance(consumer.padding, str)
+                                                     else any(consumer.padding))
+        foldable = _ablated(layers, node.target) & ((constant == 0) | torch.tensor(not pads))
+        remove &= unused | foldable
+        folds.append((unused, constant))
     if not bool(remove.any()):
-        if bool(ablated.any()):
-            return f"consumer {chain.consumer} zero-pads: its {int(ablated.sum())} constant channel(s) are not " \
-                   f"constant at the border"
+        if bool(_ablated(layers, node.target).any()):
+            return "a consumer zero-pads: its constant channels are not constant at the border"
         return "no ablated or unused channels"
     if bool(remove.all()):
         return "every channel is removable: the layer's output is a constant (left as it is)"
-    folded = remove & ~unused
-    before = int(remove.numel())
-    _fold_and_slice(producer, consumer, chain, model, ~remove, constant, folded)
-    _slice_masks(layers, node.target, chain.consumer, chain, ~remove, consumer.weight)
-    result.removals.append(Removal(node.target, chain.consumer, before, before - int(remove.sum()),
-                                   int(folded.sum()), int((remove & unused).sum())))
+    keep = ~remove
+    for chain, (unused, constant) in zip(chains, folds):
+        _fold(model.get_submodule(chain.consumer), chain, constant, remove & ~unused)
+    _slice(model, node.target, chains, keep)
+    _slice_masks(layers, node.target, chains, keep, model)
+    constant_removed = remove & ~torch.stack([u for u, _ in folds]).all(0)
+    result.removals.append(Removal(node.target, ", ".join(c.consumer for c in chains), int(remove.numel()),
+                                   int(keep.sum()), int(constant_removed.sum()),
+                                   int((remove & ~constant_removed).sum())))
+    return None
+
+
+def _ablated(layers: dict[str, Layer], producer: str) -> Tensor:
+    mask = layers[f"{producer}.weight"].mask
+    return ~mask.reshape(mask.shape[0], -1).any(1)
+
+
+def _pair_problem(model: nn.Module, layers: dict[str, Layer], name: str, producer: nn.Module, chain: _Chain,
+                  meta, calls: list) -> Optional[str]:
+    """Why ``producer`` cannot lose channels towards ``chain.consumer``, or None."""
+    consumer = model.get_submodule(chain.consumer)
+    flattens = any(_is_flatten(n, model) for n in chain.ops)
+    if isinstance(producer, nn.Linear) and (isinstance(consumer, nn.Conv2d) or flattens):
+        return f"{chain.consumer} does not read {name}'s features as its channels"
+    if isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear) and not flattens:
+        return f"{chain.consumer} reads {name}'s last spatial axis, not its channels"
+    norms = [n.target for n in chain.ops if n.op == "call_module"
+             and isinstance(model.get_submodule(n.target), (nn.BatchNorm1d, nn.BatchNorm2d))]
+    if isinstance(producer, nn.Linear) and norms and (meta is None or len(meta.shape) != 2):
+        return "BatchNorm1d after a Linear normalises dim 1, the features only for 2-D inputs"
+    if any(calls.count(n) > 1 for n in norms):
+        return f"a BatchNorm between {name} and {chain.consumer} is called more than once"
+    if getattr(consumer, "groups", 1) != 1:
+        return f"consumer {chain.consumer} is a grouped convolution"
+    c_layer = layers[f"{chain.consumer}.weight"]
+    if isinstance(analyse(c_layer.fqn, c_layer.mask).structure, NM):
+        return f"consumer {chain.consumer} is 2:4: removing inputs would break its groups of 4"
     return None
 
 

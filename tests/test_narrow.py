@@ -111,21 +111,27 @@ def test_residual_branch_is_not_crossed():
     assert result.removals == [] and "add" in result.skipped["a"]
 
 
-def test_output_used_twice_is_not_narrowed():
-    class Two(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+class _Fanout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b, self.c = nn.Linear(8, 4), nn.Linear(8, 4)
+        self.d = nn.Linear(4, 4)
 
-        def forward(self, x):
-            h = self.a(x)
-            return self.b(h) + self.c(h)
-
-    model = Two().eval()
-    result = _narrowed(model, {"a.weight": _ablate_rows(model.a, [2])}, torch.randn(2, 8))
-    assert result.removals == [] and result.skipped["a"] == "output of a is used by 2 ops"
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        q = self.b(h)
+        return self.d(torch.tanh(self.c(h)) + q)        # q and tanh(c) meet in an add
 
 
+def test_one_output_feeding_several_consumers_folds_into_each():
+    model = _Fanout().eval()
+    masks = {"a.weight": _ablate_rows(model.a, [2, 5]), "c.weight": _ablate_rows(model.c, [1])}
+    result = _narrowed(model, masks, torch.randn(3, 8))
+    assert [str(r) for r in result.removals] == [
+        "a -> b, c: 8 -> 6 channels (2 constant folded into b.bias, c.bias, 0 unused)"]
+    assert (result.model.b.in_features, result.model.c.in_features) == (6, 6)
+    assert result.skipped["c"].startswith("add")                   # c's output meets b's in an add
 def test_unused_input_channels_are_removed_from_a_dense_producer():
     # SWAT channel-structured consumer: whole input channels are zero; the producer only feeds it.
     torch.manual_seed(0)
