@@ -209,7 +209,9 @@ def _slice_masks(layers: dict[str, Layer], producer: str, chains: list[_Chain], 
     for chain in chains:
         c = layers[f"{chain.consumer}.weight"]
         mask = c.mask[:, _columns(chain, kept)] if c.kind == "linear" else c.mask[:, kept]
-        layers[c.fqn] = replace(c, mask=_even_fan_in(mask.clone(), model.get_submodule(chain.consumer).weight))
+        consumer = model.get_submodule(chain.consumer)
+        layers[c.fqn] = replace(c, mask=_even_fan_in(mask.clone(), consumer.weight),
+                                bias=f"{chain.consumer}.bias" if consumer.bias is not None else None)
 
 
 def _even_fan_in(mask: Tensor, weight: Tensor) -> Tensor:

@@ -57,6 +57,18 @@ def test_linear_act_linear_folds_constants_into_the_consumer_bias():
     assert result.skipped["5"] == "it is the model's output"
 
 
+def test_consumer_without_bias_gets_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8, bias=False)).eval()
+    masks = {"0.weight": _ablate_rows(model[0], [3, 9]), "2.weight": synthetic.fanin_mask(model[2].weight, 0.25)}
+    x = torch.randn(4, 12)
+    compiled = sparsecc.compile(model, x, masks=masks, narrow=True)    # validated against the masked original
+    assert compiled.report.notes[0] == "narrowed 0 -> 2: 16 -> 14 channels (2 constant folded into 2.bias, 0 unused)"
+    assert [lay.action for lay in compiled.report.layers] == ["condensed_linear"] * 2
+    with torch.no_grad():
+        assert_equivalent(compiled(x), sparsecc.masked_reference(model, masks)(x))
+
+
 def test_conv_batchnorm_relu_conv_without_padding():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), _bn(8), nn.ReLU(), nn.Conv2d(8, 4, 1), _bn(4)).eval()
