@@ -69,6 +69,7 @@ def test_two_four_linears(tmp_path, in_f, tokens, kernel):
     (dict(kernel_size=3, stride=2, padding=1), 9, "spmm"),                # strided: im2col taps
     (dict(kernel_size=(1, 3), stride=(2, 1), padding=(0, 1)), 7, "spmm"),
     (dict(kernel_size=1, stride=2), 9, "spmm"),                           # pointwise reads the input itself
+    (dict(kernel_size=2, stride=2), 9, "spmm"),                           # patches: im2col is a transpose
     (dict(kernel_size=3, padding=1, groups=2), 6, "spmm"),
 ])
 @pytest.mark.parametrize("batch", [1, 2])
@@ -139,14 +140,13 @@ def test_resnet18(tmp_path, structure):
 
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_vit_b_16(tmp_path, structure):
-    # 64x64 images: 17 tokens, the same layers and kernels as at 224 (197 tokens; that size runs in
-    # `sparsecc bench`), a fraction of the time
-    image = 64
+    # 64x64 images: 17 tokens, the same layers and kernels as at 224x224 (197 tokens), which `sparsecc bench`
+    # exports, validates and times
     torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(weights=None, image_size=image).eval()
+    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
     nn.init.normal_(model.heads.head.weight, std=0.02)   # torchvision zero-initialises it
     masks = synthetic.structured_masks(model, structure, 0.9, 0.05, synthetic.vit_encoder)
-    exported = _check(model, masks, torch.randn(1, 3, image, image), tmp_path / "vit.so")
+    exported = _check(model, masks, torch.randn(1, 3, 64, 64), tmp_path / "vit.so")
     sparse = "nm_linear" if structure == "2:4" else "condensed_linear"
     # the token kernel for every encoder Linear; attention's two bmm per layer, 12 heads each; the dense
     # patch embedding

@@ -220,6 +220,14 @@ def _conv_sample(ctx: _Converter, builder: Any, sample: Any, chw: tuple[int, int
             sample = builder.emit(relax.op.strided_slice(sample, axes=[1, 2], begin=[0, 0],
                                                          end=[(oh - 1) * sh + 1, (ow - 1) * sw + 1], strides=[sh, sw]))
         cols = builder.emit(relax.op.reshape(sample, (c, oh * ow)))
+    elif (sh, sw) == (kh, kw) and (ph, pw) == (0, 0) and (dh, dw) == (1, 1):
+        # Non-overlapping patches (ViT's patch embedding): im2col is a reshape and a transpose; slices would be
+        # one per tap, 256 of them, and TVM took a minute to compile those.
+        if (h, w) != (oh * kh, ow * kw):
+            sample = builder.emit(relax.op.strided_slice(sample, axes=[1, 2], begin=[0, 0], end=[oh * kh, ow * kw]))
+        patches = builder.emit(relax.op.reshape(sample, (c, oh, kh, ow, kw)))
+        cols = builder.emit(relax.op.reshape(builder.emit(relax.op.permute_dims(patches, [0, 2, 4, 1, 3])),
+                                             (c * kh * kw, oh * ow)))
     else:
         # im2col in F.unfold's order (channel-major, then taps row by row): one strided slice per tap.
         padded = builder.emit(relax.op.nn.pad(sample, [0, 0, ph, ph, pw, pw])) if ph or pw else sample
@@ -304,11 +312,24 @@ def _dense_bmm(ctx: _Converter, node: Any, importer: Any) -> Any:
                  _const(torch.zeros(m))]
     key = _key("spmm", k, n, indices.dtype, False)
     outs = []
-    for i in range(batch):
-        ai = builder.emit(relax.op.reshape(builder.emit(relax.op.strided_slice(a, [0], [i], [i + 1])), (m, k)))
-        bi = builder.emit(relax.op.reshape(builder.emit(relax.op.strided_slice(b, [0], [i], [i + 1])), (k, n)))
+    # One split per operand (not a slice per entry: each distinct slice became its own compiled function, and
+    # ViT-B/16's 576 of them tripled the export time).
+    a_parts, b_parts = (_split(builder, t, batch) for t in (a, b))
+    for ai, bi in zip(a_parts, b_parts):
+        ai = builder.emit(relax.op.reshape(ai, (m, k)))
+        bi = builder.emit(relax.op.reshape(bi, (k, n)))
         outs.append(ctx.call(builder, key, [bi, ai, *constants], (m, n)))
     return builder.emit(relax.op.stack(outs, axis=0))
+
+
+def _split(builder: Any, t: Any, parts: int) -> list:
+    """``t`` split along axis 0 into ``parts`` entries of size 1."""
+    from tvm import relax
+
+    if parts == 1:
+        return [t]
+    tup = builder.emit(relax.op.split(t, parts, axis=0))
+    return [builder.emit(relax.TupleGetItem(tup, i)) for i in range(parts)]
 
 
 #: Op (as TVM's importer names it) -> converter: the sparsecc ops, and the dense ops whose TVM lowering is
