@@ -232,6 +232,16 @@ def test_unsupported_ops_are_listed_in_one_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_missing_tvm_is_a_clear_error(tmp_path, monkeypatch):
+    from sparsecc.runtimes import tvm as tvm_runtime
+
+    monkeypatch.setattr(tvm_runtime, "unavailable", lambda: "apache-tvm is not importable (ImportError: x)")
+    model, masks = _small(tmp_path)
+    with pytest.raises(sparsecc.RuntimeUnavailableError, match="export_tvm needs TVM: apache-tvm is not importable"):
+        sparsecc.export_tvm(model, torch.randn(1, 16), tmp_path / "m.so", masks=masks)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_argument_errors(tmp_path):
     model, masks = _small(tmp_path)
     with pytest.raises(InputError, match="float32"):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecc import ops
-from sparsecc.errors import ExportError, InputError
+from sparsecc.errors import ExportError, InputError, RuntimeUnavailableError
 from sparsecc.export.onnx_file import _writable_target, refuse_missing, tensor_inputs
 from sparsecc.export import tvm_runner
 from sparsecc.export.tvm_runner import FORMAT, META_FUNCTION
@@ -401,6 +401,11 @@ def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike",
     `sparsecc.load_tvm` (or TVM alone, see `sparsecc.export.tvm_runner`). ``target`` (a TVM target or its
     dict) defaults to this host's CPU.
     """
+    from sparsecc.runtimes import tvm as tvm_runtime
+
+    missing = tvm_runtime.unavailable()
+    if missing:
+        raise RuntimeUnavailableError(f"export_tvm needs TVM: {missing}")
     import tvm
     from tvm.relax.frontend.torch import from_exported_program
 
