@@ -272,7 +272,7 @@ def _narrow_pair(model: nn.Module, layers: dict[str, Layer], node: fx.Node, weig
     calls = [n.target for n in node.graph.nodes if n.op == "call_module"]
     meta = node.meta.get("tensor_meta")
     remove = torch.ones(producer.weight.shape[0], dtype=torch.bool)
-    folds: list[Tensor] = []
+    folds: list[tuple[Tensor, Tensor]] = []   # per consumer: its unused channels, the constants it sees
     for chain in chains:
         why = _pair_problem(model, layers, node.target, producer, chain, meta, calls)
         if why:
