@@ -49,7 +49,7 @@ def topk_mask(weight: Tensor, density: float, structured: bool) -> Tensor:
     return torch.zeros(w.numel(), dtype=torch.bool, device=w.device).scatter_(0, top, True).view_as(w)
 
 
-def _fold(layer: "TopKLinear | TopKConv2d", plain: nn.Module) -> tuple[nn.Module, dict[str, Tensor]]:
+def _fold(layer: "_TopK", plain: nn.Module) -> tuple[nn.Module, dict[str, Tensor]]:
     """``plain`` given the layer's current top-K weight and bias, and that mask."""
     mask = layer.mask()
     with torch.no_grad():
@@ -59,17 +59,26 @@ def _fold(layer: "TopKLinear | TopKConv2d", plain: nn.Module) -> tuple[nn.Module
     return plain, {"weight": mask}
 
 
-class TopKLinear(nn.Linear):
-    """``nn.Linear`` whose forward uses only its top-K weights (recomputed every call, as in SWAT training)."""
+class _TopK:
+    """What both top-K layers share: their settings, checked at construction, and the mask of the moment."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 0.1,
-                 structured: bool = False, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, device, dtype)
+    weight: Tensor
+
+    def _top_k(self, density: float, structured: bool) -> None:
         topk_mask(self.weight, density, structured)      # validates density now, not at the first call
         self.density, self.structured = density, structured
 
     def mask(self) -> Tensor:
         return topk_mask(self.weight, self.density, self.structured)
+
+
+class TopKLinear(_TopK, nn.Linear):
+    """``nn.Linear`` whose forward uses only its top-K weights (recomputed every call, as in SWAT training)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 0.1,
+                 structured: bool = False, device=None, dtype=None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._top_k(density, structured)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.mask(), self.bias)
@@ -79,17 +88,13 @@ class TopKLinear(nn.Linear):
                                      device=self.weight.device, dtype=self.weight.dtype))
 
 
-class TopKConv2d(nn.Conv2d):
+class TopKConv2d(_TopK, nn.Conv2d):
     """``nn.Conv2d`` whose forward uses only its top-K weights (``structured``: top-K input channels per
     filter by L1 norm)."""
 
     def __init__(self, *args, density: float = 0.1, structured: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        topk_mask(self.weight, density, structured)
-        self.density, self.structured = density, structured
-
-    def mask(self) -> Tensor:
-        return topk_mask(self.weight, self.density, self.structured)
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._top_k(density, structured)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight * self.mask(), self.bias)

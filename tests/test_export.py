@@ -21,6 +21,7 @@ from sparsecc.export import forms
 from sparsecc.layers import CondensedLayer
 from sparsecc.runtimes import tensorrt as trt_runtime
 from tests.conftest import assert_equivalent
+from tests.unexportable import Unexportable
 
 
 def _run(path, *inputs):
@@ -285,37 +286,8 @@ def test_dense_export_warns_per_layer_tensorrt_cannot_use(tmp_path):
 
 # -- bad input ----------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("sparsecc_test::first_unknown", mutates_args=())
-def _first_unknown(x: torch.Tensor) -> torch.Tensor:
-    return x * 2
-
-
-@_first_unknown.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("sparsecc_test::second_unknown", mutates_args=())
-def _second_unknown(x: torch.Tensor) -> torch.Tensor:
-    return x + 1
-
-
-@_second_unknown.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-class _Unexportable(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return _second_unknown(self.fc(_first_unknown(x)))
-
-
 def test_unknown_ops_listed_in_one_error_and_no_file_left(tmp_path):
-    model = _Unexportable().eval()
+    model = Unexportable().eval()
     path = tmp_path / "u.onnx"
     with pytest.raises(sparsecc.ExportError) as err:
         sparsecc.export_onnx(model, torch.randn(1, 8), path, masks={"fc.weight": synthetic.fanin_mask(
@@ -342,7 +314,7 @@ def test_existing_file_survives_a_failed_export(tmp_path):
     path = tmp_path / "u.onnx"
     path.write_bytes(b"previous")
     with pytest.raises(sparsecc.ExportError):
-        sparsecc.export_onnx(_Unexportable().eval(), torch.randn(1, 8), path)
+        sparsecc.export_onnx(Unexportable().eval(), torch.randn(1, 8), path)
     assert path.read_bytes() == b"previous"
 
 
