@@ -63,6 +63,14 @@ def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool
     return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
 
 
+def transpose(x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` for a contiguous float32 matrix, by the blocked TVM kernel (2-3x torch's copy
+    on the token kernel's shapes)."""
+    y = x.new_empty(x.shape[1], x.shape[0])
+    _kernel("transpose", 0, 0, torch.int32, False)(x, y)
+    return y
+
+
 def _float_contiguous(x: Tensor) -> Tensor:
     if x.dtype != torch.float32:
         raise InputError(f"tvm runtime: input is {x.dtype}; its kernels take float32 (compile with "
@@ -137,7 +145,7 @@ class BoundLinear(_Bound):
         if tokens >= SPMM_MIN_TOKENS:
             # Transposed views would save the copies here but slow the LayerNorms and attention after them
             # (measured on ViT-B/16): outputs stay contiguous.
-            y = self.spmm(x2.t().contiguous()).t().contiguous()
+            y = transpose(self.spmm(transpose(x2)))
         else:
             y = x2.new_empty(tokens, self.out)
             fn = self.kernel("gemv", 1)

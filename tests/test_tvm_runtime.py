@@ -109,6 +109,18 @@ def test_misaligned_and_non_contiguous_inputs(tokens):
             assert_equivalent(tvm_runtime.KERNELS["condensed_linear"](x, v, enc.indices, enc.rows, b, 32), F.linear(x, w, b))
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 9), (9, 7), (8, 8), (16, 3), (197, 768), (3072, 197), (13, 200)])
+def test_transpose_kernel_is_an_exact_copy(shape):
+    """The token path's layout change: full 8x8 blocks, both loop orders, ragged edges, a misaligned source."""
+    x = torch.randn(*shape)
+    misaligned = torch.randn(x.numel() + 1)[1:].view(shape).copy_(x)
+    for src in (x, misaligned):
+        y = tvm_runtime.transpose(src)
+        assert y.shape == (shape[1], shape[0])
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, x.t(), rtol=0, atol=0)
+
+
 def test_wrong_dtype_is_a_clear_error():
     w, enc = _layer(8, 16, 0.5, 0.0)
     with pytest.raises(InputError, match="tvm runtime: input is torch.float64; its kernels take float32"):
@@ -161,7 +173,7 @@ from sparsecc.runtimes import tvm as rt
 torch.manual_seed(0)
 w = torch.randn(16, 48); m = torch.zeros_like(w, dtype=torch.bool); m[:, ::4] = True
 enc = formats.encode_fanin(w * m, m, 12)
-x = torch.randn(3, 48)
+x = torch.randn(1, 48)   # one token: one kernel (the token path adds the transpose kernel)
 y = rt.KERNELS["condensed_linear"](x, enc.values, enc.indices, None, None, 16)
 assert torch.allclose(y, F.linear(x, w * m), rtol=0, atol=1e-5 * float(F.linear(x, w * m).abs().max())), "mismatch"
 print(json.dumps(rt.kernel_cache().stats))
