@@ -37,7 +37,8 @@ def smoke(runtime: str) -> list[str]:
         return [str(s) for s in failures if not s.ok]
     wc = torch.randn(8, 6, 3, 3, generator=g)
     cmask = fanin_mask(wc, 0.5, ablate=0.25, generator=g)
-    cenc = formats.encode_fanin((wc * cmask).reshape(8, -1), cmask.reshape(8, -1), int(cmask.reshape(8, -1).sum(1).max()))
+    flat = cmask.reshape(8, -1)
+    cenc = formats.encode_fanin((wc * cmask).reshape(8, -1), flat, int(flat.sum(1).max()))
     xc = torch.randn(2, 12, 9, 9, generator=g)
     yc = ops.condensed_conv2d(xc, cenc.values, cenc.indices, cenc.rows, None, 8, [3, 3], [2, 2], [1, 1], [1, 1], 2,
                               runtime)

@@ -46,7 +46,8 @@ class KernelKey:
     bias: bool
 
     def name(self) -> str:
-        return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{'b' if self.bias else 'nb'}"
+        bias = "b" if self.bias else "nb"
+        return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}"
 
 
 def build(key: KernelKey):
@@ -222,7 +223,8 @@ def nm_gemv(key: KernelKey):
         second = T.Select(b3, T.Select(b2, x3, x2), T.Select(b2, x1, x0))
         pair = v[r, T.ramp(go * 2 * VEC, 1, 2 * VEC)]
         acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + \
-            T.Shuffle([pair], list(range(0, 2 * VEC, 2))) * first + T.Shuffle([pair], list(range(1, 2 * VEC, 2))) * second
+            T.Shuffle([pair], list(range(0, 2 * VEC, 2))) * first + \
+            T.Shuffle([pair], list(range(1, 2 * VEC, 2))) * second
 
     @T.prim_func
     def gemv(xq_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -250,9 +252,9 @@ def nm_gemv(key: KernelKey):
 def nm_gemv_avx(key: KernelKey):
     """2:4 along K for one token, with AVX's in-lane variable permute. A prologue copies the input ``x [1, in]``
     to a stack buffer with each block of 4 groups stored as (g, g+2, g+1, g+3), so one 8-float load holds two
-    groups in its two 128-bit halves; ``vpermilps`` picks each value's input by the low 2 bits of its control lane, and the control for
-    8 values is one 16-bit metadata load shifted per lane (the bits above are ignored by the instruction).
-    Two permutes and a blend give 8 products with no wasted lane."""
+    groups in its two 128-bit halves; ``vpermilps`` picks each value's input by the low 2 bits of its control
+    lane, and the control for 8 values is one 16-bit metadata load shifted per lane (the bits above are ignored
+    by the instruction). Two permutes and a blend give 8 products with no wasted lane."""
     DT, BIAS = key.dtype, key.bias
     G = key.k           # groups of 4 along K; a multiple of 4
     NB = G // 4

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--ablate", type=float, default=0.05, help="fraction of neurons ablated (fan-in)")
     export.add_argument("--mode", default="condensed", choices=["condensed", "dense"], help="ONNX only")
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="ONNX only")
+    export.add_argument("--image-size", type=int, default=224, help="input height and width the file is built "
+                        "for (a TVM library is specialised on it; a multiple of 16 for vit_b_16)")
     check = sub.add_parser("check-2to4", help="which Gemm/MatMul/Conv weights of an ONNX file TensorRT reads as 2:4")
     check.add_argument("onnx", type=Path)
     bench = sub.add_parser("bench", help="batch-1, 1-thread latency of condensed layers and models vs peers")
@@ -59,7 +61,11 @@ def _single_threaded(argv: Sequence[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "export" and (args.image_size < 32 or args.model == "vit_b_16" and args.image_size % 16):
+        parser.error(f"--image-size {args.image_size}: use at least 32, and a multiple of 16 for vit_b_16 (its "
+                     f"patch size)")
     if args.command == "bench":
         _single_threaded(argv)
     from sparsecc import demo
@@ -83,13 +89,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import sparsecc
             from sparsecc.export import tvm_runner
 
-            model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure)
+            model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure,
+                                      image_size=args.image_size)
+            example = torch.randn(1, 3, args.image_size, args.image_size)
             if args.out.suffix == ".so":
-                library = sparsecc.export_tvm(model, torch.randn(1, 3, 224, 224), args.out)
+                library = sparsecc.export_tvm(model, example, args.out)
                 print(f"wrote {library.path} ({library.bytes / 2**20:.1f} MiB, TVM, batch 1); kernel calls: "
                       f"{library.kernels}; run it without torch: python {tvm_runner.__file__} {library.path}")
                 return 0
-            result = sparsecc.export_onnx(model, torch.randn(1, 3, 224, 224), args.out, mode=args.mode,
+            result = sparsecc.export_onnx(model, example, args.out, mode=args.mode,
                                           precision=args.precision)
             counts = {form: list(result.forms.values()).count(form) for form in sorted(set(result.forms.values()))}
             print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {args.mode}, {args.precision}); "

@@ -12,28 +12,30 @@ import sparsecc
 from sparsecc import synthetic
 from sparsecc.timing import medians
 
-#: Model name -> (constructor, which weights SRigL would sparsify).
-MODELS: dict[str, tuple[Callable[[], nn.Module], synthetic.Selector]] = {
-    "vit_b_16": (lambda: torchvision.models.vit_b_16(weights=None), synthetic.vit_encoder),
-    "resnet18": (lambda: torchvision.models.resnet18(weights=None), synthetic.all_but_stem),
-    "resnet50": (lambda: torchvision.models.resnet50(weights=None), synthetic.all_but_stem),
+#: Model name -> (constructor taking the input image size, which weights SRigL would sparsify). ResNets take
+#: any size; ViT's position embedding is built for one (a multiple of its 16-pixel patches).
+MODELS: dict[str, tuple[Callable[[int], nn.Module], synthetic.Selector]] = {
+    "vit_b_16": (lambda size: torchvision.models.vit_b_16(weights=None, image_size=size), synthetic.vit_encoder),
+    "resnet18": (lambda size: torchvision.models.resnet18(weights=None), synthetic.all_but_stem),
+    "resnet50": (lambda size: torchvision.models.resnet50(weights=None), synthetic.all_but_stem),
 }
 
 
-def build(name: str, seed: int = 0) -> nn.Module:
-    """A torchvision model with random weights, in eval mode."""
+def build(name: str, seed: int = 0, image_size: int = 224) -> nn.Module:
+    """A torchvision model with random weights for ``image_size`` x ``image_size`` inputs, in eval mode."""
     torch.manual_seed(seed)
-    model = MODELS[name][0]().eval()
+    model = MODELS[name][0](image_size).eval()
     for mod in model.modules():   # torchvision zero-initialises ViT's head: give it weights worth checking
         if isinstance(mod, nn.Linear) and not bool(mod.weight.any()):
             nn.init.normal_(mod.weight, std=0.02)
     return model
 
 
-def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0, structure: str = "fanin") -> nn.Module:
+def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0, structure: str = "fanin",
+                 image_size: int = 224) -> nn.Module:
     """A torchvision model with random weights and masks attached as prune hooks: constant fan-in (SRigL,
     ``sparsity`` and ``ablate`` apply) or ``"2:4"`` along the input dimension."""
-    model = build(name, seed)
+    model = build(name, seed, image_size)
     masks = synthetic.structured_masks(model, structure, sparsity, ablate, MODELS[name][1], seed)
     return synthetic.attach_with_prune(model, masks)
 

@@ -28,5 +28,10 @@ def _seed():
 
 @pytest.fixture(scope="session", autouse=True)
 def _kernel_cache(tmp_path_factory):
-    """A fresh kernel cache per test session: tests never depend on kernels a previous run left behind."""
-    os.environ["SPARSECC_CACHE_DIR"] = str(tmp_path_factory.mktemp("sparsecc-cache"))
+    """A fresh kernel cache per test session: tests never depend on kernels a previous run left behind. The
+    xdist workers of one run share it (the cache is safe across processes), so each kernel compiles once."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = root / "sparsecc-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["SPARSECC_CACHE_DIR"] = str(cache)

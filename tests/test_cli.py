@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 
 from sparsecc import cli
 
@@ -51,7 +52,7 @@ def test_check_2to4_missing_file_is_a_clean_error(tmp_path, capsys):
 
 def test_export_tvm_library_then_run_it_with_the_runner(tmp_path, capsys):
     out = tmp_path / "r18.so"
-    assert cli.main(["export", str(out), "--model", "resnet18"]) == 0
+    assert cli.main(["export", str(out), "--model", "resnet18", "--image-size", "64"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "'condensed_conv2d/spmm_flat': 13" in printed and out.is_file()
     from sparsecc.export import tvm_runner
@@ -59,5 +60,13 @@ def test_export_tvm_library_then_run_it_with_the_runner(tmp_path, capsys):
     done = subprocess.run([sys.executable, tvm_runner.__file__, str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     meta = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
-    assert meta["inputs"] == [[[1, 3, 224, 224], "float32"]] and meta["outputs"] == [[1, 1000]]
+    assert meta["inputs"] == [[[1, 3, 64, 64], "float32"]] and meta["outputs"] == [[1, 1000]]
     assert "output (1, 1000) float32 finite" in done.stdout
+
+
+def test_export_image_size_must_fit_the_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["export", str(tmp_path / "v.so"), "--model", "vit_b_16", "--image-size", "72"])
+    assert exc.value.code == 2
+    assert "--image-size 72: use at least 32, and a multiple of 16 for vit_b_16" in capsys.readouterr().err
+    assert not (tmp_path / "v.so").exists()

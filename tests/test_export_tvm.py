@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import sparsecc
@@ -143,9 +142,7 @@ def test_resnet18(tmp_path, structure):
 def test_vit_b_16(tmp_path, structure):
     # 64x64 images: 17 tokens, the same layers and kernels as at 224x224 (197 tokens), which `sparsecc bench`
     # exports, validates and times
-    torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
-    nn.init.normal_(model.heads.head.weight, std=0.02)   # torchvision zero-initialises it
+    model = build("vit_b_16", image_size=64)
     masks = synthetic.structured_masks(model, structure, 0.9, 0.05, synthetic.vit_encoder)
     exported = _check(model, masks, torch.randn(1, 3, 64, 64), tmp_path / "vit.so")
     sparse = "nm_linear" if structure == "2:4" else "condensed_linear"

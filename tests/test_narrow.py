@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import sparsecc
 from sparsecc import InputError, synthetic
-from sparsecc.demo import sparse_model
+from sparsecc.demo import build, sparse_model
 from sparsecc.passes.masks import prepare
 from sparsecc.passes.narrow import narrow
 from tests.conftest import assert_equivalent
@@ -197,9 +196,7 @@ def test_resnets_with_ablated_neurons(name):
 
 
 def test_vit_b_16_mlp_neurons_are_removed():
-    torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
-    nn.init.normal_(model.heads.head.weight, std=0.02)
+    model = build("vit_b_16", image_size=64)
     masks = synthetic.fanin_masks(model, 0.9, 0.3, synthetic.vit_encoder)
     x = torch.randn(1, 3, 64, 64)
     compiled = sparsecc.compile(model, x, masks=masks, narrow=True)

@@ -50,7 +50,8 @@ def test_condensed_linear(out_f, in_f, sparsity, ablate, tokens, bias):
 def test_int32_indices(tokens):
     w, enc = _layer(24, 50, 0.7, 0.2, torch.int32)
     x = torch.randn(tokens, 50)
-    assert_equivalent(tvm_runtime.KERNELS["condensed_linear"](x, enc.values, enc.indices, enc.rows, None, 24), F.linear(x, w))
+    y = tvm_runtime.KERNELS["condensed_linear"](x, enc.values, enc.indices, enc.rows, None, 24)
+    assert_equivalent(y, F.linear(x, w))
 
 
 def test_every_row_ablated_outputs_bias():
@@ -106,7 +107,8 @@ def test_misaligned_and_non_contiguous_inputs(tokens):
     values = torch.randn(enc.values.numel() + 1)[1:].view_as(enc.values).copy_(enc.values)
     for x in (misaligned, transposed):
         for v in (enc.values, values):
-            assert_equivalent(tvm_runtime.KERNELS["condensed_linear"](x, v, enc.indices, enc.rows, b, 32), F.linear(x, w, b))
+            y = tvm_runtime.KERNELS["condensed_linear"](x, v, enc.indices, enc.rows, b, 32)
+            assert_equivalent(y, F.linear(x, w, b))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 9), (9, 7), (8, 8), (16, 3), (197, 768), (3072, 197), (13, 200)])
@@ -124,7 +126,8 @@ def test_transpose_kernel_is_an_exact_copy(shape):
 def test_wrong_dtype_is_a_clear_error():
     w, enc = _layer(8, 16, 0.5, 0.0)
     with pytest.raises(InputError, match="tvm runtime: input is torch.float64; its kernels take float32"):
-        tvm_runtime.KERNELS["condensed_linear"](torch.randn(1, 16, dtype=torch.float64), enc.values, enc.indices, None, None, 8)
+        tvm_runtime.KERNELS["condensed_linear"](torch.randn(1, 16, dtype=torch.float64), enc.values, enc.indices, None,
+                                                None, 8)
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,groups,hw", [
