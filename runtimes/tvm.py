@@ -110,6 +110,10 @@ class _Bound:
         self.has_bias = bias is not None
         self.bias = bias.contiguous() if bias is not None else values.new_zeros(out)
         self.bias_or_none = bias
+        # The kernels' constant arguments as TVM tensors (sharing memory): converted once, not on every call.
+        import tvm_ffi
+
+        self.args = tuple(tvm_ffi.from_dlpack(t) for t in (self.values, self.indices, self.orow, self.arow, self.bias))
         self.kernels: dict[tuple[str, int], Callable] = {}
 
     def kernel(self, kind: str, tokens: int) -> Callable:
@@ -123,7 +127,7 @@ class _Bound:
     def spmm(self, xt: Tensor) -> Tensor:
         """``[out, tokens]`` from ``xt = [in, tokens]``."""
         y = xt.new_empty(self.out, xt.shape[1])
-        self.kernel("spmm", xt.shape[1])(xt, self.values, self.indices, self.orow, self.arow, self.bias, y)
+        self.kernel("spmm", xt.shape[1])(xt, *self.args, y)
         return y
 
 
@@ -138,7 +142,7 @@ class BoundLinear(_Bound):
             return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
         if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
             y = x.new_empty(1, self.out)
-            self.kernel("gemv", 1)(x, self.values, self.indices, self.orow, self.arow, self.bias, y)
+            self.kernel("gemv", 1)(x, *self.args, y)
             return y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         tokens = x2.shape[0]
@@ -150,7 +154,7 @@ class BoundLinear(_Bound):
             y = x2.new_empty(tokens, self.out)
             fn = self.kernel("gemv", 1)
             for t in range(tokens):
-                fn(x2[t:t + 1], self.values, self.indices, self.orow, self.arow, self.bias, y[t:t + 1])
+                fn(x2[t:t + 1], *self.args, y[t:t + 1])
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
 
 
@@ -292,6 +296,23 @@ class _LazyConv:
         return self.bound(x)
 
 
+class _Binding:
+    """What `bound` keeps on a values tensor. Its compiled kernels can be neither deep-copied nor pickled (so
+    ``copy.deepcopy`` and ``torch.save`` of the tensor failed): a deep copy gets None and a pickle an empty set
+    (a type ``torch.load(weights_only=True)`` accepts) in its place, and binds again when called."""
+
+    __slots__ = ("key", "fn", "constants")
+
+    def __init__(self, key: tuple, fn: Callable[[Tensor], Tensor], constants: tuple) -> None:
+        self.key, self.fn, self.constants = key, fn, constants
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return set, ()
+
+
 def bound(op: str, *constants) -> Callable[[Tensor], Tensor]:
     """`bind`, cached on the layer's values tensor: graphs run by torch.compile or loaded from a .pt2 call the
     op with the same constant tensors every time, and binding (row maps, tap offsets) is not free. The cache
@@ -299,9 +320,9 @@ def bound(op: str, *constants) -> Callable[[Tensor], Tensor]:
     values = constants[0]
     key = (op, *((id(c), c._version) if isinstance(c, Tensor) else c for c in constants))
     cached = values.__dict__.get("_sparsecc_bound")
-    if cached is None or cached[0] != key:
-        cached = values.__dict__["_sparsecc_bound"] = (key, bind(op, *constants), constants)
-    return cached[1]
+    if not isinstance(cached, _Binding) or cached.key != key:
+        cached = values.__dict__["_sparsecc_bound"] = _Binding(key, bind(op, *constants), constants)
+    return cached.fn
 
 
 KERNELS = {op: (lambda x, *constants, op=op: bound(op, *constants)(x))

@@ -2,6 +2,7 @@
 kernel paths and their tails, index widths, misaligned and non-contiguous inputs, threads, and the kernel
 cache (hit, corrupt entry, concurrent compiles)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -85,15 +86,30 @@ def test_op_calls_reuse_one_binding_until_a_constant_changes():
     run = lambda x: tvm_runtime.KERNELS["condensed_linear"](x, enc.values, enc.indices, enc.rows, b, 24)  # noqa: E731
     x = torch.randn(1, 40)
     assert_equivalent(run(x), F.linear(x, w, b))
-    first = enc.values.__dict__["_sparsecc_bound"][1]
+    first = enc.values.__dict__["_sparsecc_bound"].fn
     assert_equivalent(run(x), F.linear(x, w, b))
-    assert enc.values.__dict__["_sparsecc_bound"][1] is first          # same constants: bound once
+    assert enc.values.__dict__["_sparsecc_bound"].fn is first          # same constants: bound once
     with torch.no_grad():
         enc.values.mul_(2)
         b.add_(1)
     w2 = formats.decode_fanin(enc.values, enc.indices, enc.rows, 24, 40)
     assert_equivalent(run(x), F.linear(x, w2, b))                        # in-place edits are seen
-    assert enc.values.__dict__["_sparsecc_bound"][1] is not first
+    assert enc.values.__dict__["_sparsecc_bound"].fn is not first
+
+
+def test_tensors_carrying_a_binding_deep_copy_and_save(tmp_path):
+    """Op calls leave a binding (compiled kernels) on the values tensor: copies and saved state dicts drop it and
+    bind again on their first call, instead of failing to serialise the kernels."""
+    w, enc = _layer(16, 32, 0.75, 0.25)
+    x = torch.randn(1, 32)
+    tvm_runtime.KERNELS["condensed_linear"](x, enc.values, enc.indices, enc.rows, None, 16)
+    copied = copy.deepcopy(enc.values)
+    torch.save({"values": enc.values}, tmp_path / "v.pt")
+    loaded = torch.load(tmp_path / "v.pt")["values"]
+    for values in (copied, loaded):
+        torch.testing.assert_close(values, enc.values, rtol=0, atol=0)
+        y = tvm_runtime.KERNELS["condensed_linear"](x, values, enc.indices, enc.rows, None, 16)
+        assert_equivalent(y, F.linear(x, w))
 
 
 @pytest.mark.parametrize("tokens", [1, 12])
