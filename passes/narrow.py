@@ -343,4 +343,3 @@ def _check(reference: nn.Module, narrowed: nn.Module, inputs: tuple) -> None:
         if a.shape != e.shape or err > 1e-4 * max(scale, 1.0):
             raise PassError(f"narrow: the narrowed model differs from the reference (max abs {err:.2e}); "
                             f"compile with narrow=False and report this model")
-

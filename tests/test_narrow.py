@@ -143,6 +143,8 @@ def test_one_output_feeding_several_consumers_folds_into_each():
         "a -> b, c: 8 -> 6 channels (2 constant folded into b.bias, c.bias, 0 unused)"]
     assert (result.model.b.in_features, result.model.c.in_features) == (6, 6)
     assert result.skipped["c"].startswith("add")                   # c's output meets b's in an add
+
+
 def test_unused_input_channels_are_removed_from_a_dense_producer():
     # SWAT channel-structured consumer: whole input channels are zero; the producer only feeds it.
     torch.manual_seed(0)

@@ -211,4 +211,3 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     if mode == "dense":
         _warn_not_2to4(path)
     return OnnxExport(path, mode, precision, chosen, names, outputs)
-
