@@ -17,6 +17,7 @@ from sparsecc.errors import EquivalenceError, InputError
 from sparsecc.export.onnx_file import PRECISIONS
 from sparsecc.passes.capture import capture
 from sparsecc.passes.condense import Decision, plan
+from sparsecc.passes.fold import FoldBatchNorm
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.masks import Prepared, prepare
 from sparsecc.passes.narrow import narrow as narrow_network
@@ -185,11 +186,15 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
                          if why != "no ablated or unused channels"]
     captured = capture(work.reference, len(inputs) if example_inputs is not None else None)
     if captured.graph_module is not None:
-        passes = [CondenseModules(decisions), CondenseFunctionalOps(decisions), DropUnusedWeights(decisions)]
-        manager = PassManager(passes)
+        rewrites = [CondenseModules(decisions), CondenseFunctionalOps(decisions)]
+        fold = FoldBatchNorm()
+        manager = PassManager([*rewrites, fold, DropUnusedWeights(decisions)])
         module: nn.Module = manager.run(captured.graph_module)
-        applied = set().union(*(p.applied for p in passes))
+        applied = set().union(*(p.applied for p in rewrites))
         report.rewrites = manager.rewrites
+        if fold.folded:
+            report.notes.append(f"{len(fold.folded)} BatchNorm(s) folded into the condensed convolution before "
+                                f"them: {', '.join(fold.folded)}")
     else:
         module, report.rewrites, applied = swap_modules(copy.deepcopy(work.reference), decisions)
         report.capture_reason = captured.reason

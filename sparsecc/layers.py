@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsecc import formats, ops
-from sparsecc.errors import InputError
+from sparsecc.errors import InputError, PassError
 from sparsecc.runtimes import get_runtime
 
 
@@ -33,6 +33,9 @@ class CondensedLayer(nn.Module):
         self.weight_shape = tuple(weight_shape)
         self.runtime = "reference"     # set by the planner to the runtime that runs this op
         self.in_size = self.weight_shape[1]
+        # A per-output-channel affine absorbed from the op after this one (`fold_affine`); None when there is none.
+        self.register_buffer("out_scale", None)
+        self.register_buffer("out_shift", None)
 
     def _constants(self) -> tuple:
         raise NotImplementedError
@@ -44,9 +47,35 @@ class CondensedLayer(nn.Module):
         raise InputError(f"{self.name}: input shape {tuple(x.shape)} does not fit weight {self.weight_shape} "
                          f"(expects size {self.in_size} at dim {self._axis}, at least {self._dims}-D)")
 
-    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
-        """The dense op this layer stands for, as ``op(x, weight, bias)`` (holds no reference to the layer)."""
+    def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         raise NotImplementedError
+
+    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+        """The dense op this layer stands for, as ``op(x, weight, bias)`` on the original weights, followed by the
+        affine it absorbed if any (holds no reference to the layer)."""
+        op = self._dense_op()
+        if self.out_scale is None:
+            return op
+        view = (-1, *[1] * (-self._axis - 1))      # the output channel sits where the input's does
+        scale, shift = self.out_scale.view(view), self.out_shift.view(view)
+        return lambda x, weight, bias: op(x, weight, bias) * scale + shift
+
+    def fold_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Absorb ``y * scale + shift`` per output channel (an eval-mode BatchNorm after this layer), once: each
+        live row's values are scaled, the bias of every row becomes ``bias * scale + shift`` (ablated rows output
+        their bias, so they stay exact). Equal to the two ops up to rounding."""
+        if self.out_scale is not None:
+            raise PassError(f"{self.name}: an affine is already folded into this layer")
+        values, bias = self._buffers["values"], self._buffers["bias"]
+        rows = self._buffers.get("rows")
+        live = torch.ones(self.weight_shape[0], dtype=torch.bool)
+        if rows is not None:
+            live[:] = False
+            live[rows] = True
+        scale, shift = scale.to(values.dtype), shift.to(values.dtype)
+        self.values = values * scale[live].view(-1, *[1] * (values.dim() - 1))
+        self.bias = (bias if bias is not None else torch.zeros_like(scale)) * scale + shift
+        self.out_scale, self.out_shift = scale.clone(), shift.clone()
 
     def __getstate__(self):
         """Copies and pickles leave the bound kernel behind: it is rebuilt on the first call."""
@@ -106,7 +135,7 @@ class CondensedLinear(CondensedLayer):
     def _constants(self) -> tuple:
         return self.values, self.indices, self.rows, self.bias, self.weight_shape[0]
 
-    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         return F.linear
 
 
@@ -126,7 +155,7 @@ class NMLinear(CondensedLayer):
     def _constants(self) -> tuple:
         return self.values, self.metadata, self.bias, self.weight_shape[1]
 
-    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         return F.linear
 
 
@@ -151,7 +180,7 @@ class CondensedConv2d(CondensedLayer):
         return (self.values, self.indices, self.rows, self.bias, self.weight_shape[0], list(self.weight_shape[2:]),
                 self.stride, self.padding, self.dilation, self.groups)
 
-    def dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         return functools.partial(F.conv2d, stride=self.stride, padding=self.padding, dilation=self.dilation,
                                  groups=self.groups)
 

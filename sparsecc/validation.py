@@ -122,7 +122,9 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
     per_layer: dict[str, ErrorStat] = {}
     positions: dict[str, int] = {}
     captured: dict[str, tuple[Tensor, Tensor]] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, f=f: captured.__setitem__(f, (a[0], o)))
+    # Copies: an in-place op after the layer (ReLU(inplace=True) once a BatchNorm is folded away) would
+    # otherwise change what was captured.
+    hooks = [m.register_forward_hook(lambda m, a, o, f=f: captured.__setitem__(f, (a[0].clone(), o.clone())))
              for f, m in condensed.items()]
     ref_hooks = _positions_hooks(reference, layers, positions) if layers else []
     try:

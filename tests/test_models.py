@@ -26,6 +26,9 @@ def test_resnet18_constant_fanin_with_ablation():
     assert stem.action == "kept" and stem.reason == "no zeros in the mask"
     assert all(lay.ablated > 0 for lay in report.condensed)
     assert all(lay.error is not None and lay.error.ok for lay in report.condensed)
+    # every BatchNorm but the stem's (after the dense conv1) is folded into its condensed convolution
+    assert [type(m).__name__ for m in compiled.module.modules()].count("BatchNorm2d") == 1
+    assert any(note.startswith("19 BatchNorm(s) folded") and "layer4.1.bn2" in note for note in report.notes)
     _check(model, compiled, torch.randn(2, 3, 64, 64))
 
 
