@@ -66,14 +66,9 @@ class CondensedLayer(nn.Module):
         their bias, so they stay exact). Equal to the two ops up to rounding."""
         if self.out_scale is not None:
             raise PassError(f"{self.name}: an affine is already folded into this layer")
-        values, bias = self._buffers["values"], self._buffers["bias"]
-        rows = self._buffers.get("rows")
-        live = torch.ones(self.weight_shape[0], dtype=torch.bool)
-        if rows is not None:
-            live[:] = False
-            live[rows] = True
+        values, bias, rows = self._buffers["values"], self._buffers["bias"], self._buffers.get("rows")
         scale, shift = scale.to(values.dtype), shift.to(values.dtype)
-        self.values = values * scale[live].view(-1, *[1] * (values.dim() - 1))
+        self.values = values * (scale if rows is None else scale[rows])[:, None]   # value row i is output rows[i]
         self.bias = (bias if bias is not None else torch.zeros_like(scale)) * scale + shift
         self.out_scale, self.out_shift = scale.clone(), shift.clone()
 
