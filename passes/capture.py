@@ -2,7 +2,9 @@
 
 ``nn.MultiheadAttention`` is traced through `attention_forward`, a traceable equivalent of its forward that
 calls ``F.linear`` on ``in_proj_weight`` so its input projection shows up as a functional linear on a
-parameter (which the rewrite condenses). Models that still cannot be traced (data-dependent control flow) are
+parameter (which the rewrite condenses). ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
+traced through their eval-mode math without the fused fast path, which would read the dense weights of their
+Linears (`encoder_layer_forward`, `encoder_forward`). Models that still cannot be traced (data-dependent control flow) are
 handled by module swapping instead; `capture` returns the reason.
 """
 
@@ -90,12 +92,90 @@ def attention_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, va
     return out, weights
 
 
+def encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Tensor, src_mask: Optional[Tensor] = None,
+                          src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    """Eval-mode ``nn.TransformerEncoderLayer.forward`` on its slow path: the same math through its submodules
+    (its fused fast path would run the dense weights of its Linears)."""
+    def attend(x: Tensor) -> Tensor:
+        out = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                              need_weights=False, is_causal=is_causal)[0]
+        return layer.dropout1(out)
+
+    def feed_forward(x: Tensor) -> Tensor:
+        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+    x = src
+    if layer.norm_first:
+        x = x + attend(layer.norm1(x))
+        return x + feed_forward(layer.norm2(x))
+    x = layer.norm1(x + attend(x))
+    return layer.norm2(x + feed_forward(x))
+
+
+def zero_padding_like_nested(out: Tensor, src: Tensor, key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
+                             use_nested: bool, mask_check: bool) -> Tensor:
+    """``nn.TransformerEncoder`` runs eval no-grad calls with a key padding mask on nested tensors and returns
+    zeros at the padded positions; the slow path does not. Zero them where the user's encoder would have (the
+    conditions it checks at call time, so this runs eagerly: an fx leaf)."""
+    if (not use_nested or key_padding_mask is None or mask is not None or src.dim() != 3 or torch.is_grad_enabled()
+            or not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled()):
+        return out
+    keep = key_padding_mask.logical_not()
+    if mask_check and not torch._nested_tensor_from_mask_left_aligned(src, keep):
+        return out
+    return out.masked_fill(~keep[..., None], 0.0)
+
+
+fx.wrap("zero_padding_like_nested")
+
+
+def encoder_forward(encoder: nn.TransformerEncoder, src: Tensor, mask: Optional[Tensor] = None,
+                    src_key_padding_mask: Optional[Tensor] = None, is_causal: Optional[bool] = None) -> Tensor:
+    """Eval-mode ``nn.TransformerEncoder.forward``: its layers on the slow path, then what its nested-tensor
+    path does to padded positions."""
+    out = src
+    for layer in encoder.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+    out = zero_padding_like_nested(out, src, src_key_padding_mask, mask, getattr(encoder, "use_nested_tensor", False),
+                                   getattr(encoder, "mask_check", True))
+    return out if encoder.norm is None else encoder.norm(out)
+
+
+def _encoder_layer_traceable(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.TransformerEncoderLayer) and traceable(layer.self_attn)
+
+
+#: Modules traced through a traceable equivalent of their forward: (applies to, equivalent).
+EQUIVALENTS: tuple[tuple[Callable[[nn.Module], bool], Callable[..., Any]], ...] = (
+    (lambda m: isinstance(m, nn.MultiheadAttention) and traceable(m), attention_forward),
+    (_encoder_layer_traceable, encoder_layer_forward),
+    (lambda m: isinstance(m, nn.TransformerEncoder) and all(map(_encoder_layer_traceable, m.layers)),
+     encoder_forward),
+)
+
+
+def _equivalent(m: nn.Module) -> Optional[Callable[..., Any]]:
+    return next((equivalent for applies, equivalent in EQUIVALENTS if applies(m)), None)
+
+
 class Tracer(fx.Tracer):
-    """fx tracer that traces through supported MultiheadAttention modules."""
+    """fx tracer that traces through the modules of `EQUIVALENTS`, the root included."""
+
+    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        equivalent = _equivalent(root) if isinstance(root, nn.Module) else None
+        if equivalent is None:
+            return super().trace(root, concrete_args)
+        cls = type(root)     # fx traces type(root).forward: trace a subclass whose forward is the equivalent
+        root.__class__ = type(cls.__name__, (cls,), {"forward": equivalent})
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            root.__class__ = cls
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        if isinstance(m, nn.MultiheadAttention) and traceable(m):
-            return attention_forward(m, *args, **kwargs)
+        equivalent = _equivalent(m)
+        if equivalent is not None:
+            return equivalent(m, *args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
 

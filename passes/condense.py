@@ -115,9 +115,7 @@ def plan(prepared: Prepared, backend: str) -> dict[str, Decision]:
         analysis = analyse(fqn, layer.mask)
         replacement, reason = None, analysis.reason
         rule = RULES.get((layer.kind, type(analysis.structure)))
-        if layer.shared_with:
-            reason = f"weight shared with {', '.join(layer.shared_with)} (tied); untie it to condense"
-        elif rule is not None:
+        if rule is not None:
             owner = ref.get_submodule(layer.module)
             weight = ref.get_parameter(fqn)
             src = Source(layer, analysis, weight, ref.get_parameter(layer.bias) if layer.bias else None, owner)
@@ -127,5 +125,8 @@ def plan(prepared: Prepared, backend: str) -> dict[str, Decision]:
                 reason = str(exc)
             else:
                 replacement.runtime, reason = runtimes.for_op(backend, replacement.op, weight.dtype)
+        if layer.shared_with:
+            reason = "; ".join(filter(None, [f"tensor shared with {', '.join(layer.shared_with)}: this use has its "
+                                             f"own copy", reason]))
         decisions[fqn] = Decision(layer, analysis, replacement, reason)
     return decisions

@@ -4,13 +4,17 @@ Sources, first match wins per weight: an explicit ``masks={"fqn.weight": mask}``
 ``torch.nn.utils.prune`` hook (``weight_orig`` * ``weight_mask``), a ``torch.nn.utils.parametrize``
 parametrization holding a ``mask`` tensor (``torch.ao.pruning`` FakeSparsity), a sparsifying module that
 folds itself (``sparsecc_fold()``, e.g. `sparsecc.swat.TopKLinear`), else the exact zeros of the weight.
-The reference model has every hook and parametrization baked in, so ``weight`` *is* the masked weight.
+The reference model has every hook and parametrization baked in, so ``weight`` *is* the masked weight. A
+weight tensor that has other uses (tied parameters: an LM head sharing the embedding's tensor) is first given
+its own copy there, so baking its mask in leaves the other uses as the user's model runs them. A second copy,
+``user``, keeps the hooks and parametrizations live: end-to-end validation compares with it.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
@@ -37,7 +41,7 @@ class Layer:
     kind: LayerKind
     mask: torch.Tensor          # bool, same shape as the weight
     source: MaskSource
-    shared_with: tuple[str, ...] = ()   # other layer fqns using the same tensor (tied weights)
+    shared_with: tuple[str, ...] = ()   # other uses of the same tensor (tied weights), e.g. "emb.weight"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Prepared:
     reference: nn.Module        # eval-mode copy with masks baked in; never the user's object
     layers: dict[str, Layer]    # keyed by weight fqn
     was_training: bool
+    user: Optional[nn.Module] = None    # eval-mode copy with hooks and parametrizations live: the model as run
 
 
 def _weight_slots(model: nn.Module) -> list[tuple[str, str, Optional[str], LayerKind]]:
@@ -97,6 +102,47 @@ def _fold_modules(model: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
     return masks
 
 
+def _storage(mod: nn.Module, attr: str) -> tuple[nn.Module, str]:
+    """The module and attribute holding the tensor behind ``mod.attr``: prune's ``attr_orig``, a
+    parametrization's ``original``, else ``attr`` itself."""
+    if isinstance(getattr(mod, f"{attr}_orig", None), torch.Tensor):
+        return mod, f"{attr}_orig"
+    if parametrize.is_parametrized(mod, attr):
+        return mod.parametrizations[attr], "original"
+    return mod, attr
+
+
+def _use_name(path: str) -> str:
+    """A tensor slot's name as the user would write it: ``head.weight``, not ``head.parametrizations.weight.
+    original`` or ``head.weight_orig``."""
+    path = re.sub(r"\.parametrizations\.(\w+)\.original\d*$", r".\1", path)
+    return path.removesuffix("_orig") if path.endswith("weight_orig") else path
+
+
+def _untie(model: nn.Module, slots: list[tuple[str, str, Optional[str], LayerKind]]) -> dict[str, tuple[str, ...]]:
+    """Give each analysed weight whose tensor has other uses its own copy, so that baking its mask in changes
+    no other use. Returns, per such weight fqn, the names of the other uses."""
+    uses: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None:
+                uses.setdefault(id(t), []).append(_use_name(_join(name, attr)))
+    shared: dict[str, tuple[str, ...]] = {}
+    for module_fqn, attr, _, _ in slots:
+        owner, slot = _storage(model.get_submodule(module_fqn), attr)
+        tensor = getattr(owner, slot)
+        fqn = _join(module_fqn, attr)
+        others = tuple(u for u in uses.get(id(tensor), ()) if u != fqn)
+        if not others:
+            continue
+        shared[fqn] = others
+        copy_ = tensor.detach().clone()
+        if isinstance(tensor, nn.Parameter):
+            copy_ = nn.Parameter(copy_, requires_grad=tensor.requires_grad)
+        setattr(owner, slot, copy_)
+    return shared
+
+
 def _strip_hooks(model: nn.Module) -> None:
     """Bake every prune hook and parametrization into a plain parameter (weight = orig * mask)."""
     for mod in model.modules():
@@ -111,6 +157,32 @@ def _strip_hooks(model: nn.Module) -> None:
             mod.__class__ = type(cls.__name__, cls.__bases__, own)
             for attr in list(mod.parametrizations.keys()):
                 parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+
+
+class _Mask(nn.Module):
+    """A ``masks=`` entry attached to the user-model copy as a parametrization, so that copy runs as intended."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+def _attach(user: nn.Module, explicit: Mapping[str, torch.Tensor], slots: list) -> None:
+    """Apply ``masks=`` to the user-model copy the way a user would (prune / parametrize), per use: a tensor
+    other modules share keeps its values there."""
+    for module_fqn, attr, _, _ in slots:
+        fqn = _join(module_fqn, attr)
+        if fqn not in explicit:
+            continue
+        mod = user.get_submodule(module_fqn)
+        mask = _as_bool_mask(fqn, explicit[fqn], getattr(mod, attr).shape)
+        if parametrize.is_parametrized(mod, attr):
+            parametrize.register_parametrization(mod, attr, _Mask(mask.to(getattr(mod, attr).device)))
+        else:
+            prune.custom_from_mask(mod, attr, mask.to(getattr(mod, attr).device))
 
 
 def _as_bool_mask(fqn: str, mask: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
@@ -149,11 +221,13 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
     if was_training:
         warnings.warn("model is in train mode: sparsecc compiles an eval() copy (dropout off, BatchNorm "
                       "running stats); call model.eval() first to silence this", SparseccWarning, stacklevel=3)
+    user = _copy(model).eval()
     ref = _copy(model).eval()
     folded = _fold_modules(ref)
     slots = _weight_slots(ref)
     hooked = {(m, a): (folded[(m, a)], "module") if (m, a) in folded else _hook_mask(ref.get_submodule(m), a)
               for m, a, _, _ in slots}
+    shared = _untie(ref, slots)
     _strip_hooks(ref)
 
     explicit = dict(masks or {})
@@ -163,8 +237,8 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
         hint = ", ".join(sorted(known)[:5])
         raise MaskError(f"masks= names {len(unknown)} weight(s) that are not Linear/Conv2d/attention weights of "
                         f"this model: {', '.join(unknown[:5])}; use parameter names such as {hint}")
+    _attach(user, explicit, slots)
 
-    owners: dict[int, list[str]] = {}
     layers: dict[str, Layer] = {}
     with torch.no_grad():
         for module_fqn, attr, bias_attr, kind in slots:
@@ -186,14 +260,7 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
                     count = int((~torch.isfinite(tensor)).sum())
                     raise WeightError(f"{module_fqn or '<root>'}: {what} holds {count} NaN/Inf value(s); "
                                       f"fix the checkpoint (or the training run) before compiling")
-            owners.setdefault(id(weight), []).append(fqn)
             layers[fqn] = Layer(fqn, module_fqn, _join(module_fqn, bias_attr) if bias is not None else None,
-                                kind, mask, source)
-    for names in owners.values():
-        if len(names) > 1:
-            warnings.warn(f"{', '.join(names)} share one tensor (tied weights): sparsecc keeps them dense; "
-                          f"untie them (clone the parameter) to condense them", SparseccWarning, stacklevel=3)
-            for n in names:
-                layers[n] = Layer(**{**layers[n].__dict__, "shared_with": tuple(o for o in names if o != n)})
-    log.debug("prepared %d layers", len(layers))
-    return Prepared(ref, layers, was_training)
+                                kind, mask, source, shared.get(fqn, ()))
+    log.debug("prepared %d layers (%d sharing their tensor)", len(layers), len(shared))
+    return Prepared(ref, layers, was_training, user)

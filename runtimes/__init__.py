@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sparsecc.errors import RuntimeUnavailableError
+from sparsecc.errors import InputError, RuntimeUnavailableError
 
 #: Runtime name -> module implementing it. ``auto`` picks the first available one in PREFERENCE.
 RUNTIMES: dict[str, str] = {
@@ -107,3 +107,10 @@ def resolve(backend: str) -> str:
         if unavailable(name) is None:
             return name
     raise RuntimeUnavailableError("no runtime is available (not even 'reference'): is torch installed?")
+
+
+def refuse_grad(engine_name: str, inputs: tuple) -> None:
+    """Engines run outside autograd: an input that wants a gradient would silently get none."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        raise InputError(f"the {engine_name} engine runs outside autograd and gives no gradient: call it under "
+                         f"torch.no_grad() / torch.inference_mode() or pass inputs that do not require grad")

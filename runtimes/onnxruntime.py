@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.errors import InputError
+from sparsecc.runtimes import refuse_grad
 
 NAME = "onnxruntime"
 #: What this engine is fed: `export_onnx` arguments.
@@ -73,6 +74,7 @@ class SessionModule(nn.Module):
     def forward(self, *inputs: Tensor) -> Any:
         if len(inputs) != len(self.input_names):
             raise InputError(f"onnxruntime model takes {len(self.input_names)} input(s), got {len(inputs)}")
+        refuse_grad(NAME, inputs)
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
         outs = self._get().run(None, feeds)
         return pytree.tree_unflatten([torch.from_numpy(o) for o in outs], self.outputs)

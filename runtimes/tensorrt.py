@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.errors import RuntimeUnavailableError
+from sparsecc.runtimes import refuse_grad
 
 NAME = "tensorrt"
 #: What this engine is fed: `export_onnx` arguments.
@@ -180,6 +181,7 @@ class EngineModule(nn.Module):
             self._engine.get_tensor_dtype(name)]
 
     def forward(self, *inputs: Tensor) -> Any:
+        refuse_grad(NAME, inputs)
         device = inputs[0].device
         stream = torch.cuda.current_stream()
         keep = []

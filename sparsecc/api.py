@@ -57,12 +57,12 @@ class CompiledModel(nn.Module):
     """The rewritten model. Calls check inputs against what was compiled (free batch dimension); without
     example inputs at compile time, the first call fixes that and is validated against the reference."""
 
-    def __init__(self, module: nn.Module, report: Report, reference: Optional[nn.Module],
-                 layers: dict, spec: Optional[InputSpec]) -> None:
+    def __init__(self, module: nn.Module, report: Report, pending: Optional[Prepared],
+                 spec: Optional[InputSpec]) -> None:
         super().__init__()
         self.module = module
         self.report = report
-        self._pending = [reference, layers] if reference is not None else None
+        self._pending = pending     # what the first call is validated against, when compile had no inputs
         self._spec = spec
 
     def _check_inputs(self, inputs: tuple) -> None:
@@ -88,17 +88,19 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_inputs((*args, kwargs) if kwargs else args)
         if self._pending is not None and not kwargs:
-            reference, layers = self._pending
-            _validate_into(self.report, reference, self.module, [args, random_like(args)], layers)
+            _validate_into(self.report, self._pending, self.module, [args, random_like(args)])
             self._pending = None
         # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
         return nn.Module.__call__(self.module, *args, **kwargs)
 
 
-def _validate_into(report: Report, reference: nn.Module, module: nn.Module, input_sets: Sequence[tuple],
-                   layers: dict, tolerance: Optional[float] = None,
-                   weights_from: Optional[nn.Module] = None) -> Validation:
-    result = run_validation(reference, module, input_sets, layers, tolerance, weights_from)
+def _validate_into(report: Report, prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],
+                   tolerance: Optional[float] = None, work: Optional[Prepared] = None) -> Validation:
+    """Validate ``module`` against the user's model as run, its layers against ``work``'s weights (the
+    narrowed copy, when there is one), and record the result in ``report``."""
+    work = work or prepared
+    result = run_validation(prepared.user, module, input_sets, work.layers, tolerance, work.reference,
+                            rebuilt=prepared.reference)
     by_name = {lay.name: lay for lay in report.layers}
     for fqn, stat in result.layers.items():
         by_name[fqn].error = stat
@@ -210,14 +212,14 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
         tune(module, work.reference, inputs, report)
     tolerance = None
     if on_engine:
-        module = _on_engine(backend, CompiledModel(module, report, None, {}, None), prepared.reference, inputs,
+        module = _on_engine(backend, CompiledModel(module, report, None, None), prepared.user, inputs,
                             runtime_options or {})
         tolerance = TOLERANCE[PRECISIONS[engine(backend).EXPORT["precision"]]]
     if validate and example_inputs is not None:
-        _validate_into(report, prepared.reference, module, [inputs, random_like(inputs)], work.layers,
-                       tolerance, work.reference)
+        _validate_into(report, prepared, module, [inputs, random_like(inputs)], tolerance, work)
+    module.requires_grad_(False)    # inference: plain calls build no autograd graph (inputs may still want grads)
     validate_first_call = validate and example_inputs is None
-    compiled = CompiledModel(module, report, prepared.reference if validate_first_call else None, prepared.layers,
+    compiled = CompiledModel(module, report, prepared if validate_first_call else None,
                              _spec(inputs) if example_inputs is not None else None)
     log.info("%s", report.summary())
     return compiled
@@ -243,8 +245,10 @@ def masked_reference(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = N
 
 
 def validate(reference_model: nn.Module, compiled_model: nn.Module, inputs: Any) -> Validation:
-    """Compare ``compiled_model`` with the masked ``reference_model`` on ``inputs``; returns the result (check
-    ``.ok``) without raising."""
+    """Compare ``compiled_model`` with ``reference_model`` as the user runs it (hooks and parametrizations live)
+    on ``inputs``, and each condensed layer with its masked weights; returns the result (check ``.ok``) without
+    raising."""
     prepared = prepare(reference_model)
     module = compiled_model.module if isinstance(compiled_model, CompiledModel) else compiled_model
-    return run_validation(prepared.reference, module, [_as_tuple(inputs)], prepared.layers)
+    return run_validation(prepared.user, module, [_as_tuple(inputs)], prepared.layers,
+                          weights_from=prepared.reference, rebuilt=prepared.reference)

@@ -15,6 +15,18 @@ from sparsecc.errors import InputError, PassError
 from sparsecc.runtimes import get_runtime
 
 
+class DenseView(Tensor):
+    """The dense weight a condensed layer computes with, handed to code that reads ``layer.weight`` (torch's
+    ``TransformerEncoder`` checks, a library's functional call). It behaves as a plain tensor, but being a
+    subclass with ``__torch_function__`` makes torch's fused fast paths, which would run these dense weights
+    instead of the condensed layer, take their regular path through the layer."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
 class CondensedLayer(nn.Module):
     """Common part: where the layer came from, which runtime runs it, and the dense op it stands for.
 
@@ -73,10 +85,25 @@ class CondensedLayer(nn.Module):
         self.out_scale, self.out_shift = scale.clone(), shift.clone()
 
     def __getstate__(self):
-        """Copies and pickles leave the bound kernel behind: it is rebuilt on the first call."""
+        """Copies and pickles leave the bound kernel and the dense view behind: both are rebuilt on use."""
         state = self.__dict__.copy()
         state.pop("_bound", None)
+        state.pop("_dense", None)
         return state
+
+    def _dense_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> DenseView:
+        """The dense weight this layer computes with (the original masked weight, times a folded affine), for
+        code that inspects it; the layer itself never uses it."""
+        cached = self.__dict__.get("_dense")
+        values = self._buffers["values"]
+        if cached is None or cached[0] is not values:
+            dense = self._dense_weight().reshape(self.weight_shape)
+            cached = self.__dict__["_dense"] = (values, torch.Tensor._make_subclass(DenseView, dense))
+        return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
         """Eager calls go to the runtime's kernel bound to this layer's tensors (the custom op's Python
@@ -85,8 +112,8 @@ class CondensedLayer(nn.Module):
         values = self._buffers["values"]
         if x.dtype != values.dtype or x.dim() < self._dims or x.shape[self._axis] != self.in_size:
             self._reject(x, values.dtype)
-        if torch.compiler.is_compiling():
-            return getattr(ops, self.op)(x, *self._constants(), self.runtime)
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+            return getattr(ops, self.op)(x, *self._constants(), self.runtime)   # the op carries the backward
         bound = self.__dict__.get("_bound")
         if bound is None or bound[0] is not values or bound[1] != self.runtime:
             # Rebound when buffers are replaced (.to(), load_state_dict) or the runtime changes.
@@ -122,6 +149,7 @@ class CondensedLinear(CondensedLayer):
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
                  bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
         super().__init__(name, weight_fqn, bias_fqn, weight_shape)
+        self.out_features, self.in_features = weight_shape
         self.register_buffer("values", enc.values)
         self.register_buffer("indices", enc.indices)
         self.register_buffer("rows", enc.rows)
@@ -129,6 +157,9 @@ class CondensedLinear(CondensedLayer):
 
     def _constants(self) -> tuple:
         return self.values, self.indices, self.rows, self.bias, self.weight_shape[0]
+
+    def _dense_weight(self) -> Tensor:
+        return formats.decode_fanin(self.values, self.indices, self.rows, *self.weight_shape)
 
     def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         return F.linear
@@ -143,12 +174,17 @@ class NMLinear(CondensedLayer):
     def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], values: Tensor, metadata: Tensor,
                  bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
         super().__init__(name, weight_fqn, bias_fqn, weight_shape)
+        self.out_features, self.in_features = weight_shape
         self.register_buffer("values", values)
         self.register_buffer("metadata", metadata)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def _constants(self) -> tuple:
         return self.values, self.metadata, self.bias, self.weight_shape[1]
+
+    def _dense_weight(self) -> Tensor:
+        indices = formats.nm_indices(self.metadata, self.weight_shape[1])
+        return formats.decode_fanin(self.values, indices, None, *self.weight_shape)
 
     def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         return F.linear
@@ -169,11 +205,16 @@ class CondensedConv2d(CondensedLayer):
         self.register_buffer("rows", enc.rows)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
-        self.in_size = weight_shape[1] * groups
+        self.in_size = self.in_channels = weight_shape[1] * groups
+        self.out_channels, self.kernel_size = weight_shape[0], tuple(weight_shape[2:])
 
     def _constants(self) -> tuple:
         return (self.values, self.indices, self.rows, self.bias, self.weight_shape[0], list(self.weight_shape[2:]),
                 self.stride, self.padding, self.dilation, self.groups)
+
+    def _dense_weight(self) -> Tensor:
+        fan_in = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
+        return formats.decode_fanin(self.values, self.indices, self.rows, self.weight_shape[0], fan_in)
 
     def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
         return functools.partial(F.conv2d, stride=self.stride, padding=self.padding, dilation=self.dilation,

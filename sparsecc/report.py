@@ -131,7 +131,7 @@ class Report:
                  + (f" ({self.capture_reason})" if self.capture_reason else ""),
                  f"weights {_mib(dense)} MiB dense -> {_mib(cond)} MiB condensed"]
         if self.end_to_end:
-            lines.append("end to end vs masked reference: " + "; ".join(map(str, self.end_to_end)))
+            lines.append("end to end vs your model: " + "; ".join(map(str, self.end_to_end)))
         elif not self.validated:
             lines.append("not validated yet (validation runs on the first call)")
         lines.extend(self.notes)

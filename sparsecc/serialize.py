@@ -82,4 +82,4 @@ def load(path: "str | os.PathLike") -> nn.Module:
         raise VersionError(f"{path} was written by sparsecc {meta.get('sparsecc')} in file format "
                            f"{meta.get('format')}; this is sparsecc {sparsecc.__version__} (format {FORMAT}). "
                            f"Compile and save the model again with this version")
-    return program.module()
+    return program.module().requires_grad_(False)   # inference: plain calls build no autograd graph

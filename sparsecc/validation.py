@@ -1,4 +1,7 @@
-"""One equivalence check used everywhere: compiled vs masked dense reference, end to end and per layer.
+"""One equivalence check used everywhere: compiled vs the user's model as the user runs it (a copy with its
+hooks and parametrizations live) end to end, and every condensed layer vs its dense op on the masked weights.
+When the end-to-end check fails, the masked reference sparsecc rebuilt is compared with the user's model module
+by module, so a rebuild that went wrong (a mask baked into a tensor other modules share) is named, not hidden.
 
 Tolerance: ``max|compiled - reference| <= tol(dtype) * max|reference|`` per output tensor (and per layer),
 with tol = 1e-4 for fp32. A condensed kernel sums the same products as the dense GEMM in a different order,
@@ -71,13 +74,18 @@ class Validation:
             return None
         return max(self.layers.items(), key=lambda kv: kv[1].max_abs / max(kv[1].tolerance, _TINY))
 
+    rebuild_differs: list[str] = field(default_factory=list)   # modules where the rebuilt reference differs
+
     def message(self) -> str:
         bad = [str(s) for s in self.end_to_end if not s.ok]
         worst = self.worst_layer()
-        parts = ["compiled model differs from the masked reference"]
+        parts = ["compiled model differs from the model as you run it"]
         parts.append("end to end: " + ("; ".join(bad) if bad else "within tolerance"))
         if worst:
             parts.append(f"worst layer {worst[0]}: {worst[1]}")
+        if self.rebuild_differs:
+            parts.append("the masked reference sparsecc rebuilt already differs from your model at "
+                         f"{', '.join(self.rebuild_differs)} (please report this with the model)")
         return "; ".join(parts)
 
 
@@ -88,11 +96,11 @@ def _merge(a: Optional[ErrorStat], b: ErrorStat) -> ErrorStat:
         else a
 
 
-def _positions_hooks(reference: nn.Module, layers: dict[str, Any], positions: dict[str, int]) -> list:
-    """Record output positions (tokens or N*H*W) of each analysed layer on the reference model. Attention
+def _positions_hooks(model: nn.Module, layers: dict[str, Any], positions: dict[str, int]) -> list:
+    """Record output positions (tokens or N*H*W) of each analysed layer on the model as run. Attention
     calls its out_proj functionally, so the attention module's hook speaks for both of its projections."""
     hooks = []
-    for name, mod in reference.named_modules():
+    for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(mod, nn.MultiheadAttention):
             names = [n for n in (f"{prefix}in_proj_weight", f"{prefix}out_proj.weight") if n in layers]
@@ -100,22 +108,59 @@ def _positions_hooks(reference: nn.Module, layers: dict[str, Any], positions: di
             def hook(m, args, out, names=names, e=mod.embed_dim):
                 for n in names:
                     positions.setdefault(n, args[0].numel() // e)
-        elif f"{prefix}weight" in layers and isinstance(mod, (nn.Linear, nn.Conv2d)):
-            def hook(m, args, out, fqn=f"{prefix}weight", rows=mod.weight.shape[0]):
-                positions.setdefault(fqn, out.numel() // rows)
+        elif f"{prefix}weight" in layers:
+            def hook(m, args, out, fqn=f"{prefix}weight", rows=layers[f"{prefix}weight"].mask.shape[0]):
+                if isinstance(out, Tensor):
+                    positions.setdefault(fqn, out.numel() // rows)
         else:
             continue
         hooks.append(mod.register_forward_hook(hook))
     return hooks
 
 
+def _module_outputs(model: nn.Module, inputs: tuple) -> dict[str, list[Tensor]]:
+    """Each module's tensor outputs on its first call, in call order (copies: later in-place ops can't touch
+    them)."""
+    seen: dict[str, list[Tensor]] = {}
+
+    def record(name: str, m: nn.Module, args: tuple, out: Any) -> None:
+        if name not in seen:
+            seen[name] = [t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
+
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: record(n, m, a, o)) for n, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def rebuild_differences(user: nn.Module, rebuilt: nn.Module, inputs: tuple, limit: int = 5) -> list[str]:
+    """Modules (first ``limit``, in call order) whose outputs differ between the user's model and the masked
+    reference sparsecc rebuilt from it: where a rebuild went wrong."""
+    want, got = _module_outputs(user, inputs), _module_outputs(rebuilt, inputs)
+    differ = []
+    for name, outs in want.items():
+        mine = got.get(name)
+        if mine is None or len(mine) != len(outs):
+            continue
+        if not all(compare(name, a, e).ok for a, e in zip(mine, outs)):
+            differ.append(name)
+    inner = [n for n in differ if n and not any(o.startswith(f"{n}.") for o in differ)]
+    return (inner or [n or "<root>" for n in differ])[:limit]
+
+
 def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[tuple],
                    layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None,
-                   weights_from: Optional[nn.Module] = None) -> Validation:
+                   weights_from: Optional[nn.Module] = None, rebuilt: Optional[nn.Module] = None) -> Validation:
     """Run both models on every input set; compare outputs and every condensed layer on its own input.
-    ``tolerance`` replaces the per-dtype one end to end (an fp16 engine checked against fp32 outputs).
-    Layers are checked against the weights of ``weights_from`` (default ``reference``; the narrowed copy when
-    channels were removed, whose layers have other shapes)."""
+    ``reference`` is what the outputs must equal: the user's model as run. ``tolerance`` replaces the per-dtype
+    one end to end (an fp16 engine checked against fp32 outputs). Layers are checked against the weights of
+    ``weights_from`` (default ``reference``; the masked rebuild, or the narrowed copy when channels were
+    removed, whose layers have other shapes). If the outputs differ, ``rebuilt`` (the masked rebuild) is
+    compared with ``reference`` module by module."""
     weights_from = reference if weights_from is None else weights_from
     condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)}
     end_to_end: dict[int, ErrorStat] = {}
@@ -149,4 +194,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
     finally:
         for h in hooks + ref_hooks:
             h.remove()
-    return Validation(list(end_to_end.values()), per_layer, positions)
+    result = Validation(list(end_to_end.values()), per_layer, positions)
+    if rebuilt is not None and rebuilt is not reference and not all(s.ok for s in result.end_to_end):
+        result.rebuild_differs = rebuild_differences(reference, rebuilt, input_sets[0])
+    return result

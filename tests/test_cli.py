@@ -13,7 +13,7 @@ def test_demo_prints_table_and_latency_line(capsys):
     assert cli.main(["demo", "--model", "resnet18", "--runs", "2"]) == 0
     out = capsys.readouterr().out
     assert "layer1.0.conv1.weight" in out and "condensed_conv2d" in out
-    assert "end to end vs masked reference: output 0: max abs" in out
+    assert "end to end vs your model: output 0: max abs" in out
     assert "batch-1 latency, 1 thread(s), median of 2: dense torch eager" in out
 
 

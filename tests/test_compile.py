@@ -250,20 +250,6 @@ def test_untraceable_model_falls_back_to_module_swapping():
     check(model, compiled, torch.randn(4, 16))
 
 
-def test_tied_weights_are_kept_dense():
-    model = mlp(32, 32, 32)
-    model[4].weight = model[2].weight
-    prune_mask = fanin_mask(model[2].weight, 0.9)
-    with torch.no_grad():
-        model[2].weight.mul_(prune_mask)
-    with pytest.warns(SparseccWarning, match="tied weights"):
-        compiled = sparsecc.compile(model, (torch.randn(1, 32),))
-    assert compiled.report.rewrites == {}
-    reasons = {lay.name: lay.reason for lay in compiled.report.layers}
-    assert reasons["2.weight"] == "weight shared with 4.weight (tied); untie it to condense"
-    check(model, compiled, torch.randn(2, 32))
-
-
 def test_train_mode_model_is_compiled_in_eval_and_noted():
     model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 4)).train()
     prune.custom_from_mask(model[0], "weight", fanin_mask(model[0].weight, 0.75))

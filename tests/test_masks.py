@@ -104,14 +104,18 @@ def test_train_mode_compiles_an_eval_copy():
     assert p.was_training and not p.reference.training and model.training
 
 
-def test_tied_weights_warn_and_are_marked():
+def test_tied_weights_are_marked_and_untied_in_the_reference():
     model = mlp()
     model.add_module("3", nn.Linear(8, 6))
     model[3].weight = model[0].weight
-    with pytest.warns(SparseccWarning, match="0.weight, 3.weight share one tensor"):
-        p = prepare(model)
+    prune.custom_from_mask(model[3], "weight", torch.rand(6, 8) > 0.5)
+    p = prepare(model)
     assert p.layers["0.weight"].shared_with == ("3.weight",)
     assert p.layers["3.weight"].shared_with == ("0.weight",)
+    ref = p.reference
+    assert ref[0].weight is not ref[3].weight
+    assert torch.equal(ref[0].weight, model[0].weight), "the plain use must keep the unmasked tensor"
+    assert torch.equal(ref[3].weight, model[3].weight), "the pruned use is masked"
 
 
 def test_no_warning_for_plain_eval_model():
