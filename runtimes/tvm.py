@@ -106,7 +106,8 @@ class _Bound:
         if rows is not None:
             live[:] = False
             live[rows] = True
-        orow = torch.nonzero(live).flatten()
+        # Value row i is output row rows[i], in whatever order the rows come (the op's contract).
+        orow = torch.arange(out) if rows is None else rows.to(torch.int64)
         if groups > 1:   # one kernel over the whole unfolded input: shift each filter's indices to its group
             shift = (orow // (out // groups)) * group_fan_in
             indices = (indices.to(torch.int64) + shift[:, None]).to(torch.int32).contiguous()
