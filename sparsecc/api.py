@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from sparsecc.errors import EquivalenceError, InputError
 from sparsecc.export.onnx_file import PRECISIONS
+from sparsecc.layers import dense_semantics
 from sparsecc.passes.capture import capture
 from sparsecc.passes.condense import Decision, plan
 from sparsecc.passes.fold import FoldBatchNorm
@@ -65,14 +68,21 @@ class CompiledModel(nn.Module):
         self._pending = pending     # what the first call is validated against, when compile had no inputs
         self._spec = spec
 
-    def _check_inputs(self, inputs: tuple) -> None:
+    def _check_inputs(self, inputs: tuple) -> bool:
+        """Raise `InputError` for inputs the compiled model does not take; True when every float input is
+        finite."""
         spec = self._spec
         if spec is not None and len(inputs) == len(spec):
+            finite = True
             for t, (dt, shape) in zip(inputs, spec):   # the common case without pytree: this runs on every call
-                if type(t) is not Tensor or t.dtype != dt or t.shape[1:] != shape:
+                if type(t) is not Tensor or t.dtype != dt or t.shape[1:] != shape or not t.is_cpu:
                     break
+                if t.is_floating_point():     # a sum is finite only if every element is (or it overflowed)
+                    finite = finite and math.isfinite(t.sum())
             else:
-                return
+                return finite
+        leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+        self._check_device(leaves)
         got = _spec(inputs)
         if spec is None:
             self._spec = got
@@ -84,12 +94,26 @@ class CompiledModel(nn.Module):
                 raise InputError(f"input {i}: got {dt} of shape (N, {', '.join(map(str, shape))}); compiled for "
                                  f"{edt} of shape (N, {', '.join(map(str, eshape))}) with a free batch size N; "
                                  f"cast the input or compile again with example inputs of the new shape")
+        return all(math.isfinite(t.sum()) for t in leaves if t.is_floating_point())
+
+    def _check_device(self, inputs: list[Tensor]) -> None:
+        here = next((t.device for t in itertools.chain(self.module.parameters(), self.module.buffers())),
+                    torch.device("cpu"))
+        for i, t in enumerate(inputs):
+            if t.device != here:
+                raise InputError(f"input {i} is on {t.device}; the compiled model's tensors are on {here}: move the "
+                                 f"input with .to({str(here)!r}) (sparsecc's op runtimes run on the CPU)")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_inputs((*args, kwargs) if kwargs else args)
+        if torch.compiler.is_compiling():      # torch.export / dynamo trace the module: no data checks
+            return self.module(*args, **kwargs)
+        finite = self._check_inputs((*args, kwargs) if kwargs else args)
         if self._pending is not None and not kwargs:
             _validate_into(self.report, self._pending, self.module, [args, random_like(args)])
             self._pending = None
+        if not finite:
+            with dense_semantics():
+                return nn.Module.__call__(self.module, *args, **kwargs)
         # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
         return nn.Module.__call__(self.module, *args, **kwargs)
 

@@ -35,7 +35,8 @@ _LINEAR = (torch._C._nn.linear, F.linear)
 _CONV2D = (torch.conv2d, F.conv2d)
 #: A placeholder sourced from the compiled module object (its parameters, buffers or plain tensor attributes,
 #: such as the weight a prune hook sets on a submodule whose forward never runs) rather than from an argument.
-_STATE = re.compile(r"^L\['(?:self|fn)'\]\.")
+#: After a graph break the resumed frame reaches submodules through its stack (``L['___stack5']._buffers``).
+_STATE = re.compile(r"^L\['(?:self|fn|___stack(\d+))'\]\.")
 _MODULE_PATH = re.compile(r"_modules\['([^']+)'\]")
 _ATTR = re.compile(r"(?:_(?:parameters|buffers)\['([^']+)'\]|\.(\w+))$")
 #: Reports of the graphs compiled in this process, newest last (``last_report()``).
@@ -52,10 +53,12 @@ def _state_name(node: fx.Node) -> Optional[str]:
     """``"encoder.layers.0.mlp.0.weight"`` for a placeholder dynamo sourced from module state, else None."""
     source = getattr(node.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", None)
-    if not isinstance(name, str) or not _STATE.search(name):
+    state = _STATE.search(name) if isinstance(name, str) else None
+    if state is None:
         return None
     attr = _ATTR.search(name)
-    return ".".join([*_MODULE_PATH.findall(name), (attr.group(1) or attr.group(2)) if attr else node.name])
+    stack = [f"stack{state.group(1)}"] if state.group(1) else []
+    return ".".join([*stack, *_MODULE_PATH.findall(name), (attr.group(1) or attr.group(2)) if attr else node.name])
 
 
 CONSTANTS = "constants"    # where lifted state lives in the new root, apart from the modules built later

@@ -3,8 +3,10 @@ its input (naming the layer), and calls one sparsecc op on the runtime chosen at
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Optional
+import threading
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,27 @@ from torch import Tensor, nn
 from sparsecc import formats, ops
 from sparsecc.errors import InputError, PassError
 from sparsecc.runtimes import get_runtime
+
+
+class _Semantics(threading.local):
+    dense = False
+
+
+_SEMANTICS = _Semantics()
+
+
+@contextlib.contextmanager
+def dense_semantics() -> Iterator[None]:
+    """Condensed layers compute with their dense weights inside this block. A condensed kernel never reads
+    the inputs a row's pruned weights would multiply, so a NaN/Inf there would not reach the outputs it
+    reaches in the masked dense model (0 * NaN is NaN): `CompiledModel` runs calls with non-finite inputs
+    in this mode."""
+    before = _SEMANTICS.dense
+    _SEMANTICS.dense = True
+    try:
+        yield
+    finally:
+        _SEMANTICS.dense = before
 
 
 class DenseView(Tensor):
@@ -112,6 +135,8 @@ class CondensedLayer(nn.Module):
         values = self._buffers["values"]
         if x.dtype != values.dtype or x.dim() < self._dims or x.shape[self._axis] != self.in_size:
             self._reject(x, values.dtype)
+        if _SEMANTICS.dense or not x.numel():      # NaN/Inf semantics of the dense op; empty batches
+            return self._dense_op()(x, self.weight.as_subclass(Tensor), self._buffers["bias"])
         if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             return getattr(ops, self.op)(x, *self._constants(), self.runtime)   # the op carries the backward
         bound = self.__dict__.get("_bound")

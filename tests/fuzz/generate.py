@@ -15,9 +15,11 @@ from torch import Tensor, nn
 from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize, prune
 
+from sparsecc import swat
+
 STRUCTURES = ("fanin", "fanin_ablated", "all_ablated", "2:4", "channels", "unstructured", "zero", "dense",
               "near_miss")
-SOURCES = ("masks=", "prune", "parametrize", "zeros")
+SOURCES = ("masks=", "prune", "parametrize", "zeros", "swat")
 
 
 @dataclass
@@ -265,6 +267,12 @@ def case(seed: int, family: Optional[str] = None) -> Case:
     with torch.no_grad():
         _randomise_bn(model, torch.Generator().manual_seed(seed))
     source = rng.choice(SOURCES)
+    if source == "swat":       # SWAT top-K modules: the masks are what the modules compute
+        structured = rng.random() < 0.5
+        density = rng.choice([0.1, 0.25, 0.5])
+        model = swat.swatify(model, density, structured).eval()
+        return Case(seed, family, model, inputs, None, {"*": f"swat top-K {density}{' channels' * structured}"},
+                    source)
     masks: dict[str, Tensor] = {}
     structures: dict[str, str] = {}
     seen: set[int] = set()

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import sparsecc
+from sparsecc import dynamo as sparsecc_dynamo
 from sparsecc.errors import SparseccError
 from sparsecc.layers import CondensedLayer
 from sparsecc.validation import compare
@@ -121,7 +122,7 @@ def onnxruntime_engine(case: Case, tmp: Path) -> None:
 
 def dynamo(case: Case, tmp: Path) -> None:
     torch._dynamo.reset()
-    compiled = torch.compile(case.user_model(), backend=sparsecc.dynamo.backend_with(inductor=False), dynamic=False)
+    compiled = torch.compile(case.user_model(), backend=sparsecc_dynamo.backend_with(inductor=False), dynamic=False)
     inputs = case.fresh_inputs()
     check("torch.compile(backend=sparsecc)", _call(compiled, inputs), _expected(case, inputs))
     torch._dynamo.reset()

@@ -1,0 +1,129 @@
+"""Calls that must behave as the user's (masked dense) model does: NaN/Inf inputs, a batch of 0, inputs of
+another dtype or device, and the compiled model pickled, deep-copied, moved and round-tripped through its
+state_dict."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecc
+from sparsecc import InputError, synthetic
+from tests.conftest import assert_equivalent
+
+BACKENDS = ["reference", "tvm"]
+
+
+def net() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    masks = synthetic.fanin_masks(model, 0.75, ablate=0.25)
+    masks["6.weight"] = synthetic.nm_mask(model[6].weight)
+    synthetic.attach_with_prune(model, masks)
+    return model
+
+
+def _x(batch=2):
+    return torch.randn(batch, 4, 6, 6)
+
+
+def _same_non_finite(actual, expected):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), "NaN at other positions than the dense model"
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), "Inf at other positions than the dense model"
+    finite = torch.isfinite(expected)
+    if finite.any():
+        assert_equivalent(actual[finite], expected[finite])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_propagates_as_in_the_dense_model(backend, value):
+    """One bad input position: in the masked dense model it reaches every output row (0 * NaN is NaN, and
+    ablated rows too); a condensed kernel would only reach the rows that keep that position."""
+    model = nn.Sequential(nn.Linear(32, 24)).eval()
+    synthetic.attach_with_prune(model, synthetic.fanin_masks(model, 0.9, ablate=0.25))
+    compiled = sparsecc.compile(model, (torch.randn(1, 32),), backend=backend)
+    x = torch.randn(3, 32)
+    x[1, 5] = value
+    with torch.no_grad():
+        _same_non_finite(compiled(x), model(x))
+        assert_equivalent(compiled(x[:1]), model(x[:1]))    # a finite call after it is condensed as before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_input_through_a_cnn(backend):
+    model = net()
+    compiled = sparsecc.compile(model, (_x(),), backend=backend)
+    x = _x(3)
+    x[0, 1, 2, 3] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    with torch.no_grad():
+        _same_non_finite(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_of_zero(backend):
+    model = net()
+    compiled = sparsecc.compile(model, (_x(),), backend=backend)
+    with torch.no_grad():
+        actual, expected = compiled(_x(0)), model(_x(0))
+    assert actual.shape == expected.shape == (0, 16) and actual.dtype == expected.dtype
+    assert_equivalent(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_input_of_another_dtype_is_refused_like_the_dense_model(dtype):
+    model = net()
+    compiled = sparsecc.compile(model, (_x(),))
+    with pytest.raises(RuntimeError):      # the user's model does not convert either
+        model(_x().to(dtype))
+    with pytest.raises(InputError, match=f"input 0: got {dtype}.*compiled for torch.float32"):
+        compiled(_x().to(dtype))
+
+
+def test_float64_model_compiles_and_runs_in_float64():
+    model = net().double()
+    x = _x().double()
+    compiled = sparsecc.compile(model, (x,))
+    with torch.no_grad():
+        y = _x(3).double()
+        assert_equivalent(compiled(y), model(y))
+
+
+def test_input_on_another_device_is_a_clear_error():
+    compiled = sparsecc.compile(net(), (_x(),))
+    device = "cuda" if torch.cuda.is_available() else "meta"
+    with pytest.raises(InputError, match=f"input 0 is on {device}.*tensors are on cpu"):
+        compiled(_x().to(device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "to_cpu", "state_dict"])
+def test_copies_moves_and_state_dict_round_trip(backend, how, tmp_path):
+    model = net()
+    compiled = sparsecc.compile(model, (_x(),), backend=backend)
+    x = _x(3)
+    with torch.no_grad():
+        compiled(x)           # bound kernels exist before the copy
+    if how == "pickle":
+        other = pickle.loads(pickle.dumps(compiled))
+    elif how == "deepcopy":
+        other = copy.deepcopy(compiled)
+    elif how == "to_cpu":
+        other = compiled.to("cpu")
+    else:
+        torch.save(compiled.state_dict(), tmp_path / "sd.pt")
+        other = sparsecc.compile(model, (_x(),), backend=backend)
+        with torch.no_grad():
+            for t in other.state_dict().values():
+                if t.is_floating_point():
+                    t.zero_()         # prove the values come back from the file
+        other.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    with torch.no_grad():
+        assert_equivalent(other(x), model(x))
+        assert_equivalent(compiled(x), model(x))
