@@ -9,23 +9,35 @@ import collections
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 
-def _work(args: tuple[int, list[str]]) -> list[tuple[int, str, str, str, str]]:
+def _work(args: tuple[int, list[str], str]) -> list[tuple[int, str, str, str, str]]:
     warnings.simplefilter("ignore")
     from tests.fuzz.generate import case
     from tests.fuzz.run import run, runs_on
 
-    seed, backends = args
+    seed, backends, journal = args
     results = []
     for backend in backends:
         if runs_on(seed, backend):
+            with open(journal, "a") as f:       # a worker that dies (a segfault) leaves its case named here
+                f.write(f"{os.getpid()} {seed} {backend}\n")
             c = case(seed)
             outcome = run(c, backend)
             results.append((seed, backend, outcome.status, outcome.detail, str(c)))
     return results
+
+
+def _crashed(journal: str, finished: set[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Cases a dead worker started and never finished."""
+    started = [tuple(line.split()[1:]) for line in Path(journal).read_text().splitlines()]
+    return [(int(s), b) for s, b in started if (int(s), b) not in finished]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,19 +58,42 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[str, collections.Counter] = {b: collections.Counter() for b in backends}
     refusals: dict[str, collections.Counter] = {b: collections.Counter() for b in backends}
     failures: list[tuple[int, str, str, str]] = []
-    seeds = [(s, backends) for s in range(opts.first, opts.first + opts.cases)]
-    with multiprocessing.get_context("spawn").Pool(opts.workers, maxtasksperchild=50) as pool:
-        for done, results in enumerate(pool.imap_unordered(_work, seeds), 1):
-            for seed, backend, status, detail, what in results:
-                counts[backend][status] += 1
-                if status == "refused":
-                    refusals[backend][detail.split(":", 1)[0] + ":" + detail.split(":", 1)[-1][:90]] += 1
-                elif status == "fail":
-                    failures.append((seed, backend, detail, what))
-                    print(f"FAIL {backend} {what}\n     {detail[:600]}", flush=True)
-            if done % 50 == 0:
-                print(f"... {done}/{len(seeds)} seeds, {time.time() - start:.0f} s", flush=True)
-    print(f"\n{len(seeds)} seeds (first {opts.first}) in {time.time() - start:.0f} s, {opts.workers} workers")
+    journal = tempfile.mktemp(prefix="sparsecc-fuzz-", suffix=".log")
+    Path(journal).touch()
+    pending = list(range(opts.first, opts.first + opts.cases))
+    finished: set[tuple[int, str]] = set()
+    consumed: set[int] = set()
+    done = 0
+    while pending:
+        with ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_work, (seed, backends, journal)): seed for seed in pending}
+            pending = []
+            try:
+                for future in as_completed(futures):
+                    done += 1
+                    consumed.add(futures[future])
+                    for seed, backend, status, detail, what in future.result():
+                        finished.add((seed, backend))
+                        counts[backend][status] += 1
+                        if status == "refused":
+                            head, _, rest = detail.partition(":")
+                            refusals[backend][f"{head}:{rest[:90]}"] += 1
+                        elif status == "fail":
+                            failures.append((seed, backend, detail, what))
+                            print(f"FAIL {backend} {what}\n     {detail[:600]}", flush=True)
+                    if done % 50 == 0:
+                        print(f"... {done}/{opts.cases} seeds, {time.time() - start:.0f} s", flush=True)
+            except BrokenProcessPool:
+                dead = _crashed(journal, finished)
+                for seed, backend in dead:
+                    finished.add((seed, backend))
+                    counts[backend]["fail"] += 1
+                    failures.append((seed, backend, "the worker process died (crash)", f"seed {seed}"))
+                    print(f"FAIL {backend} seed {seed}: the worker process died (crash)", flush=True)
+                retry = {s for s, _ in dead}
+                pending = [s for s in futures.values() if s not in consumed and s not in retry]
+    Path(journal).unlink(missing_ok=True)
+    print(f"\n{opts.cases} seeds (first {opts.first}) in {time.time() - start:.0f} s, {opts.workers} workers")
     print(f"{'backend':15} {'cases':>6} {'passes':>6} {'refusals':>8} {'failures':>8}")
     for backend in backends:
         c = counts[backend]

@@ -1,0 +1,81 @@
+"""A fixed sample of the differential fuzzer (`tests/fuzz`, `make fuzz` runs thousands): every seed on the
+op runtimes, the other paths on their seeded share. A case passes or is refused with a `SparseccError`;
+wrong numbers and any other exception fail. Then the minimised regressions of what the fuzzer found."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.pruning.sparsifier.utils import FakeSparsity
+from torch.nn.utils import parametrize
+
+import sparsecc
+from sparsecc import EquivalenceError, dynamo, swat, synthetic
+from sparsecc.layers import CondensedLayer
+from tests.conftest import assert_equivalent
+from tests.fuzz.generate import Residual, case
+from tests.fuzz.run import BACKENDS, run, runs_on
+
+SAMPLE = range(1000, 1036)
+CASES = [(seed, backend) for seed in SAMPLE for backend in BACKENDS if runs_on(seed, backend)]
+
+
+@pytest.mark.parametrize("seed,backend", CASES, ids=[f"{s}-{b}" for s, b in CASES])
+def test_fuzz_sample(seed, backend):
+    outcome = run(case(seed), backend)
+    assert outcome.status in ("pass", "refused"), f"{case(seed)}: {outcome.detail}"
+
+
+def test_sample_reaches_every_backend_and_family():
+    assert {b for _, b in CASES} == set(BACKENDS)
+    assert {case(s).family for s in SAMPLE} == {"mlp", "cnn", "attention", "shared"}
+    assert {case(s).source for s in SAMPLE} >= {"masks=", "prune", "parametrize", "zeros", "swat"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
+def test_regression_rows_in_any_order(backend):
+    """Fuzz metamorphic check: the TVM runtime took an ablated layer's rows as sorted; the op contract says
+    value row i is output row rows[i], whatever their order."""
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    synthetic.attach_with_prune(model, synthetic.fanin_masks(model, 0.75, ablate=0.25))
+    x = torch.randn(5, 32)
+    compiled = sparsecc.compile(model, (x,), backend=backend)
+    layer = next(m for m in compiled.modules() if isinstance(m, CondensedLayer))
+    perm = torch.randperm(layer.values.shape[0])
+    layer.values, layer.indices, layer.rows = layer.values[perm], layer.indices[perm], layer.rows[perm]
+    with torch.no_grad():
+        for batch in (x[:1], x):
+            assert_equivalent(compiled(batch), model(batch))
+
+
+def test_regression_module_state_after_a_graph_break():
+    """Fuzz seed 122: torch.ao's FakeSparsity makes dynamo break the graph inside a block; the resumed frame
+    reaches the next BatchNorms' buffers through its stack, they were taken for inputs and redrawn at random
+    for validation (negative variances: NaN)."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), Residual(random.Random(0), 16), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        for bn in (model[1].bn_a, model[1].bn_b):
+            bn.running_var.uniform_(0.5, 1.5)
+    for name, mask in synthetic.fanin_masks(model, 0.75).items():
+        parametrize.register_parametrization(model.get_submodule(name.rpartition(".")[0]), "weight",
+                                             FakeSparsity(mask))
+    compiled = torch.compile(model, backend=dynamo.backend_with(inductor=False), dynamic=False)
+    x = torch.randn(2, 8, 11, 11)
+    with torch.no_grad():
+        assert_equivalent(compiled(x), model(x))
+    torch._dynamo.reset()
+
+
+def test_regression_fused_path_on_dense_weights_is_refused_with_the_reason():
+    """Fuzz seed 155: SWAT top-K Linears inside nn.TransformerEncoder. Under no_grad torch's fused path
+    reads their dense weights (no top-K), so the user's model is not what the modules compute one by one:
+    compiling must refuse and say so rather than return either answer silently."""
+    layer = nn.TransformerEncoderLayer(24, 2, 48, batch_first=True)
+    model = swat.swatify(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), 0.5).eval()
+    with pytest.raises(EquivalenceError, match="fused fast path"):
+        sparsecc.compile(model, (torch.randn(2, 5, 24),), backend="reference")
