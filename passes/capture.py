@@ -3,8 +3,8 @@
 ``nn.MultiheadAttention`` is traced through `attention_forward`, a traceable equivalent of its forward that
 calls ``F.linear`` on ``in_proj_weight`` so its input projection shows up as a functional linear on a
 parameter (which the rewrite condenses). ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
-traced through their eval-mode math without the fused fast path, which would read the dense weights of their
-Linears (`encoder_layer_forward`, `encoder_forward`). Models that still cannot be traced (data-dependent control flow) are
+traced through their eval-mode math without the fused fast path, which would read the dense weights of
+their Linears (`encoder_layer_forward`, `encoder_forward`). Models that still cannot be traced (data-dependent control flow) are
 handled by module swapping instead; `capture` returns the reason.
 """
 

@@ -25,7 +25,8 @@ class InputError(SparseccError):
 
 
 class EquivalenceError(SparseccError):
-    """The compiled model's outputs differ from the user's model (or a layer from its masked dense op) beyond tolerance."""
+    """The compiled model's outputs differ from the user's model (or a layer from its masked dense op) beyond
+    tolerance."""
 
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)

@@ -11,27 +11,9 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-
-
-def _work(args: tuple[int, list[str], str]) -> list[tuple[int, str, str, str, str]]:
-    warnings.simplefilter("ignore")
-    from tests.fuzz.generate import case
-    from tests.fuzz.run import run, runs_on
-
-    seed, backends, journal = args
-    results = []
-    for backend in backends:
-        if runs_on(seed, backend):
-            with open(journal, "a") as f:       # a worker that dies (a segfault) leaves its case named here
-                f.write(f"{os.getpid()} {seed} {backend}\n")
-            c = case(seed)
-            outcome = run(c, backend)
-            results.append((seed, backend, outcome.status, outcome.detail, str(c)))
-    return results
 
 
 def _crashed(journal: str, finished: set[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -41,7 +23,7 @@ def _crashed(journal: str, finished: set[tuple[int, str]]) -> list[tuple[int, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.fuzz.run import BACKENDS
+    from tests.fuzz.run import BACKENDS, work
 
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__)
     parser.add_argument("--cases", type=int, default=2000)
@@ -66,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     while pending:
         with ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_work, (seed, backends, journal)): seed for seed in pending}
-            pending = []
             try:
+                futures = {pool.submit(work, seed, backends, journal): seed for seed in pending}
+                pending = []
                 for future in as_completed(futures):
                     done += 1
                     consumed.add(futures[future])

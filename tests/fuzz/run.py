@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
 import sparsecc
@@ -189,3 +188,23 @@ def run(case: Case, backend: str) -> Outcome:
             where = "".join(traceback.format_exception(exc)[-3:])[-600:]
             return Outcome(backend, "fail", f"{type(exc).__name__}: {str(exc)[:300]} | {where}")
     return Outcome(backend, "pass")
+
+
+def work(seed: int, backends: list[str], journal: str) -> list[tuple[int, str, str, str, str]]:
+    """One seed on every backend whose share it falls in (a worker's task in ``python -m tests.fuzz``):
+    (seed, backend, status, detail, case). Each start is appended to ``journal`` first, so a case that kills
+    its worker (a segfault) is named."""
+    import warnings
+
+    from tests.fuzz.generate import case
+
+    warnings.simplefilter("ignore")
+    results = []
+    for backend in backends:
+        if runs_on(seed, backend):
+            with open(journal, "a") as f:
+                f.write(f"{os.getpid()} {seed} {backend}\n")
+            c = case(seed)
+            outcome = run(c, backend)
+            results.append((seed, backend, outcome.status, outcome.detail, str(c)))
+    return results
