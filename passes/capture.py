@@ -4,8 +4,8 @@
 calls ``F.linear`` on ``in_proj_weight`` so its input projection shows up as a functional linear on a
 parameter (which the rewrite condenses). ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
 traced through their eval-mode math without the fused fast path, which would read the dense weights of
-their Linears (`encoder_layer_forward`, `encoder_forward`). Models that still cannot be traced (data-dependent control flow) are
-handled by module swapping instead; `capture` returns the reason.
+their Linears (`encoder_layer_forward`, `encoder_forward`). Models that still cannot be traced
+(data-dependent control flow) are handled by module swapping instead; `capture` returns the reason.
 """
 
 from __future__ import annotations
