@@ -5,6 +5,9 @@ wrong numbers and any other exception fail. Then the minimised regressions of wh
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ import sparsecc
 from sparsecc import EquivalenceError, dynamo, swat, synthetic
 from sparsecc.layers import CondensedLayer
 from tests.conftest import assert_equivalent
+from tests.fuzz import __main__ as fuzz_main
 from tests.fuzz.generate import Residual, case
 from tests.fuzz.run import BACKENDS, run, runs_on
 
@@ -79,3 +83,22 @@ def test_regression_fused_path_on_dense_weights_is_refused_with_the_reason():
     model = swat.swatify(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), 0.5).eval()
     with pytest.raises(EquivalenceError, match="fused fast path"):
         sparsecc.compile(model, (torch.randn(2, 5, 24),), backend="reference")
+
+
+def test_fuzz_command_prints_per_backend_counts():
+    done = subprocess.run([sys.executable, "-m", "tests.fuzz", "--cases", "2", "--first", "1000", "--workers", "1",
+                           "--backends", "reference,tvm"], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    for backend in ("reference", "tvm"):
+        row = next(line.split() for line in lines if line.startswith(backend))
+        cases, passes, refusals, failures = map(int, row[1:])
+        assert cases == 2 and passes + refusals == 2 and failures == 0
+    assert lines[-1] == "4 passed, 0 failed"
+
+
+def test_a_crashed_worker_names_its_unfinished_cases(tmp_path):
+    journal = tmp_path / "journal"
+    journal.write_text("11 5 reference\n11 5 tvm\n12 6 reference\n")
+    assert fuzz_main._crashed(str(journal), {(5, "reference"), (6, "reference")}) == [(5, "tvm")]
