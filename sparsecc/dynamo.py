@@ -33,10 +33,9 @@ log = logging.getLogger("sparsecc")
 
 _LINEAR = (torch._C._nn.linear, F.linear)
 _CONV2D = (torch.conv2d, F.conv2d)
-#: A placeholder sourced from the compiled module object (its parameters, buffers or plain tensor attributes,
-#: such as the weight a prune hook sets on a submodule whose forward never runs) rather than from an argument.
-#: After a graph break the resumed frame reaches submodules through its stack (``L['___stack5']._buffers``).
-_STATE = re.compile(r"^L\['(?:self|fn|___stack(\d+))'\]\.")
+#: The local a placeholder's source starts from: ``self`` (or whatever a forward names its first argument),
+#: ``fn`` for a compiled module, ``___stack5`` after a graph break (the resumed frame's stack).
+_LOCAL = re.compile(r"^L\['(?:___stack(\d+)|[^']+)'\]\.")
 _MODULE_PATH = re.compile(r"_modules\['([^']+)'\]")
 _ATTR = re.compile(r"(?:_(?:parameters|buffers)\['([^']+)'\]|\.(\w+))$")
 #: Reports of the graphs compiled in this process, newest last (``last_report()``).
@@ -49,11 +48,20 @@ def last_report() -> Optional[Report]:
     return REPORTS[-1] if REPORTS else None
 
 
+def _is_module_state(source: Any) -> bool:
+    """Whether dynamo reached this tensor through an ``nn.Module`` (its parameters, buffers or plain tensor
+    attributes, such as the weight a prune hook sets on a submodule whose forward never runs), not an argument."""
+    guard = getattr(source, "guard_source", None)
+    return guard is not None and any(getattr(guard, test)() for test in
+                                     ("is_specialized_nn_module", "is_unspecialized_nn_module", "is_fsdp_module")
+                                     if hasattr(guard, test))
+
+
 def _state_name(node: fx.Node) -> Optional[str]:
     """``"encoder.layers.0.mlp.0.weight"`` for a placeholder dynamo sourced from module state, else None."""
     source = getattr(node.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", None)
-    state = _STATE.search(name) if isinstance(name, str) else None
+    state = _LOCAL.search(name) if isinstance(name, str) and _is_module_state(source) else None
     if state is None:
         return None
     attr = _ATTR.search(name)

@@ -10,7 +10,7 @@ from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize, prune
 
 import sparsecc
-from sparsecc import EquivalenceError
+from sparsecc import EquivalenceError, dynamo
 from sparsecc.passes import masks as masks_pass
 from sparsecc.synthetic import fanin_mask
 from tests.conftest import assert_equivalent
@@ -155,3 +155,40 @@ def test_first_call_validation_against_the_model_as_run(monkeypatch):
     compiled = sparsecc.compile(model, backend="reference")
     with pytest.raises(EquivalenceError, match="rebuilt already differs"):
         compiled(_ids())
+
+
+class SelfNamedS(nn.Module):
+    """A forward whose first argument is not called ``self``: dynamo names the module's state after it."""
+
+    def __init__(s, d=32):
+        super().__init__()
+        s.fc = nn.Linear(d, d)
+
+    def forward(s, x):
+        return torch.relu(s.fc(x))
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+@pytest.mark.parametrize("how", ["sparsify", "prune"])
+def test_torch_compile_tied_head(how, inductor):
+    torch._dynamo.reset()
+    model = TiedLM().eval()
+    if how == "sparsify":
+        sparsecc.sparsify(model, "fanin", sparsity=0.75)
+    else:
+        prune.custom_from_mask(model.head, "weight", fanin_mask(model.head.weight, 0.8))
+    compiled = torch.compile(model, backend=dynamo.backend_with(inductor=inductor))
+    check(model, compiled, _ids())
+    report = dynamo.last_report()
+    assert report.rewrites == {"condensed_linear": 2 if how == "sparsify" else 1}
+    torch._dynamo.reset()
+
+
+def test_torch_compile_lifts_state_whatever_the_first_argument_is_called():
+    torch._dynamo.reset()
+    model = SelfNamedS().eval()
+    prune.custom_from_mask(model.fc, "weight", fanin_mask(model.fc.weight, 0.75))
+    compiled = torch.compile(model, backend=dynamo.backend_with(inductor=False))
+    check(model, compiled, torch.randn(3, 32))
+    assert dynamo.last_report().rewrites == {"condensed_linear": 1}
+    torch._dynamo.reset()
