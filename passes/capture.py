@@ -4,7 +4,8 @@
 calls ``F.linear`` on ``in_proj_weight`` so its input projection shows up as a functional linear on a
 parameter (which the rewrite condenses). ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
 traced through their eval-mode math without the fused fast path, which would read the dense weights of
-their Linears (`encoder_layer_forward`, `encoder_forward`). Models that still cannot be traced
+their Linears (`encoder_layer_forward`, `encoder_forward`); ``nn.TransformerDecoder`` and ``nn.Transformer``
+without their input checks, which tracing cannot evaluate. Models that still cannot be traced
 (data-dependent control flow) are handled by module swapping instead; `capture` returns the reason.
 """
 
@@ -141,8 +142,73 @@ def encoder_forward(encoder: nn.TransformerEncoder, src: Tensor, mask: Optional[
     return out if encoder.norm is None else encoder.norm(out)
 
 
+def decoder_layer_forward(layer: nn.TransformerDecoderLayer, tgt: Tensor, memory: Tensor,
+                          tgt_mask: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
+                          tgt_key_padding_mask: Optional[Tensor] = None,
+                          memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
+                          memory_is_causal: bool = False) -> Tensor:
+    """``nn.TransformerDecoderLayer.forward`` through its submodules (fx would keep a torch.nn module whole)."""
+    def attend(x: Tensor) -> Tensor:
+        out = layer.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                              need_weights=False, is_causal=tgt_is_causal)[0]
+        return layer.dropout1(out)
+
+    def cross(x: Tensor) -> Tensor:
+        out = layer.multihead_attn(x, memory, memory, attn_mask=memory_mask,
+                                   key_padding_mask=memory_key_padding_mask, need_weights=False,
+                                   is_causal=memory_is_causal)[0]
+        return layer.dropout2(out)
+
+    def feed_forward(x: Tensor) -> Tensor:
+        return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+    x = tgt
+    if layer.norm_first:
+        x = x + attend(layer.norm1(x))
+        x = x + cross(layer.norm2(x))
+        return x + feed_forward(layer.norm3(x))
+    x = layer.norm1(x + attend(x))
+    x = layer.norm2(x + cross(x))
+    return layer.norm3(x + feed_forward(x))
+
+
+def decoder_forward(decoder: nn.TransformerDecoder, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                    memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                    memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: Optional[bool] = None,
+                    memory_is_causal: bool = False) -> Tensor:
+    """``nn.TransformerDecoder.forward`` without its checks on the input (nested tensors, causal-mask
+    detection: a given mask is used as is, which is what a causal hint stands for)."""
+    out = tgt
+    for layer in decoder.layers:
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                    tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                    tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+    return out if decoder.norm is None else decoder.norm(out)
+
+
+def transformer_forward(model: nn.Transformer, src: Tensor, tgt: Tensor, src_mask: Optional[Tensor] = None,
+                        tgt_mask: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
+                        src_key_padding_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                        memory_key_padding_mask: Optional[Tensor] = None, src_is_causal: Optional[bool] = None,
+                        tgt_is_causal: Optional[bool] = None, memory_is_causal: bool = False) -> Tensor:
+    """``nn.Transformer.forward`` without its shape checks (which only raise): encoder, then decoder."""
+    memory = model.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return model.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                         tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                         tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
 def _encoder_layer_traceable(layer: nn.Module) -> bool:
     return isinstance(layer, nn.TransformerEncoderLayer) and traceable(layer.self_attn)
+
+
+def _decoder_layer_traceable(layer: nn.Module) -> bool:
+    return (isinstance(layer, nn.TransformerDecoderLayer) and traceable(layer.self_attn)
+            and traceable(layer.multihead_attn))
+
+
+def _decoder_traceable(decoder: nn.Module) -> bool:
+    return isinstance(decoder, nn.TransformerDecoder) and all(map(_decoder_layer_traceable, decoder.layers))
 
 
 #: Modules traced through a traceable equivalent of their forward: (applies to, equivalent).
@@ -151,6 +217,9 @@ EQUIVALENTS: tuple[tuple[Callable[[nn.Module], bool], Callable[..., Any]], ...] 
     (_encoder_layer_traceable, encoder_layer_forward),
     (lambda m: isinstance(m, nn.TransformerEncoder) and all(map(_encoder_layer_traceable, m.layers)),
      encoder_forward),
+    (_decoder_layer_traceable, decoder_layer_forward),
+    (_decoder_traceable, decoder_forward),
+    (lambda m: isinstance(m, nn.Transformer) and _decoder_traceable(m.decoder), transformer_forward),
 )
 
 

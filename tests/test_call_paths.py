@@ -5,6 +5,9 @@ same gradient as from the user's model or a clear `SparseccError`."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +121,25 @@ def test_onnxruntime_engine_refuses_inputs_that_want_grad():
     _check_modes(model, compiled)
     with pytest.raises(InputError, match="onnxruntime engine runs outside autograd"):
         compiled(torch.randn(1, 8, 12, 12, requires_grad=True))
+
+
+_FRESH = """
+import sys, torch, sparsecc
+model = sparsecc.load(sys.argv[1])
+x = torch.load(sys.argv[2])
+y = model(x)                                   # the plain way: autograd on, no inference_mode
+torch.save(y.detach(), sys.argv[3])
+"""
+
+
+def test_loaded_pt2_in_a_fresh_process_called_the_plain_way(tmp_path):
+    model = shuffle_net()
+    compiled = sparsecc.compile(model, (torch.randn(1, 8, 12, 12),), backend="tvm")
+    path = sparsecc.save(compiled, tmp_path / "m.pt2")
+    x = torch.randn(3, 8, 12, 12)
+    torch.save(x, tmp_path / "x.pt")
+    done = subprocess.run([sys.executable, "-c", _FRESH, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with torch.no_grad():
+        assert_equivalent(torch.load(tmp_path / "y.pt"), model(x))

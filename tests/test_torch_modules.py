@@ -131,3 +131,21 @@ def test_condensed_layers_expose_weight_and_shape_attributes(monkeypatch):
     assert_equivalent(z, ez)
     fc = compiled.module.fc
     assert_equivalent(fc.weight.as_subclass(torch.Tensor), sparsecc.masked_reference(model).fc.weight)
+
+
+@pytest.mark.parametrize("batch_first,norm_first", [(True, False), (False, True)])
+def test_transformer_with_decoder(batch_first, norm_first):
+    """nn.Transformer: every Linear condensed except the cross-attention input projections, which the
+    decoder applies as row slices of one weight (kept, and the report says so)."""
+    model = nn.Transformer(32, 4, 2, 2, 64, batch_first=batch_first, norm_first=norm_first).eval()
+    synthetic.attach_with_prune(model, synthetic.fanin_masks(model, 0.75))
+    src, tgt = (torch.randn(2, 7, 32), torch.randn(2, 5, 32))
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    compiled = sparsecc.compile(model, (src, tgt, None, causal))
+    assert compiled.report.capture == "torch.fx"
+    assert compiled.report.rewrites == {"condensed_linear": 18}
+    kept = {lay.name for lay in compiled.report.layers if lay.action == "kept"}
+    assert kept == {f"decoder.layers.{i}.multihead_attn.in_proj_weight" for i in range(2)}
+    _check(model, compiled, src, tgt, None, causal)
