@@ -93,24 +93,32 @@ def attention_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, va
     return out, weights
 
 
+def _attend(attn: nn.MultiheadAttention, x: Tensor, kv: Tensor, mask: Optional[Tensor],
+            padding: Optional[Tensor], causal: bool, dropout: nn.Module) -> Tensor:
+    return dropout(attn(x, kv, kv, attn_mask=mask, key_padding_mask=padding, need_weights=False,
+                        is_causal=causal)[0])
+
+
+def _feed_forward(layer: nn.Module, x: Tensor, dropout: nn.Module) -> Tensor:
+    return dropout(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+
+def _residual(x: Tensor, norm_first: bool, blocks: list[tuple[nn.Module, Callable[[Tensor], Tensor]]]) -> Tensor:
+    """The transformer layers' residual blocks: ``x + block(norm(x))`` (pre-norm) or ``norm(x + block(x))``."""
+    for norm, block in blocks:
+        x = x + block(norm(x)) if norm_first else norm(x + block(x))
+    return x
+
+
 def encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Tensor, src_mask: Optional[Tensor] = None,
                           src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     """Eval-mode ``nn.TransformerEncoderLayer.forward`` on its slow path: the same math through its submodules
     (its fused fast path would run the dense weights of its Linears)."""
-    def attend(x: Tensor) -> Tensor:
-        out = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-                              need_weights=False, is_causal=is_causal)[0]
-        return layer.dropout1(out)
-
-    def feed_forward(x: Tensor) -> Tensor:
-        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
-
-    x = src
-    if layer.norm_first:
-        x = x + attend(layer.norm1(x))
-        return x + feed_forward(layer.norm2(x))
-    x = layer.norm1(x + attend(x))
-    return layer.norm2(x + feed_forward(x))
+    return _residual(src, layer.norm_first, [
+        (layer.norm1, lambda x: _attend(layer.self_attn, x, x, src_mask, src_key_padding_mask, is_causal,
+                                        layer.dropout1)),
+        (layer.norm2, lambda x: _feed_forward(layer, x, layer.dropout2)),
+    ])
 
 
 def zero_padding_like_nested(out: Tensor, src: Tensor, key_padding_mask: Optional[Tensor], mask: Optional[Tensor],
@@ -148,28 +156,13 @@ def decoder_layer_forward(layer: nn.TransformerDecoderLayer, tgt: Tensor, memory
                           memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
                           memory_is_causal: bool = False) -> Tensor:
     """``nn.TransformerDecoderLayer.forward`` through its submodules (fx would keep a torch.nn module whole)."""
-    def attend(x: Tensor) -> Tensor:
-        out = layer.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
-                              need_weights=False, is_causal=tgt_is_causal)[0]
-        return layer.dropout1(out)
-
-    def cross(x: Tensor) -> Tensor:
-        out = layer.multihead_attn(x, memory, memory, attn_mask=memory_mask,
-                                   key_padding_mask=memory_key_padding_mask, need_weights=False,
-                                   is_causal=memory_is_causal)[0]
-        return layer.dropout2(out)
-
-    def feed_forward(x: Tensor) -> Tensor:
-        return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
-
-    x = tgt
-    if layer.norm_first:
-        x = x + attend(layer.norm1(x))
-        x = x + cross(layer.norm2(x))
-        return x + feed_forward(layer.norm3(x))
-    x = layer.norm1(x + attend(x))
-    x = layer.norm2(x + cross(x))
-    return layer.norm3(x + feed_forward(x))
+    return _residual(tgt, layer.norm_first, [
+        (layer.norm1, lambda x: _attend(layer.self_attn, x, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+                                        layer.dropout1)),
+        (layer.norm2, lambda x: _attend(layer.multihead_attn, x, memory, memory_mask, memory_key_padding_mask,
+                                        memory_is_causal, layer.dropout2)),
+        (layer.norm3, lambda x: _feed_forward(layer, x, layer.dropout3)),
+    ])
 
 
 def decoder_forward(decoder: nn.TransformerDecoder, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -246,16 +246,17 @@ class CondensedConv2d(CondensedLayer):
                                  groups=self.groups)
 
 
-def first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple["CondensedLayer", Tensor, Tensor]]:
-    """Each condensed layer of ``module`` (by path) with its input and output on its first call, from one
-    no-grad run on ``inputs``; layers the run does not reach are absent."""
-    seen: dict[str, tuple[CondensedLayer, Tensor, Tensor]] = {}
+def record_first_calls(module: nn.Module, inputs: tuple, watch: Iterable[tuple[str, nn.Module]],
+                       keep: Callable[[nn.Module, tuple, Any], Any]) -> dict[str, Any]:
+    """One no-grad run of ``module`` on ``inputs``: for each watched (name, submodule), what ``keep`` makes of
+    its first call (module, args, output); submodules the run does not reach are absent."""
+    seen: dict[str, Any] = {}
 
-    def record(path: str, layer: CondensedLayer, args: tuple, out: Tensor) -> None:   # None: output unchanged
-        seen.setdefault(path, (layer, args[0], out))
+    def record(name: str, m: nn.Module, args: tuple, out: Any) -> None:   # None: output unchanged
+        if name not in seen:
+            seen[name] = keep(m, args, out)
 
-    hooks = [m.register_forward_hook(functools.partial(record, path))
-             for path, m in module.named_modules() if isinstance(m, CondensedLayer)]
+    hooks = [m.register_forward_hook(functools.partial(record, name)) for name, m in watch]
     try:
         with torch.no_grad():
             module(*inputs)
@@ -263,3 +264,9 @@ def first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple["CondensedL
         for h in hooks:
             h.remove()
     return seen
+
+
+def first_calls(module: nn.Module, inputs: tuple) -> dict[str, tuple["CondensedLayer", Tensor, Tensor]]:
+    """Each condensed layer of ``module`` (by path) with its input and output on its first call."""
+    watch = [(path, m) for path, m in module.named_modules() if isinstance(m, CondensedLayer)]
+    return record_first_calls(module, inputs, watch, lambda m, args, out: (m, args[0], out))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from sparsecc.layers import CondensedLayer
+from sparsecc.layers import CondensedLayer, record_first_calls
 from sparsecc.report import ErrorStat
 
 TOLERANCE: dict[torch.dtype, float] = {
@@ -132,20 +132,8 @@ def _positions_hooks(model: nn.Module, layers: dict[str, Any], positions: dict[s
 def _module_outputs(model: nn.Module, inputs: tuple) -> dict[str, list[Tensor]]:
     """Each module's tensor outputs on its first call, in call order (copies: later in-place ops can't touch
     them)."""
-    seen: dict[str, list[Tensor]] = {}
-
-    def record(name: str, m: nn.Module, args: tuple, out: Any) -> None:
-        if name not in seen:
-            seen[name] = [t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
-
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: record(n, m, a, o)) for n, m in model.named_modules()]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return record_first_calls(model, inputs, model.named_modules(), lambda m, args, out: [
+        t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, Tensor)])
 
 
 def rebuild_differences(user: nn.Module, rebuilt: nn.Module, inputs: tuple, limit: int = 5) -> list[str]:
