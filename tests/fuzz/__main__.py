@@ -8,12 +8,19 @@ import argparse
 import collections
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+
+def _reason(detail: str) -> str:
+    """A refusal's kind: its error type and the last clause of its message (the why), numbers elided."""
+    kind, _, message = detail.partition(": ")
+    return f"{kind}: {re.sub(r'[-+]?[0-9][0-9.e+-]*', 'N', message.rsplit('; ', 1)[-1])[:220]}"
 
 
 def _crashed(journal: str, finished: set[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -58,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         finished.add((seed, backend))
                         counts[backend][status] += 1
                         if status == "refused":
-                            head, _, rest = detail.partition(":")
-                            refusals[backend][f"{head}:{rest[:90]}"] += 1
+                            refusals[backend][_reason(detail)] += 1
                         elif status == "fail":
                             failures.append((seed, backend, detail, what))
                             print(f"FAIL {backend} {what}\n     {detail[:600]}", flush=True)
