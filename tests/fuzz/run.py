@@ -199,7 +199,7 @@ def run(case: Case, backend: str) -> Outcome:
             runner(case, Path(tmp))
         except SparseccError as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
-            return Outcome(backend, "refused", f"{type(exc).__name__}: {first[:300]}")
+            return Outcome(backend, "refused", f"{type(exc).__name__}: {first}")
         except Mismatch as exc:
             return Outcome(backend, "fail", f"wrong numbers: {exc}")
         except Exception as exc:  # noqa: BLE001 - anything else escaping sparsecc is a bug the fuzzer reports
