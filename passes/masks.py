@@ -159,20 +159,11 @@ def _strip_hooks(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
 
 
-class _Mask(nn.Module):
-    """A ``masks=`` entry attached to the user-model copy as a parametrization, so that copy runs as intended."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask.to(weight.dtype)
-
-
 def _attach(user: nn.Module, explicit: Mapping[str, torch.Tensor], slots: list) -> None:
     """Apply ``masks=`` to the user-model copy the way a user would (prune / parametrize), per use: a tensor
     other modules share keeps its values there."""
+    from sparsecc.sparsify import Mask
+
     for module_fqn, attr, _, _ in slots:
         fqn = _join(module_fqn, attr)
         if fqn not in explicit:
@@ -180,7 +171,7 @@ def _attach(user: nn.Module, explicit: Mapping[str, torch.Tensor], slots: list) 
         mod = user.get_submodule(module_fqn)
         mask = _as_bool_mask(fqn, explicit[fqn], getattr(mod, attr).shape)
         if parametrize.is_parametrized(mod, attr):
-            parametrize.register_parametrization(mod, attr, _Mask(mask.to(getattr(mod, attr).device)))
+            parametrize.register_parametrization(mod, attr, Mask(mask.to(getattr(mod, attr).device)))
         else:
             prune.custom_from_mask(mod, attr, mask.to(getattr(mod, attr).device))
 

@@ -68,25 +68,21 @@ class CompiledModel(nn.Module):
         self._pending = pending     # what the first call is validated against, when compile had no inputs
         self._spec = spec
 
-    def _check_inputs(self, inputs: tuple) -> bool:
-        """Raise `InputError` for inputs the compiled model does not take; True when every float input is
-        finite."""
+    def _check_inputs(self, inputs: tuple) -> Sequence[Tensor]:
+        """Raise `InputError` for inputs the compiled model does not take; returns the tensor inputs."""
         spec = self._spec
         if spec is not None and len(inputs) == len(spec):
-            finite = True
             for t, (dt, shape) in zip(inputs, spec):   # the common case without pytree: this runs on every call
                 if type(t) is not Tensor or t.dtype != dt or t.shape[1:] != shape or not t.is_cpu:
                     break
-                if t.is_floating_point():     # a sum is finite only if every element is (or it overflowed)
-                    finite = finite and math.isfinite(t.sum())
             else:
-                return finite
+                return inputs
         leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
         self._check_device(leaves)
         got = _spec(inputs)
         if spec is None:
             self._spec = got
-            return
+            return leaves
         if len(got) != len(spec):
             raise InputError(f"called with {len(got)} tensor input(s); compiled for {len(self._spec)}")
         for i, ((dt, shape), (edt, eshape)) in enumerate(zip(got, spec)):
@@ -94,7 +90,7 @@ class CompiledModel(nn.Module):
                 raise InputError(f"input {i}: got {dt} of shape (N, {', '.join(map(str, shape))}); compiled for "
                                  f"{edt} of shape (N, {', '.join(map(str, eshape))}) with a free batch size N; "
                                  f"cast the input or compile again with example inputs of the new shape")
-        return all(math.isfinite(t.sum()) for t in leaves if t.is_floating_point())
+        return leaves
 
     def _check_device(self, inputs: list[Tensor]) -> None:
         here = next((t.device for t in itertools.chain(self.module.parameters(), self.module.buffers())),
@@ -107,7 +103,9 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():      # torch.export / dynamo trace the module: no data checks
             return self.module(*args, **kwargs)
-        finite = self._check_inputs((*args, kwargs) if kwargs else args)
+        tensors = self._check_inputs((*args, kwargs) if kwargs else args)
+        # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
+        finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
         if self._pending is not None and not kwargs:
             _validate_into(self.report, self._pending, self.module, [args, random_like(args)])
             self._pending = None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, synthetic
+from sparsecc import InputError, api, synthetic
 from tests.conftest import assert_equivalent
 
 BACKENDS = ["reference", "tvm"]
@@ -127,3 +127,20 @@ def test_copies_moves_and_state_dict_round_trip(backend, how, tmp_path):
     with torch.no_grad():
         assert_equivalent(other(x), model(x))
         assert_equivalent(compiled(x), model(x))
+
+
+def test_finite_calls_run_condensed_also_when_the_first_call_fixes_the_inputs(monkeypatch):
+    """Without example inputs the first call is validated and fixes the input spec; it and later finite
+    calls run the condensed kernels, not the dense semantics kept for non-finite inputs."""
+    model = net()
+    compiled = sparsecc.compile(model)
+
+    def refuse():
+        raise AssertionError("dense semantics on a finite call")
+
+    monkeypatch.setattr(api, "dense_semantics", refuse)
+    x = _x(2)
+    with torch.no_grad():
+        assert_equivalent(compiled(x), model(x))
+        y = _x(1)
+        assert_equivalent(compiled(y), model(y))

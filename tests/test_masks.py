@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize, prune
@@ -122,3 +123,17 @@ def test_no_warning_for_plain_eval_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare(mlp())
+
+
+def test_explicit_mask_on_a_parametrized_weight_applies_both_in_the_user_copy():
+    model = mlp()
+    param_mask = torch.rand(6, 8) > 0.3
+    explicit = torch.rand(6, 8) > 0.5
+    parametrize.register_parametrization(model[0], "weight", FakeSparsity(param_mask))
+    p = prepare(model, {"0.weight": explicit})
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model[2](torch.relu(F.linear(x, model[0].parametrizations.weight.original * param_mask * explicit,
+                                            model[0].bias)))
+        torch.testing.assert_close(p.user(x), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(p.reference(x), want, rtol=1e-6, atol=1e-6)

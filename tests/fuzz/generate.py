@@ -5,6 +5,7 @@ is reproduced by its seed alone."""
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -37,12 +38,15 @@ class Case:
         return f"seed {self.seed}: {self.family}, masks from {self.source} [{layers}]"
 
     def user_model(self) -> nn.Module:
-        """The model as the user runs it: with `masks=` applied, which the user means by passing them."""
+        """The model as the user runs it: with `masks=` applied (as prune masks on a copy, built here rather
+        than by sparsecc), which the user means by passing them."""
         if self.masks is None:
             return self.model
-        import sparsecc
-
-        return sparsecc.masked_reference(self.model, self.masks)
+        model = copy.deepcopy(self.model)
+        for fqn, mask in self.masks.items():
+            owner, _, attr = fqn.rpartition(".")
+            prune.custom_from_mask(model.get_submodule(owner), attr, mask)
+        return model
 
     def fresh_inputs(self, batch: Optional[int] = None) -> tuple:
         gen = torch.Generator().manual_seed(self.seed + 1)
