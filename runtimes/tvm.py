@@ -4,7 +4,8 @@ disk (`kernel_cache`), called on torch tensors without copies where the layout a
 Per call it picks the kernel by token count: one token at a time below `SPMM_MIN_TOKENS` (gather-bound
 GEMV), the transposed token kernel above (vectorised over tokens). Inputs are guarded: float32 only, any
 strides or alignment (copied to a contiguous tensor when needed; kernels assume element alignment only).
-Kernels run on the calling thread; concurrent callers share compiled kernels read-only.
+Each kernel call is split into row blocks over PyTorch's own threads (`parallel`), as many as
+``torch.get_num_threads()`` says at that call; concurrent callers share compiled kernels read-only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc import formats, ops
+from sparsecc.runtimes import parallel
 from sparsecc.errors import InputError
 
 NAME = "tvm"
@@ -72,8 +74,12 @@ def _transpose_kernel() -> Callable:
 def transpose(x: Tensor) -> Tensor:
     """``x.t().contiguous()`` for a contiguous float32 matrix, by the blocked TVM kernel (2.5-3.3x torch's copy
     on the token kernel's shapes)."""
-    y = x.new_empty(x.shape[1], x.shape[0])
-    _transpose_kernel()(x, y)
+    from sparsecc.runtimes.tvm_kernels import VEC
+
+    m, n = x.shape
+    y = x.new_empty(n, m)
+    # Blocks of VEC along the shorter side: the kernel's outer loop (a copy costs about an eighth of a FMA).
+    parallel.run(_transpose_kernel(), min(m, n) // VEC, m * n // 8, x, y)
     return y
 
 
@@ -131,10 +137,18 @@ class _Bound:
                                                         self.has_bias)
         return fn
 
+    def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None) -> None:
+        """One kernel call, its rows split over torch's threads (row pairs for the token kernels)."""
+        from sparsecc.runtimes.tvm_kernels import blocks
+
+        rows = self.values.shape[0]
+        parallel.run(self.kernel(kind, tokens), blocks(kind, rows), rows * self.values.shape[1] * tokens, x,
+                     *(self.args if args is None else args), y)
+
     def spmm(self, xt: Tensor) -> Tensor:
         """``[out, tokens]`` from ``xt = [in, tokens]``."""
         y = xt.new_empty(self.out, xt.shape[1])
-        self.kernel("spmm", xt.shape[1])(xt, *self.args, y)
+        self.run("spmm", xt.shape[1], xt, y)
         return y
 
 
@@ -149,7 +163,7 @@ class BoundLinear(_Bound):
             return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
         if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
             y = x.new_empty(1, self.out)
-            self.kernel("gemv", 1)(x, *self.args, y)
+            self.run("gemv", 1, x, y)
             return y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         tokens = x2.shape[0]
@@ -159,9 +173,8 @@ class BoundLinear(_Bound):
             y = transpose(self.spmm(transpose(x2)))
         else:
             y = x2.new_empty(tokens, self.out)
-            fn = self.kernel("gemv", 1)
             for t in range(tokens):
-                fn(x2[t:t + 1], *self.args, y[t:t + 1])
+                self.run("gemv", 1, x2[t:t + 1], y[t:t + 1])
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
 
 
@@ -201,7 +214,7 @@ class BoundConv2d(_Bound):
         flat = sample.new_zeros(c * (h + 2 * ph) * wp + extra)
         flat[:c * (h + 2 * ph) * wp].view(c, h + 2 * ph, wp)[:, ph:ph + h, pw:pw + w] = sample
         y = sample.new_empty(self.out, oh * wp)
-        self.kernel("spmm_flat", oh * wp)(flat, self.values, self._offsets(h, w), self.orow, self.arow, self.bias, y)
+        self.run("spmm_flat", oh * wp, flat, y, (self.values, self._offsets(h, w), self.orow, self.arow, self.bias))
         return y.view(self.out, oh, wp)[:, :, :ow].contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -275,8 +288,10 @@ class BoundNM:
         if self.direct is None or tokens >= SPMM_MIN_TOKENS:
             return self.fanin(x)
         y = x2.new_empty(tokens, self.out)
+        work = self.out * self.in_features // 2
         for t in range(tokens):
-            self.direct(self._layout(x2[t:t + 1]), self.values, self.metadata, self.bias, y[t:t + 1])
+            parallel.run(self.direct, self.out, work, self._layout(x2[t:t + 1]), self.values, self.metadata,
+                         self.bias, y[t:t + 1])
         return y.reshape(*x.shape[:-1], self.out)
 
 

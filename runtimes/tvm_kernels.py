@@ -44,14 +44,29 @@ class KernelKey:
     index_dtype: str
     dtype: str
     bias: bool
+    #: False: the caller splits the block range over threads (the eager runtime, on torch's threads); True:
+    #: the kernel splits it on TVM's own pool (a TVM library, which runs without torch).
+    parallel: bool = False
 
     def name(self) -> str:
         bias = "b" if self.bias else "nb"
-        return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}"
+        par = "_par" if self.parallel else ""
+        return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}{par}"
+
+    def loop(self):
+        """The loop over the kernel's block range ``[b0, b1)``."""
+        return T.parallel if self.parallel else T.serial
+
+
+def blocks(kind: str, rows: int) -> int:
+    """The block range a row kernel of ``kind`` covers for ``rows`` live rows (rows, or row pairs)."""
+    return -(-rows // ROWS) if kind in ("spmm", "spmm_flat") else rows
 
 
 def build(key: KernelKey):
-    """The PrimFunc for ``key`` (not yet compiled)."""
+    """The PrimFunc for ``key`` (not yet compiled). Every kernel takes the block range ``[b0, b1)`` it computes
+    just before its output, the last argument; once-only work (ablated rows, edges) is done by the call with
+    ``b0 == 0``."""
     builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "spmm_flat": fanin_spmm, "nm_gemv": nm_gemv,
                "nm_gemv_avx": nm_gemv_avx, "transpose": transpose}[key.kind]
     return builder(key).with_attr("global_symbol", key.name())
@@ -62,6 +77,7 @@ def fanin_gemv(key: KernelKey):
     K, IDX, DT, BIAS = key.k, key.index_dtype, key.dtype, key.bias
     NV = K // VEC                   # full vectors of the fan-in
     NC = NV // CHAINS * CHAINS      # of which handled CHAINS at a time
+    loop = key.loop()
 
     @T.macro
     def step(acc, c, x, v, idx, r, jo):
@@ -72,7 +88,7 @@ def fanin_gemv(key: KernelKey):
 
     @T.prim_func
     def gemv(x_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
-             y_h: T.handle):
+             b0: T.int32, b1: T.int32, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         R = T.int32()
         A = T.int32()
@@ -85,7 +101,7 @@ def fanin_gemv(key: KernelKey):
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)
-        for r in range(R):
+        for r in loop(b0, b1):
             # CHAINS independent accumulators hide the FMA latency a single running sum would expose.
             acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
             tail = T.decl_buffer((1,), DT, scope="local")
@@ -107,11 +123,12 @@ def fanin_gemv(key: KernelKey):
                 y[0, orow[r]] = total + b[orow[r]]
             else:
                 y[0, orow[r]] = total
-        for a in range(A):
-            if BIAS:
-                y[0, arow[a]] = b[arow[a]]
-            else:
-                y[0, arow[a]] = T.cast(0, DT)
+        if b0 == 0:
+            for a in range(A):
+                if BIAS:
+                    y[0, arow[a]] = b[arow[a]]
+                else:
+                    y[0, arow[a]] = T.cast(0, DT)
 
     return gemv
 
@@ -128,6 +145,7 @@ def fanin_spmm(key: KernelKey):
     S2 = S4 + (rest & 4)
     S1 = S2 + (rest & 2)
     H16, H8, H4, H2, H1 = (bool(rest & w) for w in (16, 8, 4, 2, 1))
+    loop = key.loop()
 
     @T.macro
     def tile(xt, v, idx, orow, b, y, r0, nrows, t0, width):
@@ -147,15 +165,16 @@ def fanin_spmm(key: KernelKey):
                 y[orow[r0 + q], t0 + t] = acc[q, t] + (b[orow[r0 + q]] if BIAS else T.cast(0, DT))
 
     @T.macro
-    def rows_at(xt, v, idx, orow, b, y, R, t0, width):
-        for rb in range(R // ROWS):
-            tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, t0, width)
-        for r in range(R // ROWS * ROWS, R):
-            tile(xt, v, idx, orow, b, y, r, 1, t0, width)
+    def rows_at(xt, v, idx, orow, b, y, R, b0, b1, t0, width):
+        for rb in loop(b0, b1):
+            if rb * ROWS + ROWS <= R:
+                tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, t0, width)
+            else:
+                tile(xt, v, idx, orow, b, y, rb * ROWS, 1, t0, width)
 
     @T.prim_func
     def spmm(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
-             y_h: T.handle):
+             b0: T.int32, b1: T.int32, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         R = T.int32()
         A = T.int32()
@@ -169,20 +188,21 @@ def fanin_spmm(key: KernelKey):
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (OUT, NT), DT, align=4)
         for tb in range(NTB):
-            rows_at(xt, v, idx, orow, b, y, R, tb * TOKENS, TOKENS)
+            rows_at(xt, v, idx, orow, b, y, R, b0, b1, tb * TOKENS, TOKENS)
         if H16:
-            rows_at(xt, v, idx, orow, b, y, R, S16, 16)
+            rows_at(xt, v, idx, orow, b, y, R, b0, b1, S16, 16)
         if H8:
-            rows_at(xt, v, idx, orow, b, y, R, S8, 8)
+            rows_at(xt, v, idx, orow, b, y, R, b0, b1, S8, 8)
         if H4:
-            rows_at(xt, v, idx, orow, b, y, R, S4, 4)
+            rows_at(xt, v, idx, orow, b, y, R, b0, b1, S4, 4)
         if H2:
-            rows_at(xt, v, idx, orow, b, y, R, S2, 2)
+            rows_at(xt, v, idx, orow, b, y, R, b0, b1, S2, 2)
         if H1:
-            rows_at(xt, v, idx, orow, b, y, R, S1, 1)
-        for a in range(A):
-            for t in range(NT):
-                y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
+            rows_at(xt, v, idx, orow, b, y, R, b0, b1, S1, 1)
+        if b0 == 0:
+            for a in range(A):
+                for t in range(NT):
+                    y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
 
     return spmm
 
@@ -205,6 +225,7 @@ def nm_gemv(key: KernelKey):
     DT, BIAS = key.dtype, key.bias
     G = key.k           # groups of 4 along K (in_features / 4); a multiple of 8
     NB = G // VEC
+    loop = key.loop()
 
     @T.macro
     def step(acc, c, xq, v, meta, r, go):
@@ -214,20 +235,21 @@ def nm_gemv(key: KernelKey):
         x2, x3 = xq[2, T.ramp(go * VEC, 1, VEC)], xq[3, T.ramp(go * VEC, 1, VEC)]
         one = T.broadcast(T.uint32(1), VEC)
         zero = T.broadcast(T.uint32(0), VEC)
-        b0 = T.bitwise_and(nib, one) != zero
-        b1 = T.bitwise_and(T.shift_right(nib, one), one) != zero
-        b2 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(2), VEC)), one) != zero
-        b3 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(3), VEC)), one) != zero
+        s0 = T.bitwise_and(nib, one) != zero
+        s1 = T.bitwise_and(T.shift_right(nib, one), one) != zero
+        s2 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(2), VEC)), one) != zero
+        s3 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(3), VEC)), one) != zero
         # p0 = bits 0-1, p1 = bits 2-3: the low bit picks within a pair of inputs, the high bit between pairs.
-        first = T.Select(b1, T.Select(b0, x3, x2), T.Select(b0, x1, x0))
-        second = T.Select(b3, T.Select(b2, x3, x2), T.Select(b2, x1, x0))
+        first = T.Select(s1, T.Select(s0, x3, x2), T.Select(s0, x1, x0))
+        second = T.Select(s3, T.Select(s2, x3, x2), T.Select(s2, x1, x0))
         pair = v[r, T.ramp(go * 2 * VEC, 1, 2 * VEC)]
         acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + \
             T.Shuffle([pair], list(range(0, 2 * VEC, 2))) * first + \
             T.Shuffle([pair], list(range(1, 2 * VEC, 2))) * second
 
     @T.prim_func
-    def gemv(xq_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
+    def gemv(xq_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, b0: T.int32,
+             b1: T.int32, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         OUT = T.int32()
         xq = T.match_buffer(xq_h, (4, G), DT, align=4)
@@ -235,7 +257,7 @@ def nm_gemv(key: KernelKey):
         meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", align=1)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)
-        for r in range(OUT):
+        for r in loop(b0, b1):
             acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
             for c in T.unroll(CHAINS):
                 acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
@@ -258,6 +280,7 @@ def nm_gemv_avx(key: KernelKey):
     DT, BIAS = key.dtype, key.bias
     G = key.k           # groups of 4 along K; a multiple of 4
     NB = G // 4
+    loop = key.loop()
 
     @T.macro
     def product(acc, c, xp, v, r, blk, ctrl):
@@ -284,7 +307,8 @@ def nm_gemv_avx(key: KernelKey):
                 T.reinterpret("int32x8", T.shift_right(bits, T.ramp(T.uint32(16), T.uint32(2), VEC))))
 
     @T.prim_func
-    def gemv(x_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, y_h: T.handle):
+    def gemv(x_h: T.handle, v_h: T.handle, m_h: T.handle, b_h: T.handle, b0: T.int32,
+             b1: T.int32, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         OUT = T.int32()
         x = T.match_buffer(x_h, (1, 4 * G), DT, align=4)
@@ -297,7 +321,7 @@ def nm_gemv_avx(key: KernelKey):
             for h in T.unroll(4):
                 for e in T.vectorized(4):
                     xp[blk * 16 + h * 4 + e] = x[0, blk * 16 + (h % 2 * 2 + h // 2) * 4 + e]
-        for r in range(OUT):
+        for r in loop(b0, b1):
             acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
             for c in T.unroll(CHAINS):
                 acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
@@ -332,6 +356,7 @@ def transpose(key: KernelKey):
     """``b = a.T`` for ``a [M, N]``. The inner block loop walks the longer side (measured: the other order
     is 1.6-1.8x slower on ViT's 197 x 768..3072 shapes); edges that do not fill a block are copied scalar."""
     DT = key.dtype
+    loop = key.loop()
 
     @T.macro
     def block(a, b, ib, jb):
@@ -349,25 +374,26 @@ def transpose(key: KernelKey):
         b[jb * VEC + 7, T.ramp(ib * VEC, 1, VEC)] = cols[7]
 
     @T.prim_func
-    def transpose_(a_h: T.handle, b_h: T.handle):
+    def transpose_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int32()
         N = T.int32()
         a = T.match_buffer(a_h, (M, N), DT, align=4)
         b = T.match_buffer(b_h, (N, M), DT, align=4)
         if M < N:
-            for ib in range(M // VEC):
+            for ib in loop(b0, b1):
                 for jb in range(N // VEC):
                     block(a, b, ib, jb)
         else:
-            for jb in range(N // VEC):
+            for jb in loop(b0, b1):
                 for ib in range(M // VEC):
                     block(a, b, ib, jb)
-        for i in range(M // VEC * VEC, M):
-            for j in range(N):
-                b[j, i] = a[i, j]
-        for i in range(M // VEC * VEC):
-            for j in range(N // VEC * VEC, N):
-                b[j, i] = a[i, j]
+        if b0 == 0:
+            for i in range(M // VEC * VEC, M):
+                for j in range(N):
+                    b[j, i] = a[i, j]
+            for i in range(M // VEC * VEC):
+                for j in range(N // VEC * VEC, N):
+                    b[j, i] = a[i, j]
 
     return transpose_

@@ -91,10 +91,16 @@ class _Converter:
         self.kernels[label] = self.kernels.get(label, 0) + 1
         return self.functions[name]
 
-    def call(self, builder: Any, key: Any, args: list, out_shape: tuple[int, ...]) -> Any:
+    def call(self, builder: Any, key: Any, args: list, out_shape: tuple[int, ...], rows: int) -> Any:
+        """A kernel over all ``rows`` of its layer, split on TVM's thread pool (the key's ``parallel``)."""
+        import tvm
         from tvm import relax
 
-        return builder.emit(relax.call_tir(self.kernel(builder, key), args, relax.TensorType(out_shape, "float32")))
+        from sparsecc.runtimes.tvm_kernels import blocks
+
+        span = [relax.prim_value(tvm.tirx.IntImm("int32", v)) for v in (0, blocks(key.kind, rows))]
+        return builder.emit(relax.call_tir(self.kernel(builder, key), [*args, *span],
+                                           relax.TensorType(out_shape, "float32")))
 
 
 def _const(t: Tensor) -> Any:
@@ -106,7 +112,8 @@ def _const(t: Tensor) -> Any:
 def _key(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool) -> Any:
     from sparsecc.runtimes import tvm_kernels
 
-    return tvm_kernels.KernelKey(kind, k, tokens, str(index_dtype).removeprefix("torch."), "float32", bias)
+    return tvm_kernels.KernelKey(kind, k, tokens, str(index_dtype).removeprefix("torch."), "float32", bias,
+                                 parallel=True)
 
 
 def _bias_broadcast(builder: Any, bias: Optional[Tensor], shape: tuple[int, ...], channel_dim: int) -> Any:
@@ -131,10 +138,12 @@ def _linear_rows(ctx: _Converter, builder: Any, x2: Any, tokens: int, bound: Any
     k, idx = bound.values.shape[1], bound.indices.dtype
     if tokens >= SPMM_MIN_TOKENS:
         xt = builder.emit(relax.op.permute_dims(x2))
-        y = ctx.call(builder, _key("spmm", k, tokens, idx, bound.has_bias), [xt, *constants], (bound.out, tokens))
+        y = ctx.call(builder, _key("spmm", k, tokens, idx, bound.has_bias), [xt, *constants], (bound.out, tokens),
+                     bound.values.shape[0])
         return builder.emit(relax.op.permute_dims(y))
     key = _key("gemv", k, 1, idx, bound.has_bias)
-    rows = [ctx.call(builder, key, [_row(builder, x2, t), *constants], (1, bound.out)) for t in range(tokens)]
+    rows = [ctx.call(builder, key, [_row(builder, x2, t), *constants], (1, bound.out), bound.values.shape[0])
+            for t in range(tokens)]
     return rows[0] if tokens == 1 else builder.emit(relax.op.concat(rows, axis=0))
 
 
@@ -187,7 +196,7 @@ def _nm_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
             xt = _row(builder, x2, t)
             if kind == "nm_gemv":     # de-interleaved by position in group, as the portable kernel reads it
                 xt = builder.emit(relax.op.permute_dims(builder.emit(relax.op.reshape(xt, (in_features // 4, 4)))))
-            rows.append(ctx.call(builder, key, [xt, *constants], (1, out)))
+            rows.append(ctx.call(builder, key, [xt, *constants], (1, out), out))
         y = rows[0] if tokens == 1 else builder.emit(relax.op.concat(rows, axis=0))
     return builder.emit(relax.op.reshape(y, (*shape[:-1], out)))
 
@@ -212,7 +221,7 @@ def _conv_sample(ctx: _Converter, builder: Any, sample: Any, chw: tuple[int, int
             flat = builder.emit(relax.op.nn.pad(flat, [0, extra]))
         constants[1] = _const(bound._offsets(h, w))
         y = ctx.call(builder, _key("spmm_flat", k, oh * wp, torch.int32, bound.has_bias), [flat, *constants],
-                     (bound.out, oh * wp))
+                     (bound.out, oh * wp), bound.values.shape[0])
         y = builder.emit(relax.op.reshape(y, (bound.out, oh, wp)))
         return builder.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[ow])) if wp != ow else y
     if bound.pointwise:
@@ -238,7 +247,7 @@ def _conv_sample(ctx: _Converter, builder: Any, sample: Any, chw: tuple[int, int
         cols = builder.emit(relax.op.reshape(builder.emit(relax.op.stack(taps, axis=1)), (c * kh * kw, oh * ow)))
     constants[1] = _const(bound.indices)
     y = ctx.call(builder, _key("spmm", k, oh * ow, bound.indices.dtype, bound.has_bias), [cols, *constants],
-                 (bound.out, oh * ow))
+                 (bound.out, oh * ow), bound.values.shape[0])
     return builder.emit(relax.op.reshape(y, (bound.out, oh, ow)))
 
 
@@ -318,7 +327,7 @@ def _dense_bmm(ctx: _Converter, node: Any, importer: Any) -> Any:
     for ai, bi in zip(a_parts, b_parts):
         ai = builder.emit(relax.op.reshape(ai, (m, k)))
         bi = builder.emit(relax.op.reshape(bi, (k, n)))
-        outs.append(ctx.call(builder, key, [bi, ai, *constants], (m, n)))
+        outs.append(ctx.call(builder, key, [bi, ai, *constants], (m, n), m))
     return builder.emit(relax.op.stack(outs, axis=0))
 
 
