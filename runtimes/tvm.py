@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc import formats, ops
-from sparsecc.runtimes import parallel
+from sparsecc.runtimes import parallel, tuning
 from sparsecc.errors import InputError
 
 NAME = "tvm"
@@ -31,6 +31,7 @@ SPMM_MIN_TOKENS = 3
 
 _state_lock = threading.Lock()
 _cache = None
+_tuning = None
 
 
 def unavailable() -> Optional[str]:
@@ -55,6 +56,17 @@ def kernel_cache():
             target = tvm.target.Target.from_device("cpu")
             _cache = kc.KernelCache(target, (Path(tvm_kernels.__file__),))
         return _cache
+
+
+def tuning_cache() -> tuning.TuningCache:
+    """The process-wide sparse-or-dense choices, keyed like the kernels plus torch's version (dense ops)."""
+    global _tuning
+    if _tuning is None:
+        from sparsecc.runtimes.kernel_cache import default_dir
+
+        fingerprint = {**kernel_cache().fingerprint, "torch": torch.__version__}
+        _tuning = tuning.TuningCache(fingerprint, default_dir() / "tuning")
+    return _tuning
 
 
 def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool) -> Callable:
@@ -103,11 +115,55 @@ def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel
     return bias.view(view).expand(shape).clone(memory_format=torch.contiguous_format)
 
 
-class _Bound:
+class _Tuned:
+    """A bound layer that runs its sparse kernel or its dense op (on the dense weight, decoded on first use),
+    whichever `tuning` measured faster for this call's token bucket and torch's thread count."""
+
+    values: Tensor
+    tune: bool
+    choices: dict[tuple[int, int], tuning.Choice]
+
+    def tokens(self, x: Tensor) -> int:
+        raise NotImplementedError
+
+    def constant(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def signature(self, x: Tensor) -> tuple:
+        """What the speed of both paths depends on, besides the token count and thread count."""
+        raise NotImplementedError
+
+    def dense(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sparse(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = _float_contiguous(x)
+        if self.values.shape[0] == 0:
+            return self.constant(x)
+        if self.tune:
+            tokens = self.tokens(x)
+            key = (tuning.bucket(tokens), torch.get_num_threads())
+            choice = self.choices.get(key)
+            if choice is None:
+                choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), tokens,
+                                                           lambda: self.sparse(x), lambda: self.dense(x))
+            if choice.dense:
+                return self.dense(x)
+        return self.sparse(x)
+
+
+class _Bound(_Tuned):
     """One layer's constants in the form the kernels take, derived once, plus its kernels by token count."""
 
     def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor], out: int,
                  groups: int = 1, group_fan_in: int = 0) -> None:
+        self.rows = rows
+        self.tune = tuning.enabled(values)
+        self.choices: dict[tuple[int, int], tuning.Choice] = {}
+        self._dense_weight: Optional[Tensor] = None
         live = torch.ones(out, dtype=torch.bool)
         if rows is not None:
             live[:] = False
@@ -153,14 +209,21 @@ class _Bound:
 
 
 class BoundLinear(_Bound):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.empty = self.values.shape[0] == 0
+    def tokens(self, x: Tensor) -> int:
+        return x.numel() // x.shape[-1]
 
-    def __call__(self, x: Tensor) -> Tensor:
-        x = _float_contiguous(x)
-        if self.empty:
-            return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
+    def signature(self, x: Tensor) -> tuple:
+        return ("linear", self.out, x.shape[-1], *self.values.shape, self.indices.dtype, self.has_bias)
+
+    def constant(self, x: Tensor) -> Tensor:
+        return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
+
+    def dense(self, x: Tensor) -> Tensor:
+        if self._dense_weight is None:
+            self._dense_weight = formats.decode_fanin(self.values, self.indices, self.rows, self.out, x.shape[-1])
+        return F.linear(x, self._dense_weight, self.bias_or_none)
+
+    def sparse(self, x: Tensor) -> Tensor:
         if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
             y = x.new_empty(1, self.out)
             self.run("gemv", 1, x, y)
@@ -191,6 +254,7 @@ class BoundConv2d(_Bound):
         self.pointwise = kernel_size == [1, 1] and padding == [0, 0] and dilation == [1, 1]
         self.direct = not self.pointwise and stride == [1, 1] and groups == 1
         self.offsets: dict[tuple[int, int], Tensor] = {}
+        self.in_channels, self.groups, self.original_indices = in_channels, groups, indices
 
     def _offsets(self, h: int, w: int) -> Tensor:
         """Flat offset of each tap in the padded input plane stack, for an input of ``h x w``."""
@@ -217,28 +281,47 @@ class BoundConv2d(_Bound):
         self.run("spmm_flat", oh * wp, flat, y, (self.values, self._offsets(h, w), self.orow, self.arow, self.bias))
         return y.view(self.out, oh, wp)[:, :, :ow].contiguous()
 
-    def __call__(self, x: Tensor) -> Tensor:
-        x = _float_contiguous(x)
+    def _out_size(self, x: Tensor) -> tuple[int, int]:
+        return tuple(ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
+                     zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation))
+
+    def tokens(self, x: Tensor) -> int:
+        oh, ow = self._out_size(x)
+        return oh * ow
+
+    def signature(self, x: Tensor) -> tuple:
+        return ("conv2d", self.out, self.in_channels, *self.kernel_size, *self.stride, *self.padding,
+                *self.dilation, self.groups, *self.values.shape, *x.shape[-2:], self.has_bias)
+
+    def constant(self, x: Tensor) -> Tensor:
+        return _constant(x, self.bias_or_none, (*x.shape[:-3], self.out, *self._out_size(x)), x.dim() - 3)
+
+    def dense(self, x: Tensor) -> Tensor:
+        if self._dense_weight is None:
+            kh, kw = self.kernel_size
+            fan_in = self.in_channels // self.groups * kh * kw
+            flat = formats.decode_fanin(self.values, self.original_indices, self.rows, self.out, fan_in)
+            self._dense_weight = flat.view(self.out, self.in_channels // self.groups, kh, kw)
+        return F.conv2d(x, self._dense_weight, self.bias_or_none, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def sparse(self, x: Tensor) -> Tensor:
         unbatched = x.dim() == 3
         xb = x.unsqueeze(0) if unbatched else x
         n, c, h, w = xb.shape
-        oh, ow = (ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
-                  zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation))
-        if self.values.shape[0] == 0:
-            y = _constant(x, self.bias_or_none, (n, self.out, oh, ow), 1)
-        else:
-            outs = []
-            for i in range(n):
-                if self.direct:
-                    outs.append(self._direct(xb[i], oh, ow))
-                    continue
-                if self.pointwise:
-                    sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
-                    cols = sample.reshape(c, oh * ow).contiguous()
-                else:
-                    cols = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
-                outs.append(self.spmm(cols).view(self.out, oh, ow))
-            y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
+        oh, ow = self._out_size(x)
+        outs = []
+        for i in range(n):
+            if self.direct:
+                outs.append(self._direct(xb[i], oh, ow))
+                continue
+            if self.pointwise:
+                sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
+                cols = sample.reshape(c, oh * ow).contiguous()
+            else:
+                cols = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
+            outs.append(self.spmm(cols).view(self.out, oh, ow))
+        y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
         return y[0] if unbatched else y
 
 
@@ -251,7 +334,7 @@ def nm_kind(in_features: int, target) -> Optional[str]:
     return "nm_gemv" if in_features % 32 == 0 else None
 
 
-class BoundNM:
+class BoundNM(_Tuned):
     """2:4 Linear: few tokens read the 2-bit metadata directly; many tokens (or shapes the 2:4 kernels do
     not take) run the fan-in kernels on the expanded positions (k = in/2)."""
 
@@ -265,6 +348,9 @@ class BoundNM:
         self.direct = (_kernel(self.kind, groups, 1, torch.int16, self.has_bias)
                        if self.kind and compile_kernel else None)
         self._fanin: Optional[BoundLinear] = None
+        self.tune = tuning.enabled(values)
+        self.choices: dict[tuple[int, int], tuning.Choice] = {}
+        self._dense_weight: Optional[Tensor] = None
 
     @property
     def fanin(self) -> BoundLinear:
@@ -272,6 +358,7 @@ class BoundNM:
         if self._fanin is None:
             indices = formats.nm_indices(self.metadata, self.in_features).to(formats.index_dtype(self.in_features))
             self._fanin = BoundLinear(self.values, indices, None, self.bias if self.has_bias else None, self.out)
+            self._fanin.tune = False       # this layer's own choice covers it
         return self._fanin
 
     def _layout(self, x1: Tensor) -> Tensor:
@@ -281,8 +368,22 @@ class BoundNM:
             return x1
         return x1.view(-1, 4).t().contiguous()
 
-    def __call__(self, x: Tensor) -> Tensor:
-        x = _float_contiguous(x)
+    def tokens(self, x: Tensor) -> int:
+        return x.numel() // x.shape[-1]
+
+    def signature(self, x: Tensor) -> tuple:
+        return ("nm_linear", self.out, self.in_features, self.kind, self.has_bias)
+
+    def constant(self, x: Tensor) -> Tensor:
+        return x.new_zeros(*x.shape[:-1], 0)
+
+    def dense(self, x: Tensor) -> Tensor:
+        if self._dense_weight is None:
+            indices = formats.nm_indices(self.metadata, self.in_features)
+            self._dense_weight = formats.decode_fanin(self.values, indices, None, self.out, self.in_features)
+        return F.linear(x, self._dense_weight, self.bias if self.has_bias else None)
+
+    def sparse(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         tokens = x2.shape[0]
         if self.direct is None or tokens >= SPMM_MIN_TOKENS:
@@ -311,6 +412,10 @@ class _LazyConv:
 
     def __init__(self, constants: tuple) -> None:
         self.constants, self.bound = constants, None
+
+    @property
+    def choices(self) -> dict:
+        return self.bound.choices if self.bound is not None else {}
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.bound is None:

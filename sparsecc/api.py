@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from sparsecc.autotune import autotune as tune
+from sparsecc.autotune import disable as disable_tuning
 from sparsecc.errors import EquivalenceError, InputError
 from sparsecc.export.onnx_file import PRECISIONS
 from sparsecc.layers import dense_semantics
@@ -164,37 +166,43 @@ def _on_engine(name: str, compiled: "CompiledModel", reference: nn.Module, input
     return runner
 
 
+def _has_ablated(prepared: Prepared, module: str) -> bool:
+    """Whether a layer (or ``"<model>"``) had neurons that narrowing could have removed: the notes name only those."""
+    layer = prepared.layers.get(f"{module}.weight")
+    return layer is None or not bool(layer.mask.reshape(layer.mask.shape[0], -1).any(1).all())
+
+
 def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None,
-            backend: str = "auto", validate: bool = True, autotune: bool = False,
-            runtime_options: Optional[Mapping[str, Any]] = None, narrow: bool = False) -> CompiledModel:
+            backend: str = "auto", validate: bool = True, autotune: bool = True,
+            runtime_options: Optional[Mapping[str, Any]] = None, narrow: Optional[bool] = None) -> CompiledModel:
     """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
 
     ``masks`` maps weight names (``"fc1.weight"``) to boolean masks and wins over prune hooks,
     parametrizations and zeros. With ``validate`` (default) outputs are checked against the masked model on
     ``example_inputs`` and one random input of the same shapes, or on the first call when there are none.
-    With ``autotune`` (needs ``example_inputs``; off by default: it times every layer) a condensed layer that
-    measures slower than its dense op runs dense, and the report gives both times. The user's model is never
-    modified.
+    With ``autotune`` (default) each condensed layer runs its sparse kernel or its dense op, whichever the
+    runtime measures faster on this machine for the call's token count and torch's thread count (cached on
+    disk, `sparsecc.runtimes.tuning`); the report gives the choice and both times at the example inputs.
+    ``autotune=False`` runs the sparse kernels everywhere. The user's model is never modified.
 
     ``backend`` is an op runtime (``"tvm"``, ``"reference"``, ``"auto"``) or an engine that runs the whole
     exported model (``"onnxruntime"``, ``"tensorrt"``; needs ``example_inputs``). ``runtime_options`` go to
     the engine, e.g. ``{"threads": 1}`` for onnxruntime or ``{"onnx_path": ...}`` to keep the exported file.
 
-    ``narrow=True`` (needs ``example_inputs``) first removes ablated neurons and unused channels from the
-    network itself (`sparsecc.passes.narrow`): producers, BatchNorms and consumers get narrower, consumers'
-    biases absorb the constants; the report's notes list widths before and after and what was left and why.
+    Narrowing (on whenever ``example_inputs`` are given, ``narrow=False`` turns it off) first removes ablated
+    neurons and unused channels from the network itself (`sparsecc.passes.narrow`): producers, BatchNorms and
+    consumers get narrower, consumers' biases absorb the constants; the report's notes list widths before and
+    after and what was left and why.
     """
     prepared = prepare(model, masks)
     if narrow and example_inputs is None:
         raise InputError("narrow=True checks the narrowed network on the example inputs: pass example_inputs")
+    narrow = example_inputs is not None if narrow is None else narrow
     on_engine = backend in ENGINES
     if on_engine and example_inputs is None:
         raise InputError(f"backend={backend!r} exports the model: pass example_inputs")
     if runtime_options and not on_engine:
         raise InputError(f"runtime_options are for the engines {sorted(ENGINES)}; backend={backend!r} takes none")
-    if autotune and (example_inputs is None or on_engine):
-        raise InputError("autotune=True times layers on the example inputs with an op runtime: pass "
-                         "example_inputs and a backend other than " + ", ".join(sorted(ENGINES)))
     op_backend = "reference" if on_engine else backend
     runtime = resolve(op_backend)
     inputs = _as_tuple(example_inputs)
@@ -207,7 +215,7 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     if narrowing is not None:
         report.notes += [f"narrowed {r}" for r in narrowing.removals] or ["narrow: no channel removed"]
         report.notes += [f"not narrowed {p}: {why}" for p, why in narrowing.skipped.items()
-                         if why != "no ablated or unused channels"]
+                         if why != "no ablated or unused channels" and _has_ablated(prepared, p)]
     captured = capture(work.reference, len(inputs) if example_inputs is not None else None)
     if captured.graph_module is not None:
         rewrites = [CondenseModules(decisions), CondenseFunctionalOps(decisions)]
@@ -228,10 +236,10 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
             why = ("a functional linear needs a traced graph" if captured.graph_module is None
                    else "not called as a module or F.linear on the parameter in the traced graph")
             layer.keep(f"condensable but not rewritten: {why}")
-    if autotune:
-        from sparsecc.autotune import autotune as tune
-
-        tune(module, work.reference, inputs, report)
+    if not autotune:
+        disable_tuning(module)
+    elif example_inputs is not None and not on_engine:
+        tune(module, inputs, report)
     tolerance = None
     if on_engine:
         module = _on_engine(backend, CompiledModel(module, report, None, None), prepared.user, inputs,

@@ -1,36 +1,41 @@
-"""Optional autotune (``compile(..., autotune=True)``): time each condensed layer against its dense op on the
-layer's own input from the example inputs; a layer whose kernel is slower runs dense instead. The report
-keeps both timings either way."""
+"""Sparse kernel or dense op, per layer and token count (``compile(..., autotune=True)``, the default).
+
+The choice itself lives in the runtime (`sparsecc.runtimes.tuning`: measured on first use of a token bucket
+at a thread count, cached on disk), so it follows every call path (eager, torch.compile graphs, a loaded
+.pt2) and every later token count or `torch.set_num_threads`. At compile time one run on the example inputs
+makes the choices for the example's token counts, and the report shows each layer's choice and both timings.
+"""
 
 from __future__ import annotations
 
-import logging
-
+import torch
 from torch import nn
 
-from sparsecc.layers import DenseLayer, first_calls
+from sparsecc.layers import CondensedLayer
 from sparsecc.report import Report
-from sparsecc.timing import medians
-
-log = logging.getLogger("sparsecc")
+from sparsecc.runtimes import tuning
 
 
-def autotune(module: nn.Module, reference: nn.Module, inputs: tuple, report: Report, runs: int = 5) -> None:
-    """Replace, in ``module``, every condensed layer slower than its dense op; note both times in ``report``."""
-    by_name = {layer.name: layer for layer in report.layers}
-    for path, (layer, x, _) in first_calls(module, inputs).items():
-        weight = reference.get_parameter(layer.weight_fqn)
-        bias = reference.get_parameter(layer.bias_fqn) if layer.bias_fqn else None
-        op = layer.dense_op()
-        times = medians({"condensed": lambda: layer(x), "dense": lambda: op(x, weight, bias)}, runs=runs, warmup=2,
-                        burst=3)
-        entry = by_name[layer.weight_fqn]
-        timing = f"condensed {times['condensed'] * 1e6:,.0f} us vs dense {times['dense'] * 1e6:,.0f} us"
-        if times["condensed"] <= times["dense"]:
-            entry.reason = "; ".join(filter(None, (entry.reason, f"autotune: {timing}")))
+def _condensed(module: nn.Module) -> list[CondensedLayer]:
+    return [m for m in module.modules() if isinstance(m, CondensedLayer)]
+
+
+def autotune(module: nn.Module, inputs: tuple, report: Report) -> None:
+    """Make every condensed layer's choice for the example inputs and record it in ``report``."""
+    with torch.no_grad():
+        module(*inputs)
+    by_name = {entry.name: entry for entry in report.layers}
+    for layer in _condensed(module):
+        entry = by_name.get(layer.weight_fqn)
+        choices = sorted(layer.choices().values(), key=lambda c: (c.threads, c.tokens))
+        if entry is None or not choices:
             continue
-        module.set_submodule(path, DenseLayer(layer.name, weight, bias, op))
-        report.rewrites[layer.op] -= 1
-        entry.keep(f"autotune: {timing} on the example input; runs dense")
-        log.info("%s: %s", layer.weight_fqn, entry.reason)
-    report.rewrites = +report.rewrites      # unary + drops the ops whose every layer went back to dense
+        entry.choice = "; ".join(c.describe() for c in choices)
+        if any(c.dense for c in choices):
+            entry.runtime = f"{entry.runtime}+dense"
+
+
+def disable(module: nn.Module) -> None:
+    """Every condensed layer of ``module`` runs its sparse kernel at every token count."""
+    for layer in _condensed(module):
+        tuning.disable(layer._buffers["values"])

@@ -146,23 +146,13 @@ class CondensedLayer(nn.Module):
                                                get_runtime(self.runtime).bind(self.op, *self._constants()))
         return bound[2](x)
 
+    def choices(self) -> dict:
+        """The runtime's sparse-or-dense choices for this layer so far, by (token bucket, threads)."""
+        bound = self.__dict__.get("_bound")
+        return dict(getattr(bound[2], "choices", {})) if bound is not None else {}
+
     def extra_repr(self) -> str:
         return f"{self.name}, weight={self.weight_shape}, runtime={self.runtime}"
-
-
-class DenseLayer(nn.Module):
-    """A condensable layer that runs dense after all (autotune measured it faster): masked weight + dense op."""
-
-    def __init__(self, name: str, weight: Tensor, bias: Optional[Tensor],
-                 op: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]) -> None:
-        super().__init__()
-        self.name = name
-        self.register_buffer("weight", weight.detach())
-        self.register_buffer("bias", None if bias is None else bias.detach())
-        self.op = op
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.op(x, self.weight, self.bias)
 
 
 class CondensedLinear(CondensedLayer):

@@ -47,6 +47,7 @@ class LayerReport:
     macs_sparse: int
     positions: Optional[int] = None
     error: Optional[ErrorStat] = None
+    choice: str = ""            # the runtime's sparse-or-dense choice at the example's token counts, with timings
 
     def keep(self, reason: str) -> None:
         """Record that the layer runs as the original dense op after all, and why."""
@@ -108,13 +109,16 @@ class Report:
         per_position = any(lay.positions is None for lay in self.layers)
         head = ("layer", "shape", "structure", "density", "op", "runtime", "MiB dense->cond",
                 "MACs dense->sparse" + (" /position" if per_position else ""), "max rel err", "note")
+        tuned = any(lay.choice for lay in self.layers)
+        if tuned:
+            head += ("measured choice",)
         rows = []
         for lay in self.layers:
             dense_macs, sparse_macs = (lay.macs_dense, lay.macs_sparse) if per_position else lay.total_macs
             rows.append((lay.name, "x".join(map(str, lay.shape)), lay.structure, f"{lay.density:.1%}", lay.action,
                          lay.runtime, f"{_mib(lay.bytes_dense)}->{_mib(lay.bytes_condensed)}",
                          f"{_g(dense_macs)}->{_g(sparse_macs)}", f"{lay.error.max_rel:.1e}" if lay.error else "-",
-                         lay.reason))
+                         lay.reason, *((lay.choice,) if tuned else ())))
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])

@@ -26,6 +26,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _sparse_kernels(request, monkeypatch):
+    """Tests of the kernels must run the kernels: the runtime's measured sparse-or-dense choice (which may pick
+    the dense op on a busy machine) is pinned to sparse, except in tests marked ``measured_choice``."""
+    if request.node.get_closest_marker("measured_choice"):
+        return
+    from sparsecc.runtimes import tuning
+
+    monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense: tuning.Choice(
+        False, 0.0, 0.0, tokens, torch.get_num_threads()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _kernel_cache(tmp_path_factory):
     """A fresh kernel cache per test session: tests never depend on kernels a previous run left behind. The

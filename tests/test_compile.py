@@ -359,32 +359,3 @@ def test_missing_runtime_is_a_clear_error_and_auto_falls_back(monkeypatch):
         assert compiled.report.runtime == "reference"
     finally:
         runtimes.get_runtime.cache_clear()
-
-
-@pytest.mark.parametrize("condensed_faster", [True, False])
-def test_autotune_keeps_fast_layers_and_reverts_slow_ones(monkeypatch, condensed_faster):
-    """The timing itself is the benchmark's business; here the decision and its report are checked with a
-    stand-in clock."""
-    import sparsecc.autotune as tuning
-    from sparsecc.layers import CondensedLayer, DenseLayer
-
-    fake = {"condensed": 1e-4, "dense": 2e-4} if condensed_faster else {"condensed": 3e-4, "dense": 2e-4}
-    monkeypatch.setattr(tuning, "medians", lambda fns, **kw: {k: fake[k] for k in fns})
-    model = _pruned_mlp()
-    compiled = sparsecc.compile(model, (torch.randn(2, 32),), autotune=True)
-    layer = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
-    kinds = [type(m) for m in compiled.modules() if isinstance(m, (CondensedLayer, DenseLayer))]
-    if condensed_faster:
-        assert layer.action == "condensed_linear"
-        assert layer.reason == "autotune: condensed 100 us vs dense 200 us"
-        assert kinds == [type(next(m for m in compiled.modules() if isinstance(m, CondensedLayer)))]
-    else:
-        assert (layer.action, layer.runtime) == ("kept", "torch")
-        assert layer.reason == "autotune: condensed 300 us vs dense 200 us on the example input; runs dense"
-        assert kinds == [DenseLayer] and compiled.report.rewrites == {}
-    check(model, compiled, torch.randn(5, 32))
-
-
-def test_autotune_needs_example_inputs():
-    with pytest.raises(InputError, match="autotune=True times layers on the example inputs"):
-        sparsecc.compile(_pruned_mlp(), autotune=True)

@@ -1,0 +1,119 @@
+"""Sparse kernel or dense op: chosen by measurement, per layer shape, token-count bucket and thread count.
+
+A condensed layer is not faster than its dense op everywhere (2:4 at 197 tokens, a small layer at every core),
+and which one wins depends on the machine. The TVM runtime asks `choose` the first time a layer sees a token
+bucket at a thread count; the answer is measured on that very input (sparse and dense interleaved, medians)
+and kept in this process and on disk, beside the kernel cache: later compiles on the machine measure nothing.
+
+An entry is one small JSON file named by a digest of its key (the layer's shape signature, bucket, threads,
+target, library versions, kernel source), written atomically; an unreadable or foreign entry is measured
+again and rewritten. ``VERSION`` changes invalidate every entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger("sparsecc")
+
+VERSION = 1
+RUNS = 7
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ran faster for one layer at one token bucket and thread count, and the two medians."""
+
+    dense: bool
+    sparse_s: float
+    dense_s: float
+    tokens: int
+    threads: int
+
+    def describe(self) -> str:
+        path = "dense op" if self.dense else "sparse kernel"
+        return (f"{path} at {self.tokens} token(s), {self.threads} thread(s): sparse {self.sparse_s * 1e6:,.0f} us "
+                f"vs dense {self.dense_s * 1e6:,.0f} us")
+
+
+def bucket(tokens: int) -> int:
+    """Token counts that share a choice: exact up to 4, then powers of two (197 and 256 share one)."""
+    return tokens if tokens <= 4 else 1 << (tokens - 1).bit_length()
+
+
+class TuningCache:
+    """Choices by key: in memory for this process, one JSON file per entry on disk across processes."""
+
+    def __init__(self, fingerprint: dict, directory: Path) -> None:
+        self.fingerprint = {"version": VERSION, **fingerprint}
+        self.directory = directory
+        self._memory: dict[str, Choice] = {}
+        self.stats = {"memory": 0, "disk": 0, "measured": 0}
+
+    def _path(self, key: dict) -> tuple[str, Path]:
+        text = json.dumps({**self.fingerprint, **key}, sort_keys=True)
+        return text, self.directory / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+
+    def get(self, key: dict) -> Optional[Choice]:
+        text, path = self._path(key)
+        found = self._memory.get(text)
+        if found is not None:
+            self.stats["memory"] += 1
+            return found
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            if entry.get("key") != text:
+                raise ValueError("entry is for another key")
+            found = Choice(**entry["choice"])
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry is measured again
+            log.warning("sparsecc tuning cache: measuring again (%s: %s in %s)", type(exc).__name__, exc, path.name)
+            return None
+        self._memory[text] = found
+        self.stats["disk"] += 1
+        return found
+
+    def put(self, key: dict, choice: Choice) -> None:
+        from sparsecc.runtimes.kernel_cache import _atomic
+
+        text, path = self._path(key)
+        self._memory[text] = choice
+        self.stats["measured"] += 1
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"key": text, "choice": asdict(choice)})))
+        except OSError as exc:     # a read-only cache still tunes this process
+            log.warning("sparsecc tuning cache: not written (%s)", exc)
+
+
+def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[], Any],
+           dense: Callable[[], Any]) -> Choice:
+    """The cached choice for this layer shape, token bucket and thread count, or one measured now."""
+    threads = torch.get_num_threads()
+    key = {"signature": [str(s) for s in signature], "bucket": bucket(tokens), "threads": threads}
+    found = cache.get(key)
+    if found is not None:
+        return found
+    from sparsecc.timing import medians
+
+    times = medians({"sparse": sparse, "dense": dense}, runs=RUNS, warmup=1)
+    choice = Choice(times["sparse"] > times["dense"], times["sparse"], times["dense"], tokens, threads)
+    cache.put(key, choice)
+    return choice
+
+
+def disable(values: torch.Tensor) -> None:
+    """Run this layer's sparse kernel at every token count (``compile(..., autotune=False)``)."""
+    values.__dict__["_sparsecc_untuned"] = True
+
+
+def enabled(values: torch.Tensor) -> bool:
+    return not values.__dict__.get("_sparsecc_untuned", False)

@@ -1,0 +1,169 @@
+"""The measured sparse-or-dense choice: per token bucket and thread count, applied at call time on every path,
+reported, cached on disk (re-measured when an entry is corrupt), switched off by ``autotune=False``. Timing
+itself is the benchmarks' business: here a stand-in clock decides, and outputs are checked either way."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+import sparsecc
+from sparsecc import timing
+from sparsecc.runtimes import tuning, unavailable
+from sparsecc.synthetic import fanin_mask, nm_mask
+from tests.conftest import assert_equivalent
+
+pytestmark = [pytest.mark.measured_choice,
+              pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")]
+
+
+def _clock(monkeypatch, sparse_faster_up_to: int):
+    """A stand-in for the interleaved medians: the sparse kernel wins up to ``sparse_faster_up_to`` tokens."""
+    calls = []
+
+    def medians(fns, **kwargs):
+        out = fns["dense"]()
+        tokens = out.numel() // out.shape[-1] if out.dim() else 1
+        calls.append(tokens)
+        return {"sparse": 1e-4 if tokens <= sparse_faster_up_to else 3e-4, "dense": 2e-4}
+
+    monkeypatch.setattr(timing, "medians", medians)
+    return calls
+
+
+def _model(structure="fanin"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
+    mask = fanin_mask(model[0].weight, 0.75, 0.1) if structure == "fanin" else nm_mask(model[0].weight)
+    prune.custom_from_mask(model[0], "weight", mask)
+    return model
+
+
+def _spy(compiled):
+    """The paths (``"sparse"`` / ``"dense"``) the model's one condensed layer runs, in call order (a
+    measurement's calls included)."""
+    from sparsecc.layers import CondensedLayer
+
+    layer = next(m for m in compiled.modules() if isinstance(m, CondensedLayer))
+    bound = layer.__dict__["_bound"][2]
+    log = []
+    for path in ("sparse", "dense"):
+        original = getattr(bound, path)
+
+        def logged(x, path=path, original=original):
+            log.append(path)
+            return original(x)
+
+        setattr(bound, path, logged)
+    return layer, log
+
+
+@pytest.mark.parametrize("structure", ["fanin", "2:4"])
+def test_sparse_at_few_tokens_dense_at_many(monkeypatch, tmp_path, structure):
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
+    _clock(monkeypatch, sparse_faster_up_to=4)
+    model = _model(structure)
+    compiled = sparsecc.compile(model, (torch.randn(1, 64),), backend="tvm")
+    entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
+    threads = torch.get_num_threads()
+    assert entry.choice == f"sparse kernel at 1 token(s), {threads} thread(s): sparse 100 us vs dense 200 us"
+    assert entry.runtime == "tvm"
+    assert "measured choice" in str(compiled.report)
+    layer, log = _spy(compiled)
+    for tokens, path in ((1, "sparse"), (3, "sparse"), (37, "dense"), (1, "sparse"), (40, "dense")):
+        x = torch.randn(tokens, 64)
+        out = compiled(x)
+        expected = model(x)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        assert_equivalent(out, expected)
+        assert log[-1] == path, (tokens, log)
+    assert {key[0]: c.dense for key, c in layer.choices().items()} == {1: False, 3: False, 64: True}
+
+
+def test_autotune_false_runs_the_sparse_kernels_everywhere(monkeypatch):
+    calls = _clock(monkeypatch, sparse_faster_up_to=0)
+    model = _model()
+    compiled = sparsecc.compile(model, (torch.randn(5, 64),), backend="tvm", autotune=False)
+    assert all(not lay.choice for lay in compiled.report.layers)
+    layer, log = _spy(compiled)
+    x = torch.randn(50, 64)
+    assert_equivalent(compiled(x), model(x))
+    assert log == ["sparse"] and not layer.choices() and not calls
+
+
+def test_a_dense_choice_is_reported_and_still_exact(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
+    _clock(monkeypatch, sparse_faster_up_to=0)
+    model = _model()
+    x = torch.randn(2, 7, 64)
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
+    assert entry.runtime == "tvm+dense" and entry.choice.startswith("dense op at 14 token(s)")
+    out, expected = compiled(x), model(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    # The same choice on the graph paths: torch.compile's graph calls the op, which binds the same way.
+    graph = torch.compile(compiled.module, backend="eager")
+    assert_equivalent(graph(x), expected)
+
+
+def _cache(tmp_path):
+    return tuning.TuningCache({"target": "test"}, tmp_path)
+
+
+def test_cache_on_disk_corrupt_entries_and_thread_counts(monkeypatch, tmp_path):
+    calls = _clock(monkeypatch, sparse_faster_up_to=4)
+    x = torch.randn(16, 8)
+    weight = torch.randn(8, 8)
+    sparse, dense = (lambda: x @ weight.T), (lambda: x @ weight.T)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = tuning.choose(_cache(tmp_path), ("sig",), 16, sparse, dense)
+        assert first.dense and first.tokens == 16 and first.threads == 1 and len(calls) == 1
+        again = _cache(tmp_path)          # a new process: read from disk, nothing measured
+        assert tuning.choose(again, ("sig",), 13, sparse, dense) == first
+        assert again.stats == {"memory": 0, "disk": 1, "measured": 0} and len(calls) == 1
+        torch.set_num_threads(2)          # another thread count is another key
+        assert tuning.choose(_cache(tmp_path), ("sig",), 16, sparse, dense).threads == 2 and len(calls) == 2
+        torch.set_num_threads(1)
+        entries = sorted(tmp_path.glob("*.json"))
+        assert len(entries) == 2
+        for entry in entries:
+            entry.write_text("{ truncated")
+        fresh = _cache(tmp_path)
+        assert tuning.choose(fresh, ("sig",), 16, sparse, dense) == first
+        assert fresh.stats["measured"] == 1 and len(calls) == 3
+        assert any(json.loads(e.read_text())["choice"]["threads"] == 1 for e in entries)   # rewritten whole
+        other = tuning.TuningCache({"target": "another"}, tmp_path)   # another machine or version: its own key
+        tuning.choose(other, ("sig",), 16, sparse, dense)
+        assert other.stats["measured"] == 1 and len(calls) == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_buckets():
+    assert [tuning.bucket(t) for t in (1, 2, 3, 4, 5, 8, 9, 128, 197, 256, 257)] == \
+        [1, 2, 3, 4, 8, 8, 16, 128, 256, 256, 512]
+
+
+def test_real_measurement_on_a_2to4_layer_at_many_tokens(monkeypatch, tmp_path):
+    """No stand-in: the runtime measures both paths; whichever runs, the output equals the user's model and
+    the report's choice agrees with its own timings."""
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
+    model = nn.Sequential(nn.Linear(256, 256)).eval()
+    prune.custom_from_mask(model[0], "weight", nm_mask(model[0].weight))
+    x = torch.randn(1, 197, 256)
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    (choice,) = compiled.module.get_submodule("0").choices().values()
+    assert choice.dense == (choice.sparse_s > choice.dense_s) and choice.sparse_s > 0 and choice.dense_s > 0
+    assert compiled.report.layers[0].choice == choice.describe()
+    out, expected = compiled(x), model(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    assert len(list(tmp_path.glob("tuning/*.json"))) == 1
