@@ -2,8 +2,8 @@
 InferenceSession on the CPU. Unlike the op runtimes it runs the entire graph; `compile(backend="onnxruntime")`
 exports, loads and validates it like any backend.
 
-Sessions default to 1 intra-op thread (batch-1 latency is what this runtime is for; more threads only add
-synchronisation at that size) and full graph optimisation.
+Sessions run on as many intra-op threads as torch (``torch.get_num_threads()`` at each call: one session per
+count, made on first use) unless ``threads`` fixes the count, with full graph optimisation.
 """
 
 from __future__ import annotations
@@ -50,15 +50,16 @@ class SessionModule(nn.Module):
     """Calls an ONNX session with torch tensors and returns torch tensors nested like the original outputs.
     The session is made from the file's bytes once and is safe to call from several threads."""
 
-    def __init__(self, model_bytes: bytes, input_names: list[str], outputs: pytree.TreeSpec, threads: int) -> None:
+    def __init__(self, model_bytes: bytes, input_names: list[str], outputs: pytree.TreeSpec,
+                 threads: Optional[int]) -> None:
         super().__init__()
         self.model_bytes, self.input_names, self.outputs, self.threads = model_bytes, input_names, outputs, threads
         self._lock = threading.Lock()
-        self._session = None
+        self._sessions: dict[int, Any] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_session"], state["_lock"] = None, None
+        state["_sessions"], state["_lock"] = {}, None
         return state
 
     def __setstate__(self, state) -> None:
@@ -66,10 +67,14 @@ class SessionModule(nn.Module):
         self._lock = threading.Lock()
 
     def _get(self):
-        with self._lock:
-            if self._session is None:
-                self._session = session(self.model_bytes, self.threads)
-            return self._session
+        threads = self.threads or torch.get_num_threads()
+        found = self._sessions.get(threads)
+        if found is None:
+            with self._lock:
+                found = self._sessions.get(threads)
+                if found is None:
+                    found = self._sessions[threads] = session(self.model_bytes, threads)
+        return found
 
     def forward(self, *inputs: Tensor) -> Any:
         if len(inputs) != len(self.input_names):
@@ -80,10 +85,12 @@ class SessionModule(nn.Module):
         return pytree.tree_unflatten([torch.from_numpy(o) for o in outs], self.outputs)
 
 
-def load(onnx_path: Path, input_names: list[str], outputs: pytree.TreeSpec, threads: int = 1, **_: Any) -> nn.Module:
-    """The exported file as a module (its bytes are kept: the file may be temporary)."""
-    if not isinstance(threads, int) or threads < 1:
-        raise InputError(f"onnxruntime threads={threads!r}: give a positive integer")
+def load(onnx_path: Path, input_names: list[str], outputs: pytree.TreeSpec, threads: Optional[int] = None,
+         **_: Any) -> nn.Module:
+    """The exported file as a module (its bytes are kept: the file may be temporary). ``threads=None`` follows
+    torch's thread count."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InputError(f"onnxruntime threads={threads!r}: give a positive integer (or None: torch's count)")
     module = SessionModule(Path(onnx_path).read_bytes(), input_names, outputs, threads)
     module._get()
     return module

@@ -32,13 +32,14 @@ VEC = 8            # fp32 lanes of one AVX2 register; LLVM splits or widens for 
 ROWS = 2           # rows per register block in the token kernel
 TOKENS = 32        # tokens per register block in the token kernel (2x32 measured fastest of 4x16, 1x64, ...)
 CHAINS = 4         # independent accumulators in the one-token kernels
+CHUNK = 32         # values per K chunk of the K-blocked token kernel (its gathered inputs stay in L1)
 
 
 @dataclass(frozen=True)
 class KernelKey:
     """Everything a compiled kernel is specialised on; part of the on-disk cache key."""
 
-    kind: str          # "gemv" | "spmm" | "spmm_flat" | "nm_gemv" | "nm_gemv_avx" | "transpose"
+    kind: str          # "gemv" | "spmm" | "spmm_kb" | "spmm_flat" | "nm_gemv" | "nm_gemv_avx" | "transpose"
     k: int             # fan-in; for nm_gemv the number of groups of 4 along K
     tokens: int
     index_dtype: str
@@ -60,14 +61,15 @@ class KernelKey:
 
 def blocks(kind: str, rows: int) -> int:
     """The block range a row kernel of ``kind`` covers for ``rows`` live rows (rows, or row pairs)."""
-    return -(-rows // ROWS) if kind in ("spmm", "spmm_flat") else rows
+    return -(-rows // ROWS) if kind in ("spmm", "spmm_kb", "spmm_flat") else rows
 
 
 def build(key: KernelKey):
     """The PrimFunc for ``key`` (not yet compiled). Every kernel takes the block range ``[b0, b1)`` it computes
     just before its output, the last argument; once-only work (ablated rows, edges) is done by the call with
     ``b0 == 0``."""
-    builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "spmm_flat": fanin_spmm, "nm_gemv": nm_gemv,
+    builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "spmm_kb": fanin_spmm, "spmm_flat": fanin_spmm,
+               "nm_gemv": nm_gemv,
                "nm_gemv_avx": nm_gemv_avx, "transpose": transpose}[key.kind]
     return builder(key).with_attr("global_symbol", key.name())
 
@@ -135,6 +137,7 @@ def fanin_gemv(key: KernelKey):
 
 def fanin_spmm(key: KernelKey):
     K, NT, IDX, DT, BIAS, FLAT = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.kind == "spmm_flat"
+    KB = key.kind == "spmm_kb"
     NTB = NT // TOKENS
     # The remainder is covered by power-of-two tiles of 16, 8, 4, 2 and 1 tokens (each present or not, at
     # offset S16.. ): LLVM keeps those in registers, odd widths it spills.
@@ -165,12 +168,46 @@ def fanin_spmm(key: KernelKey):
                 y[orow[r0 + q], t0 + t] = acc[q, t] + (b[orow[r0 + q]] if BIAS else T.cast(0, DT))
 
     @T.macro
-    def rows_at(xt, v, idx, orow, b, y, R, b0, b1, t0, width):
+    def chunk(xt, v, idx, orow, y, r0, nrows, t0, width, j0, nj):
+        acc = T.decl_buffer((ROWS, width), DT, scope="local")
+        for q in T.unroll(nrows):
+            for t in T.vectorized(width):
+                acc[q, t] = y[orow[r0 + q], t0 + t]
+        for j in range(nj):
+            for q in T.unroll(nrows):
+                for t in T.vectorized(width):
+                    acc[q, t] = acc[q, t] + v[r0 + q, j0 + j] * xt[T.Cast("int32", idx[r0 + q, j0 + j]), t0 + t]
+        for q in T.unroll(nrows):
+            for t in T.vectorized(width):
+                y[orow[r0 + q], t0 + t] = acc[q, t]
+
+    @T.macro
+    def chunk_rows(xt, v, idx, orow, y, R, b0, b1, t0, width, j0, nj):
         for rb in loop(b0, b1):
             if rb * ROWS + ROWS <= R:
-                tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, t0, width)
+                chunk(xt, v, idx, orow, y, rb * ROWS, ROWS, t0, width, j0, nj)
             else:
-                tile(xt, v, idx, orow, b, y, rb * ROWS, 1, t0, width)
+                chunk(xt, v, idx, orow, y, rb * ROWS, 1, t0, width, j0, nj)
+
+    @T.macro
+    def rows_at(xt, v, idx, orow, b, y, R, b0, b1, t0, width):
+        if KB:
+            # K-blocked: every row pair sweeps the same CHUNK values' inputs before the next chunk, so the
+            # gathered inputs stay in L1; partial sums live in the output (bias first).
+            for rb in loop(b0, b1):
+                for q in range(T.min(ROWS, R - rb * ROWS)):
+                    for t in T.vectorized(width):
+                        y[orow[rb * ROWS + q], t0 + t] = b[orow[rb * ROWS + q]] if BIAS else T.cast(0, DT)
+            for c in range(K // CHUNK):
+                chunk_rows(xt, v, idx, orow, y, R, b0, b1, t0, width, c * CHUNK, CHUNK)
+            if K % CHUNK > 0:
+                chunk_rows(xt, v, idx, orow, y, R, b0, b1, t0, width, K // CHUNK * CHUNK, K % CHUNK)
+        else:
+            for rb in loop(b0, b1):
+                if rb * ROWS + ROWS <= R:
+                    tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, t0, width)
+                else:
+                    tile(xt, v, idx, orow, b, y, rb * ROWS, 1, t0, width)
 
     @T.prim_func
     def spmm(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,

@@ -209,7 +209,8 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     work, narrowing = prepared, None
     if narrow:
         narrowing = narrow_network(prepared, inputs)
-        work = Prepared(narrowing.model, narrowing.layers, prepared.was_training)
+        if narrowing.removals:      # else the unchanged copy is dropped: a model's worth of memory
+            work = Prepared(narrowing.model, narrowing.layers, prepared.was_training)
     decisions = plan(work, op_backend)
     report = _report(decisions, runtime, work)
     if narrowing is not None:

@@ -24,6 +24,12 @@ def autotune(module: nn.Module, inputs: tuple, report: Report) -> None:
     """Make every condensed layer's choice for the example inputs and record it in ``report``."""
     with torch.no_grad():
         module(*inputs)
+    record(module, report)
+
+
+def record(module: nn.Module, report: Report) -> None:
+    """Write the choices ``module``'s layers have made so far (every token bucket and thread count) into
+    ``report``: the choices column, and ``+dense`` after the runtime of a layer that runs dense somewhere."""
     by_name = {entry.name: entry for entry in report.layers}
     for layer in _condensed(module):
         entry = by_name.get(layer.weight_fqn)
@@ -31,8 +37,7 @@ def autotune(module: nn.Module, inputs: tuple, report: Report) -> None:
         if entry is None or not choices:
             continue
         entry.choice = "; ".join(c.describe() for c in choices)
-        if any(c.dense for c in choices):
-            entry.runtime = f"{entry.runtime}+dense"
+        entry.runtime = entry.runtime.removesuffix("+dense") + ("+dense" if any(c.dense for c in choices) else "")
 
 
 def disable(module: nn.Module) -> None:

@@ -1,9 +1,10 @@
-"""``sparsecc bench``: batch-1 CPU latency of condensed layers and models against their peers.
+"""``sparsecc bench``: batch-1 CPU latency of condensed layers and models against their peers, at 1 thread
+and at every core.
 
-Every number comes from this process at 1 thread (the CLI sets ``OMP_NUM_THREADS=1`` and
-``TVM_NUM_THREADS=1`` before torch is imported), as the median of interleaved rounds after warm-up, and every
-ratio divides two medians taken in the same rounds. Every method's output is checked against the masked
-dense layer before it is timed; a method that disagrees is reported as invalid, not timed.
+Each thread count is set with ``torch.set_num_threads`` (sparsecc's kernels follow it; onnxruntime sessions
+get the same count), every number is the median of interleaved rounds after warm-up, and every ratio divides
+two medians taken in the same rounds at the same thread count. Every method's output is checked against the
+masked dense layer before it is timed; a method that disagrees is reported as invalid, not timed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ SPARSITIES = (0.8, 0.9, 0.95, 0.99)
 BURST = 10
 
 
+def all_cores() -> int:
+    """The cores this process may run on: torch's default thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+#: The thread counts every benchmark reports: one, and every core.
+THREADS = tuple(sorted({1, all_cores()}))
+
+
 class Progress:
     """A one-line progress bar on stderr."""
 
@@ -51,17 +61,17 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _onnxruntime_dense(module: nn.Module, example: tuple, directory: Path) -> Callable:
-    """The masked model as a dense-mode ONNX file (explicit zeros), in onnxruntime on 1 thread."""
+def _onnxruntime_dense(module: nn.Module, example: tuple, directory: Path, threads: int = 1) -> Callable:
+    """The masked model as a dense-mode ONNX file (explicit zeros), in onnxruntime on ``threads`` threads."""
     from sparsecc.runtimes import onnxruntime as ort_runtime
 
     exported = sparsecc.export_onnx(module, example, directory / "dense.onnx", mode="dense")
     with torch.no_grad():
         outputs = pytree.tree_structure(module(*example))
-    return ort_runtime.load(exported.path, exported.input_names, outputs)
+    return ort_runtime.load(exported.path, exported.input_names, outputs, threads=threads)
 
 
-def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, directory: Path
+def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, directory: Path, threads: int = 1
                   ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Every way to run one masked Linear, keyed by the name the tables use."""
     masked = weight * mask
@@ -88,9 +98,9 @@ def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, 
     }
     layer = nn.Sequential(dense).eval()
     example = (torch.randn(1, weight.shape[1]),)
-    methods["onnxruntime dense"] = _onnxruntime_dense(layer, example, directory)
+    methods["onnxruntime dense"] = _onnxruntime_dense(layer, example, directory, threads)
     methods["onnxruntime condensed"] = sparsecc.compile(layer, example, masks={"0.weight": mask},
-                                                        backend="onnxruntime")
+                                                        backend="onnxruntime", runtime_options={"threads": threads})
     for backend in ("reference", "tvm"):
         methods[f"sparsecc {backend}"] = sparsecc.compile(layer, example, masks={"0.weight": mask}, backend=backend)
     return methods
@@ -101,14 +111,16 @@ class Row:
     name: str
     times: dict[str, float]                 # method -> median seconds
     invalid: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
 
     def ratio(self, method: str, base: str = "dense eager") -> float:
         return self.times[base] / self.times[method]
 
 
-def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress) -> Row:
+def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress, threads: int = 1) -> Row:
+    torch.set_num_threads(threads)      # before compiling: sparsecc's choices are measured at this count
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        methods = layer_methods(weight, bias, mask, Path(tmp))
+        methods = layer_methods(weight, bias, mask, Path(tmp), threads)
         x = torch.randn(1, weight.shape[1])
         expected = F.linear(x, weight * mask, bias)
         valid, invalid = {}, {}
@@ -117,18 +129,18 @@ def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress) ->
             (valid if stat.ok else invalid)[method] = fn if stat.ok else str(stat)
         times = medians({m: (lambda fn=fn: fn(x)) for m, fn in valid.items()}, runs=max(1, runs // BURST),
                         warmup=5, burst=BURST)
-    progress.step(name)
-    return Row(name, times, invalid)
+    progress.step(f"{name}, {threads} thread(s)")
+    return Row(name, times, invalid, threads)
 
 
-def _rss_child(name: str, compiled: bool) -> int:
+def _rss_child(name: str, compiled: bool, structure: str) -> int:
     """Resident memory (bytes) of a fresh process holding the dense masked or the compiled model and having
     run it once, after the source model is gone and freed memory is handed back to the OS (``malloc_trim``;
     otherwise glibc keeps it and RSS only shows the peak of building the model)."""
     code = (
         "import ctypes, gc, torch, sparsecc\n"
         "from sparsecc.demo import sparse_model\n"
-        f"model = sparse_model({name!r}, 0.9, 0.05)\n"
+        f"model = sparse_model({name!r}, 0.9, 0.05, structure={structure!r})\n"
         "x = torch.randn(1, 3, 224, 224)\n"
         f"run = sparsecc.compile(model, (x,)) if {compiled} else sparsecc.masked_reference(model)\n"
         "del model; gc.collect()\n"
@@ -149,6 +161,8 @@ def tensor_bytes(module: nn.Module) -> int:
 @dataclass
 class ModelRow:
     name: str
+    structure: str
+    threads: int
     times: dict[str, float]
     compile_cold: float
     compile_warm: float
@@ -159,27 +173,35 @@ class ModelRow:
     rss_dense: Optional[int]
     rss_compiled: Optional[int]
     max_rel_error: float
+    dense_chosen: int = 0       # condensed layers whose measured choice is the dense op
+    condensed: int = 0
 
 
-def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> ModelRow:
+def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads: int = 1,
+                structure: str = "fanin") -> ModelRow:
+    """One model at one thread count. Compile times are cold (fresh kernel and tuning caches: kernels compiled,
+    every layer's choice measured) and warm (both from disk, as in a new process)."""
     from sparsecc.demo import sparse_model
     from sparsecc.runtimes import tvm as tvm_runtime
 
-    model = sparse_model(name, 0.9, 0.05)
+    torch.set_num_threads(threads)
+    model = sparse_model(name, 0.9, 0.05, structure=structure)
     x = torch.randn(1, 3, 224, 224)
+    os.environ["SPARSECC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsecc-bench-")
+    tvm_runtime._cache = tvm_runtime._tuning = None
     start = time.perf_counter()
     compiled = sparsecc.compile(model, (x,))
     cold = time.perf_counter() - start
-    tvm_runtime._cache = None     # as in a new process: kernels come from the disk cache
+    tvm_runtime._cache = tvm_runtime._tuning = None     # as in a new process: everything comes from disk
     start = time.perf_counter()
-    sparsecc.compile(model, (x,))
+    compiled = sparsecc.compile(model, (x,))
     warm = time.perf_counter() - start
     dense = sparsecc.masked_reference(model)
     report = compiled.report
-    ort_condensed = sparsecc.compile(model, (x,), backend="onnxruntime")
+    ort_condensed = sparsecc.compile(model, (x,), backend="onnxruntime", runtime_options={"threads": threads})
     via_dynamo = torch.compile(model, backend="sparsecc")
     with tempfile.TemporaryDirectory() as tmp:
-        ort_dense = _onnxruntime_dense(dense, (x,), Path(tmp))
+        ort_dense = _onnxruntime_dense(dense, (x,), Path(tmp), threads)
         library = sparsecc.load_tvm(sparsecc.export_tvm(compiled, (x,), Path(tmp) / f"{name}.so").path)
     tvm_library = lambda x: torch.from_numpy(library(x))  # noqa: E731
     with torch.no_grad():
@@ -192,11 +214,13 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool) -> Model
                          "onnxruntime dense": lambda: ort_dense(x), "onnxruntime condensed": lambda: ort_condensed(x),
                          "torch.compile sparsecc": lambda: via_dynamo(x), "TVM library": lambda: tvm_library(x)},
                         runs=runs, warmup=2)
-    rss = (_rss_child(name, False), _rss_child(name, True)) if memory else (None, None)
-    progress.step(name)
-    return ModelRow(name, times, cold, warm, sum(lay.bytes_dense for lay in report.layers),
+    rss = (_rss_child(name, False, structure), _rss_child(name, True, structure)) if memory else (None, None)
+    progress.step(f"{name} {structure}, {threads} thread(s)")
+    dense_chosen = sum(any(c.dense for c in m.choices().values()) for m in compiled.module.modules()
+                       if hasattr(m, "choices"))
+    return ModelRow(name, structure, threads, times, cold, warm, sum(lay.bytes_dense for lay in report.layers),
                     sum(lay.bytes_condensed for lay in report.layers), tensor_bytes(dense), tensor_bytes(compiled),
-                    *rss, max(s.max_rel for s in report.end_to_end))
+                    *rss, max(s.max_rel for s in report.end_to_end), dense_chosen, len(report.condensed))
 
 
 #: (name, layer, example input) for the onnxruntime formulation crossovers: ViT-B/16 and ResNet shapes.
@@ -248,48 +272,53 @@ def _us(seconds: float) -> str:
 
 def layer_table(rows: list[Row]) -> str:
     methods = list(rows[0].times) + [m for m in rows[0].invalid if m not in rows[0].times]
-    head = "| layer 3072→768, batch 1 | " + " | ".join(methods) + " |"
-    lines = [head, "|" + "---|" * (len(methods) + 1)]
+    head = "| layer 3072→768, batch 1 | threads | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (len(methods) + 2)]
     for r in rows:
         cells = [f"{_us(r.times[m])} µs ({r.ratio(m):.2f}x)" if m in r.times else "invalid" for m in methods]
-        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.name} | {r.threads} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def model_table(rows: list[ModelRow]) -> str:
     others = ("torch.compile sparsecc", "TVM library", "onnxruntime dense", "onnxruntime condensed")
-    lines = ["| model (90% fan-in, 5% ablated), batch 1 | dense eager | sparsecc | speed-up | " + " | ".join(others)
-             + " | compile cold / warm | analysed weights dense → condensed | all model tensors | process RSS | "
-             "max rel error |", "|" + "---|" * (9 + len(others))]
+    lines = ["| model (5% ablated), batch 1 | masks | threads | dense eager | sparsecc | speed-up | "
+             + " | ".join(others) + " | layers run dense by choice | compile cold / warm | analysed weights dense "
+             "→ condensed | all model tensors | process RSS | max rel error |", "|" + "---|" * (12 + len(others))]
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     for r in rows:
         rss = f"{mib(r.rss_dense)} → {mib(r.rss_compiled)} MiB" if r.rss_dense else "not measured"
         ort = " | ".join(f"{r.times[m] * 1e3:.1f} ms ({r.times['dense eager'] / r.times[m]:.2f}x)"
                          for m in others)
-        lines.append(f"| {r.name} | {r.times['dense eager'] * 1e3:.1f} ms | {r.times['sparsecc'] * 1e3:.1f} ms | "
-                     f"{r.times['dense eager'] / r.times['sparsecc']:.2f}x | {ort} | {r.compile_cold:.1f} s / "
-                     f"{r.compile_warm:.1f} s | {mib(r.bytes_dense)} → {mib(r.bytes_condensed)} MiB | "
-                     f"{mib(r.model_dense)} → {mib(r.model_compiled)} MiB | {rss} | {r.max_rel_error:.1e} |")
+        masks = "90% fan-in" if r.structure == "fanin" else r.structure
+        lines.append(f"| {r.name} | {masks} | {r.threads} | {r.times['dense eager'] * 1e3:.1f} ms | "
+                     f"{r.times['sparsecc'] * 1e3:.1f} ms | {r.times['dense eager'] / r.times['sparsecc']:.2f}x | "
+                     f"{ort} | {r.dense_chosen}/{r.condensed} | {r.compile_cold:.1f} s / {r.compile_warm:.1f} s | "
+                     f"{mib(r.bytes_dense)} → {mib(r.bytes_condensed)} MiB | {mib(r.model_dense)} → "
+                     f"{mib(r.model_compiled)} MiB | {rss} | {r.max_rel_error:.1e} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[Row], path: Path) -> None:
+    """Latency vs sparsity of every method, one panel per thread count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fan_in = [r for r in rows if r.name.endswith("% fan-in")]
-    x = [float(r.name.split("%")[0]) for r in fan_in]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in fan_in[0].times:
-        ax.plot(x, [r.times.get(method, float("nan")) * 1e6 for r in fan_in], marker="o", label=method)
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity (%), constant fan-in")
-    ax.set_ylabel("median latency (µs), batch 1, 1 thread")
-    ax.set_title("Linear 3072→768 (ViT-B/16 encoder 11 mlp.3)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    counts = sorted({r.threads for r in rows})
+    fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 4.5), squeeze=False)
+    for ax, threads in zip(axes[0], counts):
+        fan_in = [r for r in rows if r.name.endswith("% fan-in") and r.threads == threads]
+        x = [float(r.name.split("%")[0]) for r in fan_in]
+        for method in fan_in[0].times:
+            ax.plot(x, [r.times.get(method, float("nan")) * 1e6 for r in fan_in], marker="o", label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity (%), constant fan-in")
+        ax.set_ylabel(f"median latency (µs), batch 1, {threads} thread(s)")
+        ax.set_title(f"Linear 3072→768 (ViT-B/16 encoder 11 mlp.3), {threads} thread(s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -305,7 +334,7 @@ def narrow_table(models: tuple[str, ...] = ("vit_b_16", "resnet50"), runs: int =
     for name in models:
         model = sparse_model(name, 0.9, ablate)
         x = torch.randn(1, 3, 224, 224)
-        condensed = sparsecc.compile(model, (x,))
+        condensed = sparsecc.compile(model, (x,), narrow=False)
         narrowed = sparsecc.compile(model, (x,), narrow=True)     # validated against the masked original
         dense = sparsecc.masked_reference(model)
         t = medians({"dense": lambda: dense(x), "condensed": lambda: condensed(x),
@@ -321,21 +350,23 @@ def narrow_table(models: tuple[str, ...] = ("vit_b_16", "resnet50"), runs: int =
 
 
 def run(out: Path, runs: int = 200, model_runs: int = 10, models: tuple[str, ...] = ("vit_b_16", "resnet50"),
-        memory: bool = True) -> str:
-    torch.set_num_threads(1)
+        memory: bool = True, threads: tuple[int, ...] = THREADS, structures: tuple[str, ...] = ("fanin", "2:4")
+        ) -> str:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["SPARSECC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsecc-bench-")   # cold-cache compile timing
-    progress = Progress(len(SPARSITIES) + 1 + len(models))
+    layer_cases = len(SPARSITIES) + 1
+    progress = Progress((layer_cases + len(models) * len(structures)) * len(threads))
     torch.manual_seed(0)
     out_f, in_f = SRIGL_LAYER
     weight, bias = torch.randn(out_f, in_f) * 0.02, torch.randn(out_f) * 0.02
-    rows = [bench_layer(f"{s:.0%} fan-in", weight, bias, synthetic.fanin_mask(weight, s), runs, progress)
-            for s in SPARSITIES]
-    rows.append(bench_layer("50% 2:4", weight, bias, synthetic.nm_mask(weight), runs, progress))
-    model_rows = [bench_model(m, model_runs, progress, memory) for m in models]
+    masks = [(f"{s:.0%} fan-in", synthetic.fanin_mask(weight, s)) for s in SPARSITIES]
+    masks.append(("50% 2:4", synthetic.nm_mask(weight)))
+    rows = [bench_layer(name, weight, bias, mask, runs, progress, n) for n in threads for name, mask in masks]
+    model_rows = [bench_model(m, model_runs, progress, memory and n == threads[0], n, structure)
+                  for m in models for structure in structures for n in threads]
     plot(rows, out / "latency.png")
     text = (f"### SRigL layer\n\n{layer_table(rows)}\n\n" + "".join(
-        f"- {r.name}: invalid {m}: {why}\n" for r in rows for m, why in r.invalid.items()) +
+        f"- {r.name}, {r.threads} thread(s): invalid {m}: {why}\n" for r in rows for m, why in r.invalid.items()) +
         (f"### End to end\n\n{model_table(model_rows)}\n" if model_rows else ""))
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"layers": [r.__dict__ for r in rows],

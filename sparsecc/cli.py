@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,8 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.choices["demo"]
     demo.add_argument("--backend", default="auto")
     demo.add_argument("--runs", type=int, default=10)
-    demo.add_argument("--threads", type=int, default=1)
-    demo.add_argument("--autotune", action="store_true", help="run a layer dense where its kernel measures slower")
+    demo.add_argument("--threads", type=int, nargs="*", default=None,
+                      help="thread counts to time at, side by side (default: 1 and every core)")
+    demo.add_argument("--no-autotune", action="store_true", help="run every layer's sparse kernel, even where "
+                      "its dense op measures faster")
     export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX (.onnx) "
                             "or as a TVM library that runs without PyTorch (.so)")
     export.add_argument("out", type=Path, help="the .onnx or .so file to write")
@@ -36,27 +37,23 @@ def _parser() -> argparse.ArgumentParser:
                         "for (a TVM library is specialised on it; a multiple of 16 for vit_b_16)")
     check = sub.add_parser("check-2to4", help="which Gemm/MatMul/Conv weights of an ONNX file TensorRT reads as 2:4")
     check.add_argument("onnx", type=Path)
-    bench = sub.add_parser("bench", help="batch-1, 1-thread latency of condensed layers and models vs peers")
+    bench = sub.add_parser("bench", help="batch-1 latency of condensed layers and models vs peers, at 1 thread "
+                           "and every core")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
                        "latency.png go")
     bench.add_argument("--runs", type=int, default=200, help="timed rounds per layer configuration")
     bench.add_argument("--model-runs", type=int, default=10, help="timed rounds per end-to-end model")
     bench.add_argument("--models", nargs="*", default=["vit_b_16", "resnet50"])
     bench.add_argument("--no-memory", action="store_true", help="skip the resident-memory subprocesses")
+    bench.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default: 1 and every "
+                       "core)")
+    bench.add_argument("--structures", nargs="*", default=["fanin", "2:4"], choices=["fanin", "2:4"],
+                       help="mask structures of the end-to-end models")
     bench.add_argument("--narrow", action="store_true", help="only time condensed vs condensed + physically "
                        "narrower models (30%% of neurons ablated)")
     bench.add_argument("--onnx-formulations", action="store_true", help="only time each ONNX export formulation "
                        "of ViT/ResNet-shaped layers in onnxruntime (the crossovers `formulation='auto'` uses)")
     return p
-
-
-def _single_threaded(argv: Sequence[str]) -> None:
-    """Benchmarks need 1 thread set before torch and TVM start their pools: re-run this command with the
-    environment set if it is not."""
-    wanted = {"OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
-    if any(os.environ.get(k) != v for k, v in wanted.items()):
-        os.environ.update(wanted)
-        os.execv(sys.executable, [sys.executable, "-m", "sparsecc.cli", *argv])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -66,8 +63,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "export" and (args.image_size < 32 or args.model == "vit_b_16" and args.image_size % 16):
         parser.error(f"--image-size {args.image_size}: use at least 32, and a multiple of 16 for vit_b_16 (its "
                      f"patch size)")
-    if args.command == "bench":
-        _single_threaded(argv)
     from sparsecc import demo
     from sparsecc.errors import SparseccError
 
@@ -80,9 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             elif args.narrow:
                 print(bench.narrow_table(tuple(args.models), args.model_runs))
             else:
-                print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory))
+                print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory,
+                                tuple(args.threads or bench.THREADS), tuple(args.structures)))
         elif args.command == "demo":
-            demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, args.autotune)
+            demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads,
+                     not args.no_autotune)
         elif args.command == "export":
             import torch
 

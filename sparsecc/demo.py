@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 import torchvision
@@ -10,6 +10,7 @@ from torch import nn
 
 import sparsecc
 from sparsecc import synthetic
+from sparsecc.autotune import record
 from sparsecc.timing import medians
 
 #: Model name -> (constructor taking the input image size, which weights SRigL would sparsify). ResNets take
@@ -41,16 +42,26 @@ def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0, struc
 
 
 def run(name: str = "vit_b_16", sparsity: float = 0.9, ablate: float = 0.05, backend: str = "auto",
-        runs: int = 10, threads: int = 1, autotune: bool = False) -> sparsecc.CompiledModel:
-    torch.set_num_threads(threads)
+        runs: int = 10, threads: Optional[Sequence[int]] = None, autotune: bool = True) -> sparsecc.CompiledModel:
+    """Compile, validate and time ``name`` at each thread count (1 and every core by default), each ratio from
+    interleaved rounds at that count."""
+    from sparsecc.bench import THREADS
+
+    counts = tuple(threads or THREADS)
     model = sparse_model(name, sparsity, ablate)
     x = torch.randn(1, 3, 224, 224)
     print(f"{name}: {sparsity:.0%} constant fan-in, {ablate:.0%} of neurons ablated (random weights)\n")
-    compiled = sparsecc.compile(model, (x,), backend=backend, autotune=autotune)
-    print(compiled.report, end="\n\n")
     dense = sparsecc.masked_reference(model)
-    t = medians({"dense": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs)
-    print(f"batch-1 latency, {threads} thread(s), median of {runs}: dense torch eager {t['dense'] * 1e3:.1f} ms, "
-          f"sparsecc ({compiled.report.runtime}) {t['sparsecc'] * 1e3:.1f} ms -> "
-          f"{t['dense'] / t['sparsecc']:.2f}x")
+    torch.set_num_threads(counts[0])
+    compiled = sparsecc.compile(model, (x,), backend=backend, autotune=autotune)
+    lines = []
+    for n in counts:
+        # At a new thread count each layer's sparse-or-dense choice is measured on its first call (a warm-up).
+        torch.set_num_threads(n)
+        t = medians({"dense": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs)
+        lines.append(f"  {n} thread(s): dense torch eager {t['dense'] * 1e3:.1f} ms, sparsecc "
+                     f"({compiled.report.runtime}) {t['sparsecc'] * 1e3:.1f} ms -> {t['dense'] / t['sparsecc']:.2f}x")
+    record(compiled.module, compiled.report)
+    print(compiled.report, end="\n\n")
+    print(f"batch-1 latency, median of {runs} interleaved rounds:", *lines, sep="\n")
     return compiled

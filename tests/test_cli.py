@@ -14,7 +14,11 @@ def test_demo_prints_table_and_latency_line(capsys):
     out = capsys.readouterr().out
     assert "layer1.0.conv1.weight" in out and "condensed_conv2d" in out
     assert "end to end vs your model: output 0: max abs" in out
-    assert "batch-1 latency, 1 thread(s), median of 2: dense torch eager" in out
+    assert "batch-1 latency, median of 2 interleaved rounds:" in out
+    from sparsecc.bench import THREADS
+
+    for n in THREADS:
+        assert f"  {n} thread(s): dense torch eager " in out
 
 
 def test_inspect_prints_structures(capsys):

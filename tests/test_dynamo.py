@@ -42,8 +42,13 @@ def test_prune_hooks_on_an_mlp_eager_and_inductor():
         _check_batches(model, compiled, (64,))
         report = dynamo.last_report()
         assert [lay.name for lay in report.condensed] == ["0.weight", "2.weight"]
-        assert all(lay.mask_source == "zeros" and lay.ablated == {"0.weight": 8, "2.weight": 2}[lay.name]
+        # 0.weight's 8 ablated neurons are narrowed away (2.weight loses their columns); 2.weight's 2 ablated
+        # rows are the graph's output and stay
+        assert all(lay.mask_source == "zeros" and lay.ablated == {"0.weight": 0, "2.weight": 2}[lay.name]
                    for lay in report.condensed)
+        first, second = (lay.shape for lay in report.condensed)
+        assert first[0] <= 32 - 8 and second == (8, first[0])     # and columns 2.weight never reads
+        assert any(note.startswith("narrowed ") for note in report.notes)
         assert len(dynamo.REPORTS) <= 2        # batch 1, then one dynamic recompile; batch 2 reuses it
 
 

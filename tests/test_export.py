@@ -92,23 +92,24 @@ def test_auto_formulation_picks_what_onnxruntime_runs_fastest(tmp_path):
     masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.99),              # k = 31 <= 3072 / 60
              "2.weight": synthetic.fanin_mask(model[2].weight, 0.5, ablate=0.6),   # 24 of 40 rows ablated
              "4.weight": synthetic.fanin_mask(model[4].weight, 0.5, ablate=0.3)}   # 2 of 8 ablated: 25%
-    one_token = sparsecc.export_onnx(model, torch.randn(1, 3072), tmp_path / "a.onnx", masks=masks)
+    # narrow=False: the ablated rows stay for the formulations to handle (narrowing would remove them)
+    one_token = sparsecc.export_onnx(model, torch.randn(1, 3072), tmp_path / "a.onnx", masks=masks, narrow=False)
     assert one_token.forms == {"0.weight": "gather", "2.weight": "rows", "4.weight": "rows"}
-    tokens = sparsecc.export_onnx(model, torch.randn(1, 10, 3072), tmp_path / "b.onnx", masks=masks)
+    tokens = sparsecc.export_onnx(model, torch.randn(1, 10, 3072), tmp_path / "b.onnx", masks=masks, narrow=False)
     assert tokens.forms == {"0.weight": "dense", "2.weight": "rows", "4.weight": "dense"}
     x = torch.randn(2, 10, 3072)
     with torch.no_grad():
         assert_equivalent(_run(tokens.path, x), sparsecc.masked_reference(model, masks)(x))
     unablated = masks | {"4.weight": synthetic.fanin_mask(model[4].weight, 0.5)}
-    assert sparsecc.export_onnx(model, torch.randn(1, 3072), tmp_path / "c.onnx", masks=unablated).forms[
-        "4.weight"] == "dense"
+    assert sparsecc.export_onnx(model, torch.randn(1, 3072), tmp_path / "c.onnx", masks=unablated,
+                                narrow=False).forms["4.weight"] == "dense"
 
 
 def test_auto_formulation_for_convolutions(tmp_path):
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1)).eval()
     masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.5, ablate=0.5),
              "2.weight": synthetic.fanin_mask(model[2].weight, 0.5, ablate=0.1)}
-    result = sparsecc.export_onnx(model, torch.randn(1, 8, 6, 6), tmp_path / "c.onnx", masks=masks)
+    result = sparsecc.export_onnx(model, torch.randn(1, 8, 6, 6), tmp_path / "c.onnx", masks=masks, narrow=False)
     assert result.forms == {"0.weight": "rows", "2.weight": "dense"}
     x = torch.randn(3, 8, 6, 6)
     with torch.no_grad():
@@ -122,7 +123,8 @@ def test_auto_formulation_for_convolutions(tmp_path):
 def test_mlp_round_trip_dynamic_batch(tmp_path, mode, formulation):
     model, masks = _mlp()
     path = tmp_path / "mlp.onnx"
-    result = sparsecc.export_onnx(model, torch.randn(1, 64), path, mode=mode, formulation=formulation, masks=masks)
+    result = sparsecc.export_onnx(model, torch.randn(1, 64), path, mode=mode, formulation=formulation, masks=masks,
+                                  narrow=False)
     assert result.path == path and path.is_file()
     onnx.checker.check_model(str(path), full_check=True)
     expected_form = {"gather": "gather", "rows": "rows", "auto": "rows"}[formulation] if mode == "condensed" \
@@ -354,6 +356,28 @@ class _TwoOutputs(nn.Module):
     def forward(self, x):
         h = torch.relu(self.a(x))
         return {"hidden": h, "logits": self.b(h)}
+
+
+def test_onnxruntime_engine_follows_torch_thread_count():
+    model = _TwoOutputs().eval()
+    masks = {"a.weight": synthetic.fanin_mask(model.a.weight, 0.9)}
+    compiled = sparsecc.compile(model, torch.randn(1, 512), masks=masks, backend="onnxruntime")
+    before = torch.get_num_threads()
+    x = torch.randn(3, 512)
+    expected = model(x)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                out = compiled(x)
+            for key in expected:
+                assert out[key].shape == expected[key].shape and out[key].dtype == expected[key].dtype
+                torch.testing.assert_close(out[key], sparsecc.masked_reference(model, masks)(x)[key], rtol=1e-4,
+                                           atol=1e-5)
+            assert compiled.module._get().get_session_options().intra_op_num_threads == n
+    finally:
+        torch.set_num_threads(before)
+    assert compiled.module.threads is None and set(compiled.module._sessions) >= {1, 2}
 
 
 def test_compile_backend_onnxruntime_validates_and_keeps_output_structure():

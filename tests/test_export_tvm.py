@@ -43,7 +43,7 @@ class _Mlp(nn.Module):
 
 
 @pytest.mark.parametrize("shape,kernel,calls", [((1, 48), "gemv", 2), ((2, 48), "gemv", 4),   # one per token
-                                                ((2, 5, 48), "spmm", 2)])
+                                                ((2, 5, 48), "spmm_kb", 2)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fanin_linears_with_ablated_rows_and_an_empty_layer(tmp_path, shape, kernel, calls, bias):
     model = _Mlp(bias).eval()
@@ -54,7 +54,7 @@ def test_fanin_linears_with_ablated_rows_and_an_empty_layer(tmp_path, shape, ker
     assert exported.kernels == {f"condensed_linear/{kernel}": calls} and exported.output_shapes == [(*shape[:-1], 16)]
 
 
-@pytest.mark.parametrize("in_f,tokens,kernel", [(64, 1, "nm_linear/nm_gemv_avx"), (64, 4, "nm_linear/spmm"),
+@pytest.mark.parametrize("in_f,tokens,kernel", [(64, 1, "nm_linear/nm_gemv_avx"), (64, 4, "nm_linear/spmm_kb"),
                                                (40, 1, "nm_linear/gemv")])   # 40 % 16: as fan-in on kept positions
 def test_two_four_linears(tmp_path, in_f, tokens, kernel):
     model = nn.Sequential(nn.Linear(in_f, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
@@ -101,7 +101,7 @@ def test_dense_ops_on_the_token_kernel(tmp_path):
     masks = {"fc.weight": synthetic.fanin_mask(model.fc.weight, 0.75)}
     exported = _check(model, masks, torch.randn(2, 4, 4, 4), tmp_path / "dense.so")
     # the grouped conv unfolds per sample; the transposed conv is TVM's own
-    assert exported.kernels == {"convolution/spmm": 2, "bmm/spmm": 2, "condensed_linear/spmm": 1}
+    assert exported.kernels == {"convolution/spmm": 2, "bmm/spmm": 2, "condensed_linear/spmm_kb": 1}
 
 
 _NO_TORCH = """
@@ -148,7 +148,7 @@ def test_vit_b_16(tmp_path, structure):
     sparse = "nm_linear" if structure == "2:4" else "condensed_linear"
     # the token kernel for every encoder Linear; attention's two bmm per layer, 12 heads each; the dense
     # patch embedding
-    assert exported.kernels == {f"{sparse}/spmm": 48, "bmm/spmm": 2 * 12 * 12, "convolution/spmm": 1}
+    assert exported.kernels == {f"{sparse}/spmm_kb": 48, "bmm/spmm": 2 * 12 * 12, "convolution/spmm": 1}
 
 
 def test_runner_script_prints_metadata(tmp_path):

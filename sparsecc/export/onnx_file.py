@@ -162,8 +162,9 @@ def _warn_not_2to4(path: Path) -> None:
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, mode: str = "condensed",
                 formulation: str = "auto", precision: str = "fp32",
-                masks: Optional[Mapping[str, Tensor]] = None) -> OnnxExport:
-    """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here) as an ONNX file.
+                masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None) -> OnnxExport:
+    """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here with ``masks`` and ``narrow``
+    as `sparsecc.compile` takes them) as an ONNX file.
 
     ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per
     layer what onnxruntime runs fastest, see `sparsecc.export.forms`: gather over the fan-in, live rows only,
@@ -185,7 +186,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     _writable_target(path)
     inputs = tensor_inputs(example_inputs)
     compiled = model if isinstance(model, CompiledModel) else compile(model, inputs, masks=masks,
-                                                                       backend="reference")
+                                                                       backend="reference", narrow=narrow)
     module, chosen = export_module(compiled.module, inputs, mode, formulation)
     dtype = PRECISIONS[precision]
     args = batch_of_two(inputs)

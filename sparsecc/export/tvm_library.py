@@ -131,14 +131,15 @@ def _linear_rows(ctx: _Converter, builder: Any, x2: Any, tokens: int, bound: Any
     """``[tokens, out]`` from ``x2 = [tokens, in]`` through the fan-in kernels, as the TVM runtime picks them."""
     from tvm import relax
 
-    from sparsecc.runtimes.tvm import SPMM_MIN_TOKENS
+    from sparsecc.runtimes.tvm import linear_kernel
 
     constants = [_const(bound.values), _const(bound.indices), _const(bound.orow), _const(bound.arow),
                  _const(bound.bias)]
     k, idx = bound.values.shape[1], bound.indices.dtype
-    if tokens >= SPMM_MIN_TOKENS:
+    kind = linear_kernel(tokens)
+    if kind != "gemv":
         xt = builder.emit(relax.op.permute_dims(x2))
-        y = ctx.call(builder, _key("spmm", k, tokens, idx, bound.has_bias), [xt, *constants], (bound.out, tokens),
+        y = ctx.call(builder, _key(kind, k, tokens, idx, bound.has_bias), [xt, *constants], (bound.out, tokens),
                      bound.values.shape[0])
         return builder.emit(relax.op.permute_dims(y))
     key = _key("gemv", k, 1, idx, bound.has_bias)
@@ -174,7 +175,7 @@ def _condensed_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
 def _nm_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
     from tvm import relax
 
-    from sparsecc.runtimes.tvm import SPMM_MIN_TOKENS, BoundNM, nm_kind
+    from sparsecc.runtimes.tvm import BoundNM, linear_kernel, nm_kind
 
     builder = importer.block_builder
     x = importer.env[node.args[0]]
@@ -186,7 +187,7 @@ def _nm_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
     bound = BoundNM(values, metadata, bias, in_features, compile_kernel=False)
     kind = nm_kind(in_features, ctx.target)
     x2 = builder.emit(relax.op.reshape(x, (tokens, in_features)))
-    if kind is None or tokens >= SPMM_MIN_TOKENS:
+    if kind is None or linear_kernel(tokens) != "gemv":
         y = _linear_rows(ctx, builder, x2, tokens, bound.fanin)
     else:
         key = _key(kind, in_features // 4, 1, torch.int16, bound.has_bias)
