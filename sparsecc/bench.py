@@ -164,6 +164,7 @@ class ModelRow:
     structure: str
     threads: int
     times: dict[str, float]
+    invalid: dict[str, str]     # method -> how its output differed from the masked model's (not timed)
     compile_cold: float
     compile_warm: float
     bytes_dense: int
@@ -204,21 +205,25 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
         ort_dense = _onnxruntime_dense(dense, (x,), Path(tmp), threads)
         library = sparsecc.load_tvm(sparsecc.export_tvm(compiled, (x,), Path(tmp) / f"{name}.so").path)
     tvm_library = lambda x: torch.from_numpy(library(x))  # noqa: E731
+    methods = {"dense eager": dense, "sparsecc": compiled, "onnxruntime dense": ort_dense,
+               "onnxruntime condensed": ort_condensed, "torch.compile sparsecc": via_dynamo, "TVM library": tvm_library}
+    invalid = {}
     with torch.no_grad():
-        for method, fn in (("onnxruntime dense", ort_dense), ("onnxruntime condensed", ort_condensed),
-                           ("torch.compile sparsecc", via_dynamo), ("TVM library", tvm_library)):
-            stat = compare(method, fn(x), dense(x))
-            if not stat.ok:
-                raise sparsecc.EquivalenceError(f"{name} {method}: {stat}")
-        times = medians({"dense eager": lambda: dense(x), "sparsecc": lambda: compiled(x),
-                         "onnxruntime dense": lambda: ort_dense(x), "onnxruntime condensed": lambda: ort_condensed(x),
-                         "torch.compile sparsecc": lambda: via_dynamo(x), "TVM library": lambda: tvm_library(x)},
-                        runs=runs, warmup=2)
+        expected = dense(x)
+        for method, fn in methods.items():     # each output checked on two calls before any is timed
+            for _ in range(2):
+                stat = compare(method, fn(x), expected)
+                if not stat.ok:
+                    invalid[method] = str(stat)
+        if "sparsecc" in invalid:
+            raise sparsecc.EquivalenceError(f"{name} {structure}, {threads} thread(s): {invalid['sparsecc']}")
+        times = medians({m: (lambda fn=fn: fn(x)) for m, fn in methods.items() if m not in invalid}, runs=runs,
+                        warmup=2)
     rss = (_rss_child(name, False, structure), _rss_child(name, True, structure)) if memory else (None, None)
     progress.step(f"{name} {structure}, {threads} thread(s)")
     dense_chosen = sum(any(c.dense for c in m.choices().values()) for m in compiled.module.modules()
                        if hasattr(m, "choices"))
-    return ModelRow(name, structure, threads, times, cold, warm, sum(lay.bytes_dense for lay in report.layers),
+    return ModelRow(name, structure, threads, times, invalid, cold, warm, sum(lay.bytes_dense for lay in report.layers),
                     sum(lay.bytes_condensed for lay in report.layers), tensor_bytes(dense), tensor_bytes(compiled),
                     *rss, max(s.max_rel for s in report.end_to_end), dense_chosen, len(report.condensed))
 
@@ -289,7 +294,7 @@ def model_table(rows: list[ModelRow]) -> str:
     for r in rows:
         rss = f"{mib(r.rss_dense)} → {mib(r.rss_compiled)} MiB" if r.rss_dense else "not measured"
         ort = " | ".join(f"{r.times[m] * 1e3:.1f} ms ({r.times['dense eager'] / r.times[m]:.2f}x)"
-                         for m in others)
+                         if m in r.times else "invalid" for m in others)
         masks = "90% fan-in" if r.structure == "fanin" else r.structure
         lines.append(f"| {r.name} | {masks} | {r.threads} | {r.times['dense eager'] * 1e3:.1f} ms | "
                      f"{r.times['sparsecc'] * 1e3:.1f} ms | {r.times['dense eager'] / r.times['sparsecc']:.2f}x | "
@@ -367,7 +372,9 @@ def run(out: Path, runs: int = 200, model_runs: int = 10, models: tuple[str, ...
     plot(rows, out / "latency.png")
     text = (f"### SRigL layer\n\n{layer_table(rows)}\n\n" + "".join(
         f"- {r.name}, {r.threads} thread(s): invalid {m}: {why}\n" for r in rows for m, why in r.invalid.items()) +
-        (f"### End to end\n\n{model_table(model_rows)}\n" if model_rows else ""))
+        (f"### End to end\n\n{model_table(model_rows)}\n" if model_rows else "") + "".join(
+        f"- {r.name} {r.structure}, {r.threads} thread(s): invalid {m}: {why}\n" for r in model_rows
+        for m, why in r.invalid.items()))
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"layers": [r.__dict__ for r in rows],
                                                   "models": [r.__dict__ for r in model_rows]}, indent=1))

@@ -226,32 +226,62 @@ def _modularise(lifted: fx.GraphModule, constants: dict[fx.Node, Tensor]) -> Non
     lifted.recompile()
 
 
+#: Compiled artifacts kept per graph (one per module state seen; the oldest is dropped beyond this).
+_KEEP_STATES = 8
+
+
+def _state_key(args: Sequence[Any], positions: set[int]) -> tuple:
+    """Which module state a call carries: each state tensor's address and version."""
+    return tuple((t.data_ptr(), t._version) for i, t in enumerate(args) if i not in positions and isinstance(t, Tensor))
+
+
 def backend_with(*, inductor: bool = True, runtime: str = "auto", validate: bool = True) -> Callable:
-    """A dynamo backend: sparsecc on the captured graph, then inductor (or eager) for the rest."""
+    """A dynamo backend: sparsecc on the captured graph, then inductor (or eager) for the rest.
+
+    Module state is frozen into the compiled graph, but dynamo hands one graph to every instance of a class
+    (parameters are graph inputs, guarded on shape, not identity) and to the same instance after an in-place
+    weight update. So the graph is compiled per module state: each call's state tensors (storage, offset,
+    version) select the compiled artifact, and a new state compiles (and validates) another one."""
 
     def sparsecc_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        import sparsecc
+        artifacts: dict[tuple, tuple[Callable, list[int]]] = {}
 
-        lifted, positions = lift(gm, example_inputs)
-        inputs = [example_inputs[i] for i in positions]
-        # A dynamic graph takes its sizes as SymInt inputs: sparsecc compiles and validates on their hints.
-        concrete = tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else v for v in inputs)
-        compiled = sparsecc.compile(lifted, concrete, backend=runtime, validate=validate)
-        report = compiled.report
-        REPORTS.append(report)
-        del REPORTS[:-_KEEP_REPORTS]
-        if not report.condensed:
-            log.info("sparsecc backend: nothing to condense in a graph of %d analysed layer(s)", len(report.layers))
-        else:
-            log.info("%s", report.summary())
-        run: Callable = compiled.module
-        if inductor:
-            from torch._inductor.compile_fx import compile_fx
+        def build(args: Sequence[Any]) -> tuple[Callable, list[int]]:
+            import sparsecc
 
-            run = compile_fx(compiled.module, inputs)
+            lifted, positions = lift(gm, args)
+            inputs = [args[i] for i in positions]
+            # A dynamic graph takes its sizes as SymInt inputs: sparsecc compiles and validates on their hints.
+            concrete = tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else v for v in inputs)
+            compiled = sparsecc.compile(lifted, concrete, backend=runtime, validate=validate)
+            report = compiled.report
+            REPORTS.append(report)
+            del REPORTS[:-_KEEP_REPORTS]
+            if not report.condensed:
+                log.info("sparsecc backend: nothing to condense in a graph of %d analysed layer(s)",
+                         len(report.layers))
+            else:
+                log.info("%s", report.summary())
+            run: Callable = compiled.module
+            if inductor:
+                from torch._inductor.compile_fx import compile_fx
+
+                run = compile_fx(compiled.module, inputs)
+            return run, positions
+
+        first, positions = build(example_inputs)
+        real = set(positions)
+        artifacts[_state_key(example_inputs, real)] = (first, positions)
 
         def call(*args: Any) -> Any:
-            return run(*[args[i] for i in positions])
+            key = _state_key(args, real)
+            found = artifacts.get(key)
+            if found is None:
+                found = artifacts[key] = build(args)
+                while len(artifacts) > _KEEP_STATES:
+                    del artifacts[next(iter(artifacts))]
+            run, where = found
+            return run(*[args[i] for i in where])
 
         return call
 
