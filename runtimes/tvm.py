@@ -3,7 +3,7 @@ disk (`kernel_cache`), called on torch tensors without copies where the layout a
 
 Per call it picks the kernel by token count (`linear_kernel`, shared with `export_tvm`): one token at a time
 below `SPMM_MIN_TOKENS` (gather-bound GEMV), the transposed, K-blocked token kernel above (vectorised over
-tokens). Inputs are guarded: float32 only, any
+tokens), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: float32 only, any
 strides or alignment (copied to a contiguous tensor when needed; kernels assume element alignment only).
 Each kernel call is split into row blocks over PyTorch's own threads (`parallel`), as many as
 ``torch.get_num_threads()`` says at that call; concurrent callers share compiled kernels read-only.
@@ -36,6 +36,7 @@ def linear_kernel(tokens: int) -> str:
     the K-blocked token kernel (at 197 tokens 1.05-1.4x the plain one on ViT-B/16's shapes at 90% and 2:4:
     its gathered inputs stay in L1)."""
     return "gemv" if tokens < SPMM_MIN_TOKENS else "spmm_kb"
+
 
 _state_lock = threading.Lock()
 _cache = None

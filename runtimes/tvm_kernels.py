@@ -138,6 +138,7 @@ def fanin_gemv(key: KernelKey):
 def fanin_spmm(key: KernelKey):
     K, NT, IDX, DT, BIAS, FLAT = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.kind == "spmm_flat"
     KB = key.kind == "spmm_kb"
+    PARTS = 16 if key.parallel else 1
     NTB = NT // TOKENS
     # The remainder is covered by power-of-two tiles of 16, 8, 4, 2 and 1 tokens (each present or not, at
     # offset S16.. ): LLVM keeps those in registers, odd widths it spills.
@@ -182,26 +183,34 @@ def fanin_spmm(key: KernelKey):
                 y[orow[r0 + q], t0 + t] = acc[q, t]
 
     @T.macro
-    def chunk_rows(xt, v, idx, orow, y, R, b0, b1, t0, width, j0, nj):
-        for rb in loop(b0, b1):
+    def chunk_rows(xt, v, idx, orow, y, R, lo, hi, t0, width, j0, nj):
+        for rb in range(lo, hi):
             if rb * ROWS + ROWS <= R:
                 chunk(xt, v, idx, orow, y, rb * ROWS, ROWS, t0, width, j0, nj)
             else:
                 chunk(xt, v, idx, orow, y, rb * ROWS, 1, t0, width, j0, nj)
 
     @T.macro
+    def rows_kb(xt, v, idx, orow, b, y, R, lo, hi, t0, width):
+        # Every row pair in [lo, hi) sweeps the same CHUNK values' inputs before the next chunk, so the
+        # gathered inputs stay in L1; partial sums live in the output (bias first).
+        for rb in range(lo, hi):
+            for q in range(T.min(ROWS, R - rb * ROWS)):
+                for t in T.vectorized(width):
+                    y[orow[rb * ROWS + q], t0 + t] = b[orow[rb * ROWS + q]] if BIAS else T.cast(0, DT)
+        for c in range(K // CHUNK):
+            chunk_rows(xt, v, idx, orow, y, R, lo, hi, t0, width, c * CHUNK, CHUNK)
+        if K % CHUNK > 0:
+            chunk_rows(xt, v, idx, orow, y, R, lo, hi, t0, width, K // CHUNK * CHUNK, K % CHUNK)
+
+    @T.macro
     def rows_at(xt, v, idx, orow, b, y, R, b0, b1, t0, width):
         if KB:
-            # K-blocked: every row pair sweeps the same CHUNK values' inputs before the next chunk, so the
-            # gathered inputs stay in L1; partial sums live in the output (bias first).
-            for rb in loop(b0, b1):
-                for q in range(T.min(ROWS, R - rb * ROWS)):
-                    for t in T.vectorized(width):
-                        y[orow[rb * ROWS + q], t0 + t] = b[orow[rb * ROWS + q]] if BIAS else T.cast(0, DT)
-            for c in range(K // CHUNK):
-                chunk_rows(xt, v, idx, orow, y, R, b0, b1, t0, width, c * CHUNK, CHUNK)
-            if K % CHUNK > 0:
-                chunk_rows(xt, v, idx, orow, y, R, b0, b1, t0, width, K // CHUNK * CHUNK, K % CHUNK)
+            # One contiguous share of the row range per part: on TVM's pool (`parallel`) one region per token
+            # tile, each part keeping the chunk order; called by sparsecc's launcher, one part.
+            for part in loop(PARTS):
+                rows_kb(xt, v, idx, orow, b, y, R, b0 + (b1 - b0) * part // PARTS,
+                        b0 + (b1 - b0) * (part + 1) // PARTS, t0, width)
         else:
             for rb in loop(b0, b1):
                 if rb * ROWS + ROWS <= R:
