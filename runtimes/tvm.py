@@ -128,9 +128,11 @@ class _Tuned:
     """A bound layer that runs its sparse kernel or its dense op (on the dense weight, decoded on first use),
     whichever `tuning` measured faster for this call's token bucket and torch's thread count."""
 
-    values: Tensor
-    tune: bool
-    choices: dict[tuple[int, int], tuning.Choice]
+    def __init__(self, values: Tensor) -> None:
+        self.values = values
+        self.tune = tuning.enabled(values)
+        self.choices: dict[tuple[int, int], tuning.Choice] = {}
+        self._dense_weight: Optional[Tensor] = None
 
     def tokens(self, x: Tensor) -> int:
         raise NotImplementedError
@@ -169,10 +171,8 @@ class _Bound(_Tuned):
 
     def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor], out: int,
                  groups: int = 1, group_fan_in: int = 0) -> None:
+        super().__init__(values)
         self.rows = rows
-        self.tune = tuning.enabled(values)
-        self.choices: dict[tuple[int, int], tuning.Choice] = {}
-        self._dense_weight: Optional[Tensor] = None
         live = torch.ones(out, dtype=torch.bool)
         if rows is not None:
             live[:] = False
@@ -358,9 +358,7 @@ class BoundNM(_Tuned):
         self.direct = (_kernel(self.kind, groups, 1, torch.int16, self.has_bias)
                        if self.kind and compile_kernel else None)
         self._fanin: Optional[BoundLinear] = None
-        self.tune = tuning.enabled(values)
-        self.choices: dict[tuple[int, int], tuning.Choice] = {}
-        self._dense_weight: Optional[Tensor] = None
+        super().__init__(values)
 
     @property
     def fanin(self) -> BoundLinear:
