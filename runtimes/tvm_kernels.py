@@ -33,6 +33,7 @@ ROWS = 2           # rows per register block in the token kernel
 TOKENS = 32        # tokens per register block in the token kernel (2x32 measured fastest of 4x16, 1x64, ...)
 CHAINS = 4         # independent accumulators in the one-token kernels
 CHUNK = 32         # values per K chunk of the K-blocked token kernel (its gathered inputs stay in L1)
+PARTS = 16         # shares of a parallel kernel's block range on TVM's pool (a few per thread: load balance)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,14 @@ class KernelKey:
         return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}{par}"
 
     def loop(self):
-        """The loop over the kernel's block range ``[b0, b1)``."""
+        """The loop over the parts of the block range: parallel on TVM's pool, or one serial part."""
         return T.parallel if self.parallel else T.serial
+
+    def parts(self) -> int:
+        """How many contiguous shares of the block range ``[b0, b1)`` the kernel cuts (`loop` runs over them).
+        One parallel iteration per block cost 3x at one thread (a 90% GEMV 249 vs 80 us): TVM's parallel
+        loop body is a closure whose loop-invariant setup runs per iteration."""
+        return PARTS if self.parallel else 1
 
 
 def blocks(kind: str, rows: int) -> int:
@@ -79,7 +86,7 @@ def fanin_gemv(key: KernelKey):
     K, IDX, DT, BIAS = key.k, key.index_dtype, key.dtype, key.bias
     NV = K // VEC                   # full vectors of the fan-in
     NC = NV // CHAINS * CHAINS      # of which handled CHAINS at a time
-    loop = key.loop()
+    loop, P = key.loop(), key.parts()
 
     @T.macro
     def step(acc, c, x, v, idx, r, jo):
@@ -103,28 +110,29 @@ def fanin_gemv(key: KernelKey):
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)
-        for r in loop(b0, b1):
-            # CHAINS independent accumulators hide the FMA latency a single running sum would expose.
-            acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
-            tail = T.decl_buffer((1,), DT, scope="local")
-            for c in T.unroll(CHAINS):
-                acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
-            tail[0] = T.cast(0, DT)
-            for jc in range(NC // CHAINS):
+        for part in loop(P):
+            for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
+                # CHAINS independent accumulators hide the FMA latency a single running sum would expose.
+                acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
+                tail = T.decl_buffer((1,), DT, scope="local")
                 for c in T.unroll(CHAINS):
-                    step(acc, c, x, v, idx, r, jc * CHAINS + c)
-            for jo in range(NC, NV):
-                step(acc, 0, x, v, idx, r, jo)
-            for j in range(NV * VEC, K):
-                tail[0] = tail[0] + v[r, j] * x[0, T.Cast("int32", idx[r, j])]
-            for c in T.unroll(1, CHAINS):
-                acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
-            total = ((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) + \
-                ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])) + tail[0]
-            if BIAS:
-                y[0, orow[r]] = total + b[orow[r]]
-            else:
-                y[0, orow[r]] = total
+                    acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
+                tail[0] = T.cast(0, DT)
+                for jc in range(NC // CHAINS):
+                    for c in T.unroll(CHAINS):
+                        step(acc, c, x, v, idx, r, jc * CHAINS + c)
+                for jo in range(NC, NV):
+                    step(acc, 0, x, v, idx, r, jo)
+                for j in range(NV * VEC, K):
+                    tail[0] = tail[0] + v[r, j] * x[0, T.Cast("int32", idx[r, j])]
+                for c in T.unroll(1, CHAINS):
+                    acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
+                total = ((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) + \
+                    ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])) + tail[0]
+                if BIAS:
+                    y[0, orow[r]] = total + b[orow[r]]
+                else:
+                    y[0, orow[r]] = total
         if b0 == 0:
             for a in range(A):
                 if BIAS:
@@ -138,7 +146,6 @@ def fanin_gemv(key: KernelKey):
 def fanin_spmm(key: KernelKey):
     K, NT, IDX, DT, BIAS, FLAT = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.kind == "spmm_flat"
     KB = key.kind == "spmm_kb"
-    PARTS = 16 if key.parallel else 1
     NTB = NT // TOKENS
     # The remainder is covered by power-of-two tiles of 16, 8, 4, 2 and 1 tokens (each present or not, at
     # offset S16.. ): LLVM keeps those in registers, odd widths it spills.
@@ -149,7 +156,7 @@ def fanin_spmm(key: KernelKey):
     S2 = S4 + (rest & 4)
     S1 = S2 + (rest & 2)
     H16, H8, H4, H2, H1 = (bool(rest & w) for w in (16, 8, 4, 2, 1))
-    loop = key.loop()
+    loop, P = key.loop(), key.parts()
 
     @T.macro
     def tile(xt, v, idx, orow, b, y, r0, nrows, t0, width):
@@ -208,15 +215,16 @@ def fanin_spmm(key: KernelKey):
         if KB:
             # One contiguous share of the row range per part: on TVM's pool (`parallel`) one region per token
             # tile, each part keeping the chunk order; called by sparsecc's launcher, one part.
-            for part in loop(PARTS):
-                rows_kb(xt, v, idx, orow, b, y, R, b0 + (b1 - b0) * part // PARTS,
-                        b0 + (b1 - b0) * (part + 1) // PARTS, t0, width)
+            for part in loop(P):
+                rows_kb(xt, v, idx, orow, b, y, R, b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P,
+                        t0, width)
         else:
-            for rb in loop(b0, b1):
-                if rb * ROWS + ROWS <= R:
-                    tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, t0, width)
-                else:
-                    tile(xt, v, idx, orow, b, y, rb * ROWS, 1, t0, width)
+            for part in loop(P):
+                for rb in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
+                    if rb * ROWS + ROWS <= R:
+                        tile(xt, v, idx, orow, b, y, rb * ROWS, ROWS, t0, width)
+                    else:
+                        tile(xt, v, idx, orow, b, y, rb * ROWS, 1, t0, width)
 
     @T.prim_func
     def spmm(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
@@ -271,7 +279,7 @@ def nm_gemv(key: KernelKey):
     DT, BIAS = key.dtype, key.bias
     G = key.k           # groups of 4 along K (in_features / 4); a multiple of 8
     NB = G // VEC
-    loop = key.loop()
+    loop, P = key.loop(), key.parts()
 
     @T.macro
     def step(acc, c, xq, v, meta, r, go):
@@ -303,16 +311,17 @@ def nm_gemv(key: KernelKey):
         meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", align=1)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)
-        for r in loop(b0, b1):
-            acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
-            for c in T.unroll(CHAINS):
-                acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
-            for bo in range(NB // CHAINS):
+        for part in loop(P):
+            for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
+                acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
                 for c in T.unroll(CHAINS):
-                    step(acc, c, xq, v, meta, r, bo * CHAINS + c)
-            for go in range(NB // CHAINS * CHAINS, NB):
-                step(acc, 0, xq, v, meta, r, go)
-            _nm_epilogue(acc, y, b, r, BIAS)
+                    acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
+                for bo in range(NB // CHAINS):
+                    for c in T.unroll(CHAINS):
+                        step(acc, c, xq, v, meta, r, bo * CHAINS + c)
+                for go in range(NB // CHAINS * CHAINS, NB):
+                    step(acc, 0, xq, v, meta, r, go)
+                _nm_epilogue(acc, y, b, r, BIAS)
 
     return gemv
 
@@ -326,7 +335,7 @@ def nm_gemv_avx(key: KernelKey):
     DT, BIAS = key.dtype, key.bias
     G = key.k           # groups of 4 along K; a multiple of 4
     NB = G // 4
-    loop = key.loop()
+    loop, P = key.loop(), key.parts()
 
     @T.macro
     def product(acc, c, xp, v, r, blk, ctrl):
@@ -367,16 +376,17 @@ def nm_gemv_avx(key: KernelKey):
             for h in T.unroll(4):
                 for e in T.vectorized(4):
                     xp[blk * 16 + h * 4 + e] = x[0, blk * 16 + (h % 2 * 2 + h // 2) * 4 + e]
-        for r in loop(b0, b1):
-            acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
-            for c in T.unroll(CHAINS):
-                acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
-            for bo in range(NB // (2 * CHAINS)):
+        for part in loop(P):
+            for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
+                acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
                 for c in T.unroll(CHAINS):
-                    step2(acc, c, xp, v, meta, r, bo * CHAINS + c)
-            for blk in range(NB // (2 * CHAINS) * 2 * CHAINS, NB):
-                step(acc, 0, xp, v, meta, r, blk)
-            _nm_epilogue(acc, y, b, r, BIAS)
+                    acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
+                for bo in range(NB // (2 * CHAINS)):
+                    for c in T.unroll(CHAINS):
+                        step2(acc, c, xp, v, meta, r, bo * CHAINS + c)
+                for blk in range(NB // (2 * CHAINS) * 2 * CHAINS, NB):
+                    step(acc, 0, xp, v, meta, r, blk)
+                _nm_epilogue(acc, y, b, r, BIAS)
 
     return gemv
 
@@ -402,7 +412,7 @@ def transpose(key: KernelKey):
     """``b = a.T`` for ``a [M, N]``. The inner block loop walks the longer side (measured: the other order
     is 1.6-1.8x slower on ViT's 197 x 768..3072 shapes); edges that do not fill a block are copied scalar."""
     DT = key.dtype
-    loop = key.loop()
+    loop, P = key.loop(), key.parts()
 
     @T.macro
     def block(a, b, ib, jb):
@@ -427,13 +437,15 @@ def transpose(key: KernelKey):
         a = T.match_buffer(a_h, (M, N), DT, align=4)
         b = T.match_buffer(b_h, (N, M), DT, align=4)
         if M < N:
-            for ib in loop(b0, b1):
-                for jb in range(N // VEC):
-                    block(a, b, ib, jb)
+            for part in loop(P):
+                for ib in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
+                    for jb in range(N // VEC):
+                        block(a, b, ib, jb)
         else:
-            for jb in loop(b0, b1):
-                for ib in range(M // VEC):
-                    block(a, b, ib, jb)
+            for part in loop(P):
+                for jb in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
+                    for ib in range(M // VEC):
+                        block(a, b, ib, jb)
         if b0 == 0:
             for i in range(M // VEC * VEC, M):
                 for j in range(N):

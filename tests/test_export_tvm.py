@@ -51,16 +51,22 @@ def test_fanin_linears_with_ablated_rows_and_an_empty_layer(tmp_path, shape, ker
              "b.weight": torch.zeros_like(model.b.weight, dtype=torch.bool),   # every row ablated: a constant
              "c.weight": synthetic.fanin_mask(model.c.weight, 0.9)}
     exported = _check(model, masks, torch.randn(*shape), tmp_path / "mlp.so")
-    assert exported.kernels == {f"condensed_linear/{kernel}": calls} and exported.output_shapes == [(*shape[:-1], 16)]
+    # the token kernel reads its input transposed and writes its output transposed: two transposes per call
+    transposes = {"condensed_linear/transpose": 2 * calls} if kernel != "gemv" else {}
+    assert exported.kernels == {f"condensed_linear/{kernel}": calls, **transposes}
+    assert exported.output_shapes == [(*shape[:-1], 16)]
 
 
-@pytest.mark.parametrize("in_f,tokens,kernel", [(64, 1, "nm_linear/nm_gemv_avx"), (64, 4, "nm_linear/spmm_kb"),
-                                               (40, 1, "nm_linear/gemv")])   # 40 % 16: as fan-in on kept positions
-def test_two_four_linears(tmp_path, in_f, tokens, kernel):
+@pytest.mark.parametrize("in_f,tokens,kernels", [
+    (64, 1, {"nm_linear/nm_gemv_avx": 1, "addmm/gemv": 1}),
+    (64, 4, {"nm_linear/spmm_kb": 1, "nm_linear/transpose": 2, "addmm/spmm_kb": 1, "addmm/transpose": 2}),
+    (40, 1, {"nm_linear/gemv": 1, "addmm/gemv": 1})])   # 40 % 16: as fan-in on kept positions
+def test_two_four_linears(tmp_path, in_f, tokens, kernels):
+    # the second Linear is dense: the fan-in kernels with every input (TVM's own matmul was a naive loop)
     model = nn.Sequential(nn.Linear(in_f, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
     masks = {"0.weight": synthetic.nm_mask(model[0].weight)}
     exported = _check(model, masks, torch.randn(tokens, in_f), tmp_path / "nm.so")
-    assert exported.kernels == {kernel: 1}
+    assert exported.kernels == kernels
 
 
 @pytest.mark.parametrize("conv,hw,kernel", [
@@ -101,7 +107,33 @@ def test_dense_ops_on_the_token_kernel(tmp_path):
     masks = {"fc.weight": synthetic.fanin_mask(model.fc.weight, 0.75)}
     exported = _check(model, masks, torch.randn(2, 4, 4, 4), tmp_path / "dense.so")
     # the grouped conv unfolds per sample; the transposed conv is TVM's own
-    assert exported.kernels == {"convolution/spmm": 2, "bmm/spmm": 2, "condensed_linear/spmm_kb": 1}
+    assert exported.kernels == {"convolution/spmm": 2, "bmm/spmm": 2, "condensed_linear/spmm_kb": 1,
+                                "condensed_linear/transpose": 2}
+
+
+class _Matmuls(nn.Module):
+    """Dense matmuls of every form the export meets: nn.Linear without bias (``mm`` of a transposed constant), a
+    constant ``[in, out]`` matrix, ``addmm`` with a scaled bias (left to TVM), and a product of two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 24, bias=False)
+        self.proj = nn.Parameter(torch.randn(24, 16))
+        self.bias = nn.Parameter(torch.randn(16))
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        y = self.fc(x) @ self.proj                               # [tokens, 16]
+        y = torch.addmm(self.bias, y, self.w, beta=0.5)
+        return y @ y.t()
+
+
+@pytest.mark.parametrize("tokens,kernel", [(1, "gemv"), (12, "spmm_kb")])
+def test_dense_matmuls(tmp_path, tokens, kernel):
+    model = _Matmuls().eval()
+    exported = _check(model, {}, torch.randn(tokens, 16), tmp_path / "mm.so")
+    transposes = {"mm/transpose": 4} if kernel != "gemv" else {}
+    assert exported.kernels == {f"mm/{kernel}": 2, **transposes}
 
 
 _NO_TORCH = """
@@ -146,9 +178,10 @@ def test_vit_b_16(tmp_path, structure):
     masks = synthetic.structured_masks(model, structure, 0.9, 0.05, synthetic.vit_encoder)
     exported = _check(model, masks, torch.randn(1, 3, 64, 64), tmp_path / "vit.so")
     sparse = "nm_linear" if structure == "2:4" else "condensed_linear"
-    # the token kernel for every encoder Linear; attention's two bmm per layer, 12 heads each; the dense
-    # patch embedding
-    assert exported.kernels == {f"{sparse}/spmm_kb": 48, "bmm/spmm": 2 * 12 * 12, "convolution/spmm": 1}
+    # the token kernel for every encoder Linear, with its two transposes; attention's two bmm per layer, 12
+    # heads each; the dense patch embedding and classifier head
+    assert exported.kernels == {f"{sparse}/spmm_kb": 48, f"{sparse}/transpose": 96, "bmm/spmm": 2 * 12 * 12,
+                                "convolution/spmm": 1, "addmm/gemv": 1}
 
 
 def test_runner_script_prints_metadata(tmp_path):

@@ -3,11 +3,17 @@
 Pipeline: compile (reference runtime) if needed -> `torch.export` at the example shapes -> core-ATen
 decompositions -> every op neither TVM's importer nor sparsecc translates listed in one `ExportError` ->
 `tvm.relax.frontend.torch.from_exported_program` with `CONVERTERS`, which turn each ``sparsecc::`` op into
-``call_tir`` calls of the same TensorIR kernels the TVM runtime uses (`runtimes/tvm_kernels.py`), with the
-layer's constants derived the same way (`runtimes/tvm.py` bindings) and the data movement around them (token
-transposes, zero padding, im2col taps) as Relax ops. The token kernel also runs dense convolutions and
-batched matmuls (TVM's CPU lowering leaves them as naive loops: ResNet-18's dense stem alone took 128 ms);
-DLight's CPU rules schedule the rest -> ``export_library`` to a temporary file, renamed.
+``call_tir`` calls of the same TensorIR kernels the TVM runtime uses (`runtimes/tvm_kernels.py`, their
+``parallel`` variants on TVM's thread pool), picked by the same rules (`runtimes.tvm.linear_kernel`, the
+bindings' conv paths) with the layer's constants derived the same way (`runtimes/tvm.py` bindings): token
+transposes by the blocked transpose kernel, zero padding and im2col taps as Relax ops. The fan-in kernels also
+run dense Linears, convolutions and batched matmuls with identity indices (TVM's CPU lowering leaves them as
+naive loops: ResNet-18's dense stem alone took 128 ms, a 197-token 768->3072 matmul 2 s); DLight's CPU rules
+schedule the rest -> ``export_library`` to a temporary file, renamed.
+
+The runtime's measured sparse-or-dense choice has no counterpart here: the library's dense path is the same
+kernel over every input, strictly more work (768->3072 at 197 tokens, 1 / 2 threads: 2:4 18 / 9.6 ms, dense
+50 / 26 ms; at one token 0.32 / 0.20 vs 0.84 / 0.44 ms), so every condensed layer runs its sparse kernel.
 
 Kernels are specialised on token counts, so the library is specialised on the example inputs' shapes.
 The library carries its own metadata (a ``sparsecc_meta`` function returning JSON bytes); `tvm_runner`
@@ -85,7 +91,8 @@ class _Converter:
 
         name = key.name()
         if name not in self.functions:
-            func = tvm_kernels.build(key).with_attr("tirx.is_scheduled", True)
+            # Scheduled (DLight leaves it alone) and opaque (no pass reads a reshape into the transpose).
+            func = tvm_kernels.build(key).with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
             self.functions[name] = builder.add_func(func, name)
         label = f"{self.op}/{key.kind}"
         self.kernels[label] = self.kernels.get(label, 0) + 1
@@ -127,8 +134,8 @@ def _bias_broadcast(builder: Any, bias: Optional[Tensor], shape: tuple[int, ...]
     return builder.emit(relax.op.broadcast_to(_const(bias.reshape(view)), shape))
 
 
-def _linear_rows(ctx: _Converter, builder: Any, x2: Any, tokens: int, bound: Any) -> Any:
-    """``[tokens, out]`` from ``x2 = [tokens, in]`` through the fan-in kernels, as the TVM runtime picks them."""
+def _linear_rows(ctx: _Converter, builder: Any, x2: Any, shape: tuple[int, int], bound: Any) -> Any:
+    """``[tokens, out]`` from ``x2 = [tokens, in]`` (its ``shape``) through the fan-in kernels, as the TVM runtime picks them."""
     from tvm import relax
 
     from sparsecc.runtimes.tvm import linear_kernel
@@ -136,16 +143,26 @@ def _linear_rows(ctx: _Converter, builder: Any, x2: Any, tokens: int, bound: Any
     constants = [_const(bound.values), _const(bound.indices), _const(bound.orow), _const(bound.arow),
                  _const(bound.bias)]
     k, idx = bound.values.shape[1], bound.indices.dtype
+    tokens = shape[0]
     kind = linear_kernel(tokens)
     if kind != "gemv":
-        xt = builder.emit(relax.op.permute_dims(x2))
+        xt = _transpose(ctx, builder, x2, shape)
         y = ctx.call(builder, _key(kind, k, tokens, idx, bound.has_bias), [xt, *constants], (bound.out, tokens),
                      bound.values.shape[0])
-        return builder.emit(relax.op.permute_dims(y))
+        return _transpose(ctx, builder, y, (bound.out, tokens))
     key = _key("gemv", k, 1, idx, bound.has_bias)
     rows = [ctx.call(builder, key, [_row(builder, x2, t), *constants], (1, bound.out), bound.values.shape[0])
             for t in range(tokens)]
     return rows[0] if tokens == 1 else builder.emit(relax.op.concat(rows, axis=0))
+
+
+def _transpose(ctx: _Converter, builder: Any, x: Any, shape: tuple[int, int]) -> Any:
+    """A float32 matrix transposed by the blocked kernel the TVM runtime uses (TVM's own lowering of
+    ``permute_dims`` was a naive loop: most of a 197-token layer's time)."""
+    from sparsecc.runtimes.tvm_kernels import VEC
+
+    m, n = shape
+    return ctx.call(builder, _key("transpose", 0, 0, torch.int32, False), [x], (n, m), min(m, n) // VEC)
 
 
 def _row(builder: Any, x2: Any, t: int) -> Any:
@@ -168,7 +185,7 @@ def _condensed_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
         return _bias_broadcast(builder, bias, (*shape[:-1], out), -1)
     tokens = math.prod(shape[:-1])
     x2 = builder.emit(relax.op.reshape(x, (tokens, shape[-1])))
-    y = _linear_rows(ctx, builder, x2, tokens, BoundLinear(values, indices, rows, bias, out))
+    y = _linear_rows(ctx, builder, x2, (tokens, shape[-1]), BoundLinear(values, indices, rows, bias, out))
     return builder.emit(relax.op.reshape(y, (*shape[:-1], out)))
 
 
@@ -188,7 +205,7 @@ def _nm_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
     kind = nm_kind(in_features, ctx.target)
     x2 = builder.emit(relax.op.reshape(x, (tokens, in_features)))
     if kind is None or linear_kernel(tokens) != "gemv":
-        y = _linear_rows(ctx, builder, x2, tokens, bound.fanin)
+        y = _linear_rows(ctx, builder, x2, (tokens, in_features), bound.fanin)
     else:
         key = _key(kind, in_features // 4, 1, torch.int16, bound.has_bias)
         constants = [_const(bound.values), _const(bound.metadata), _const(bound.bias)]
@@ -307,6 +324,40 @@ def _dense_convolution(ctx: _Converter, node: Any, importer: Any) -> Any:
                    list(weight.shape[2:]), args[3], args[4], args[5], args[8])
 
 
+def _weight(ctx: _Converter, node: Any) -> Optional[Tensor]:
+    """The ``[out, in]`` weight a matmul's right operand holds: a constant's transpose (what ``nn.Linear``
+    decomposes to), or a constant ``[in, out]`` matrix; None when it is computed."""
+    if getattr(node, "target", None) is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]:
+        weight = ctx.tensors.get(getattr(node.args[0], "name", None))
+        return weight if weight is not None and weight.dim() == 2 else None
+    weight = ctx.tensors.get(getattr(node, "name", None))
+    return weight.t().contiguous() if weight is not None and weight.dim() == 2 else None
+
+
+def _dense_mm(ctx: _Converter, node: Any, importer: Any) -> Any:
+    """A dense Linear (``mm`` / ``addmm`` with a constant weight) on the fan-in kernels with identity indices,
+    as the dense convolutions: TVM's CPU lowering of a 197-token matmul was a naive loop (2 s for 768->3072)."""
+    from tvm import relax
+
+    from sparsecc.runtimes.tvm import BoundLinear
+
+    addmm = node.target is torch.ops.aten.addmm.default
+    bias_node, x_node, w_node = node.args[:3] if addmm else (None, *node.args[:2])
+    weight = _weight(ctx, w_node)
+    bias = ctx.tensors.get(getattr(bias_node, "name", None)) if addmm else None
+    if (weight is None or weight.dtype != torch.float32 or x_node.meta["val"].dtype != torch.float32
+            or any(node.kwargs.get(a, 1) != 1 for a in ("alpha", "beta"))
+            or (addmm and (bias is None or bias.shape != weight.shape[:1]))):
+        builder = importer.block_builder
+        if addmm:
+            return type(importer)._addmm(importer, node)
+        return builder.emit(relax.op.matmul(importer.env[node.args[0]], importer.env[node.args[1]]))
+    out, k = weight.shape
+    bound = BoundLinear(weight.contiguous(), _identity_indices(out, k), None, bias, out)
+    return _linear_rows(ctx, importer.block_builder, importer.env[x_node], _static(x_node.meta["val"].shape, node),
+                        bound)
+
+
 def _dense_bmm(ctx: _Converter, node: Any, importer: Any) -> Any:
     """Batched float32 matmul (attention's scores and mixing) as one token-kernel call per batch entry: the
     left matrix takes the values' place, the right one the transposed input's."""
@@ -349,6 +400,8 @@ CONVERTERS: dict[str, Callable[[_Converter, Any, Any], Any]] = {
     "condensed_conv2d.default": _condensed_conv2d,
     "nm_linear.default": _nm_linear,
     "convolution.default": _dense_convolution,
+    "addmm.default": _dense_mm,
+    "mm.default": _dense_mm,
     "bmm.default": _dense_bmm,
 }
 
@@ -397,7 +450,8 @@ def _pipeline(target: Any) -> Any:
             return tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
                 + [dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())]
-                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+                + [p for p in cpu.dataflow_lower_passes(target) if p.info.name != "RewriteDataflowReshape"]
+                + cpu.finalize_passes(target))(mod)
 
     return run
 
