@@ -248,7 +248,7 @@ class Captured:
     reason: str = ""            # why the graph capture failed
 
 
-def _concrete_defaults(model: nn.Module, n_args: Optional[int]) -> dict[str, Any]:
+def concrete_defaults(model: nn.Module, n_args: Optional[int]) -> dict[str, Any]:
     """forward() parameters the example inputs leave out, fixed to their defaults. Traced as placeholders
     they would be taken as given (``x is not None`` is True for a proxy) and bake the wrong branch in;
     fixed, fx guards them at call time."""
@@ -266,7 +266,7 @@ def capture(model: nn.Module, n_args: Optional[int] = None) -> Captured:
     """Trace ``model``; ``n_args`` is how many positional example inputs there are (None: unknown). A model
     that already is a graph (the torch.compile backend's) and cannot be traced again is used as it is."""
     try:
-        graph = Tracer().trace(model, concrete_args=_concrete_defaults(model, n_args) or None)
+        graph = Tracer().trace(model, concrete_args=concrete_defaults(model, n_args) or None)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if isinstance(model, fx.GraphModule):

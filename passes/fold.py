@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 from torch import Tensor, fx, nn
 
-from sparsecc.layers import CondensedConv2d
+from sparsecc.layers import CondensedLayer
 from sparsecc.passes.manager import PassResult
 
 
@@ -34,22 +34,19 @@ class FoldBatchNorm:
 
     name = "fold_batchnorm"
 
-    def __init__(self) -> None:
-        self.folded: list[str] = []
-
     def requires(self, gm: fx.GraphModule) -> None:
         pass
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-        modified = False
+        folded: list[str] = []
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
                 continue
             layer = gm.get_submodule(node.target)
             (user,) = node.users
-            if not isinstance(layer, CondensedConv2d) or user.op != "call_module" or calls[user.target] != 1 \
-                    or user.args != (node,) or user.kwargs:
+            if not isinstance(layer, CondensedLayer) or layer.kind != "conv2d" or user.op != "call_module" \
+                    or calls[user.target] != 1 or user.args != (node,) or user.kwargs:
                 continue
             bn = gm.get_submodule(user.target)
             if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_mean is None:
@@ -57,9 +54,10 @@ class FoldBatchNorm:
             layer.fold_affine(*batchnorm_affine(bn))
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
-            self.folded.append(user.target)
-            modified = True
-        return PassResult(gm, modified)
+            folded.append(user.target)
+        if folded:
+            gm.delete_all_unused_submodules()
+        return PassResult(gm, bool(folded), tuple(folded))
 
     def ensures(self, gm: fx.GraphModule) -> None:
         pass

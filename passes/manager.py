@@ -1,5 +1,6 @@
-"""A small pass manager: each pass states what it requires and ensures, returns ``(graph_module, modified)``,
-and the graph is linted after every pass so a broken graph names the pass that broke it."""
+"""A small pass manager: each pass states what it requires and ensures and returns a `PassResult` (the graph,
+whether it changed, what it applied); the graph is linted after every pass so a broken graph names the pass
+that broke it, and every pass's outcome is kept as data (`PassManager.outcomes`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ from sparsecc.errors import PassError
 class PassResult:
     graph_module: fx.GraphModule
     modified: bool
+    applied: tuple[str, ...] = ()       # what the pass changed: condensed weights, folded BatchNorms, ...
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    name: str
+    modified: bool
+    applied: tuple[str, ...]
+    rewrites: dict[str, int]            # modules put in place, by op
 
 
 class Pass(Protocol):
@@ -32,6 +42,10 @@ class Pass(Protocol):
 class PassManager:
     passes: list[Pass]
     rewrites: Counter = field(default_factory=Counter)
+    outcomes: list[PassOutcome] = field(default_factory=list)
+
+    def applied(self) -> set[str]:
+        return {a for o in self.outcomes for a in o.applied}
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         for p in self.passes:
@@ -47,5 +61,7 @@ class PassManager:
                 raise
             except Exception as exc:
                 raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
-            self.rewrites.update(getattr(p, "counts", {}))
+            counts = dict(getattr(p, "counts", {}))
+            self.rewrites.update(counts)
+            self.outcomes.append(PassOutcome(p.name, result.modified, tuple(result.applied), counts))
         return gm

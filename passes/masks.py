@@ -52,7 +52,7 @@ class Prepared:
     user: Optional[nn.Module] = None    # eval-mode copy with hooks and parametrizations live: the model as run
 
 
-def _weight_slots(model: nn.Module) -> list[tuple[str, str, Optional[str], LayerKind]]:
+def weight_slots(model: nn.Module) -> list[tuple[str, str, Optional[str], LayerKind]]:
     """(module fqn, weight attr, bias attr, kind) of every weight sparsecc analyses, before any stripping."""
     slots: list[tuple[str, str, Optional[str], LayerKind]] = []
     for name, mod in model.named_modules():
@@ -159,11 +159,21 @@ def _strip_hooks(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
 
 
+class Mask(nn.Module):
+    """Parametrization ``weight -> weight * mask`` (what `sparsecc.sparsify` attaches and ``masks=`` becomes on
+    the user-model copy); sparsecc reads ``mask``."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
 def _attach(user: nn.Module, explicit: Mapping[str, torch.Tensor], slots: list) -> None:
     """Apply ``masks=`` to the user-model copy the way a user would (prune / parametrize), per use: a tensor
     other modules share keeps its values there."""
-    from sparsecc.sparsify import Mask
-
     for module_fqn, attr, _, _ in slots:
         fqn = _join(module_fqn, attr)
         if fqn not in explicit:
@@ -215,7 +225,7 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
     user = _copy(model).eval()
     ref = _copy(model).eval()
     folded = _fold_modules(ref)
-    slots = _weight_slots(ref)
+    slots = weight_slots(ref)
     hooked = {(m, a): (folded[(m, a)], "module") if (m, a) in folded else _hook_mask(ref.get_submodule(m), a)
               for m, a, _, _ in slots}
     shared = _untie(ref, slots)

@@ -27,11 +27,12 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from sparsecc import patterns
 from sparsecc.errors import PassError
 from sparsecc.passes.analysis import analyse
-from sparsecc.passes.capture import Tracer, _concrete_defaults
+from sparsecc.passes.capture import Tracer, concrete_defaults
 from sparsecc.passes.masks import Layer, Prepared
-from sparsecc.passes.structures import NM
+from sparsecc.validation import compare
 
 #: Modules that act on each channel alone: a constant channel stays constant and keeps its index.
 PER_CHANNEL: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
@@ -236,7 +237,7 @@ def narrow(prepared: Prepared, example_inputs: tuple = ()) -> Narrowing:
     layers = dict(prepared.layers)
     result = Narrowing(model, layers)
     try:
-        graph = Tracer().trace(model, concrete_args=_concrete_defaults(model, len(example_inputs) or None) or None)
+        graph = Tracer().trace(model, concrete_args=concrete_defaults(model, len(example_inputs) or None) or None)
     except Exception as exc:  # noqa: BLE001 - untraceable: nothing is narrowed, and the reason is kept
         result.skipped["<model>"] = f"not traceable by torch.fx ({type(exc).__name__})"
         return result
@@ -328,8 +329,9 @@ def _pair_problem(model: nn.Module, layers: dict[str, Layer], name: str, produce
     if getattr(consumer, "groups", 1) != 1:
         return f"consumer {chain.consumer} is a grouped convolution"
     c_layer = layers[f"{chain.consumer}.weight"]
-    if isinstance(analyse(c_layer.fqn, c_layer.mask).structure, NM):
-        return f"consumer {chain.consumer} is 2:4: removing inputs would break its groups of 4"
+    pattern = patterns.of(analyse(c_layer.fqn, c_layer.mask).structure)
+    if pattern is not None and not pattern.narrows_inputs:
+        return f"consumer {chain.consumer} is {pattern.name}: removing inputs would break its pattern"
     return None
 
 
@@ -337,9 +339,8 @@ def _check(reference: nn.Module, narrowed: nn.Module, inputs: tuple) -> None:
     """The narrowed model must compute what the reference computes; a mismatch is a bug in this pass."""
     with torch.no_grad():
         expected, actual = reference(*inputs), narrowed(*inputs)
-    for e, a in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(actual)):
-        scale = float(e.abs().max()) if e.numel() else 1.0
-        err = float((a - e).abs().max()) if e.numel() else 0.0
-        if a.shape != e.shape or err > 1e-4 * max(scale, 1.0):
-            raise PassError(f"narrow: the narrowed model differs from the reference (max abs {err:.2e}); "
-                            f"compile with narrow=False and report this model")
+    for i, (e, a) in enumerate(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(actual))):
+        stat = compare(f"output {i}", a, e)
+        if not stat.ok:
+            raise PassError(f"narrow: the narrowed model differs from the reference ({stat}); compile with "
+                            f"narrow=False and report this model")

@@ -62,7 +62,7 @@ class CondenseModules(_Base):
                 self.applied.add(decision.layer.fqn)
                 self.counts[decision.replacement.op] += 1
                 modified = True
-        return PassResult(gm, modified)
+        return PassResult(gm, modified, tuple(sorted(self.applied)))
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for fqn in self.applied:
@@ -105,7 +105,7 @@ class CondenseFunctionalOps(_Base):
             self.applied.add(decision.layer.fqn)
             self.counts[decision.replacement.op] += 1
             modified = True
-        return PassResult(gm, modified)
+        return PassResult(gm, modified, tuple(sorted(self.applied)))
 
 
 class DropUnusedWeights(_Base):

@@ -1,15 +1,19 @@
-"""Runtimes are plug-ins: one module each, imported only when asked for, declaring the ops and dtypes it runs.
+"""Runtimes are plug-ins: one module each, imported only when asked for, declaring what it supports.
 
-Op runtimes (`RUNTIMES`) run single sparsecc ops inside the torch model. A runtime module defines ``NAME``,
-``DTYPES``, ``KERNELS`` (op name -> callable with the op's arguments minus ``runtime``) and
-``unavailable() -> str | None`` (why it cannot run here, or None). It may define
-``bind(op, *constants) -> callable(x)``: work that depends only on a layer's tensors is then done once per
-layer instead of once per call.
+Two kinds, with one typed interface each (checked when a module is loaded):
 
-Engines (`ENGINES`) run a whole exported model instead. An engine module defines ``NAME``, ``EXPORT`` (the
-`export_onnx` mode and precision it consumes), ``OPTIONS`` (the ``runtime_options`` it accepts),
-``KEEPS_FILE`` (whether the ONNX file must outlive loading), ``unavailable()`` and
-``load(onnx_path, input_names, outputs, *, example_inputs, **options) -> nn.Module``.
+- **Op runtimes** (`RUNTIMES`, interface `OpRuntime`) run single sparsecc ops inside the torch model: ``NAME``,
+  ``DTYPES``, ``KERNELS`` (op name -> callable with the op's arguments minus ``runtime``; usually a
+  `sparsecc.patterns.OpTable` over the registered patterns' ops) and ``unavailable() -> str | None`` (why it
+  cannot run here, or None). It may define ``bind(op, *constants) -> callable(x)``: work that depends only on
+  a layer's tensors is then done once per layer instead of once per call.
+- **Engines** (`ENGINES`, interface `Engine`) run a whole exported model instead: ``NAME``, ``EXPORT`` (the
+  `export_onnx` mode and precision it consumes), ``OPTIONS`` (the ``runtime_options`` it accepts),
+  ``KEEPS_FILE`` (whether the ONNX file must outlive loading), ``unavailable()`` and
+  ``load(onnx_path, input_names, outputs, *, example_inputs, **options) -> nn.Module``.
+
+`compile(backend=...)` takes either; the report names the op runtime of each layer (``runtime``) and the engine
+that runs the whole graph, if any (``engine``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -37,11 +41,43 @@ ENGINES: dict[str, str] = {
 }
 
 
+@runtime_checkable
+class OpRuntime(Protocol):
+    """What an op runtime module defines (``bind`` is optional)."""
+
+    NAME: str
+    DTYPES: tuple[torch.dtype, ...]
+    KERNELS: Mapping[str, Callable]
+
+    def unavailable(self) -> Optional[str]: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What an engine module defines."""
+
+    NAME: str
+    EXPORT: Mapping[str, str]
+    OPTIONS: tuple[str, ...]
+    KEEPS_FILE: bool
+
+    def unavailable(self) -> Optional[str]: ...
+
+    def load(self, onnx_path: Any, input_names: list[str], outputs: Any, **options: Any) -> torch.nn.Module: ...
+
+
+def _module(name: str, table: Mapping[str, str], interface: type) -> Any:
+    module = importlib.import_module(table[name])
+    if not isinstance(module, interface):
+        raise TypeError(f"{table[name]} does not implement the {interface.__name__} interface (runtimes/__init__.py)")
+    return module
+
+
 @dataclass(frozen=True)
 class Runtime:
     name: str
     dtypes: frozenset[torch.dtype]
-    kernels: dict[str, Callable]
+    kernels: Mapping[str, Callable]      # a live view for runtimes that read the pattern table
     binder: Optional[Callable] = None
 
     def bind(self, op: str, *constants) -> Callable:
@@ -67,7 +103,7 @@ def unavailable(name: str) -> Optional[str]:
     if name not in RUNTIMES and name not in ENGINES:
         return f"unknown backend {name!r}; choose one of {sorted(RUNTIMES) + sorted(ENGINES)} or 'auto'"
     try:
-        module = importlib.import_module(RUNTIMES.get(name) or ENGINES[name])
+        module = _module(name, RUNTIMES, OpRuntime) if name in RUNTIMES else _module(name, ENGINES, Engine)
     except ImportError as exc:
         return f"runtime {name!r} cannot be imported: {exc}"
     return module.unavailable()
@@ -75,7 +111,7 @@ def unavailable(name: str) -> Optional[str]:
 
 def engine(name: str):
     """The module of engine ``name`` (imported now; it may still lack its device, see ``unavailable``)."""
-    return importlib.import_module(ENGINES[name])
+    return _module(name, ENGINES, Engine)
 
 
 @lru_cache(maxsize=None)
@@ -83,8 +119,8 @@ def get_runtime(name: str) -> Runtime:
     why = unavailable(name)
     if why is not None:
         raise RuntimeUnavailableError(why)
-    module = importlib.import_module(RUNTIMES[name])
-    return Runtime(module.NAME, frozenset(module.DTYPES), dict(module.KERNELS), getattr(module, "bind", None))
+    module = _module(name, RUNTIMES, OpRuntime)
+    return Runtime(module.NAME, frozenset(module.DTYPES), module.KERNELS, getattr(module, "bind", None))
 
 
 def for_op(backend: str, op: str, dtype: torch.dtype) -> tuple[str, str]:

@@ -14,11 +14,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from sparsecc.files import atomic_write
 
 log = logging.getLogger("sparsecc")
 
@@ -93,9 +94,9 @@ class KernelCache:
                 self.stats["rebuilt"] += 1
         self.directory.mkdir(parents=True, exist_ok=True)
         executable = tvm.compile(build(), target=self.target)
-        _atomic(so, lambda tmp: executable.export_library(tmp))
+        atomic_write(so, executable.export_library)
         meta["sha256"] = _sha256(so)
-        _atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, sort_keys=True)))
+        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, sort_keys=True)))
         self.stats["built"] += 1
         module = tvm.runtime.load_module(str(so))
         self._modules.append(module)
@@ -104,14 +105,3 @@ class KernelCache:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -62,10 +62,10 @@ def _build(target: Path) -> None:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[:2])}... failed: {done.stderr.strip()[-500:]}")
-        from sparsecc.runtimes.kernel_cache import _atomic
+        from sparsecc.files import atomic_write
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(target, lambda tmp_path: Path(tmp_path).write_bytes(so.read_bytes()))
+        atomic_write(target, lambda tmp_path: Path(tmp_path).write_bytes(so.read_bytes()))
 
 
 @functools.cache

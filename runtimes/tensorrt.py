@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from sparsecc.files import atomic_write
 from sparsecc.errors import RuntimeUnavailableError
 from sparsecc.runtimes import refuse_grad
 
@@ -149,10 +149,7 @@ def build(onnx_path: Path, engine_path: Path, input_names: list[str], example_in
     if serialized is None:
         raise RuntimeUnavailableError(f"TensorRT failed to build an engine from {onnx_path}; log tail: "
                                       + " | ".join(lines[-5:]))
-    fd, tmp = tempfile.mkstemp(prefix=f".{engine_path.name}.", suffix=".tmp", dir=engine_path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(serialized)
-    os.replace(tmp, engine_path)
+    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(serialized))
     eligible, picked = sparsity_lines(lines)
     return EngineBuild(engine_path, onnx_path, eligible, picked, lines)
 

@@ -82,14 +82,14 @@ class TuningCache:
         return found
 
     def put(self, key: dict, choice: Choice) -> None:
-        from sparsecc.runtimes.kernel_cache import _atomic
+        from sparsecc.files import atomic_write
 
         text, path = self._path(key)
         self._memory[text] = choice
         self.stats["measured"] += 1
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"key": text, "choice": asdict(choice)})))
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"key": text, "choice": asdict(choice)})))
         except OSError as exc:     # a read-only cache still tunes this process
             log.warning("sparsecc tuning cache: not written (%s)", exc)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc import formats, ops
+from sparsecc import patterns as _patterns
 from sparsecc.runtimes import parallel, tuning
 from sparsecc.errors import InputError
 
@@ -405,20 +406,18 @@ class BoundNM(_Tuned):
 
 
 def bind(op: str, *constants) -> Callable[[Tensor], Tensor]:
-    """A callable running ``op`` on an input with everything else fixed: what a layer keeps between calls."""
-    if op == "condensed_linear":
-        return BoundLinear(*constants)
-    if op == "condensed_conv2d":
-        return _LazyConv(constants)
-    if op == "nm_linear":
-        return BoundNM(*constants)
-    raise KeyError(op)
+    """A callable running ``op`` on an input with everything else fixed: what a layer keeps between calls. The
+    op's pattern names its binding (`sparsecc.patterns.Op.tvm_bind`)."""
+    ref = _patterns.op(op).tvm_bind
+    if ref is None:
+        raise KeyError(op)
+    return _patterns.load(ref)(*constants)
 
 
-class _LazyConv:
+class LazyConv:
     """Grouped convolutions need the input's channel count to place indices: bound on the first input."""
 
-    def __init__(self, constants: tuple) -> None:
+    def __init__(self, *constants) -> None:
         self.constants, self.bound = constants, None
 
     @property
@@ -460,5 +459,10 @@ def bound(op: str, *constants) -> Callable[[Tensor], Tensor]:
     return cached.fn
 
 
-KERNELS = {op: (lambda x, *constants, op=op: bound(op, *constants)(x))
-           for op in ("condensed_linear", "condensed_conv2d", "nm_linear")}
+def _kernel_of(op) -> Optional[Callable]:
+    if op.tvm_bind is None:
+        return None
+    return lambda x, *constants: bound(op.name, *constants)(x)
+
+
+KERNELS = _patterns.OpTable(_kernel_of)

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 import sparsecc
 from sparsecc import synthetic
-from sparsecc.timing import medians
+from sparsecc.timing import THREADS, medians
 from sparsecc.validation import compare
 
 #: ViT-B/16 encoder layer 11 mlp.3, the layer the SRigL paper times.
@@ -35,15 +35,6 @@ SRIGL_LAYER = (768, 3072)
 SPARSITIES = (0.8, 0.9, 0.95, 0.99)
 #: Layer timings: calls per method per interleaved round; the median is a warm-cache time.
 BURST = 10
-
-
-def all_cores() -> int:
-    """The cores this process may run on: torch's default thread count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-#: The thread counts every benchmark reports: one, and every core.
-THREADS = tuple(sorted({1, all_cores()}))
 
 
 class Progress:
@@ -344,7 +335,7 @@ def narrow_table(models: tuple[str, ...] = ("vit_b_16", "resnet50"), runs: int =
         dense = sparsecc.masked_reference(model)
         t = medians({"dense": lambda: dense(x), "condensed": lambda: condensed(x),
                      "narrowed": lambda: narrowed(x)}, runs=runs, warmup=2)
-        pairs = sum(n.startswith("narrowed ") for n in narrowed.report.notes)
+        pairs = len(narrowed.report.narrowed)
         params = [sum(p.numel() for p in m.module.parameters()) + sum(b.numel() for b in m.module.buffers())
                   for m in (condensed, narrowed)]
         lines.append(f"| {name} | {t['dense'] * 1e3:.1f} ms | {t['condensed'] * 1e3:.1f} ms "

@@ -24,9 +24,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="thread counts to time at, side by side (default: 1 and every core)")
     demo.add_argument("--no-autotune", action="store_true", help="run every layer's sparse kernel, even where "
                       "its dense op measures faster")
-    export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX (.onnx) "
-                            "or as a TVM library that runs without PyTorch (.so)")
-    export.add_argument("out", type=Path, help="the .onnx or .so file to write")
+    export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX (.onnx), "
+                            "as a TVM library that runs without PyTorch (.so), or into a Triton model repository")
+    export.add_argument("out", type=Path, nargs="?", help="the .onnx or .so file to write (not with --triton)")
+    export.add_argument("--triton", type=Path, metavar="REPO_DIR", help="write a Triton Inference Server model "
+                        "repository entry instead: REPO_DIR/NAME/config.pbtxt and REPO_DIR/NAME/<version>/model.onnx")
+    export.add_argument("--name", help="the Triton model name (default: --model)")
+    export.add_argument("--max-batch-size", type=int, default=8, help="Triton's max_batch_size")
+    export.add_argument("--threads", type=int, default=None, help="intra-op threads per Triton CPU instance "
+                        "(default: every core)")
     export.add_argument("--model", default="vit_b_16", choices=["vit_b_16", "resnet18", "resnet50"])
     export.add_argument("--structure", default="fanin", choices=["fanin", "2:4"])
     export.add_argument("--sparsity", type=float, default=0.9, help="fan-in sparsity (ignored for 2:4)")
@@ -60,63 +66,94 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "export" and (args.out is None) == (args.triton is None):
+        parser.error("export: give either an output file or --triton REPO_DIR")
     if args.command == "export" and (args.image_size < 32 or args.model == "vit_b_16" and args.image_size % 16):
         parser.error(f"--image-size {args.image_size}: use at least 32, and a multiple of 16 for vit_b_16 (its "
                      f"patch size)")
-    from sparsecc import demo
     from sparsecc.errors import SparseccError
 
     try:
-        if args.command == "bench":
-            from sparsecc import bench
-
-            if args.onnx_formulations:
-                print(bench.formulation_table())
-            elif args.narrow:
-                print(bench.narrow_table(tuple(args.models), args.model_runs))
-            else:
-                print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory,
-                                tuple(args.threads or bench.THREADS), tuple(args.structures)))
-        elif args.command == "demo":
-            demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads,
-                     not args.no_autotune)
-        elif args.command == "export":
-            import torch
-
-            import sparsecc
-            from sparsecc.export import tvm_runner
-
-            model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure,
-                                      image_size=args.image_size)
-            example = torch.randn(1, 3, args.image_size, args.image_size)
-            if args.out.suffix == ".so":
-                library = sparsecc.export_tvm(model, example, args.out)
-                print(f"wrote {library.path} ({library.bytes / 2**20:.1f} MiB, TVM, batch 1); kernel calls: "
-                      f"{library.kernels}; run it without torch: python {tvm_runner.__file__} {library.path}")
-                return 0
-            result = sparsecc.export_onnx(model, example, args.out, mode=args.mode,
-                                          precision=args.precision)
-            counts = {form: list(result.forms.values()).count(form) for form in sorted(set(result.forms.values()))}
-            print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {args.mode}, {args.precision}); "
-                  f"layers by formulation: {counts}")
-        elif args.command == "check-2to4":
-            import sparsecc
-
-            entries = sparsecc.check_2to4(args.onnx)
-            for entry in entries:
-                print(entry)
-            print(f"{sum(e.ok for e in entries)} of {len(entries)} weights are 2:4 where TensorRT reads them")
-        else:
-            import torch
-
-            import sparsecc
-
-            model = demo.sparse_model(args.model, args.sparsity, args.ablate)
-            print(sparsecc.inspect(model, (torch.randn(1, 3, 224, 224),)))
+        return COMMANDS[args.command](args)
     except SparseccError as exc:
         print(f"sparsecc: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sparsecc import bench
+    from sparsecc.timing import THREADS
+
+    if args.onnx_formulations:
+        print(bench.formulation_table())
+    elif args.narrow:
+        print(bench.narrow_table(tuple(args.models), args.model_runs))
+    else:
+        print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory,
+                        tuple(args.threads or THREADS), tuple(args.structures)))
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sparsecc import demo
+
+    demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, not args.no_autotune)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparsecc
+    from sparsecc import demo
+    from sparsecc.export import tvm_runner
+
+    model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure,
+                              image_size=args.image_size)
+    example = torch.randn(1, 3, args.image_size, args.image_size)
+    if args.triton is not None:
+        written = sparsecc.export_triton(model, example, args.triton, args.name or args.model,
+                                         max_batch_size=args.max_batch_size, threads=args.threads, mode=args.mode,
+                                         precision=args.precision)
+        for m in written.models.values():
+            print(f"wrote {m.file} (version {m.version}, {m.platform}) and {m.config}; checked in onnxruntime at "
+                  f"batch sizes {sorted(m.max_abs_error)}; serve it: tritonserver --model-repository={args.triton}")
+        return 0
+    if args.out.suffix == ".so":
+        library = sparsecc.export_tvm(model, example, args.out)
+        print(f"wrote {library.path} ({library.bytes / 2**20:.1f} MiB, TVM, batch 1); kernel calls: "
+              f"{library.kernels}; run it without torch: python {tvm_runner.__file__} {library.path}")
+        return 0
+    result = sparsecc.export_onnx(model, example, args.out, mode=args.mode, precision=args.precision)
+    counts = {form: list(result.forms.values()).count(form) for form in sorted(set(result.forms.values()))}
+    print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {args.mode}, {args.precision}); "
+          f"layers by formulation: {counts}")
+    return 0
+
+
+def _check_2to4(args: argparse.Namespace) -> int:
+    import sparsecc
+
+    entries = sparsecc.check_2to4(args.onnx)
+    for entry in entries:
+        print(entry)
+    print(f"{sum(e.ok for e in entries)} of {len(entries)} weights are 2:4 where TensorRT reads them")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparsecc
+    from sparsecc import demo
+
+    model = demo.sparse_model(args.model, args.sparsity, args.ablate)
+    print(sparsecc.inspect(model, (torch.randn(1, 3, 224, 224),)))
+    return 0
+
+
+#: Sub-command -> its handler (exit status).
+COMMANDS = {"bench": _bench, "demo": _demo, "export": _export, "check-2to4": _check_2to4, "inspect": _inspect}
 
 
 if __name__ == "__main__":

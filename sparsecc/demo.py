@@ -11,7 +11,7 @@ from torch import nn
 import sparsecc
 from sparsecc import synthetic
 from sparsecc.autotune import record
-from sparsecc.timing import medians
+from sparsecc.timing import THREADS, medians
 
 #: Model name -> (constructor taking the input image size, which weights SRigL would sparsify). ResNets take
 #: any size; ViT's position embedding is built for one (a multiple of its 16-pixel patches).
@@ -45,7 +45,6 @@ def run(name: str = "vit_b_16", sparsity: float = 0.9, ablate: float = 0.05, bac
         runs: int = 10, threads: Optional[Sequence[int]] = None, autotune: bool = True) -> sparsecc.CompiledModel:
     """Compile, validate and time ``name`` at each thread count (1 and every core by default), each ratio from
     interleaved rounds at that count."""
-    from sparsecc.bench import THREADS
 
     counts = tuple(threads or THREADS)
     model = sparse_model(name, sparsity, ablate)

@@ -9,10 +9,8 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsecc import formats, ops
 from sparsecc.errors import InputError, PassError
 from sparsecc.runtimes import get_runtime
 
@@ -53,10 +51,15 @@ class DenseView(Tensor):
 class CondensedLayer(nn.Module):
     """Common part: where the layer came from, which runtime runs it, and the dense op it stands for.
 
-    Subclasses say which input dimension must match (`_dims`, `_axis`, `in_size`) and which tensors and
-    arguments their op takes (`_constants`)."""
+    Subclasses (one or more per pattern, `sparsecc.patterns`) name their op and layer kind (``"linear"``,
+    ``"conv2d"``), say which input dimension must match (`_dims`, `_axis`, `in_size`), which tensors and
+    arguments their op takes (`_constants`), and the dense weight they stand for (`_dense_weight`).
+    ``gathers``: the layer holds fan-in ``values``/``indices`` over its input, which ONNX export can run as a
+    Gather."""
 
     op: str
+    kind: str
+    gathers = False
     _dims: int
     _axis: int
 
@@ -117,6 +120,13 @@ class CondensedLayer(nn.Module):
     def _dense_weight(self) -> Tensor:
         raise NotImplementedError
 
+    def live_weight(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The dense weight of the live rows, ``[R, *weight_shape[1:]]``, and which output rows they are (None:
+        all): what exporters build dense or row-dropped formulations from."""
+        rows = self._buffers.get("rows")
+        dense = self._dense_weight().reshape(self.weight_shape)
+        return (dense if rows is None else dense[rows]), rows
+
     @property
     def weight(self) -> DenseView:
         """The dense weight this layer computes with (the original masked weight, times a folded affine), for
@@ -138,7 +148,8 @@ class CondensedLayer(nn.Module):
         if _SEMANTICS.dense or not x.numel():      # NaN/Inf semantics of the dense op; empty batches
             return self._dense_op()(x, self.weight.as_subclass(Tensor), self._buffers["bias"])
         if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
-            return getattr(ops, self.op)(x, *self._constants(), self.runtime)   # the op carries the backward
+            # the registered op (its pattern defines it) carries the backward
+            return getattr(torch.ops.sparsecc, self.op)(x, *self._constants(), self.runtime)
         bound = self.__dict__.get("_bound")
         if bound is None or bound[0] is not values or bound[1] != self.runtime:
             # Rebound when buffers are replaced (.to(), load_state_dict) or the runtime changes.
@@ -153,87 +164,6 @@ class CondensedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}, weight={self.weight_shape}, runtime={self.runtime}"
-
-
-class CondensedLinear(CondensedLayer):
-    """Constant fan-in Linear: values/indices for kept rows, ablated rows emit their bias."""
-
-    op = "condensed_linear"
-    _dims, _axis = 1, -1
-
-    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
-                 bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
-        super().__init__(name, weight_fqn, bias_fqn, weight_shape)
-        self.out_features, self.in_features = weight_shape
-        self.register_buffer("values", enc.values)
-        self.register_buffer("indices", enc.indices)
-        self.register_buffer("rows", enc.rows)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    def _constants(self) -> tuple:
-        return self.values, self.indices, self.rows, self.bias, self.weight_shape[0]
-
-    def _dense_weight(self) -> Tensor:
-        return formats.decode_fanin(self.values, self.indices, self.rows, *self.weight_shape)
-
-    def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
-        return F.linear
-
-
-class NMLinear(CondensedLayer):
-    """2:4 Linear along K: half the values plus 2-bit positions."""
-
-    op = "nm_linear"
-    _dims, _axis = 1, -1
-
-    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], values: Tensor, metadata: Tensor,
-                 bias: Optional[Tensor], weight_shape: tuple[int, int]) -> None:
-        super().__init__(name, weight_fqn, bias_fqn, weight_shape)
-        self.out_features, self.in_features = weight_shape
-        self.register_buffer("values", values)
-        self.register_buffer("metadata", metadata)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    def _constants(self) -> tuple:
-        return self.values, self.metadata, self.bias, self.weight_shape[1]
-
-    def _dense_weight(self) -> Tensor:
-        indices = formats.nm_indices(self.metadata, self.weight_shape[1])
-        return formats.decode_fanin(self.values, indices, None, *self.weight_shape)
-
-    def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
-        return F.linear
-
-
-class CondensedConv2d(CondensedLayer):
-    """Constant fan-in Conv2d over each filter's flattened C/groups*R*S fan-in."""
-
-    op = "condensed_conv2d"
-    _dims, _axis = 3, -3
-
-    def __init__(self, name: str, weight_fqn: str, bias_fqn: Optional[str], enc: formats.FanIn,
-                 bias: Optional[Tensor], weight_shape: tuple[int, int, int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> None:
-        super().__init__(name, weight_fqn, bias_fqn, weight_shape)
-        self.register_buffer("values", enc.values)
-        self.register_buffer("indices", enc.indices)
-        self.register_buffer("rows", enc.rows)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
-        self.in_size = self.in_channels = weight_shape[1] * groups
-        self.out_channels, self.kernel_size = weight_shape[0], tuple(weight_shape[2:])
-
-    def _constants(self) -> tuple:
-        return (self.values, self.indices, self.rows, self.bias, self.weight_shape[0], list(self.weight_shape[2:]),
-                self.stride, self.padding, self.dilation, self.groups)
-
-    def _dense_weight(self) -> Tensor:
-        fan_in = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
-        return formats.decode_fanin(self.values, self.indices, self.rows, self.weight_shape[0], fan_in)
-
-    def _dense_op(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
-        return functools.partial(F.conv2d, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                                 groups=self.groups)
 
 
 def record_first_calls(module: nn.Module, inputs: tuple, watch: Iterable[tuple[str, nn.Module]],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from sparsecc.passes.condense import Decision
 
@@ -87,16 +87,33 @@ def _g(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
 
 
+@dataclass(frozen=True)
+class StageOutcome:
+    """One stage of `sparsecc.compile`'s pipeline: whether it applied, what it did, how long it took."""
+
+    stage: str
+    ran: bool
+    summary: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.stage}: {self.summary} ({self.seconds:.2f} s)"
+
+
 @dataclass
 class Report:
     """Per-layer table plus what happened to the whole model. ``str(report)`` is the table."""
 
     layers: list[LayerReport]
-    runtime: str = "reference"
+    runtime: str = "reference"   # the op runtime the condensed layers were given (before any engine)
+    engine: Optional[str] = None  # the engine running the whole exported graph, if any
     capture: str = "torch.fx"
     capture_reason: str = ""
     rewrites: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    stages: list[StageOutcome] = field(default_factory=list)     # the compile pipeline, stage by stage
+    narrowed: list[Any] = field(default_factory=list)            # `sparsecc.passes.narrow.Removal`s
+    folded: list[str] = field(default_factory=list)              # BatchNorms folded into condensed convolutions
     end_to_end: list[ErrorStat] = field(default_factory=list)
     validated: bool = False
     compiled: bool = True        # False for `sparsecc.inspect`: a plan, nothing was rewritten or run
@@ -131,7 +148,8 @@ class Report:
                     f"dense -> {_mib(cond)} MiB condensed")
         lines = [f"{len(self.condensed)}/{len(self.layers)} layers condensed "
                  f"({', '.join(f'{n} {op}' for op, n in sorted(self.rewrites.items())) or 'no rewrites'}); "
-                 f"runtime {self.runtime}; capture {self.capture}"
+                 f"runtime {self.runtime}" + (f"; engine {self.engine}" if self.engine else "")
+                 + f"; capture {self.capture}"
                  + (f" ({self.capture_reason})" if self.capture_reason else ""),
                  f"weights {_mib(dense)} MiB dense -> {_mib(cond)} MiB condensed"]
         if self.end_to_end:

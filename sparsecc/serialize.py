@@ -10,36 +10,32 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from sparsecc.compiled import CompiledModel, as_tuple
 from sparsecc.errors import InputError, VersionError
 from sparsecc.export.onnx_file import batch_of_two
+from sparsecc.files import atomic_write
+from sparsecc.version import __version__
 
 #: Bump when the ops' signatures or the meaning of their arguments change.
 FORMAT = 1
 _META = "sparsecc.json"
 
 
-def _example(compiled: Any, example_inputs: Any) -> tuple[Tensor, ...]:
-    if example_inputs is not None:
-        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    elif compiled._spec is not None:
-        inputs = tuple(torch.zeros(1, *shape, dtype=dtype) for dtype, shape in compiled._spec)
-    else:
+def _example(compiled: CompiledModel, example_inputs: Any) -> tuple[Tensor, ...]:
+    inputs = as_tuple(example_inputs) or compiled.example_inputs()
+    if not inputs:
         raise InputError("save needs example_inputs: this model was compiled without any and never called")
     return batch_of_two(inputs)
 
 
 def save(compiled: nn.Module, path: "str | os.PathLike", example_inputs: Any = None) -> Path:
     """Export ``compiled`` (a `CompiledModel`) with a free batch dimension and write it to ``path``."""
-    import sparsecc
-    from sparsecc.api import CompiledModel
-
     if not isinstance(compiled, CompiledModel):
         raise InputError(f"save takes what sparsecc.compile returns, got {type(compiled).__name__}")
     path = Path(path)
@@ -49,22 +45,13 @@ def save(compiled: nn.Module, path: "str | os.PathLike", example_inputs: Any = N
     batch = torch.export.Dim("batch")
     program = torch.export.export(compiled, args, dynamic_shapes=(tuple({0: batch} for _ in args),))
     ops = sorted({str(n.target) for n in program.graph.nodes if str(n.target).startswith("sparsecc.")})
-    meta = {"format": FORMAT, "sparsecc": sparsecc.__version__, "torch": torch.__version__, "ops": ops}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp, extra_files={_META: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = {"format": FORMAT, "sparsecc": __version__, "torch": torch.__version__, "ops": ops}
+    atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files={_META: json.dumps(meta)}))
     return path
 
 
 def load(path: "str | os.PathLike") -> nn.Module:
     """The module saved by `save`, callable like the compiled model (any batch size)."""
-    import sparsecc
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"load: {path} is not a file")
@@ -80,6 +67,6 @@ def load(path: "str | os.PathLike") -> nn.Module:
                            f"torch.export.load")
     if meta.get("format") != FORMAT:
         raise VersionError(f"{path} was written by sparsecc {meta.get('sparsecc')} in file format "
-                           f"{meta.get('format')}; this is sparsecc {sparsecc.__version__} (format {FORMAT}). "
+                           f"{meta.get('format')}; this is sparsecc {__version__} (format {FORMAT}). "
                            f"Compile and save the model again with this version")
     return program.module().requires_grad_(False)   # inference: plain calls build no autograd graph

@@ -26,23 +26,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sparsecc.errors import InputError
-from sparsecc.synthetic import Selector, _targets, nm_mask
+from sparsecc.passes.masks import Mask
+from sparsecc.synthetic import Selector, fanin_mask, nm_mask, selected_weights
 
 STRUCTURES = ("fanin", "2:4")
 DISTRIBUTIONS = ("uniform", "erk")
 #: Swap rounds of the permutation search per layer: each tries every partner of one channel.
 PERMUTE_ROUNDS = 64
-
-
-class Mask(nn.Module):
-    """Parametrization ``weight -> weight * mask``; sparsecc reads ``mask``."""
-
-    def __init__(self, mask: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight * self.mask
 
 
 @dataclass(frozen=True)
@@ -94,17 +84,6 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[st
         if not over:
             return {n: 1.0 if n in dense else eps * score[n] for n in shapes}
         dense |= over
-
-
-def _fanin_mask(weight: Tensor, density: float, ablate: float) -> Tensor:
-    rows = weight.detach().reshape(weight.shape[0], -1).abs()
-    k = min(rows.shape[1], max(1, round(density * rows.shape[1])))
-    mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, rows.topk(k, dim=1).indices, True)
-    n_ablate = int(round(ablate * rows.shape[0]))
-    if n_ablate:
-        strength = (rows * mask).pow(2).sum(1)
-        mask[strength.topk(n_ablate, largest=False).indices] = False
-    return mask.reshape(weight.shape)
 
 
 # -- 2:4 with input-channel permutation -------------------------------------------------------------------------
@@ -223,7 +202,7 @@ def sparsify(model: nn.Module, structure: str, *, sparsity: float = 0.9, distrib
         raise InputError(f"distribution={distribution!r}: choose one of {DISTRIBUTIONS}")
     if not 0.0 <= sparsity < 1.0 or not 0.0 <= ablate < 1.0:
         raise InputError(f"sparsity={sparsity}, ablate={ablate}: fractions in [0, 1)")
-    targets = {fqn: w for fqn, w in _targets(model, include).items() if fqn.endswith(".weight")}
+    targets = {fqn: w for fqn, w in selected_weights(model, include).items() if fqn.endswith(".weight")}
     for fqn in targets:
         owner = model.get_submodule(fqn.rpartition(".")[0])
         if parametrize.is_parametrized(owner, "weight") or hasattr(owner, "weight_mask"):
@@ -235,7 +214,7 @@ def sparsify(model: nn.Module, structure: str, *, sparsity: float = 0.9, distrib
         density = (erk_densities(shapes, 1.0 - sparsity) if distribution == "erk"
                    else {fqn: 1.0 - sparsity for fqn in targets})
         for fqn, w in targets.items():
-            masks[fqn] = _fanin_mask(w, density[fqn], ablate)
+            masks[fqn] = fanin_mask(w, 1.0 - density[fqn], ablate, weakest=True)
             k = int(masks[fqn].reshape(w.shape[0], -1).sum(1).max())
             report.layers.append(_layer(fqn, w, masks[fqn], f"fan-in k={k}", density[fqn]))
     else:

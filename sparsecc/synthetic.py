@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from sparsecc.passes.masks import _weight_slots
+from sparsecc.passes.masks import weight_slots
 
 Selector = Callable[[str, str], bool]   # (weight fqn, layer kind) -> sparsify it?
 
 
-def _targets(model: nn.Module, include: Optional[Selector]) -> dict[str, torch.Tensor]:
+def selected_weights(model: nn.Module, include: Optional[Selector]) -> dict[str, torch.Tensor]:
     out = {}
-    for module, attr, _, kind in _weight_slots(model):
+    for module, attr, _, kind in weight_slots(model):
         fqn = f"{module}.{attr}" if module else attr
         if include is None or include(fqn, kind):
             out[fqn] = getattr(model.get_submodule(module), attr).detach()
@@ -24,15 +24,17 @@ def _targets(model: nn.Module, include: Optional[Selector]) -> dict[str, torch.T
 
 
 def fanin_mask(weight: torch.Tensor, sparsity: float, ablate: float = 0.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, weakest: bool = False) -> torch.Tensor:
     """Constant fan-in: each live row keeps its ``round((1-sparsity)*fan_in)`` largest |w|; a fraction
-    ``ablate`` of rows (chosen at random) is all zero, as SRigL's ablated neurons."""
-    rows = weight.reshape(weight.shape[0], -1)
-    k = max(1, round((1.0 - sparsity) * rows.shape[1]))
-    top = rows.abs().topk(k, dim=1).indices
-    mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, top, True)
+    ``ablate`` of rows is all zero, as SRigL's ablated neurons: chosen at random, or with ``weakest`` the rows
+    whose kept weights have the least energy (what `sparsecc.sparsify` ablates)."""
+    rows = weight.detach().reshape(weight.shape[0], -1).abs()
+    k = min(rows.shape[1], max(1, round((1.0 - sparsity) * rows.shape[1])))
+    mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, rows.topk(k, dim=1).indices, True)
     n_ablate = int(round(ablate * rows.shape[0]))
-    if n_ablate:
+    if n_ablate and weakest:
+        mask[(rows * mask).pow(2).sum(1).topk(n_ablate, largest=False).indices] = False
+    elif n_ablate:
         mask[torch.randperm(rows.shape[0], generator=generator)[:n_ablate]] = False
     return mask.reshape(weight.shape)
 
@@ -49,11 +51,11 @@ def nm_mask(weight: torch.Tensor) -> torch.Tensor:
 def fanin_masks(model: nn.Module, sparsity: float = 0.9, ablate: float = 0.0, include: Optional[Selector] = None,
                 seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {fqn: fanin_mask(w, sparsity, ablate, g) for fqn, w in _targets(model, include).items()}
+    return {fqn: fanin_mask(w, sparsity, ablate, g) for fqn, w in selected_weights(model, include).items()}
 
 
 def nm_masks(model: nn.Module, include: Optional[Selector] = None) -> dict[str, torch.Tensor]:
-    return {fqn: nm_mask(w) for fqn, w in _targets(model, include).items()}
+    return {fqn: nm_mask(w) for fqn, w in selected_weights(model, include).items()}
 
 
 def structured_masks(model: nn.Module, structure: str, sparsity: float = 0.9, ablate: float = 0.0,

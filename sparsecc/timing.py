@@ -8,11 +8,21 @@ micro-benchmark), with ``burst=1`` every call follows the others' (as a layer in
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable
 
 import torch
+
+
+def all_cores() -> int:
+    """The cores this process may run on: torch's default thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+#: The thread counts every benchmark reports: one, and every core.
+THREADS = tuple(sorted({1, all_cores()}))
 
 
 def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3, burst: int = 1) -> dict[str, float]:

@@ -15,7 +15,7 @@ def test_demo_prints_table_and_latency_line(capsys):
     assert "layer1.0.conv1.weight" in out and "condensed_conv2d" in out
     assert "end to end vs your model: output 0: max abs" in out
     assert "batch-1 latency, median of 2 interleaved rounds:" in out
-    from sparsecc.bench import THREADS
+    from sparsecc.timing import THREADS
 
     for n in THREADS:
         assert f"  {n} thread(s): dense torch eager " in out

@@ -387,7 +387,7 @@ def test_compile_backend_onnxruntime_validates_and_keeps_output_structure():
     compiled = sparsecc.compile(model, torch.randn(1, 512), masks=masks, backend="onnxruntime",
                                 runtime_options={"threads": 2})
     report = compiled.report
-    assert report.runtime == "onnxruntime" and report.validated
+    assert report.engine == "onnxruntime" and report.runtime == "reference" and report.validated
     assert all(e.ok for e in report.end_to_end) and len(report.end_to_end) == 2
     assert {lay.name: lay.runtime for lay in report.condensed} == {"a.weight": "onnxruntime (gather)",
                                                                     "b.weight": "onnxruntime (dense)"}

@@ -7,7 +7,7 @@ from torch import nn
 
 import sparsecc
 from sparsecc import synthetic
-from sparsecc.layers import CondensedConv2d
+from sparsecc.patterns.fanin import CondensedConv2d
 from sparsecc.passes.fold import batchnorm_affine
 from tests.conftest import assert_equivalent
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsecc import formats, ops
-from sparsecc.runtimes import reference
+from sparsecc import formats
+from sparsecc.patterns import fanin
 from sparsecc.synthetic import fanin_mask, nm_mask
 from tests.conftest import assert_equivalent
 
@@ -27,16 +27,16 @@ def test_condensed_linear(out_f, in_f, sparsity, ablate, tokens, bias):
     mask, enc = _fanin(w, sparsity, ablate)
     b = torch.randn(out_f) if bias else None
     x = torch.randn(*tokens, in_f)
-    y = ops.condensed_linear(x, enc.values, enc.indices, enc.rows, b, out_f, "reference")
+    y = torch.ops.sparsecc.condensed_linear(x, enc.values, enc.indices, enc.rows, b, out_f, "reference")
     assert_equivalent(y, F.linear(x, w * mask, b))
 
 
 def test_both_paths_agree_around_the_threshold():
     w = torch.randn(16, 40)
     mask, enc = _fanin(w, 0.8, 0.25)
-    for tokens in (reference.GATHER_MAX_TOKENS, reference.GATHER_MAX_TOKENS + 1):
+    for tokens in (fanin.GATHER_MAX_TOKENS, fanin.GATHER_MAX_TOKENS + 1):
         x = torch.randn(tokens, 40)
-        assert_equivalent(reference.condensed_linear(x, enc.values, enc.indices, enc.rows, None, 16),
+        assert_equivalent(fanin.linear_reference(x, enc.values, enc.indices, enc.rows, None, 16),
                           F.linear(x, w * mask))
 
 
@@ -44,7 +44,7 @@ def test_int32_indices():
     w = torch.randn(4, 10)
     mask, enc = _fanin(w, 0.5, 0.0)
     x = torch.randn(2, 10)
-    y = ops.condensed_linear(x, enc.values, enc.indices.to(torch.int32), None, None, 4, "reference")
+    y = torch.ops.sparsecc.condensed_linear(x, enc.values, enc.indices.to(torch.int32), None, None, 4, "reference")
     assert_equivalent(y, F.linear(x, w * mask))
 
 
@@ -53,14 +53,14 @@ def test_other_dtypes(dtype):
     w = torch.randn(12, 24)
     mask, enc = _fanin(w, 0.75, 0.0)
     x = torch.randn(3, 24)
-    y = ops.condensed_linear(x.to(dtype), enc.values.to(dtype), enc.indices, None, None, 12, "reference")
+    y = torch.ops.sparsecc.condensed_linear(x.to(dtype), enc.values.to(dtype), enc.indices, None, None, 12, "reference")
     assert_equivalent(y, F.linear(x.to(dtype), (w * mask).to(dtype)))
 
 
 def test_all_rows_ablated_outputs_bias():
     x = torch.randn(3, 6)
     b = torch.randn(4)
-    y = ops.condensed_linear(x, torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int16),
+    y = torch.ops.sparsecc.condensed_linear(x, torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int16),
                              torch.zeros(0, dtype=torch.int64), b, 4, "reference")
     assert_equivalent(y, b.expand(3, 4).clone())
 
@@ -72,7 +72,7 @@ def test_nm_linear(tokens):
     values, meta = formats.encode_nm(w * mask, mask)
     b = torch.randn(24)
     x = torch.randn(tokens, 64)
-    assert_equivalent(ops.nm_linear(x, values, meta, b, 64, "reference"), F.linear(x, w * mask, b))
+    assert_equivalent(torch.ops.sparsecc.nm_linear(x, values, meta, b, 64, "reference"), F.linear(x, w * mask, b))
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,groups", [
@@ -85,7 +85,7 @@ def test_condensed_conv2d(cin, cout, k, stride, padding, dilation, groups, batch
     w = conv.weight.detach() * mask
     x = torch.randn(batch, cin, 11, 13)
     two = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
-    y = ops.condensed_conv2d(x, enc.values, enc.indices, enc.rows, conv.bias.detach(), cout,
+    y = torch.ops.sparsecc.condensed_conv2d(x, enc.values, enc.indices, enc.rows, conv.bias.detach(), cout,
                              list(conv.kernel_size), two(stride), two(padding), two(dilation), groups, "reference")
     assert_equivalent(y, F.conv2d(x, w, conv.bias.detach(), stride, padding, dilation, groups))
 

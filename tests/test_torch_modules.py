@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecc
-from sparsecc import api, synthetic
+from sparsecc import pipeline, synthetic
 from sparsecc.layers import CondensedLayer
 from sparsecc.passes.capture import Captured
 from tests.conftest import assert_equivalent
@@ -93,7 +93,7 @@ def test_causal_mask():
 def test_module_swapping_never_runs_the_fused_path_on_dense_weights(monkeypatch, batch_first):
     """Without a graph, the encoder's own forward runs and reads ``linear1.weight``: it gets the dense view,
     which sends it down the regular path through the condensed layers."""
-    monkeypatch.setattr(api, "capture", lambda model, n_args=None: Captured(None, "module swapping", "forced"))
+    monkeypatch.setattr(pipeline, "capture", lambda model, n_args=None: Captured(None, "module swapping", "forced"))
     model = encoder(batch_first)
     shape = (2, 10, 64) if batch_first else (10, 2, 64)
     compiled = sparsecc.compile(model, (torch.randn(*shape),))
@@ -119,7 +119,7 @@ class ReadsWeights(nn.Module):
 
 
 def test_condensed_layers_expose_weight_and_shape_attributes(monkeypatch):
-    monkeypatch.setattr(api, "capture", lambda model, n_args=None: Captured(None, "module swapping", "forced"))
+    monkeypatch.setattr(pipeline, "capture", lambda model, n_args=None: Captured(None, "module swapping", "forced"))
     model = ReadsWeights().eval()
     synthetic.attach_with_prune(model, synthetic.fanin_masks(model, 0.75, ablate=0.25))
     x, img = torch.randn(3, 32), torch.randn(2, 4, 6, 6)

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsecc import formats
-from sparsecc.layers import CondensedConv2d, CondensedLayer, CondensedLinear, NMLinear
+from sparsecc.layers import CondensedLayer
 
 #: Largest k / in_features for which ``gather`` is picked (one position per sample); measured, see above.
 GATHER_MAX_DENSITY = 1 / 60
@@ -96,7 +95,7 @@ class RowsConv2d(_Placed):
     channel_dim = -3
 
     def __init__(self, weight: Tensor, rows: Optional[Tensor], out: int, bias: Optional[Tensor],
-                 layer: CondensedConv2d) -> None:
+                 layer: CondensedLayer) -> None:
         super().__init__(rows, out, bias)
         self.register_buffer("weight", weight.detach().clone())
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, \
@@ -117,7 +116,7 @@ class DenseLinear(nn.Module):
 
 
 class DenseConv2d(DenseLinear):
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], layer: CondensedConv2d) -> None:
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], layer: CondensedLayer) -> None:
         super().__init__(weight, bias)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, \
             layer.groups
@@ -126,22 +125,9 @@ class DenseConv2d(DenseLinear):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _live_weight(layer: CondensedLayer) -> tuple[Tensor, Optional[Tensor]]:
-    """The dense weight of the live rows (conv: reshaped to filters) and which rows those are."""
-    if isinstance(layer, NMLinear):
-        out, inp = layer.weight_shape
-        cols = formats.nm_indices(layer.metadata, inp)
-        return layer.values.new_zeros(out, inp).scatter_(1, cols, layer.values), None
-    fan_in = 1
-    for d in layer.weight_shape[1:]:
-        fan_in *= d
-    kept = layer.values.new_zeros(layer.values.shape[0], fan_in).scatter_(1, layer.indices.long(), layer.values)
-    return kept.view(-1, *layer.weight_shape[1:]), layer.rows
-
-
 def dense_weight(layer: CondensedLayer) -> Tensor:
     """The masked dense weight a condensed layer stands for."""
-    live, rows = _live_weight(layer)
+    live, rows = layer.live_weight()
     if rows is None:
         return live
     return live.new_zeros(layer.weight_shape).index_copy_(0, rows, live)
@@ -149,7 +135,7 @@ def dense_weight(layer: CondensedLayer) -> Tensor:
 
 def gather_fits(layer: CondensedLayer, positions_per_sample: Optional[int]) -> bool:
     """Whether ``gather`` is the faster formulation for ``layer`` in onnxruntime (see module docstring)."""
-    return (isinstance(layer, CondensedLinear) and positions_per_sample == 1 and layer.values.shape[0] > 0
+    return (layer.gathers and positions_per_sample == 1 and layer.values.shape[0] > 0
             and layer.values.shape[1] <= GATHER_MAX_DENSITY * layer.weight_shape[1])
 
 
@@ -158,29 +144,29 @@ def pick(layer: CondensedLayer, positions_per_sample: Optional[int]) -> str:
     if gather_fits(layer, positions_per_sample):
         return "gather"
     ablated = 1 - layer.values.shape[0] / layer.weight_shape[0]
-    tokens = not isinstance(layer, CondensedConv2d) and (positions_per_sample or 1) > 1
+    tokens = layer.kind != "conv2d" and (positions_per_sample or 1) > 1
     return "rows" if ablated >= ROWS_MIN_ABLATED["tokens" if tokens else "other"] else "dense"
 
 
 def _gather(layer: CondensedLayer) -> nn.Module:
-    if not isinstance(layer, CondensedLinear) or layer.values.shape[0] == 0:
+    if not layer.gathers or layer.values.shape[0] == 0:
         return _rows(layer)     # gather needs live fan-in rows; the others run best as rows anyway
     return GatherLinear(layer.values, layer.indices, layer.rows, layer.weight_shape[0], layer.bias)
 
 
 def _rows(layer: CondensedLayer) -> nn.Module:
-    if isinstance(layer, CondensedConv2d) and layer.groups > 1:
+    if layer.kind == "conv2d" and layer.groups > 1:
         return _dense(layer)    # dropping filters would move the group boundaries
-    live, rows = _live_weight(layer)
+    live, rows = layer.live_weight()
     if live.shape[0] == 0:    # every neuron ablated: one zero row keeps the graph's shapes non-empty
         live = live.new_zeros(1, *live.shape[1:])
-    if isinstance(layer, CondensedConv2d):
+    if layer.kind == "conv2d":
         return RowsConv2d(live, rows, layer.weight_shape[0], layer.bias, layer)
     return RowsLinear(live, rows, layer.weight_shape[0], layer.bias)
 
 
 def _dense(layer: CondensedLayer) -> nn.Module:
-    if isinstance(layer, CondensedConv2d):
+    if layer.kind == "conv2d":
         return DenseConv2d(dense_weight(layer), layer.bias, layer)
     return DenseLinear(dense_weight(layer), layer.bias)
 

@@ -1,6 +1,6 @@
-"""`export_onnx`: a compiled (or masked) model as a standard ONNX file that any ONNX runtime can run.
+"""`write_onnx`: a compiled model as a standard ONNX file that any ONNX runtime can run.
 
-Pipeline: compile (reference runtime) if needed -> swap every condensed layer for its export form
+Pipeline: swap every condensed layer for its export form
 (`forms.FORMS`) -> `torch.export` with a free batch dimension -> scan the graph and list every op the ONNX
 exporter cannot translate, in one error -> `torch.onnx.export` -> `onnx.checker` (full check) -> written to a
 temporary file beside ``path`` and renamed, so a failed export leaves nothing behind.
@@ -14,11 +14,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from sparsecc.files import atomic_write
+from sparsecc.compiled import CompiledModel, as_tuple
 from sparsecc.errors import ExportError, InputError, SparseccWarning
 from sparsecc.export import forms
 from sparsecc.layers import CondensedLayer, first_calls
@@ -45,7 +47,8 @@ class OnnxExport:
         return self.path.stat().st_size
 
 
-def _writable_target(path: Path) -> None:
+def writable_target(path: Path) -> None:
+    """Refuse a path that cannot be written (missing directory, a directory, no permission) with `ExportError`."""
     parent = path.parent
     if not parent.is_dir():
         raise ExportError(f"cannot write {path}: directory {parent} does not exist (create it first)")
@@ -60,7 +63,7 @@ def _writable_target(path: Path) -> None:
 
 
 def tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = as_tuple(example_inputs)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise InputError("export needs example_inputs: a tensor or a tuple of tensors (batch first)")
     return inputs
@@ -69,7 +72,7 @@ def tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
 def _choose(layer: CondensedLayer, mode: str, formulation: str, per_sample: Optional[int]) -> str:
     if mode == "dense":
         return "dense"
-    if formulation == "gather" and (not isinstance(layer, forms.CondensedLinear) or layer.values.shape[0] == 0):
+    if formulation == "gather" and (not layer.gathers or layer.values.shape[0] == 0):
         return "rows"      # gather is for fan-in Linear layers with live rows; the others get the next best
     if formulation != "auto":
         return formulation
@@ -139,15 +142,11 @@ def batch_of_two(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 def _write(onnx_program, path: Path) -> None:
     import onnx
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         onnx_program.save(tmp, external_data=False)
         onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _warn_not_2to4(path: Path) -> None:
@@ -160,33 +159,21 @@ def _warn_not_2to4(path: Path) -> None:
                           SparseccWarning, stacklevel=3)
 
 
-def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, mode: str = "condensed",
-                formulation: str = "auto", precision: str = "fp32",
-                masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None) -> OnnxExport:
-    """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here with ``masks`` and ``narrow``
-    as `sparsecc.compile` takes them) as an ONNX file.
-
-    ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per
-    layer what onnxruntime runs fastest, see `sparsecc.export.forms`: gather over the fan-in, live rows only,
-    or dense with zeros where neither pays).
-    ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers (explicit zeros), the input
-    of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis TensorRT reads
-    get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16. The batch dimension
-    is dynamic.
-    """
-    from sparsecc.api import CompiledModel, compile
-
+def check_arguments(path: Path, mode: str, formulation: str, precision: str) -> None:
+    """Refuse bad export arguments before anything is compiled or written."""
     if mode not in MODES:
         raise InputError(f"mode={mode!r}: choose one of {MODES}")
     if formulation not in FORMULATIONS:
         raise InputError(f"formulation={formulation!r}: choose one of {FORMULATIONS}")
     if precision not in PRECISIONS:
         raise InputError(f"precision={precision!r}: choose one of {sorted(PRECISIONS)}")
-    path = Path(path)
-    _writable_target(path)
-    inputs = tensor_inputs(example_inputs)
-    compiled = model if isinstance(model, CompiledModel) else compile(model, inputs, masks=masks,
-                                                                       backend="reference", narrow=narrow)
+    writable_target(path)
+
+
+def write_onnx(compiled: CompiledModel, inputs: tuple[Tensor, ...], path: Path, *, mode: str = "condensed",
+               formulation: str = "auto", precision: str = "fp32") -> OnnxExport:
+    """Write a compiled model as ONNX (see `sparsecc.export_onnx` for the modes and formulations)."""
+    check_arguments(path, mode, formulation, precision)
     module, chosen = export_module(compiled.module, inputs, mode, formulation)
     dtype = PRECISIONS[precision]
     args = batch_of_two(inputs)

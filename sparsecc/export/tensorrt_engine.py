@@ -1,32 +1,30 @@
-"""`export_tensorrt`: the dense-mode ONNX (always written) and, on a machine with a GPU, a TensorRT engine
-built from it with sparse weights (`sparsecc.runtimes.tensorrt`)."""
+"""TensorRT engines: the dense-mode ONNX (always written) and, on a machine with a GPU, an engine built from it
+with sparse weights (`sparsecc.runtimes.tensorrt`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from sparsecc.compiled import CompiledModel
 from sparsecc.errors import InputError
-from sparsecc.export.onnx_file import export_onnx, tensor_inputs
+from sparsecc.export.onnx_file import check_arguments as check_onnx, write_onnx
 
 
-def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, precision: str = "fp16",
-                    max_batch: int = 32, masks: Optional[Mapping[str, Tensor]] = None):
-    """Write ``path`` (a serialized engine) and ``path`` with suffix ``.onnx`` (its source). Returns the
-    build (which layers were eligible for sparse math and which got a sparse kernel, and the builder log).
-    Without a CUDA device or the tensorrt package the ONNX is still written and `RuntimeUnavailableError`
-    says where it is and which trtexec command builds the engine elsewhere."""
-    from sparsecc.runtimes import tensorrt
-
+def check_arguments(path: Path, precision: str, max_batch: int) -> None:
     if not isinstance(max_batch, int) or max_batch < 1:
         raise InputError(f"max_batch={max_batch!r}: give a positive integer")
-    engine_path = Path(path)
-    if engine_path.suffix == ".onnx":
-        raise InputError(f"{engine_path} is the engine path; its ONNX source is written beside it as .onnx")
-    inputs = tensor_inputs(example_inputs)
-    exported = export_onnx(model, inputs, engine_path.with_suffix(".onnx"), mode="dense", precision=precision,
-                           masks=masks)
-    return tensorrt.build(exported.path, engine_path, exported.input_names, inputs, max_batch)
+    if path.suffix == ".onnx":
+        raise InputError(f"{path} is the engine path; its ONNX source is written beside it as .onnx")
+    check_onnx(path.with_suffix(".onnx"), "dense", "auto", precision)
+
+
+def write_tensorrt(compiled: CompiledModel, inputs: tuple[Tensor, ...], path: Path, precision: str,
+                   max_batch: int):
+    """The dense-mode ONNX beside ``path``, then the engine at ``path`` (see `sparsecc.export_tensorrt`)."""
+    from sparsecc.runtimes import tensorrt
+
+    check_arguments(path, precision, max_batch)
+    exported = write_onnx(compiled, inputs, path.with_suffix(".onnx"), mode="dense", precision=precision)
+    return tensorrt.build(exported.path, path, exported.input_names, inputs, max_batch)

@@ -1,8 +1,8 @@
-"""`export_tvm`: a whole compiled model as one TVM shared library that runs without PyTorch.
+"""`write_tvm`: a whole compiled model as one TVM shared library that runs without PyTorch.
 
-Pipeline: compile (reference runtime) if needed -> `torch.export` at the example shapes -> core-ATen
+Pipeline: `torch.export` at the example shapes -> core-ATen
 decompositions -> every op neither TVM's importer nor sparsecc translates listed in one `ExportError` ->
-`tvm.relax.frontend.torch.from_exported_program` with `CONVERTERS`, which turn each ``sparsecc::`` op into
+`tvm.relax.frontend.torch.from_exported_program` with `converters()`, which turn each ``sparsecc::`` op into
 ``call_tir`` calls of the same TensorIR kernels the TVM runtime uses (`runtimes/tvm_kernels.py`, their
 ``parallel`` variants on TVM's thread pool), picked by the same rules (`runtimes.tvm.linear_kernel`, the
 bindings' conv paths) with the layer's constants derived the same way (`runtimes/tvm.py` bindings): token
@@ -25,20 +25,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sparsecc import ops
+from sparsecc.compiled import CompiledModel
 from sparsecc.errors import ExportError, InputError, RuntimeUnavailableError
-from sparsecc.export.onnx_file import _writable_target, refuse_missing, tensor_inputs
 from sparsecc.export import tvm_runner
+from sparsecc.export.onnx_file import refuse_missing, writable_target
 from sparsecc.export.tvm_runner import FORMAT, META_FUNCTION
+from sparsecc.files import atomic_write
+from sparsecc.version import __version__
 
 
 @dataclass
@@ -135,7 +137,8 @@ def _bias_broadcast(builder: Any, bias: Optional[Tensor], shape: tuple[int, ...]
 
 
 def _linear_rows(ctx: _Converter, builder: Any, x2: Any, shape: tuple[int, int], bound: Any) -> Any:
-    """``[tokens, out]`` from ``x2 = [tokens, in]`` (its ``shape``) through the fan-in kernels, as the TVM runtime picks them."""
+    """``[tokens, out]`` from ``x2 = [tokens, in]`` (its ``shape``) through the fan-in kernels, as the TVM runtime
+    picks them."""
     from tvm import relax
 
     from sparsecc.runtimes.tvm import linear_kernel
@@ -171,7 +174,7 @@ def _row(builder: Any, x2: Any, t: int) -> Any:
     return builder.emit(relax.op.strided_slice(x2, axes=[0], begin=[t], end=[t + 1]))
 
 
-def _condensed_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
+def fanin_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
     from tvm import relax
 
     from sparsecc.runtimes.tvm import BoundLinear
@@ -189,7 +192,7 @@ def _condensed_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
     return builder.emit(relax.op.reshape(y, (*shape[:-1], out)))
 
 
-def _nm_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
+def two_four_linear(ctx: _Converter, node: Any, importer: Any) -> Any:
     from tvm import relax
 
     from sparsecc.runtimes.tvm import BoundNM, linear_kernel, nm_kind
@@ -297,7 +300,7 @@ def _conv2d(ctx: _Converter, importer: Any, node: Any, values: Tensor, indices: 
     return builder.emit(relax.op.stack(samples, axis=0))
 
 
-def _condensed_conv2d(ctx: _Converter, node: Any, importer: Any) -> Any:
+def fanin_conv2d(ctx: _Converter, node: Any, importer: Any) -> Any:
     values, indices, rows, bias = (ctx.tensor(a) for a in node.args[1:5])
     return _conv2d(ctx, importer, node, values, indices, rows, bias, *node.args[5:11])
 
@@ -393,12 +396,8 @@ def _split(builder: Any, t: Any, parts: int) -> list:
     return [builder.emit(relax.TupleGetItem(tup, i)) for i in range(parts)]
 
 
-#: Op (as TVM's importer names it) -> converter: the sparsecc ops, and the dense ops whose TVM lowering is
-#: left unscheduled on CPU.
-CONVERTERS: dict[str, Callable[[_Converter, Any, Any], Any]] = {
-    "condensed_linear.default": _condensed_linear,
-    "condensed_conv2d.default": _condensed_conv2d,
-    "nm_linear.default": _nm_linear,
+#: Dense ops (as TVM's importer names them) whose TVM lowering is left unscheduled on CPU -> converter.
+DENSE_CONVERTERS: dict[str, Callable[[_Converter, Any, Any], Any]] = {
     "convolution.default": _dense_convolution,
     "addmm.default": _dense_mm,
     "mm.default": _dense_mm,
@@ -406,11 +405,20 @@ CONVERTERS: dict[str, Callable[[_Converter, Any, Any], Any]] = {
 }
 
 
+def converters() -> dict[str, Callable[[_Converter, Any, Any], Any]]:
+    """Op (as TVM's importer names it) -> converter: every registered pattern op's (`Op.tvm_convert`), and the
+    dense ones."""
+    from sparsecc import patterns
+
+    ours = {f"{o.name}.default": patterns.load(o.tvm_convert) for o in patterns.ops().values() if o.tvm_convert}
+    return {**ours, **DENSE_CONVERTERS}
+
+
 def unsupported_ops(program: torch.export.ExportedProgram) -> dict[str, list[str]]:
-    """Every op in the (decomposed) ``program`` that neither TVM's importer nor `CONVERTERS` translates."""
+    """Every op in the (decomposed) ``program`` that neither TVM's importer nor `converters()` translates."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    known = set(ExportedProgramImporter().convert_map) | set(CONVERTERS)
+    known = set(ExportedProgramImporter().convert_map) | set(converters())
     missing: dict[str, list[str]] = {}
     for node in program.graph.nodes:
         if node.op == "call_function" and getattr(node.target, "__name__", str(node.target)) not in known:
@@ -456,33 +464,24 @@ def _pipeline(target: Any) -> Any:
     return run
 
 
-def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *,
-               masks: Optional[Mapping[str, Tensor]] = None, target: Any = None) -> TvmExport:
-    """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here) as a TVM shared library.
-
-    The library runs the model at the example inputs' shapes with the condensed TIR kernels for sparse
-    layers, dense convolutions and batched matmuls, and TVM-generated code for the rest; load it with
-    `sparsecc.load_tvm` (or TVM alone, see `sparsecc.export.tvm_runner`). ``target`` (a TVM target or its
-    dict) defaults to this host's CPU.
-    """
+def check_arguments(path: Path, inputs: tuple[Tensor, ...]) -> None:
+    """Refuse what `write_tvm` cannot do before anything is compiled or written."""
     from sparsecc.runtimes import tvm as tvm_runtime
 
     missing = tvm_runtime.unavailable()
     if missing:
         raise RuntimeUnavailableError(f"export_tvm needs TVM: {missing}")
+    writable_target(path)
+    if any(t.dtype != torch.float32 for t in inputs if t.is_floating_point()):
+        raise InputError("export_tvm: the TVM kernels are float32; give float32 example inputs")
+
+
+def write_tvm(compiled: CompiledModel, inputs: tuple[Tensor, ...], path: Path, target: Any = None) -> TvmExport:
+    """Write a compiled model as a TVM shared library (see `sparsecc.export_tvm`)."""
     import tvm
     from tvm.relax.frontend.torch import from_exported_program
 
-    import sparsecc
-    from sparsecc.api import CompiledModel, compile
-
-    path = Path(path)
-    _writable_target(path)
-    inputs = tensor_inputs(example_inputs)
-    if any(t.dtype != torch.float32 for t in inputs if t.is_floating_point()):
-        raise InputError("export_tvm: the TVM kernels are float32; give float32 example inputs")
-    compiled = model if isinstance(model, CompiledModel) else compile(model, inputs, masks=masks,
-                                                                       backend="reference")
+    check_arguments(path, inputs)
     try:
         program = torch.export.export(compiled.module.eval(), inputs).run_decompositions()
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the message is what matters
@@ -492,28 +491,22 @@ def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike",
                    "(sparsecc.export_onnx)")
     target = _target(target)
     ctx = _Converter(program, target)
+    table = converters()
 
     def convert(name: str, node: Any, importer: Any) -> Any:
         ctx.op = name.removesuffix(".default")
-        return CONVERTERS[name](ctx, node, importer)
+        return table[name](ctx, node, importer)
 
     mod = from_exported_program(program, run_ep_decomposition=False, custom_convert_map={
-        name: (lambda node, importer, name=name: convert(name, node, importer)) for name in CONVERTERS})
+        name: (lambda node, importer, name=name: convert(name, node, importer)) for name in table})
     out_node = next(n for n in program.graph.nodes if n.op == "output")
     outputs = [_static(v.meta["val"].shape, "output") for v in torch.utils._pytree.tree_leaves(out_node.args)]
-    meta = {"format": FORMAT, "sparsecc": sparsecc.__version__, "tvm": tvm.__version__,
+    meta = {"format": FORMAT, "sparsecc": __version__, "tvm": tvm.__version__,
             "inputs": [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in inputs],
             "outputs": [list(s) for s in outputs]}
     mod[META_FUNCTION] = _meta_function(meta)
     executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        executable.export_library(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, executable.export_library)
     return TvmExport(path, [tuple(t.shape) for t in inputs], outputs, ctx.kernels)
 
 

@@ -1,0 +1,118 @@
+"""`CompiledModel`, what `sparsecc.compile` returns: the rewritten module, its report, and the checks every call
+runs (inputs against what was compiled, non-finite inputs in the dense semantics, first-call validation when
+compile had no example inputs)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from sparsecc.errors import EquivalenceError, InputError
+from sparsecc.layers import dense_semantics
+from sparsecc.passes.masks import Prepared
+from sparsecc.report import Report
+from sparsecc.validation import Validation, random_like, run_validation
+
+InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
+
+
+def as_tuple(example_inputs: Any) -> tuple:
+    """Example inputs as a tuple: None -> (), one tensor -> (tensor,), a list -> a tuple."""
+    if example_inputs is None:
+        return ()
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def spec_of(inputs: tuple) -> InputSpec:
+    """Dtype and per-sample shape of every tensor in ``inputs``: what a compiled model accepts (any batch)."""
+    return tuple((t.dtype, t.shape[1:]) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor))
+
+
+class CompiledModel(nn.Module):
+    """The rewritten model. Calls check inputs against what was compiled (free batch dimension); without
+    example inputs at compile time, the first call fixes that and is validated against the reference."""
+
+    def __init__(self, module: nn.Module, report: Report, pending: Optional[Prepared],
+                 spec: Optional[InputSpec]) -> None:
+        super().__init__()
+        self.module = module
+        self.report = report
+        self._pending = pending     # what the first call is validated against, when compile had no inputs
+        self._spec = spec
+
+    def _check_inputs(self, inputs: tuple) -> Sequence[Tensor]:
+        """Raise `InputError` for inputs the compiled model does not take; returns the tensor inputs."""
+        spec = self._spec
+        if spec is not None and len(inputs) == len(spec):
+            for t, (dt, shape) in zip(inputs, spec):   # the common case without pytree: this runs on every call
+                if type(t) is not Tensor or t.dtype != dt or t.shape[1:] != shape or not t.is_cpu:
+                    break
+            else:
+                return inputs
+        leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+        self._check_device(leaves)
+        got = spec_of(inputs)
+        if spec is None:
+            self._spec = got
+            return leaves
+        if len(got) != len(spec):
+            raise InputError(f"called with {len(got)} tensor input(s); compiled for {len(self._spec)}")
+        for i, ((dt, shape), (edt, eshape)) in enumerate(zip(got, spec)):
+            if dt != edt or shape != eshape:
+                raise InputError(f"input {i}: got {dt} of shape (N, {', '.join(map(str, shape))}); compiled for "
+                                 f"{edt} of shape (N, {', '.join(map(str, eshape))}) with a free batch size N; "
+                                 f"cast the input or compile again with example inputs of the new shape")
+        return leaves
+
+    def _check_device(self, inputs: list[Tensor]) -> None:
+        here = next((t.device for t in itertools.chain(self.module.parameters(), self.module.buffers())),
+                    torch.device("cpu"))
+        for i, t in enumerate(inputs):
+            if t.device != here:
+                raise InputError(f"input {i} is on {t.device}; the compiled model's tensors are on {here}: move the "
+                                 f"input with .to({str(here)!r}) (sparsecc's op runtimes run on the CPU)")
+
+    def example_inputs(self) -> Optional[tuple[Tensor, ...]]:
+        """Zero inputs of batch 1 in the shapes and dtypes compiled for (None before the first call fixed them)."""
+        if self._spec is None:
+            return None
+        return tuple(torch.zeros(1, *shape, dtype=dtype) for dtype, shape in self._spec)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():      # torch.export / dynamo trace the module: no data checks
+            return self.module(*args, **kwargs)
+        tensors = self._check_inputs((*args, kwargs) if kwargs else args)
+        # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
+        finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
+        if self._pending is not None and not kwargs:
+            validate_into(self.report, self._pending, self.module, [args, random_like(args)])
+            self._pending = None
+        if not finite:
+            with dense_semantics():
+                return nn.Module.__call__(self.module, *args, **kwargs)
+        # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
+        return nn.Module.__call__(self.module, *args, **kwargs)
+
+
+def validate_into(report: Report, prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],
+                   tolerance: Optional[float] = None, work: Optional[Prepared] = None) -> Validation:
+    """Validate ``module`` against the user's model as run, its layers against ``work``'s weights (the
+    narrowed copy, when there is one), and record the result in ``report``."""
+    work = work or prepared
+    result = run_validation(prepared.user, module, input_sets, work.layers, tolerance, work.reference,
+                            rebuilt=prepared.reference)
+    by_name = {lay.name: lay for lay in report.layers}
+    for fqn, stat in result.layers.items():
+        by_name[fqn].error = stat
+    for fqn, n in result.positions.items():
+        by_name[fqn].positions = n
+    report.end_to_end = result.end_to_end
+    report.validated = True
+    if not result.ok:
+        raise EquivalenceError(result.message(), report)
+    return result

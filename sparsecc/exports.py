@@ -1,0 +1,98 @@
+"""The public exporters: each compiles the model first when it is not a `CompiledModel` yet (reference runtime,
+``masks`` as `sparsecc.compile` takes them), then writes it with `sparsecc.export`'s writers. Arguments are
+checked before anything is compiled."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from torch import Tensor, nn
+
+from sparsecc.api import compile, masked_reference
+from sparsecc.compiled import CompiledModel
+from sparsecc.export import onnx_file, tensorrt_engine, triton, tvm_library
+from sparsecc.export.onnx_file import OnnxExport, tensor_inputs
+from sparsecc.export.triton import TritonExport
+from sparsecc.export.tvm_library import TvmExport
+from sparsecc.timing import all_cores
+
+
+def _compiled(model: nn.Module, inputs: tuple[Tensor, ...], masks: Optional[Mapping[str, Tensor]],
+              narrow: Optional[bool] = None) -> CompiledModel:
+    if isinstance(model, CompiledModel):
+        return model
+    return compile(model, inputs, masks=masks, backend="reference", narrow=narrow)
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, mode: str = "condensed",
+                formulation: str = "auto", precision: str = "fp32",
+                masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None) -> OnnxExport:
+    """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here with ``masks`` and ``narrow``
+    as `sparsecc.compile` takes them) as an ONNX file.
+
+    ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per
+    layer what onnxruntime runs fastest, see `sparsecc.export.forms`: gather over the fan-in, live rows only,
+    or dense with zeros where neither pays).
+    ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers (explicit zeros), the input
+    of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis TensorRT reads
+    get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16. The batch dimension
+    is dynamic.
+    """
+    path = Path(path)
+    onnx_file.check_arguments(path, mode, formulation, precision)
+    inputs = tensor_inputs(example_inputs)
+    return onnx_file.write_onnx(_compiled(model, inputs, masks, narrow), inputs, path, mode=mode,
+                                formulation=formulation, precision=precision)
+
+
+def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *,
+               masks: Optional[Mapping[str, Tensor]] = None, target: Any = None) -> TvmExport:
+    """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here) as a TVM shared library.
+
+    The library runs the model at the example inputs' shapes with the condensed TIR kernels for sparse
+    layers, dense convolutions and batched matmuls, and TVM-generated code for the rest; load it with
+    `sparsecc.load_tvm` (or TVM alone, see `sparsecc.export.tvm_runner`). ``target`` (a TVM target or its
+    dict) defaults to this host's CPU.
+    """
+    path = Path(path)
+    inputs = tensor_inputs(example_inputs)
+    tvm_library.check_arguments(path, inputs)
+    return tvm_library.write_tvm(_compiled(model, inputs, masks), inputs, path, target)
+
+
+def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, precision: str = "fp16",
+                    max_batch: int = 32, masks: Optional[Mapping[str, Tensor]] = None):
+    """Write ``path`` (a serialized engine) and ``path`` with suffix ``.onnx`` (its source). Returns the
+    build (which layers were eligible for sparse math and which got a sparse kernel, and the builder log).
+    Without a CUDA device or the tensorrt package the ONNX is still written and `RuntimeUnavailableError`
+    says where it is and which trtexec command builds the engine elsewhere."""
+    path = Path(path)
+    tensorrt_engine.check_arguments(path, precision, max_batch)
+    inputs = tensor_inputs(example_inputs)
+    return tensorrt_engine.write_tensorrt(_compiled(model, inputs, masks), inputs, path, precision, max_batch)
+
+
+def export_triton(model: nn.Module, example_inputs: Any, repo_dir: "str | os.PathLike", name: str, *,
+                  formats: tuple[str, ...] = ("onnx",), max_batch_size: int = 8, instances: int = 1,
+                  threads: Optional[int] = None, mode: str = "condensed", precision: str = "fp32",
+                  masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None) -> TritonExport:
+    """Write ``model`` into a Triton Inference Server model repository ``repo_dir`` (created if missing).
+
+    ``formats``: ``"onnx"`` → ``repo_dir/name/`` for Triton's onnxruntime backend (CPU instances, ``threads``
+    intra-op threads each, every core by default; ``mode`` / ``precision`` as `export_onnx`); ``"tensorrt"`` →
+    ``repo_dir/name_tensorrt/`` with ``model.plan`` built from the dense fp16 ONNX (GPU instances; needs CUDA
+    and TensorRT here). Each model gets ``config.pbtxt`` (inputs and outputs with their dtypes and dims after
+    the dynamic batch dimension, ``max_batch_size``, dynamic batching, ``instances`` per instance group) and the
+    next version directory. The ONNX is checked in onnxruntime against ``model`` as you run it at batch 1 and
+    ``max_batch_size`` before anything is written. See docs/serving.md.
+    """
+    repo = Path(repo_dir)
+    triton.check_arguments(repo, name, tuple(formats), max_batch_size, instances, mode, precision)
+    inputs = tensor_inputs(example_inputs)
+    compiled = _compiled(model, inputs, masks, narrow)
+    # what the ONNX must equal: the model as you call it (with ``masks`` applied when they are given separately)
+    reference = model if isinstance(model, CompiledModel) or masks is None else masked_reference(model, masks)
+    return triton.write_triton(compiled, reference, inputs, repo, name, tuple(formats), max_batch_size, instances,
+                               threads or all_cores(), mode, precision)

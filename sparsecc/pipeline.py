@@ -1,0 +1,249 @@
+"""`sparsecc.compile` as a pipeline of named stages over one `Compilation`:
+
+masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> tune -> engine -> validate
+
+Each stage reads and extends the `Compilation` and returns a one-line summary, or None when it did not apply
+(no example inputs to narrow with, no traced graph to fold, ...); `run` times each one and keeps its outcome in
+the report (`Report.stages`), next to the typed results the stages leave there (`Report.narrowed`,
+`Report.folded`, `Report.rewrites`, per-layer rows). Graph stages run their passes with the `PassManager`.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from sparsecc import runtimes
+from sparsecc.autotune import autotune, disable
+from sparsecc.compiled import CompiledModel, validate_into
+from sparsecc.errors import InputError
+from sparsecc.passes.capture import Captured, capture
+from sparsecc.passes.condense import Decision, plan
+from sparsecc.passes.fold import FoldBatchNorm
+from sparsecc.passes.manager import PassManager
+from sparsecc.passes.masks import Prepared, prepare
+from sparsecc.passes.narrow import Narrowing, narrow
+from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
+from sparsecc.report import Report, StageOutcome, layer_report
+from sparsecc.validation import TOLERANCE, random_like
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `compile` was asked for, checked."""
+
+    backend: str                  # the op runtime or engine named by the user
+    runtime: str                  # the op runtime it resolves to on this machine (engines: "reference")
+    validate: bool
+    autotune: bool
+    narrow: bool
+    has_inputs: bool              # example inputs were given (else the first call fixes and validates them)
+    runtime_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def on_engine(self) -> bool:
+        return self.backend in runtimes.ENGINES
+
+    @property
+    def op_backend(self) -> str:
+        """Engines export the graph the reference runtime runs."""
+        return "reference" if self.on_engine else self.backend
+
+
+@dataclass
+class Compilation:
+    """The state the stages pass along."""
+
+    model: nn.Module
+    masks: Optional[Mapping[str, Any]]
+    inputs: tuple
+    options: Options
+    prepared: Optional[Prepared] = None       # the user's model, its masks, the masked reference
+    work: Optional[Prepared] = None           # what is condensed: the narrowed copy when narrowing removed channels
+    narrowing: Optional[Narrowing] = None
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    report: Optional[Report] = None
+    captured: Optional[Captured] = None
+    module: Optional[nn.Module] = None
+    tolerance: Optional[float] = None
+
+
+def masks(c: Compilation) -> str:
+    c.prepared = c.work = prepare(c.model, c.masks)
+    sources = sorted({str(layer.source) for layer in c.prepared.layers.values()})
+    return f"{len(c.prepared.layers)} weights; masks from {', '.join(sources) or 'nothing'}"
+
+
+def narrow_stage(c: Compilation) -> Optional[str]:
+    if not c.options.narrow:
+        return None
+    c.narrowing = narrow(c.prepared, c.inputs)
+    if c.narrowing.removals:      # else the unchanged copy is dropped: a model's worth of memory
+        c.work = Prepared(c.narrowing.model, c.narrowing.layers, c.prepared.was_training)
+    return f"{len(c.narrowing.removals)} producer(s) narrowed, {len(c.narrowing.skipped)} left"
+
+
+def _has_ablated(prepared: Prepared, module: str) -> bool:
+    """Whether a layer (or ``"<model>"``) had neurons that narrowing could have removed: notes name only those."""
+    layer = prepared.layers.get(f"{module}.weight")
+    return layer is None or not bool(layer.mask.reshape(layer.mask.shape[0], -1).any(1).all())
+
+
+def _elem_bytes(prepared: Prepared) -> int:
+    for layer in prepared.layers.values():
+        return prepared.reference.get_parameter(layer.fqn).element_size()
+    return 4
+
+
+def new_report(decisions: dict[str, Decision], runtime: str, prepared: Prepared) -> Report:
+    layers = [layer_report(d, _elem_bytes(prepared)) for d in decisions.values()]
+    notes = ["model was in train mode: compiled an eval() copy"] if prepared.was_training else []
+    return Report(layers, runtime=runtime, notes=notes)
+
+
+def analyse(c: Compilation) -> str:
+    c.decisions = plan(c.work)
+    c.report = new_report(c.decisions, c.options.runtime, c.work)
+    if c.narrowing is not None:
+        c.report.narrowed = list(c.narrowing.removals)
+        c.report.notes += [f"narrowed {r}" for r in c.narrowing.removals] or ["narrow: no channel removed"]
+        c.report.notes += [f"not narrowed {p}: {why}" for p, why in c.narrowing.skipped.items()
+                           if why != "no ablated or unused channels" and _has_ablated(c.prepared, p)]
+    condensable = sum(d.replacement is not None for d in c.decisions.values())
+    return f"{condensable}/{len(c.decisions)} layers condensable"
+
+
+def bind(c: Compilation) -> str:
+    """Each condensed layer's runtime: the backend's, or the first in preference order that runs its op."""
+    rows = {lay.name: lay for lay in c.report.layers}
+    for fqn, d in c.decisions.items():
+        if d.replacement is None:
+            continue
+        weight = c.work.reference.get_parameter(fqn)
+        d.replacement.runtime, why = runtimes.for_op(c.options.op_backend, d.replacement.op, weight.dtype)
+        d.reason = "; ".join(filter(None, [d.reason, why]))
+        rows[fqn].runtime, rows[fqn].reason = d.replacement.runtime, d.reason
+    used = sorted({d.replacement.runtime for d in c.decisions.values() if d.replacement is not None})
+    return f"runtimes {', '.join(used) or 'none'}"
+
+
+def capture_stage(c: Compilation) -> str:
+    c.captured = capture(c.work.reference, len(c.inputs) if c.options.has_inputs else None)
+    c.report.capture = c.captured.method
+    if c.captured.graph_module is None:
+        c.report.capture_reason = c.captured.reason
+    return c.captured.method + (f" ({c.captured.reason})" if c.captured.reason else "")
+
+
+def condense(c: Compilation) -> str:
+    if c.captured.graph_module is not None:
+        manager = PassManager([CondenseModules(c.decisions), CondenseFunctionalOps(c.decisions),
+                               DropUnusedWeights(c.decisions)])
+        c.module = manager.run(c.captured.graph_module)
+        c.report.rewrites, applied = manager.rewrites, manager.applied()
+    else:
+        c.module, c.report.rewrites, applied = swap_modules(copy.deepcopy(c.work.reference), c.decisions)
+    for layer in c.report.layers:
+        if layer.action != "kept" and layer.name not in applied:
+            why = ("a functional linear needs a traced graph" if c.captured.graph_module is None
+                   else "not called as a module or F.linear on the parameter in the traced graph")
+            layer.keep(f"condensable but not rewritten: {why}")
+    return f"{sum(c.report.rewrites.values())} layer(s) rewritten"
+
+
+def fold(c: Compilation) -> Optional[str]:
+    if c.captured.graph_module is None:
+        return None
+    manager = PassManager([FoldBatchNorm()])
+    c.module = manager.run(c.module)
+    c.report.folded = [bn for o in manager.outcomes for bn in o.applied]
+    if c.report.folded:
+        c.report.notes.append(f"{len(c.report.folded)} BatchNorm(s) folded into the condensed convolution before "
+                              f"them: {', '.join(c.report.folded)}")
+    return f"{len(c.report.folded)} BatchNorm(s) folded"
+
+
+def tune(c: Compilation) -> Optional[str]:
+    if not c.options.autotune:
+        disable(c.module)
+        return "off: sparse kernels everywhere"
+    if not c.options.has_inputs or c.options.on_engine:
+        return None
+    autotune(c.module, c.inputs, c.report)
+    dense = sum(bool(lay.choice) and "dense op" in lay.choice for lay in c.report.layers)
+    return f"{dense} layer(s) run dense at the example inputs"
+
+
+def _load_engine(name: str, compiled: CompiledModel, reference: nn.Module, inputs: tuple,
+                 options: Mapping[str, Any]) -> nn.Module:
+    """Export the rewritten model for engine ``name`` and load it; the report says which form each layer got."""
+    from sparsecc.export.onnx_file import write_onnx
+
+    eng = runtimes.engine(name)
+    unknown = sorted(set(options) - set(eng.OPTIONS))
+    if unknown:
+        raise InputError(f"runtime_options {unknown} are not understood by {name}; it takes {list(eng.OPTIONS)}")
+    options = dict(options)
+    given = options.pop("onnx_path", None)
+    folder = None if given else tempfile.mkdtemp(prefix="sparsecc-")
+    path = Path(given) if given else Path(folder) / "model.onnx"
+    try:
+        exported = write_onnx(compiled, inputs, path, **eng.EXPORT)
+        with torch.no_grad():
+            outputs = pytree.tree_flatten(reference(*inputs))[1]
+        runner = eng.load(exported.path, exported.input_names, outputs, example_inputs=inputs, **options)
+    finally:
+        if folder is not None and not eng.KEEPS_FILE:
+            shutil.rmtree(folder, ignore_errors=True)
+    for layer in compiled.report.condensed:
+        layer.runtime = f"{name} ({exported.forms.get(layer.name, 'dense')})"
+    compiled.report.engine = name
+    compiled.report.notes.append(f"{name} runs the whole exported graph: validated end to end only (its layers "
+                                 f"are not observable one by one)")
+    return runner
+
+
+def engine(c: Compilation) -> Optional[str]:
+    if not c.options.on_engine:
+        return None
+    from sparsecc.export.onnx_file import PRECISIONS
+
+    name = c.options.backend
+    c.module = _load_engine(name, CompiledModel(c.module, c.report, None, None), c.prepared.user, c.inputs,
+                            c.options.runtime_options)
+    c.tolerance = TOLERANCE[PRECISIONS[runtimes.engine(name).EXPORT["precision"]]]
+    return f"exported to {name}"
+
+
+def validate(c: Compilation) -> Optional[str]:
+    if not (c.options.validate and c.options.has_inputs):
+        return None
+    validate_into(c.report, c.prepared, c.module, [c.inputs, random_like(c.inputs)], c.tolerance, c.work)
+    return "; ".join(map(str, c.report.end_to_end))
+
+
+#: The stages in order, by name.
+STAGES: tuple[tuple[str, Callable[[Compilation], Optional[str]]], ...] = (
+    ("masks", masks), ("narrow", narrow_stage), ("analyse", analyse), ("bind", bind), ("capture", capture_stage),
+    ("condense", condense), ("fold", fold), ("tune", tune), ("engine", engine), ("validate", validate))
+
+
+def run(c: Compilation) -> Compilation:
+    """Every stage in order; each outcome lands in the report (created by ``analyse``) as it completes."""
+    done: list[StageOutcome] = []
+    for name, stage in STAGES:
+        start = time.perf_counter()
+        summary = stage(c)
+        done.append(StageOutcome(name, summary is not None, summary or "skipped", time.perf_counter() - start))
+        if c.report is not None:
+            c.report.stages, done = c.report.stages + done, []
+    return c
