@@ -68,6 +68,15 @@ def kernel_cache():
         return _cache
 
 
+def forget_caches() -> None:
+    """Drop this process's kernel and tuning caches: the next use reopens them from ``$SPARSECC_CACHE_DIR`` (what
+    a new process does; the benchmark times cold and warm compiles with it)."""
+    global _cache, _tuning
+    with _state_lock:
+        _cache = _tuning = None
+    _transpose_kernel.cache_clear()
+
+
 def tuning_cache() -> tuning.TuningCache:
     """The process-wide sparse-or-dense choices, keyed like the kernels plus torch's version (dense ops)."""
     global _tuning

@@ -180,11 +180,11 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
     model = sparse_model(name, 0.9, 0.05, structure=structure)
     x = torch.randn(1, 3, 224, 224)
     os.environ["SPARSECC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsecc-bench-")
-    tvm_runtime._cache = tvm_runtime._tuning = None
+    tvm_runtime.forget_caches()
     start = time.perf_counter()
     compiled = sparsecc.compile(model, (x,))
     cold = time.perf_counter() - start
-    tvm_runtime._cache = tvm_runtime._tuning = None     # as in a new process: everything comes from disk
+    tvm_runtime.forget_caches()     # as in a new process: everything comes from disk
     start = time.perf_counter()
     compiled = sparsecc.compile(model, (x,))
     warm = time.perf_counter() - start

@@ -101,8 +101,19 @@ def _impure(node: fx.Node) -> bool:
     return node.is_impure() or "rand" in name or name.endswith("_")     # random or in place
 
 
-def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
-    """The graph with module state as constants of a new root, and the positions of the real inputs."""
+def state_names(gm: fx.GraphModule) -> dict[int, str]:
+    """Input position -> dotted name of each placeholder dynamo sourced from module state. Read when the backend
+    is called: dynamo drops the placeholders' source metadata after that, and a module state first seen at a
+    later call is lifted with these names."""
+    placeholders = (n for n in gm.graph.nodes if n.op == "placeholder")
+    return {i: name for i, node in enumerate(placeholders) if (name := _state_name(node)) is not None}
+
+
+def lift(gm: fx.GraphModule, example_inputs: Sequence[Any],
+         states: Optional[dict[int, str]] = None) -> tuple[fx.GraphModule, list[int]]:
+    """The graph with module state (``states``, by default read from ``gm``) as constants of a new root, and the
+    positions of the real inputs."""
+    states = state_names(gm) if states is None else states
     root = nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -112,7 +123,7 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphMod
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             position += 1
-            state = _state_name(node)
+            state = states.get(position)
             if state is not None and isinstance(example_inputs[position], Tensor):
                 env[node] = graph.get_attr(_set_tensor(root, state, example_inputs[position]))
                 constants[env[node]] = example_inputs[position]
@@ -245,11 +256,12 @@ def backend_with(*, inductor: bool = True, runtime: str = "auto", validate: bool
 
     def sparsecc_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         artifacts: dict[tuple, tuple[Callable, list[int]]] = {}
+        states = state_names(gm)
 
         def build(args: Sequence[Any]) -> tuple[Callable, list[int]]:
             import sparsecc
 
-            lifted, positions = lift(gm, args)
+            lifted, positions = lift(gm, args, states)
             inputs = [args[i] for i in positions]
             # A dynamic graph takes its sizes as SymInt inputs: sparsecc compiles and validates on their hints.
             concrete = tuple(optimization_hint(v) if isinstance(v, torch.SymInt) else v for v in inputs)
