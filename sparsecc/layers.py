@@ -147,7 +147,9 @@ class CondensedLayer(nn.Module):
             self._reject(x, values.dtype)
         if _SEMANTICS.dense or not x.numel():      # NaN/Inf semantics of the dense op; empty batches
             return self._dense_op()(x, self.weight.as_subclass(Tensor), self._buffers["bias"])
-        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        # Traced inputs (fake or functional tensors: dynamo, or inductor compiling a graph outside dynamo for a
+        # module state first seen at call time) and inputs wanting a gradient go through the op.
+        if torch.compiler.is_compiling() or type(x) is not Tensor or (x.requires_grad and torch.is_grad_enabled()):
             # the registered op (its pattern defines it) carries the backward
             return getattr(torch.ops.sparsecc, self.op)(x, *self._constants(), self.runtime)
         bound = self.__dict__.get("_bound")

@@ -52,7 +52,8 @@ def test_prune_hooks_on_an_mlp_eager_and_inductor():
         assert len(dynamo.REPORTS) <= 2        # batch 1, then one dynamic recompile; batch 2 reuses it
 
 
-def test_each_instance_and_weight_update_gets_its_own_compiled_graph():
+@pytest.mark.parametrize("inductor", [False, True])
+def test_each_instance_and_weight_update_gets_its_own_compiled_graph(inductor):
     """Dynamo hands one graph to every instance of a class (and to an instance whose weights changed in
     place); the backend froze the first instance's weights into it, so a second model returned the first's
     outputs (ViT-B/16 2:4 after a 90% fan-in ViT: max abs error 3.0). A state first seen at a later call is
@@ -71,7 +72,7 @@ def test_each_instance_and_weight_update_gets_its_own_compiled_graph():
     torch._dynamo.reset()
     first, second = make(0, "fanin"), make(1, "2:4")
     x = torch.randn(3, 3, 6, 6)
-    compiled = [torch.compile(m, backend=dynamo.backend_with(inductor=False)) for m in (first, second)]
+    compiled = [torch.compile(m, backend=dynamo.backend_with(inductor=inductor)) for m in (first, second)]
     with torch.no_grad():
         for model, fn, op in zip((first, second), compiled, ("condensed_linear", "nm_linear")):
             out, expected = fn(x), model(x)
