@@ -28,6 +28,7 @@ TOLERANCE: dict[torch.dtype, float] = {
     torch.bfloat16: 2e-2,
 }
 _TINY = 1e-30
+NON_FINITE = "your model's output has NaN/Inf here and the compiled model's differs in where"
 
 
 def compare(what: str, actual: Any, expected: Any, tolerance: Optional[float] = None) -> ErrorStat:
@@ -46,6 +47,16 @@ def compare(what: str, actual: Any, expected: Any, tolerance: Optional[float] = 
         return ErrorStat(what, float(diff), float(diff), 0.0, diff == 0, f"{diff} elements differ" if diff else "")
     if expected.numel() == 0:
         return ErrorStat(what, 0.0, 0.0, 0.0, True)
+    finite = torch.isfinite(expected)
+    if not bool(finite.all()):
+        # NaN / Inf in the reference must be matched exactly; the finite rest is compared as usual.
+        same = torch.equal(torch.isnan(actual), torch.isnan(expected)) and \
+            torch.equal(actual[torch.isinf(expected)], expected[torch.isinf(expected)])
+        if not same:
+            return ErrorStat(what, float("inf"), float("inf"), 0.0, False, NON_FINITE)
+        if not bool(finite.any()):
+            return ErrorStat(what, 0.0, 0.0, 0.0, True)
+        actual, expected = actual[finite], expected[finite]
     scale = max(float(expected.detach().abs().max()), _TINY)
     max_abs = float((actual.detach().double() - expected.detach().double()).abs().max())
     tol = (tolerance if tolerance is not None else TOLERANCE.get(expected.dtype, 1e-4)) * scale
@@ -87,6 +98,9 @@ class Validation:
         if self.rebuild_differs:
             parts.append("the masked reference sparsecc rebuilt already differs from your model at "
                          f"{', '.join(self.rebuild_differs)} (please report this with the model)")
+        elif any(s.detail == NON_FINITE for s in self.end_to_end):
+            parts.append("your model's own output is not finite on these inputs (validation also draws random "
+                         "N(0,1) inputs of the example's shapes): check it on finite, in-range inputs")
         elif self.rebuild_checked and all(stat.ok for stat in self.layers.values()):
             parts.append("observed module by module (with forward hooks attached) your model agrees with the "
                          "masked rebuild, so the difference comes from code that runs only without hooks: a "

@@ -145,3 +145,19 @@ def test_finite_calls_run_condensed_also_when_the_first_call_fixes_the_inputs(mo
         assert_equivalent(compiled(x), model(x))
         y = _x(1)
         assert_equivalent(compiled(y), model(y))
+
+
+def test_validation_matches_non_finite_reference_outputs_exactly():
+    """NaN / Inf where the user's model gives them must be where the compiled model gives them; the finite rest
+    is compared as usual, and a mismatch says the reference itself is not finite."""
+    from sparsecc.validation import NON_FINITE, compare
+
+    expected = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
+    same = compare("out", torch.tensor([1.0, float("nan"), float("inf"), -2.0 + 1e-7]), expected)
+    assert same.ok and same.max_abs < 1e-6
+    for wrong in ([1.0, 0.0, float("inf"), -2.0], [1.0, float("nan"), float("-inf"), -2.0],
+                  [1.5, float("nan"), float("inf"), -2.0]):
+        stat = compare("out", torch.tensor(wrong), expected)
+        assert not stat.ok
+    assert compare("out", torch.tensor([1.0, 0.0, float("inf"), -2.0]), expected).detail == NON_FINITE
+    assert compare("out", torch.full((2,), float("nan")), torch.full((2,), float("nan"))).ok
