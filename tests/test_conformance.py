@@ -11,22 +11,11 @@ from torch import nn
 import sparsecc
 from sparsecc import patterns, runtimes
 from sparsecc.runtimes import get_runtime, unavailable
+from tests.conftest import assert_equivalent
 
 OPS = sorted(patterns.ops())
 AVAILABLE = [name for name in runtimes.RUNTIMES if unavailable(name) is None]
 ENGINES = [name for name in runtimes.ENGINES if unavailable(name) is None]
-#: Sample inputs are N(0, 1); low-precision dtypes are checked against float64 with their own tolerance.
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    assert actual.shape == expected.shape
-    assert actual.dtype == expected.dtype
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    tol = TOLERANCE[dtype] * max(scale, 1.0)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=tol)
-
-
 @pytest.mark.parametrize("runtime", AVAILABLE)
 @pytest.mark.parametrize("op_name", OPS)
 def test_op_on_runtime_matches_dense_and_reference(op_name, runtime):
@@ -38,8 +27,8 @@ def test_op_on_runtime_matches_dense_and_reference(op_name, runtime):
         for label, args, expected in op.samples(torch.Generator().manual_seed(0), dtype):
             got = op.function(*args, runtime)
             oracle = op.function(*args, "reference")
-            _close(got, expected, dtype)
-            _close(got, oracle, dtype)
+            assert_equivalent(got, expected)
+            assert_equivalent(got, oracle)
 
 
 @pytest.mark.parametrize("op_name", OPS)
@@ -70,4 +59,4 @@ def test_engine_runs_each_pattern(engine, pattern):
     assert compiled.report.engine == engine and compiled.report.validated
     with torch.no_grad():
         expected = sparsecc.masked_reference(model, masks)(x)
-        _close(compiled(x), expected, torch.float32)
+        assert_equivalent(compiled(x), expected)
