@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from sparsecc.inputs import Call
+
 
 def _additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     if mask is None or mask.dtype != torch.bool:
@@ -248,25 +250,26 @@ class Captured:
     reason: str = ""            # why the graph capture failed
 
 
-def concrete_defaults(model: nn.Module, n_args: Optional[int]) -> dict[str, Any]:
-    """forward() parameters the example inputs leave out, fixed to their defaults. Traced as placeholders
+def concrete_defaults(model: nn.Module, example: Optional[Call]) -> dict[str, Any]:
+    """forward() parameters the example call leaves out, fixed to their defaults. Traced as placeholders
     they would be taken as given (``x is not None`` is True for a proxy) and bake the wrong branch in;
-    fixed, fx guards them at call time."""
+    fixed, fx guards them at call time. ``example`` None: which are given is unknown."""
     params = list(inspect.signature(model.forward).parameters.values())
     concrete = {}
     for i, p in enumerate(params):
         positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        given = positional and n_args is not None and i < n_args
+        given = example is None and positional or example is not None and (
+            positional and i < len(example.args) or p.name in example.kwargs)
         if p.default is not p.empty and not given:
             concrete[p.name] = p.default
     return concrete
 
 
-def capture(model: nn.Module, n_args: Optional[int] = None) -> Captured:
-    """Trace ``model``; ``n_args`` is how many positional example inputs there are (None: unknown). A model
-    that already is a graph (the torch.compile backend's) and cannot be traced again is used as it is."""
+def capture(model: nn.Module, example: Optional[Call] = None) -> Captured:
+    """Trace ``model`` for calls like ``example`` (None: unknown). A model that already is a graph (the
+    torch.compile backend's) and cannot be traced again is used as it is."""
     try:
-        graph = Tracer().trace(model, concrete_args=concrete_defaults(model, n_args) or None)
+        graph = Tracer().trace(model, concrete_args=concrete_defaults(model, example) or None)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if isinstance(model, fx.GraphModule):

@@ -50,13 +50,52 @@ class Prepared:
     layers: dict[str, Layer]    # keyed by weight fqn
     was_training: bool
     user: Optional[nn.Module] = None    # eval-mode copy with hooks and parametrizations live: the model as run
+    linearized: tuple[str, ...] = ()    # modules with a transposed weight that became nn.Linear (GPT-2's Conv1D)
+
+
+def _linearize(model: nn.Module) -> tuple[str, ...]:
+    """Replace every transposed-weight linear by the ``nn.Linear`` it is, its mask (prune hook or
+    parametrization) carried over transposed as a prune hook; returns their names."""
+    names = []
+    for name, mod in list(model.named_modules()):
+        if not name or not _is_transposed_linear(mod):
+            continue
+        mask, _ = _hook_mask(mod, "weight")
+        owner, slot = _storage(mod, "weight")
+        raw = getattr(owner, slot).detach()
+        bias = getattr(mod, "bias", None)
+        linear = nn.Linear(raw.shape[0], raw.shape[1], bias=bias is not None, device=raw.device, dtype=raw.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(raw.t())
+            if bias is not None:
+                linear.bias.copy_(bias.detach())
+        if mask is not None:
+            prune.custom_from_mask(linear, "weight", mask.t())
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, linear.train(mod.training))
+        names.append(name)
+    return tuple(names)
+
+
+def _is_transposed_linear(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT, DistilGPT-2, ...): ``x @ weight + bias`` with ``weight`` of shape
+    ``[in, out]`` -- a Linear with its weight transposed. Matched by name (transformers is optional), through
+    the subclass parametrize makes of a parametrized module."""
+    return (any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(mod).__mro__)
+            and isinstance(getattr(mod, "weight", None), torch.Tensor) and getattr(mod, "weight").dim() == 2)
+
+
+def transposed_weights(model: nn.Module) -> set[str]:
+    """Names of the weights stored ``[in, out]`` (transformers' Conv1D): masks for them are in that layout."""
+    return {_join(name, "weight") for name, mod in model.named_modules() if name and _is_transposed_linear(mod)}
 
 
 def weight_slots(model: nn.Module) -> list[tuple[str, str, Optional[str], LayerKind]]:
-    """(module fqn, weight attr, bias attr, kind) of every weight sparsecc analyses, before any stripping."""
+    """(module fqn, weight attr, bias attr, kind) of every weight sparsecc analyses, before any stripping.
+    A transposed-weight linear (`transposed_weights`) is a ``"linear"`` whose weight is ``[in, out]``."""
     slots: list[tuple[str, str, Optional[str], LayerKind]] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or (name and _is_transposed_linear(mod)):
             slots.append((name, "weight", "bias", "linear"))
         elif isinstance(mod, nn.Conv2d):
             slots.append((name, "weight", "bias", "conv2d"))
@@ -225,6 +264,7 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
     user = _copy(model).eval()
     ref = _copy(model).eval()
     folded = _fold_modules(ref)
+    linearized = _linearize(ref)
     slots = weight_slots(ref)
     hooked = {(m, a): (folded[(m, a)], "module") if (m, a) in folded else _hook_mask(ref.get_submodule(m), a)
               for m, a, _, _ in slots}
@@ -232,13 +272,17 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
     _strip_hooks(ref)
 
     explicit = dict(masks or {})
+    for name in linearized:         # masks= speaks of the user's [in, out] weight
+        fqn = _join(name, "weight")
+        if fqn in explicit:
+            explicit[fqn] = _as_bool_mask(fqn, explicit[fqn], user.get_submodule(name).weight.shape).t()
     known = {_join(m, a) for m, a, _, _ in slots}
     unknown = sorted(set(explicit) - known)
     if unknown:
         hint = ", ".join(sorted(known)[:5])
         raise MaskError(f"masks= names {len(unknown)} weight(s) that are not Linear/Conv2d/attention weights of "
                         f"this model: {', '.join(unknown[:5])}; use parameter names such as {hint}")
-    _attach(user, explicit, slots)
+    _attach(user, dict(masks or {}), slots)
 
     layers: dict[str, Layer] = {}
     with torch.no_grad():
@@ -264,4 +308,4 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
             layers[fqn] = Layer(fqn, module_fqn, _join(module_fqn, bias_attr) if bias is not None else None,
                                 kind, mask, source, shared.get(fqn, ()))
     log.debug("prepared %d layers (%d sharing their tensor)", len(layers), len(shared))
-    return Prepared(ref, layers, was_training, user)
+    return Prepared(ref, layers, was_training, user, linearized)

@@ -20,8 +20,9 @@ shrink to the new maximum k).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -29,10 +30,11 @@ from torch import Tensor, nn
 
 from sparsecc import patterns
 from sparsecc.errors import PassError
+from sparsecc.inputs import Call
 from sparsecc.passes.analysis import analyse
 from sparsecc.passes.capture import Tracer, concrete_defaults
 from sparsecc.passes.masks import Layer, Prepared
-from sparsecc.validation import compare
+from sparsecc.validation import compare, flatten
 
 #: Modules that act on each channel alone: a constant channel stays constant and keeps its index.
 PER_CHANNEL: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
@@ -231,13 +233,15 @@ def _even_fan_in(mask: Tensor, weight: Tensor) -> Tensor:
     return out.reshape(mask.shape)
 
 
-def narrow(prepared: Prepared, example_inputs: tuple = ()) -> Narrowing:
-    """A copy of the reference with constant and unused channels removed (see the module docstring)."""
+def narrow(prepared: Prepared, example_inputs: Any = ()) -> Narrowing:
+    """A copy of the reference with constant and unused channels removed (see the module docstring).
+    ``example_inputs``: a `Call` or a tuple of positional inputs."""
+    example_inputs = Call.of(example_inputs)
     model = copy.deepcopy(prepared.reference)
     layers = dict(prepared.layers)
     result = Narrowing(model, layers)
     try:
-        graph = Tracer().trace(model, concrete_args=concrete_defaults(model, len(example_inputs) or None) or None)
+        graph = Tracer().trace(model, concrete_args=concrete_defaults(model, example_inputs or None) or None)
     except Exception as exc:  # noqa: BLE001 - untraceable: nothing is narrowed, and the reason is kept
         result.skipped["<model>"] = f"not traceable by torch.fx ({type(exc).__name__})"
         return result
@@ -246,7 +250,8 @@ def narrow(prepared: Prepared, example_inputs: tuple = ()) -> Narrowing:
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            bound = inspect.signature(gm.forward).bind(*example_inputs.args, **example_inputs.kwargs)
+            ShapeProp(gm).propagate(*bound.args)
     weights = {lay.module for lay in layers.values() if lay.fqn.endswith(".weight")
                and isinstance(model.get_submodule(lay.module), (nn.Linear, nn.Conv2d))}
     for node in list(gm.graph.nodes):
@@ -335,11 +340,11 @@ def _pair_problem(model: nn.Module, layers: dict[str, Layer], name: str, produce
     return None
 
 
-def _check(reference: nn.Module, narrowed: nn.Module, inputs: tuple) -> None:
+def _check(reference: nn.Module, narrowed: nn.Module, inputs: Call) -> None:
     """The narrowed model must compute what the reference computes; a mismatch is a bug in this pass."""
     with torch.no_grad():
-        expected, actual = reference(*inputs), narrowed(*inputs)
-    for i, (e, a) in enumerate(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(actual))):
+        expected, actual = inputs(reference), inputs(narrowed)
+    for i, (e, a) in enumerate(zip(flatten(expected)[0], flatten(actual)[0])):
         stat = compare(f"output {i}", a, e)
         if not stat.ok:
             raise PassError(f"narrow: the narrowed model differs from the reference ({stat}); compile with "

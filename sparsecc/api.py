@@ -8,8 +8,9 @@ from typing import Any, Mapping, Optional
 from torch import Tensor, nn
 
 from sparsecc import pipeline
-from sparsecc.compiled import CompiledModel, as_tuple, spec_of
+from sparsecc.compiled import CompiledModel, spec_of
 from sparsecc.errors import InputError
+from sparsecc.inputs import Call
 from sparsecc.passes.condense import plan
 from sparsecc.passes.masks import prepare
 from sparsecc.report import Report
@@ -19,10 +20,13 @@ from sparsecc.validation import Validation, run_validation
 log = logging.getLogger("sparsecc")
 
 
-def _options(example_inputs: Any, backend: str, validate: bool, autotune: bool,
+def _options(example: Call, backend: str, validate: bool, autotune: bool,
              runtime_options: Optional[Mapping[str, Any]], narrow: Optional[bool]) -> pipeline.Options:
     """The arguments of `compile`, checked."""
-    has_inputs = example_inputs is not None
+    has_inputs = bool(example)
+    if example.kwargs and backend in ENGINES:
+        raise InputError(f"backend={backend!r} exports the model with positional tensor inputs; pass the inputs "
+                         f"in forward()'s order as example_inputs instead of example_kwargs")
     if narrow and not has_inputs:
         raise InputError("narrow=True checks the narrowed network on the example inputs: pass example_inputs")
     if backend in ENGINES and not has_inputs:
@@ -34,10 +38,18 @@ def _options(example_inputs: Any, backend: str, validate: bool, autotune: bool,
                             has_inputs, dict(runtime_options or {}))
 
 
-def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None,
-            backend: str = "auto", validate: bool = True, autotune: bool = True,
-            runtime_options: Optional[Mapping[str, Any]] = None, narrow: Optional[bool] = None) -> CompiledModel:
+def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Optional[Mapping[str, Any]] = None,
+            masks: Optional[Mapping[str, Tensor]] = None, backend: str = "auto", validate: bool = True,
+            autotune: bool = True, runtime_options: Optional[Mapping[str, Any]] = None,
+            narrow: Optional[bool] = None) -> CompiledModel:
     """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
+
+    ``example_inputs`` (a tensor or a tuple) and ``example_kwargs`` (a dict, e.g. ``input_ids=``,
+    ``attention_mask=`` for a Hugging Face model) are one call of the model: the compiled model is called the
+    same way, and narrowing, tuning and validation run that call. Outputs may be any structure (tuples, dicts,
+    ``ModelOutput``, KV caches): validation compares them leaf by leaf and the compiled model returns the same
+    types. Attributes and methods of the model (``config``, ``generate``) are reachable on the compiled model and
+    run on the condensed layers.
 
     ``masks`` maps weight names (``"fc1.weight"``) to boolean masks and wins over prune hooks,
     parametrizations and zeros. With ``validate`` (default) outputs are checked against the masked model on
@@ -56,8 +68,10 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     consumers get narrower, consumers' biases absorb the constants; the report's notes list widths before and
     after and what was left and why.
     """
-    options = _options(example_inputs, backend, validate, autotune, runtime_options, narrow)
-    inputs = as_tuple(example_inputs)
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise InputError(f"example_kwargs is a {type(example_kwargs).__name__}; pass a dict of keyword inputs")
+    inputs = Call.of(example_inputs, example_kwargs)
+    options = _options(inputs, backend, validate, autotune, runtime_options, narrow)
     c = pipeline.run(pipeline.Compilation(model, masks, inputs, options))
     c.module.requires_grad_(False)    # inference: plain calls build no autograd graph (inputs may still want grads)
     validate_first_call = validate and not options.has_inputs
@@ -67,13 +81,14 @@ def compile(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Map
     return compiled
 
 
-def inspect(model: nn.Module, example_inputs: Any = None, *, masks: Optional[Mapping[str, Tensor]] = None) -> Report:
-    """The per-layer report (structure, bytes, FLOPs) without compiling. With ``example_inputs`` FLOPs are per
+def inspect(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Optional[Mapping[str, Any]] = None,
+            masks: Optional[Mapping[str, Tensor]] = None) -> Report:
+    """The per-layer report (structure, bytes, FLOPs) without compiling. With example inputs FLOPs are per
     call; without, per output position (token or pixel)."""
     prepared = prepare(model, masks)
     report = pipeline.new_report(plan(prepared), "reference", prepared)
     report.compiled = False
-    inputs = as_tuple(example_inputs)
+    inputs = Call.of(example_inputs, example_kwargs)
     if inputs:
         result = run_validation(prepared.reference, prepared.reference, [inputs], prepared.layers)
         for layer in report.layers:
@@ -86,11 +101,12 @@ def masked_reference(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = N
     return prepare(model, masks).reference
 
 
-def validate(reference_model: nn.Module, compiled_model: nn.Module, inputs: Any) -> Validation:
+def validate(reference_model: nn.Module, compiled_model: nn.Module, inputs: Any,
+             kwargs: Optional[Mapping[str, Any]] = None) -> Validation:
     """Compare ``compiled_model`` with ``reference_model`` as the user runs it (hooks and parametrizations live)
-    on ``inputs``, and each condensed layer with its masked weights; returns the result (check ``.ok``) without
-    raising."""
+    on ``inputs`` (and keyword ``kwargs``), and each condensed layer with its masked weights; returns the result
+    (check ``.ok``) without raising."""
     prepared = prepare(reference_model)
     module = compiled_model.module if isinstance(compiled_model, CompiledModel) else compiled_model
-    return run_validation(prepared.user, module, [as_tuple(inputs)], prepared.layers,
+    return run_validation(prepared.user, module, [Call.of(inputs, kwargs)], prepared.layers,
                           weights_from=prepared.reference, rebuilt=prepared.reference)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsecc.inputs import Call
 from sparsecc.layers import CondensedLayer
 from sparsecc.report import Report
 from sparsecc.runtimes import tuning
@@ -20,10 +21,10 @@ def _condensed(module: nn.Module) -> list[CondensedLayer]:
     return [m for m in module.modules() if isinstance(m, CondensedLayer)]
 
 
-def autotune(module: nn.Module, inputs: tuple, report: Report) -> None:
+def autotune(module: nn.Module, inputs: Call, report: Report) -> None:
     """Make every condensed layer's choice for the example inputs and record it in ``report``."""
     with torch.no_grad():
-        module(*inputs)
+        inputs(module)
     record(module, report)
 
 

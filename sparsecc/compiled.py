@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.errors import EquivalenceError, InputError
+from sparsecc.inputs import Call, as_tuple
 from sparsecc.layers import dense_semantics
 from sparsecc.passes.masks import Prepared
 from sparsecc.report import Report
@@ -21,21 +22,24 @@ from sparsecc.validation import Validation, random_like, run_validation
 InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
 
 
-def as_tuple(example_inputs: Any) -> tuple:
-    """Example inputs as a tuple: None -> (), one tensor -> (tensor,), a list -> a tuple."""
-    if example_inputs is None:
-        return ()
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+__all__ = ["CompiledModel", "as_tuple", "spec_of", "validate_into"]
 
 
-def spec_of(inputs: tuple) -> InputSpec:
-    """Dtype and per-sample shape of every tensor in ``inputs``: what a compiled model accepts (any batch)."""
-    return tuple((t.dtype, t.shape[1:]) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor))
+def spec_of(inputs: Any) -> InputSpec:
+    """Dtype and per-sample shape of every tensor in ``inputs`` (a `Call` or a pytree): what a compiled graph
+    accepts (any batch)."""
+    tree = inputs.tree if isinstance(inputs, Call) else inputs
+    return tuple((t.dtype, t.shape[1:]) for t in pytree.tree_leaves(tree) if isinstance(t, Tensor))
 
 
 class CompiledModel(nn.Module):
-    """The rewritten model. Calls check inputs against what was compiled (free batch dimension); without
-    example inputs at compile time, the first call fixes that and is validated against the reference."""
+    """The rewritten model. Calls of a captured graph check inputs against what was compiled (free batch
+    dimension); a model whose layers were swapped in place runs its own forward, so it takes any call its
+    class takes (other keywords, a KV cache). Without example inputs at compile time, the first call fixes
+    the inputs and is validated against the reference.
+
+    Like ``torch.compile``'s wrapper, it forwards what it does not have to the model it wraps: the user's
+    model class's attributes and methods (``config``, ``generate``) run on the condensed layers."""
 
     def __init__(self, module: nn.Module, report: Report, pending: Optional[Prepared],
                  spec: Optional[InputSpec]) -> None:
@@ -44,6 +48,19 @@ class CompiledModel(nn.Module):
         self.report = report
         self._pending = pending     # what the first call is validated against, when compile had no inputs
         self._spec = spec
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name in ("module", "_pending", "_spec"):
+                raise
+            return getattr(super().__getattr__("module"), name)
+
+    @property
+    def _strict(self) -> bool:
+        """Whether calls must match the compiled inputs: a graph was captured for them."""
+        return isinstance(self.module, torch.fx.GraphModule)
 
     def _check_inputs(self, inputs: tuple) -> Sequence[Tensor]:
         """Raise `InputError` for inputs the compiled model does not take; returns the tensor inputs."""
@@ -59,6 +76,8 @@ class CompiledModel(nn.Module):
         got = spec_of(inputs)
         if spec is None:
             self._spec = got
+            return leaves
+        if not self._strict:
             return leaves
         if len(got) != len(spec):
             raise InputError(f"called with {len(got)} tensor input(s); compiled for {len(self._spec)}")
@@ -86,11 +105,12 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():      # torch.export / dynamo trace the module: no data checks
             return self.module(*args, **kwargs)
-        tensors = self._check_inputs((*args, kwargs) if kwargs else args)
+        call = Call(args, kwargs)
+        tensors = self._check_inputs(call.tree)
         # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
         finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
-        if self._pending is not None and not kwargs:
-            validate_into(self.report, self._pending, self.module, [args, random_like(args)])
+        if self._pending is not None:
+            validate_into(self.report, self._pending, self.module, [call, random_like(call)])
             self._pending = None
         if not finite:
             with dense_semantics():

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecc.errors import InputError, PassError
+from sparsecc.inputs import Call
 from sparsecc.runtimes import get_runtime
 
 
@@ -168,10 +169,12 @@ class CondensedLayer(nn.Module):
         return f"{self.name}, weight={self.weight_shape}, runtime={self.runtime}"
 
 
-def record_first_calls(module: nn.Module, inputs: tuple, watch: Iterable[tuple[str, nn.Module]],
+def record_first_calls(module: nn.Module, inputs: Any, watch: Iterable[tuple[str, nn.Module]],
                        keep: Callable[[nn.Module, tuple, Any], Any]) -> dict[str, Any]:
     """One no-grad run of ``module`` on ``inputs``: for each watched (name, submodule), what ``keep`` makes of
-    its first call (module, args, output); submodules the run does not reach are absent."""
+    its first call (module, args, output); submodules the run does not reach are absent. ``inputs`` is a
+    `sparsecc.inputs.Call` or a tuple of positional inputs."""
+
     seen: dict[str, Any] = {}
 
     def record(name: str, m: nn.Module, args: tuple, out: Any) -> None:   # None: output unchanged
@@ -181,7 +184,7 @@ def record_first_calls(module: nn.Module, inputs: tuple, watch: Iterable[tuple[s
     hooks = [m.register_forward_hook(functools.partial(record, name)) for name, m in watch]
     try:
         with torch.no_grad():
-            module(*inputs)
+            Call.of(inputs)(module)
     finally:
         for h in hooks:
             h.remove()

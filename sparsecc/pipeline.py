@@ -26,6 +26,7 @@ from sparsecc import runtimes
 from sparsecc.autotune import autotune, disable
 from sparsecc.compiled import CompiledModel, validate_into
 from sparsecc.errors import InputError
+from sparsecc.inputs import Call
 from sparsecc.passes.capture import Captured, capture
 from sparsecc.passes.condense import Decision, plan
 from sparsecc.passes.fold import FoldBatchNorm
@@ -65,7 +66,7 @@ class Compilation:
 
     model: nn.Module
     masks: Optional[Mapping[str, Any]]
-    inputs: tuple
+    inputs: Call                  # the example call (empty without example inputs)
     options: Options
     prepared: Optional[Prepared] = None       # the user's model, its masks, the masked reference
     work: Optional[Prepared] = None           # what is condensed: the narrowed copy when narrowing removed channels
@@ -107,6 +108,10 @@ def _elem_bytes(prepared: Prepared) -> int:
 def new_report(decisions: dict[str, Decision], runtime: str, prepared: Prepared) -> Report:
     layers = [layer_report(d, _elem_bytes(prepared)) for d in decisions.values()]
     notes = ["model was in train mode: compiled an eval() copy"] if prepared.was_training else []
+    if prepared.linearized:
+        notes.append(f"{len(prepared.linearized)} transposed-weight linear(s) (transformers Conv1D) analysed and "
+                     f"condensed as nn.Linear: {', '.join(prepared.linearized[:4])}"
+                     + (", ..." if len(prepared.linearized) > 4 else ""))
     return Report(layers, runtime=runtime, notes=notes)
 
 
@@ -137,7 +142,7 @@ def bind(c: Compilation) -> str:
 
 
 def capture_stage(c: Compilation) -> str:
-    c.captured = capture(c.work.reference, len(c.inputs) if c.options.has_inputs else None)
+    c.captured = capture(c.work.reference, c.inputs if c.options.has_inputs else None)
     c.report.capture = c.captured.method
     if c.captured.graph_module is None:
         c.report.capture_reason = c.captured.reason
@@ -183,7 +188,7 @@ def tune(c: Compilation) -> Optional[str]:
     return f"{dense} layer(s) run dense at the example inputs"
 
 
-def _load_engine(name: str, compiled: CompiledModel, reference: nn.Module, inputs: tuple,
+def _load_engine(name: str, compiled: CompiledModel, reference: nn.Module, inputs: tuple[torch.Tensor, ...],
                  options: Mapping[str, Any]) -> nn.Module:
     """Export the rewritten model for engine ``name`` and load it; the report says which form each layer got."""
     from sparsecc.export.onnx_file import write_onnx
@@ -218,7 +223,7 @@ def engine(c: Compilation) -> Optional[str]:
     from sparsecc.export.onnx_file import PRECISIONS
 
     name = c.options.backend
-    c.module = _load_engine(name, CompiledModel(c.module, c.report, None, None), c.prepared.user, c.inputs,
+    c.module = _load_engine(name, CompiledModel(c.module, c.report, None, None), c.prepared.user, c.inputs.args,
                             c.options.runtime_options)
     c.tolerance = TOLERANCE[PRECISIONS[runtimes.engine(name).EXPORT["precision"]]]
     return f"exported to {name}"

@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from sparsecc.compiled import CompiledModel, as_tuple
+from sparsecc.compiled import CompiledModel
+from sparsecc.inputs import as_tuple
 from sparsecc.errors import InputError, VersionError
 from sparsecc.export.onnx_file import batch_of_two
 from sparsecc.files import atomic_write

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from sparsecc.errors import InputError
 from sparsecc.passes.masks import Mask
-from sparsecc.synthetic import Selector, fanin_mask, nm_mask, selected_weights
+from sparsecc.synthetic import Selector, fanin_mask, nm_mask, selected_weights, user_layout
 
 STRUCTURES = ("fanin", "2:4")
 DISTRIBUTIONS = ("uniform", "erk")
@@ -219,7 +219,7 @@ def sparsify(model: nn.Module, structure: str, *, sparsity: float = 0.9, distrib
             report.layers.append(_layer(fqn, w, masks[fqn], f"fan-in k={k}", density[fqn]))
     else:
         _two_four(model, targets, masks, report, permute)
-    for fqn, mask in masks.items():
+    for fqn, mask in user_layout(model, masks).items():
         parametrize.register_parametrization(model.get_submodule(fqn.rpartition(".")[0]), "weight", Mask(mask))
     return report
 
@@ -238,7 +238,7 @@ def _two_four(model: nn.Module, targets: dict[str, Tensor], masks: dict[str, Ten
     unpermuted: dict[str, float] = {}
     notes: dict[str, str] = {}
     for module, fqn in modules.items():
-        w = model.get_submodule(module).weight
+        w = targets[fqn]            # [out, in] view: follows the permutations made in place
         if w.shape[1] % 4:
             raise InputError(f"{fqn}: {w.shape[1]} input channels is not a multiple of 4; 2:4 needs groups of 4 "
                              f"along the input (leave this layer out with include=)")
@@ -257,7 +257,7 @@ def _two_four(model: nn.Module, targets: dict[str, Tensor], masks: dict[str, Ten
         _permute_pair(model, module, producer, norms, perm)
         notes[fqn] = f"with {producer}" + (f" via {', '.join(norms)}" if norms else "")
     for module, fqn in modules.items():
-        w = model.get_submodule(module).weight
-        masks[fqn] = nm_mask(w.detach())
+        w = targets[fqn]
+        masks[fqn] = nm_mask(w)
         report.layers.append(_layer(fqn, w, masks[fqn], "2:4", 0.5, kept_without_permutation=unpermuted[fqn],
                                     permutation=notes[fqn]))

@@ -9,18 +9,28 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from sparsecc.passes.masks import weight_slots
+from sparsecc.passes.masks import transposed_weights, weight_slots
 
 Selector = Callable[[str, str], bool]   # (weight fqn, layer kind) -> sparsify it?
 
 
 def selected_weights(model: nn.Module, include: Optional[Selector]) -> dict[str, torch.Tensor]:
+    """The selected weights as ``[out, in, ...]`` views (a transformers Conv1D's ``[in, out]`` weight transposed):
+    masks are made along the input axis; `user_layout` puts them back."""
     out = {}
+    transposed = transposed_weights(model)
     for module, attr, _, kind in weight_slots(model):
         fqn = f"{module}.{attr}" if module else attr
         if include is None or include(fqn, kind):
-            out[fqn] = getattr(model.get_submodule(module), attr).detach()
+            w = getattr(model.get_submodule(module), attr).detach()
+            out[fqn] = w.t() if fqn in transposed else w
     return out
+
+
+def user_layout(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks made on `selected_weights` in the layout of the model's own weights."""
+    transposed = transposed_weights(model)
+    return {fqn: m.t() if fqn in transposed else m for fqn, m in masks.items()}
 
 
 def fanin_mask(weight: torch.Tensor, sparsity: float, ablate: float = 0.0,
@@ -51,11 +61,12 @@ def nm_mask(weight: torch.Tensor) -> torch.Tensor:
 def fanin_masks(model: nn.Module, sparsity: float = 0.9, ablate: float = 0.0, include: Optional[Selector] = None,
                 seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {fqn: fanin_mask(w, sparsity, ablate, g) for fqn, w in selected_weights(model, include).items()}
+    return user_layout(model, {fqn: fanin_mask(w, sparsity, ablate, g)
+                               for fqn, w in selected_weights(model, include).items()})
 
 
 def nm_masks(model: nn.Module, include: Optional[Selector] = None) -> dict[str, torch.Tensor]:
-    return {fqn: nm_mask(w) for fqn, w in selected_weights(model, include).items()}
+    return user_layout(model, {fqn: nm_mask(w) for fqn, w in selected_weights(model, include).items()})
 
 
 def structured_masks(model: nn.Module, structure: str, sparsity: float = 0.9, ablate: float = 0.0,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from sparsecc.inputs import Call
 from sparsecc.layers import CondensedLayer, record_first_calls
 from sparsecc.report import ErrorStat
 
@@ -31,11 +32,59 @@ _TINY = 1e-30
 NON_FINITE = "your model's output has NaN/Inf here and the compiled model's differs in where"
 
 
+#: Leaves compared for equality as they are, never taken apart.
+_PLAIN = (Tensor, int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, type)
+
+
+def _expand(x: Any, path: str, flat: list, names: list[str], seen: set[int]) -> Any:
+    """Append the leaves of ``x`` to ``flat`` (their paths to ``names``); returns its structure. An object pytree
+    does not know (a Hugging Face cache) is taken apart by its attributes, in name order; modules and functions
+    it holds are skipped."""
+    if isinstance(x, _PLAIN) or id(x) in seen or not hasattr(x, "__dict__"):
+        flat.append(x)
+        names.append(path)
+        return None
+    seen.add(id(x))
+    structure: list[Any] = [type(x)]
+    for name, value in sorted(vars(x).items()):
+        if isinstance(value, nn.Module) or (callable(value) and not isinstance(value, type)):
+            continue
+        leaves, spec = pytree.tree_flatten_with_path(value)
+        structure.append((name, spec, [_expand(leaf, f"{path}.{name}{pytree.keystr(key)}", flat, names, seen)
+                                       for key, leaf in leaves]))
+    return structure
+
+
+def flatten(output: Any) -> tuple[list[Any], Any, list[str]]:
+    """The leaves of a model's output, its structure and each leaf's path (``[0]``, ``.last_hidden_state``,
+    ``.past_key_values.layers[0].keys``), for any nesting of tuples, lists, dicts, dataclasses pytree knows
+    (transformers registers its ``ModelOutput``) and other objects (its cache classes)."""
+    leaves, spec = pytree.tree_flatten_with_path(output)
+    flat: list[Any] = []
+    names: list[str] = []
+    seen: set[int] = set()
+    structure = [_expand(leaf, pytree.keystr(key), flat, names, seen) for key, leaf in leaves]
+    return flat, (spec, structure), names
+
+
+def _same(actual: Any, expected: Any) -> tuple[bool, str]:
+    """Equality of two non-tensor leaves; objects without their own ``==`` (identity) by type only."""
+    if type(actual) is not type(expected):
+        return False, f"{type(actual).__name__} != reference {type(expected).__name__}"
+    if type(expected).__eq__ is object.__eq__:
+        return True, "compared by type only"
+    try:
+        return bool(actual == expected), "" if actual == expected else f"{actual!r} != reference {expected!r}"
+    except Exception:  # noqa: BLE001 - an == that cannot answer (arrays): the type matched
+        return True, "compared by type only"
+
+
 def compare(what: str, actual: Any, expected: Any, tolerance: Optional[float] = None) -> ErrorStat:
-    """Shape, then dtype, then closeness relative to max |expected| (``tolerance`` overrides the dtype's)."""
+    """Shape, then dtype, then closeness relative to max |expected| (``tolerance`` overrides the dtype's);
+    leaves that are not tensors for equality."""
     if not isinstance(actual, Tensor) or not isinstance(expected, Tensor):
-        ok = actual == expected
-        return ErrorStat(what, 0.0 if ok else float("inf"), 0.0, 0.0, bool(ok), "" if ok else "values differ")
+        ok, detail = _same(actual, expected)
+        return ErrorStat(what, 0.0 if ok else float("inf"), 0.0, 0.0, ok, detail)
     if actual.shape != expected.shape:
         return ErrorStat(what, float("inf"), float("inf"), 0.0, False,
                          f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
@@ -64,10 +113,14 @@ def compare(what: str, actual: Any, expected: Any, tolerance: Optional[float] = 
     return ErrorStat(what, max_abs, max_abs / scale, tol, ok, "" if ok else f"exceeds tolerance {tol:.2e}")
 
 
-def random_like(inputs: tuple) -> tuple:
-    """Fresh inputs of the same shapes: floats redrawn from N(0,1), everything else reused."""
-    return pytree.tree_map(lambda t: torch.randn_like(t) if isinstance(t, Tensor) and t.is_floating_point() else t,
-                           inputs)
+def _redraw(t: Any) -> Any:
+    return torch.randn_like(t) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+
+def random_like(inputs: Any) -> Any:
+    """Fresh inputs of the same shapes (a `Call` or a pytree): floats redrawn from N(0,1), everything else
+    (token ids, masks) reused."""
+    return inputs.map(_redraw) if isinstance(inputs, Call) else pytree.tree_map(_redraw, inputs)
 
 
 @dataclass
@@ -143,14 +196,14 @@ def _positions_hooks(model: nn.Module, layers: dict[str, Any], positions: dict[s
     return hooks
 
 
-def _module_outputs(model: nn.Module, inputs: tuple) -> dict[str, list[Tensor]]:
+def _module_outputs(model: nn.Module, inputs: Call) -> dict[str, list[Tensor]]:
     """Each module's tensor outputs on its first call, in call order (copies: later in-place ops can't touch
     them)."""
     return record_first_calls(model, inputs, model.named_modules(), lambda m, args, out: [
         t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, Tensor)])
 
 
-def rebuild_differences(user: nn.Module, rebuilt: nn.Module, inputs: tuple, limit: int = 5) -> list[str]:
+def rebuild_differences(user: nn.Module, rebuilt: nn.Module, inputs: Call, limit: int = 5) -> list[str]:
     """Modules (first ``limit``, in call order) whose outputs differ between the user's model and the masked
     reference sparsecc rebuilt from it: where a rebuild went wrong."""
     want, got = _module_outputs(user, inputs), _module_outputs(rebuilt, inputs)
@@ -165,7 +218,7 @@ def rebuild_differences(user: nn.Module, rebuilt: nn.Module, inputs: tuple, limi
     return (inner or [n or "<root>" for n in differ])[:limit]
 
 
-def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[tuple],
+def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[Any],
                    layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None,
                    weights_from: Optional[nn.Module] = None, rebuilt: Optional[nn.Module] = None) -> Validation:
     """Run both models on every input set; compare outputs and every condensed layer on its own input.
@@ -173,7 +226,8 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
     one end to end (an fp16 engine checked against fp32 outputs). Layers are checked against the weights of
     ``weights_from`` (default ``reference``; the masked rebuild, or the narrowed copy when channels were
     removed, whose layers have other shapes). If the outputs differ, ``rebuilt`` (the masked rebuild) is
-    compared with ``reference`` module by module."""
+    compared with ``reference`` module by module. Each input set is a `Call` or a tuple of positional inputs."""
+    input_sets = [Call.of(inputs) for inputs in input_sets]
     weights_from = reference if weights_from is None else weights_from
     condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)}
     end_to_end: dict[int, ErrorStat] = {}
@@ -189,16 +243,19 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
         with torch.no_grad():
             for inputs in input_sets:
                 captured.clear()
-                expected = reference(*inputs)
-                actual = compiled(*inputs)
-                exp_leaves, exp_spec = pytree.tree_flatten(expected)
-                act_leaves, act_spec = pytree.tree_flatten(actual)
+                expected = inputs(reference)
+                actual = inputs(compiled)
+                exp_leaves, exp_spec, names = flatten(expected)
+                act_leaves, act_spec, _ = flatten(actual)
                 if exp_spec != act_spec:
                     end_to_end[-1] = ErrorStat("output", float("inf"), float("inf"), 0.0, False,
                                                f"output structure {act_spec} != reference {exp_spec}")
                     continue
                 for i, (a, e) in enumerate(zip(act_leaves, exp_leaves)):
-                    end_to_end[i] = _merge(end_to_end.get(i), compare(f"output {i}", a, e, tolerance))
+                    what = f"output {i}" + (f" ({names[i]})" if names[i] and names[i] != f"[{i}]" else "")
+                    stat = compare(what, a, e, tolerance)
+                    if isinstance(e, Tensor) or not stat.ok or i in end_to_end:   # equal flags and devices: quiet
+                        end_to_end[i] = _merge(end_to_end.get(i), stat)
                 for fqn, (x, y) in captured.items():
                     mod = condensed[fqn]
                     w = weights_from.get_parameter(fqn)
@@ -212,7 +269,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
         hooks = _positions_hooks(weights_from, {f: layers[f] for f in missing}, positions)
         try:
             with torch.no_grad():
-                weights_from(*input_sets[0])
+                input_sets[0](weights_from)
         finally:
             for h in hooks:
                 h.remove()

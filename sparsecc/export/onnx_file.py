@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from sparsecc.files import atomic_write
-from sparsecc.compiled import CompiledModel, as_tuple
+from sparsecc.compiled import CompiledModel
+from sparsecc.inputs import as_tuple
 from sparsecc.errors import ExportError, InputError, SparseccWarning
 from sparsecc.export import forms
 from sparsecc.layers import CondensedLayer, first_calls
