@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing is downloaded: transformers reads local files only
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 #: (rtol, atol scale): atol is scale * max|expected|, as sparsecc's own validation does.
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-9, 1e-9), torch.float16: (1e-2, 1e-2),

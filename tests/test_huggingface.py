@@ -1,0 +1,235 @@
+"""Hugging Face models as users call them: keyword inputs, ``ModelOutput`` and KV caches in the outputs, the
+compiled model's ``config`` and ``generate``, GPT-2's transposed ``Conv1D``. Small models from configs with
+random weights (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecc
+from sparsecc import InputError, synthetic
+from sparsecc.errors import EquivalenceError, MaskError
+from sparsecc.validation import flatten
+from tests.conftest import assert_equivalent
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def assert_same_output(actual, expected) -> None:
+    """Same structure and types all the way down (ModelOutput, cache objects), tensors equivalent."""
+    assert type(actual) is type(expected), f"{type(actual).__name__} != {type(expected).__name__}"
+    got, got_spec, got_names = flatten(actual)
+    want, want_spec, want_names = flatten(expected)
+    assert got_names == want_names
+    assert got_spec == want_spec
+    tensors = 0
+    for a, e, name in zip(got, want, want_names):
+        if isinstance(e, torch.Tensor):
+            assert_equivalent(a, e)
+            tensors += 1
+        else:
+            assert type(a) is type(e), name
+    assert tensors, "no tensor was compared"
+
+
+def bert(masks: str = "fanin") -> nn.Module:
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    synthetic.attach_with_prune(model, synthetic.structured_masks(
+        model, masks, 0.75, include=lambda fqn, kind: fqn.startswith("encoder.")))
+    return model
+
+
+def llama(structure: str = "fanin") -> nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    synthetic.attach_with_prune(model, synthetic.structured_masks(
+        model, structure, 0.7, include=lambda fqn, kind: fqn.startswith("model.layers.")))
+    return model
+
+
+def gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=1)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The KV-cache keyword of this transformers version (5.x renames ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output) -> object:
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def tokens(n: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (batch, n))
+
+
+@pytest.mark.parametrize("structure", ["fanin", "2:4"])
+def test_bert_keyword_inputs_and_model_output(structure):
+    model = bert(structure)
+    ids = tokens(12, batch=2)
+    attention = torch.ones_like(ids)
+    attention[1, 8:] = 0                                       # padding in the second sequence
+    kwargs = dict(input_ids=ids, attention_mask=attention, token_type_ids=torch.zeros_like(ids))
+    compiled = sparsecc.compile(model, example_kwargs=kwargs)
+    assert len(compiled.report.condensed) == 12
+    assert compiled.report.validated
+    for call in (kwargs, dict(input_ids=tokens(7), attention_mask=torch.ones(1, 7, dtype=torch.long))):
+        with torch.no_grad():
+            assert_same_output(compiled(**call), model(**call))
+    with torch.no_grad():                                       # positional and keyword mixed, as the user may
+        assert_same_output(compiled(ids, attention_mask=attention), model(ids, attention_mask=attention))
+
+
+@pytest.mark.parametrize("structure", ["fanin", "2:4"])
+def test_causal_lm_kv_cache_and_greedy_generate(structure):
+    model = llama(structure)
+    prompt = tokens(10)
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=prompt))
+    assert len(compiled.report.condensed) == 14
+    expected_op = "nm_linear" if structure == "2:4" else "condensed_linear"
+    assert {lay.action for lay in compiled.report.condensed} == {expected_op}
+    with torch.no_grad():
+        mine, theirs = compiled(input_ids=prompt), model(input_ids=prompt)
+        assert_same_output(mine, theirs)
+        assert type(cache_of(mine)).__name__ == "DynamicCache"
+        step = theirs.logits[:, -1:].argmax(-1)
+        # one decode step on each side's own cache: the cache the compiled model returned is usable
+        name = cache_argument(model)
+        assert_same_output(compiled(input_ids=step, **{name: cache_of(mine)}),
+                           model(input_ids=step, **{name: cache_of(theirs)}))
+    want = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    got = compiled.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(got, want)
+
+
+def test_validation_compares_the_kv_cache():
+    """A compiled model whose cache differs from the user's fails validation, naming the cache entry."""
+    model = llama()
+    prompt = tokens(6)
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=prompt))
+    for layer in compiled.module.model.layers:        # the value projections run on other weights
+        with torch.no_grad():
+            layer.self_attn.v_proj.values.mul_(2.0)
+    result = sparsecc.validate(model, compiled, (), dict(input_ids=prompt))
+    assert not result.ok
+    failed = [s.what for s in result.end_to_end if not s.ok]
+    assert any("layers[0].values" in what for what in failed), failed
+
+
+def test_compiled_model_reaches_the_models_attributes():
+    model = llama()
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=tokens(5)))
+    assert compiled.config is compiled.module.config
+    assert compiled.config.to_dict() == model.config.to_dict()
+    assert compiled.generation_config.to_dict() == model.generation_config.to_dict()
+    assert compiled.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        compiled.no_such_attribute
+
+
+def test_gpt2_conv1d_prune_hooks_condensed_like_linear():
+    model = gpt2()
+    masks = synthetic.fanin_masks(model, 0.75, include=lambda fqn, kind: fqn.startswith("transformer.h."))
+    assert masks["transformer.h.0.mlp.c_fc.weight"].shape == model.transformer.h[0].mlp.c_fc.weight.shape
+    synthetic.attach_with_prune(model, masks)
+    prompt = tokens(9)
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=prompt))
+    condensed = {lay.name for lay in compiled.report.condensed}
+    assert condensed == set(masks)                   # every Conv1D of every block
+    assert {lay.structure for lay in compiled.report.condensed} == {"fan-in k=16", "fan-in k=64"}
+    assert any("Conv1D" in note for note in compiled.report.notes)
+    with torch.no_grad():
+        assert_same_output(compiled(input_ids=prompt), model(input_ids=prompt))
+    assert torch.equal(compiled.generate(prompt, max_new_tokens=10, do_sample=False),
+                       model.generate(prompt, max_new_tokens=10, do_sample=False))
+
+
+@pytest.mark.parametrize("structure", ["fanin", "2:4"])
+def test_gpt2_sparsify_and_masks_argument_in_conv1d_layout(structure):
+    model = gpt2()
+    report = sparsecc.sparsify(model, structure, sparsity=0.75, include=lambda f, k: f.startswith("transformer.h."))
+    assert len(report.layers) == 8
+    masks = {name: m.parametrizations.weight[0].mask for name, m in
+             ((n + ".weight", mod) for n, mod in model.named_modules()) if hasattr(m, "parametrizations")}
+    prompt = tokens(8)
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=prompt))
+    assert len(compiled.report.condensed) == 8
+    with torch.no_grad():
+        assert_same_output(compiled(input_ids=prompt), model(input_ids=prompt))
+    plain = gpt2()
+    plain.load_state_dict({k.replace(".parametrizations.weight.original", ".weight"): v
+                           for k, v in model.state_dict().items() if not k.endswith(".mask")}, strict=False)
+    compiled = sparsecc.compile(plain, example_kwargs=dict(input_ids=prompt), masks=masks)
+    assert {lay.mask_source for lay in compiled.report.condensed} == {"masks="}
+    with torch.no_grad():
+        assert_same_output(compiled(input_ids=prompt), model(input_ids=prompt))
+    name = "transformer.h.0.attn.c_attn.weight"
+    with pytest.raises(MaskError, match=name.replace(".", r"\.") + r".*\(64, 192\)"):
+        sparsecc.compile(plain, example_kwargs=dict(input_ids=prompt), masks={name: masks[name].t()})
+
+
+class Scaled(nn.Module):
+    """A traceable model with keyword-only options: fx captures it with the keywords as inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor = None, scale: float = 1.0) -> dict:
+        h = torch.relu(self.fc1(x))
+        if gate is not None:
+            h = h * gate
+        return {"out": self.fc2(h) * scale, "hidden": [h]}
+
+
+def test_keyword_inputs_on_a_traced_model():
+    model = Scaled().eval()
+    synthetic.attach_with_prune(model, synthetic.fanin_masks(model, 0.75))
+    x, gate = torch.randn(3, 32), torch.rand(3, 64)
+    compiled = sparsecc.compile(model, (x,), example_kwargs=dict(gate=gate))
+    assert compiled.report.capture == "torch.fx"
+    assert len(compiled.report.condensed) == 2
+    with torch.no_grad():
+        assert_same_output(compiled(x, gate=gate), model(x, gate=gate))
+        y, g = torch.randn(5, 32), torch.rand(5, 64)       # another batch
+        assert_same_output(compiled(y, gate=g), model(y, gate=g))
+
+
+def test_example_kwargs_must_be_a_mapping_and_engines_take_positional_inputs():
+    model = bert()
+    with pytest.raises(InputError, match="example_kwargs"):
+        sparsecc.compile(model, example_kwargs=[tokens(4)])
+    with pytest.raises(InputError, match="positional"):
+        sparsecc.compile(model, example_kwargs=dict(input_ids=tokens(4)), backend="onnxruntime")
+
+
+def test_first_call_with_keywords_is_validated():
+    model = bert()
+    compiled = sparsecc.compile(model)
+    assert not compiled.report.validated
+    ids = tokens(6)
+    with torch.no_grad():
+        assert_same_output(compiled(input_ids=ids), model(input_ids=ids))
+    assert compiled.report.validated
+
+
+def test_first_call_validation_catches_a_wrong_layer():
+    model = bert()
+    compiled = sparsecc.compile(model)
+    with torch.no_grad():
+        compiled.module.encoder.layer[0].intermediate.dense.values.mul_(2.0)
+    with pytest.raises(EquivalenceError, match=r"last_hidden_state.*FAILED.*intermediate\.dense"):
+        compiled(input_ids=tokens(6))
