@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -263,6 +264,35 @@ def concrete_defaults(model: nn.Module, example: Optional[Call]) -> dict[str, An
         if p.default is not p.empty and not given:
             concrete[p.name] = p.default
     return concrete
+
+
+def dynamic_shapes(model: nn.Module, example: Call) -> dict[str, Any]:
+    """Every dimension of every tensor input free (``Dim.AUTO``: export keeps those the model specialises),
+    keyed by forward()'s parameter names as torch.export wants when there are keyword inputs."""
+    bound = inspect.signature(model.forward).bind(*example.args, **example.kwargs)
+    auto = torch.export.Dim.AUTO
+
+    def spec(value: Any) -> Any:
+        return {i: auto for i in range(value.dim())} if isinstance(value, Tensor) else None
+    return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def export_graph(model: nn.Module, example: Call) -> fx.GraphModule:
+    """The graph ``torch.export`` (non-strict: the model's Python runs as is) records for calls like
+    ``example``, with its layers as modules again (`sparsecc.passes.modularize`) at the model's own paths."""
+    from sparsecc.passes.modularize import modularize
+
+    quiet = logging.getLogger("torch._export.non_strict_utils")    # "dimension ... specialized" per input
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        program = torch.export.export(model, example.args, dict(example.kwargs),
+                                      dynamic_shapes=dynamic_shapes(model, example), strict=False)
+    finally:
+        quiet.setLevel(level)
+    gm = program.module()
+    modularize(gm)
+    return gm
 
 
 def capture(model: nn.Module, example: Optional[Call] = None) -> Captured:

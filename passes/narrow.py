@@ -32,7 +32,7 @@ from sparsecc import patterns
 from sparsecc.errors import PassError
 from sparsecc.inputs import Call
 from sparsecc.passes.analysis import analyse
-from sparsecc.passes.capture import Tracer, concrete_defaults
+from sparsecc.passes.capture import Tracer, concrete_defaults, export_graph
 from sparsecc.passes.masks import Layer, Prepared
 from sparsecc.validation import compare, flatten
 
@@ -40,9 +40,14 @@ from sparsecc.validation import compare, flatten
 PER_CHANNEL: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
                                  nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.Mish, nn.Dropout, nn.Identity,
                                  nn.BatchNorm1d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten)
+_aten = torch.ops.aten
+#: The same as functions, as torch.fx records them and as torch.export does (aten ops).
 PER_CHANNEL_FUNCTIONS: frozenset[Callable] = frozenset({
     torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu, torch.sigmoid,
-    torch.tanh, torch.nn.functional.dropout, torch.flatten})
+    torch.tanh, torch.nn.functional.dropout, torch.flatten, _aten.relu.default, _aten.gelu.default,
+    _aten.silu.default, _aten.sigmoid.default, _aten.tanh.default, _aten.dropout.default, _aten.flatten.using_ints,
+    _aten.hardtanh.default, _aten.hardswish.default, _aten.hardsigmoid.default, _aten.clone.default})
+FLATTEN_FUNCTIONS = (torch.flatten, _aten.flatten.using_ints)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,18 @@ class Narrowing:
     layers: dict[str, Layer]
     removals: list[Removal] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)    # producer -> why it was not narrowed
+    graph: str = "torch.fx"        # which capture found the producer -> consumer chains
+
+
+def _exported(model: nn.Module, example: Call) -> tuple[Optional[fx.GraphModule], str]:
+    """torch.export's graph of ``model`` for the example call, its layers as modules at the model's paths
+    (so the chains found in it name ``model``'s modules), or why there is none."""
+    if not example:
+        return None, ""
+    try:
+        return export_graph(model, example), ""
+    except Exception as exc:  # noqa: BLE001 - not exportable either: the reason goes in the report
+        return None, f"; nor by torch.export ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
 
 
 @dataclass(frozen=True)
@@ -92,7 +109,7 @@ def _per_channel(node: fx.Node, model: nn.Module) -> Optional[str]:
     if node.op == "output":
         return "it is the model's output"
     if node.op == "call_function" and node.target in PER_CHANNEL_FUNCTIONS:
-        if node.target is torch.flatten and (node.args[1:2] or [node.kwargs.get("start_dim", 0)])[0] != 1:
+        if node.target in FLATTEN_FUNCTIONS and (node.args[1:2] or [node.kwargs.get("start_dim", 0)])[0] != 1:
             return "torch.flatten not from dim 1"
         if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
             return f"{node.name} takes a second tensor"
@@ -113,7 +130,8 @@ def _chains(producer: fx.Node, model: nn.Module, weights: set[str]) -> "list[_Ch
                 flat = [n for n in ops if _is_flatten(n, model)]
                 spatial = 1
                 if flat:
-                    shape = flat[0].args[0].meta.get("tensor_meta")
+                    meta = flat[0].args[0].meta
+                    shape = meta.get("tensor_meta", meta.get("val"))     # ShapeProp's, or torch.export's
                     if shape is None:
                         return "flatten into a Linear needs example inputs (spatial size)"
                     spatial = int(torch.Size(shape.shape[2:]).numel())
@@ -130,7 +148,7 @@ def _chains(producer: fx.Node, model: nn.Module, weights: set[str]) -> "list[_Ch
 
 def _is_flatten(node: fx.Node, model: nn.Module) -> bool:
     return ((node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.Flatten))
-            or (node.op == "call_function" and node.target is torch.flatten))
+            or (node.op == "call_function" and node.target in FLATTEN_FUNCTIONS))
 
 
 def _constants(producer: nn.Module, chain: _Chain, model: nn.Module) -> Tensor:
@@ -241,12 +259,15 @@ def narrow(prepared: Prepared, example_inputs: Any = ()) -> Narrowing:
     layers = dict(prepared.layers)
     result = Narrowing(model, layers)
     try:
-        graph = Tracer().trace(model, concrete_args=concrete_defaults(model, example_inputs or None) or None)
-    except Exception as exc:  # noqa: BLE001 - untraceable: nothing is narrowed, and the reason is kept
-        result.skipped["<model>"] = f"not traceable by torch.fx ({type(exc).__name__})"
-        return result
-    gm = fx.GraphModule(model, graph)
-    if example_inputs:
+        gm = fx.GraphModule(model, Tracer().trace(model, concrete_args=concrete_defaults(
+            model, example_inputs or None) or None))
+    except Exception as exc:  # noqa: BLE001 - untraceable by fx: torch.export's graph, or nothing is narrowed
+        gm, why = _exported(model, example_inputs)
+        if gm is None:
+            result.skipped["<model>"] = f"not traceable by torch.fx ({type(exc).__name__}){why}"
+            return result
+        result.graph = f"torch.export (torch.fx: {type(exc).__name__})"
+    if example_inputs and result.graph == "torch.fx":
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():

@@ -90,7 +90,8 @@ def narrow_stage(c: Compilation) -> Optional[str]:
     c.narrowing = narrow(c.prepared, c.inputs)
     if c.narrowing.removals:      # else the unchanged copy is dropped: a model's worth of memory
         c.work = Prepared(c.narrowing.model, c.narrowing.layers, c.prepared.was_training)
-    return f"{len(c.narrowing.removals)} producer(s) narrowed, {len(c.narrowing.skipped)} left"
+    return (f"{len(c.narrowing.removals)} producer(s) narrowed, {len(c.narrowing.skipped)} left "
+            f"(graph from {c.narrowing.graph})")
 
 
 def _has_ablated(prepared: Prepared, module: str) -> bool:
@@ -121,6 +122,8 @@ def analyse(c: Compilation) -> str:
     if c.narrowing is not None:
         c.report.narrowed = list(c.narrowing.removals)
         c.report.notes += [f"narrowed {r}" for r in c.narrowing.removals] or ["narrow: no channel removed"]
+        if c.narrowing.graph != "torch.fx":
+            c.report.notes.append(f"narrowing read the graph from {c.narrowing.graph}")
         c.report.notes += [f"not narrowed {p}: {why}" for p, why in c.narrowing.skipped.items()
                            if why != "no ablated or unused channels" and _has_ablated(c.prepared, p)]
     condensable = sum(d.replacement is not None for d in c.decisions.values())

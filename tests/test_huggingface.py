@@ -233,3 +233,22 @@ def test_first_call_validation_catches_a_wrong_layer():
         compiled.module.encoder.layer[0].intermediate.dense.values.mul_(2.0)
     with pytest.raises(EquivalenceError, match=r"last_hidden_state.*FAILED.*intermediate\.dense"):
         compiled(input_ids=tokens(6))
+
+
+def test_narrowing_reads_torch_exports_graph_where_fx_fails():
+    """BERT is not traceable by torch.fx; its MLPs' ablated neurons are still removed (intermediate.dense ->
+    GELU -> output.dense), found in torch.export's graph."""
+    plain = transformers.BertModel(bert().config).eval()
+    masks = synthetic.fanin_masks(plain, 0.75, ablate=0.25, include=lambda fqn, kind: fqn.startswith("encoder."))
+    synthetic.attach_with_prune(plain, masks)
+    ids = tokens(10)
+    compiled = sparsecc.compile(plain, example_kwargs=dict(input_ids=ids))
+    assert compiled.report.capture == "module swapping"
+    assert [r.producer for r in compiled.report.narrowed] == [f"encoder.layer.{i}.intermediate.dense"
+                                                              for i in range(2)]
+    assert all(r.after == 96 for r in compiled.report.narrowed)
+    assert any("torch.export" in note for note in compiled.report.notes)
+    assert compiled.module.encoder.layer[0].output.dense.weight_shape == (64, 96)
+    for call in (dict(input_ids=ids), dict(input_ids=tokens(5, batch=3))):
+        with torch.no_grad():
+            assert_same_output(compiled(**call), plain(**call))
