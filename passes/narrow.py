@@ -76,7 +76,7 @@ class Narrowing:
     layers: dict[str, Layer]
     removals: list[Removal] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)    # producer -> why it was not narrowed
-    graph: str = "torch.fx"        # which capture found the producer -> consumer chains
+    graph: str = "torch.fx"        # which capture found the producer -> consumer chains ("none": neither)
 
 
 def _exported(model: nn.Module, example: Call) -> tuple[Optional[fx.GraphModule], str]:
@@ -84,6 +84,8 @@ def _exported(model: nn.Module, example: Call) -> tuple[Optional[fx.GraphModule]
     (so the chains found in it name ``model``'s modules), or why there is none."""
     if not example:
         return None, ""
+    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in example.kwargs:
+        example = Call(example.args, {**example.kwargs, "use_cache": False})   # same layers, no cache object out
     try:
         return export_graph(model, example), ""
     except Exception as exc:  # noqa: BLE001 - not exportable either: the reason goes in the report
@@ -265,6 +267,7 @@ def narrow(prepared: Prepared, example_inputs: Any = ()) -> Narrowing:
         gm, why = _exported(model, example_inputs)
         if gm is None:
             result.skipped["<model>"] = f"not traceable by torch.fx ({type(exc).__name__}){why}"
+            result.graph = "none"
             return result
         result.graph = f"torch.export (torch.fx: {type(exc).__name__})"
     if example_inputs and result.graph == "torch.fx":

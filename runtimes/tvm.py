@@ -170,7 +170,8 @@ class _Tuned:
             choice = self.choices.get(key)
             if choice is None:
                 choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), tokens,
-                                                           lambda: self.sparse(x), lambda: self.dense(x))
+                                                           lambda: self.sparse(x), lambda: self.dense(x),
+                                                           tuning.streaming(self.values))
             if choice.dense:
                 return self.dense(x)
         return self.sparse(x)

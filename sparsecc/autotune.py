@@ -41,6 +41,17 @@ def record(module: nn.Module, report: Report) -> None:
         entry.runtime = entry.runtime.removesuffix("+dense") + ("+dense" if any(c.dense for c in choices) else "")
 
 
+def stream_if_large(module: nn.Module) -> bool:
+    """Mark every condensed layer of ``module`` for cold measurement when the module's tensors exceed the
+    last-level cache (each layer's weights then come from memory at every call); returns whether they do."""
+    held = {id(t): t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
+    if sum(held.values()) <= tuning.llc_bytes():
+        return False
+    for layer in _condensed(module):
+        tuning.stream(layer._buffers["values"])
+    return True
+
+
 def disable(module: nn.Module) -> None:
     """Every condensed layer of ``module`` runs its sparse kernel at every token count."""
     for layer in _condensed(module):

@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsecc", description="sparse-model compiler for PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("demo", "compile, validate and time an SRigL-style sparse torchvision model"),
-                        ("inspect", "print the per-layer structure report of an SRigL-style sparse model")):
+                        ("inspect", "print the per-layer structure report of your model (MODEL) or of an "
+                                    "SRigL-style sparse torchvision model")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--model", default="vit_b_16", choices=["vit_b_16", "resnet18", "resnet50"])
         c.add_argument("--sparsity", type=float, default=0.9)
         c.add_argument("--ablate", type=float, default=0.05, help="fraction of neurons ablated per layer")
+    _user_model_arguments(sub.choices["inspect"])
     demo = sub.choices["demo"]
     demo.add_argument("--backend", default="auto")
     demo.add_argument("--runs", type=int, default=10)
@@ -26,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                       "its dense op measures faster")
     export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX (.onnx), "
                             "as a TVM library that runs without PyTorch (.so), or into a Triton model repository")
-    export.add_argument("out", type=Path, nargs="?", help="the .onnx or .so file to write (not with --triton)")
+    export.add_argument("paths", type=Path, nargs="*", metavar="[MODEL] OUT", help="your model (optional: else "
+                        "--model) and the .onnx or .so file to write (with --triton: only MODEL)")
     export.add_argument("--triton", type=Path, metavar="REPO_DIR", help="write a Triton Inference Server model "
                         "repository entry instead: REPO_DIR/NAME/config.pbtxt and REPO_DIR/NAME/<version>/model.onnx")
     export.add_argument("--name", help="the Triton model name (default: --model)")
@@ -44,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-2to4", help="which Gemm/MatMul/Conv weights of an ONNX file TensorRT reads as 2:4")
     check.add_argument("onnx", type=Path)
     bench = sub.add_parser("bench", help="batch-1 latency of condensed layers and models vs peers, at 1 thread "
-                           "and every core")
+                           "and every core; of your model (MODEL); or LLM decode (--llm), a trained encoder "
+                           "(--encoder)")
+    _user_model_arguments(bench)
+    bench.add_argument("--llm", action="store_true", help="only greedy decoding of a Llama-style decoder (12 "
+                       "layers, hidden 768) with 2:4 and 50%%/70%% per-row masks: tokens/s dense vs sparsecc")
+    bench.add_argument("--encoder", action="store_true", help="only the trained all-MiniLM-L6-v2 encoder "
+                       "(90%% fan-in and 2:4) at 16 and 128 tokens")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
                        "latency.png go")
     bench.add_argument("--runs", type=int, default=200, help="timed rounds per layer configuration")
@@ -59,18 +68,38 @@ def _parser() -> argparse.ArgumentParser:
                        "narrower models (30%% of neurons ablated)")
     bench.add_argument("--onnx-formulations", action="store_true", help="only time each ONNX export formulation "
                        "of ViT/ResNet-shaped layers in onnxruntime (the crossovers `formulation='auto'` uses)")
+    _user_model_arguments(export, model=False)
     return p
+
+
+def _user_model_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """MODEL (a Hugging Face model directory, a .pt2 or a torch.save'd nn.Module) and how to read it."""
+    if model:
+        p.add_argument("user_model", nargs="?", metavar="MODEL", help="your model: a Hugging Face model directory, "
+                       "a torch.export .pt2 file or a torch.save'd nn.Module (default: the built-in --model)")
+    p.add_argument("--sparsify", metavar="PATTERN", help="attach magnitude masks first: fanin:SPARSITY (e.g. "
+                   "fanin:0.9) or 2:4; output layers stay dense")
+    p.add_argument("--input-shape", metavar="N,C,...", type=lambda t: tuple(int(v) for v in t.split(",")),
+                   help="a float input of this shape instead of the one read from MODEL")
+    p.add_argument("--tokens", type=int, default=32, help="token ids per example sequence when MODEL has no "
+                   "tokenizer")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "export" and (args.out is None) == (args.triton is None):
-        parser.error("export: give either an output file or --triton REPO_DIR")
+    if args.command == "export":
+        paths = list(args.paths)
+        if not (len(paths) == 2 or len(paths) == 1 and args.triton is None or len(paths) <= 1 and args.triton):
+            parser.error("export: give [MODEL] OUT, or --triton REPO_DIR [MODEL]")
+        args.out = paths.pop() if args.triton is None else None
+        args.user_model = paths.pop() if paths else None
     if args.command == "export" and (args.image_size < 32 or args.model == "vit_b_16" and args.image_size % 16):
         parser.error(f"--image-size {args.image_size}: use at least 32, and a multiple of 16 for vit_b_16 (its "
                      f"patch size)")
+    if args.command in ("inspect", "bench", "export") and not args.user_model and (args.sparsify or args.input_shape):
+        parser.error("--sparsify and --input-shape apply to your MODEL: give its path")
     from sparsecc.errors import SparseccError
 
     try:
@@ -80,10 +109,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
+def _user(args: argparse.Namespace) -> "Any":
+    """MODEL loaded (and sparsified with ``--sparsify``), with progress on stderr."""
+    from sparsecc import usermodel
+
+    log = usermodel.progress()
+    log.info(f"loading {args.user_model}")
+    loaded = usermodel.load(args.user_model, args.input_shape, args.tokens)
+    log.info(f"loaded {loaded.what}")
+    if args.sparsify:
+        log.info(f"sparsify {args.sparsify}: {usermodel.sparsify(loaded.model, args.sparsify)} layer(s) masked")
+    return loaded
+
+
+def _bench_user(args: argparse.Namespace) -> int:
+    import sparsecc
+    from sparsecc import bench_hf, usermodel
+    from sparsecc.timing import THREADS
+
+    loaded = _user(args)
+    log = usermodel.progress()
+    compiled = sparsecc.compile(loaded.model, loaded.call.args, example_kwargs=loaded.call.kwargs)
+    print(compiled.report.summary())
+    log.info("timing dense vs sparsecc")
+    dense = sparsecc.masked_reference(loaded.model)
+    rows = bench_hf.model(dense, compiled, loaded.call, loaded.what, args.model_runs * 2,
+                          tuple(args.threads or THREADS))
+    print(bench_hf.model_table(rows))
+    return 0
+
+
+def _bench_hf(args: argparse.Namespace) -> int:
+    """``--llm`` / ``--encoder``: tables on stdout and in OUT/llm.md, OUT/encoder.md (+ .json)."""
+    import json
+
+    from sparsecc import bench_hf, usermodel
+    from sparsecc.timing import THREADS
+
+    log = usermodel.progress()
+    threads = tuple(args.threads or THREADS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.llm:
+        rows = bench_hf.llm(max(3, args.model_runs // 2), threads, log=log.info)
+        name, table = "llm", bench_hf.llm_table(rows)
+    else:
+        rows = bench_hf.encoder(args.model_runs * 2, threads, log=log.info)
+        name, table = "encoder", bench_hf.model_table(rows)
+    (args.out / f"{name}.md").write_text(table + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
+    print(table)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from sparsecc import bench
     from sparsecc.timing import THREADS
 
+    if args.user_model:
+        return _bench_user(args)
+    if args.llm or args.encoder:
+        return _bench_hf(args)
     if args.onnx_formulations:
         print(bench.formulation_table())
     elif args.narrow:
@@ -105,14 +190,19 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     import sparsecc
-    from sparsecc import demo
+    from sparsecc import demo, usermodel
     from sparsecc.export import tvm_runner
 
-    model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure,
-                              image_size=args.image_size)
-    example = torch.randn(1, 3, args.image_size, args.image_size)
+    if args.user_model:
+        loaded = _user(args)
+        model, example = loaded.model, usermodel.positional(loaded.model, loaded.call)
+        name = args.name or Path(args.user_model).stem.replace("-", "_")
+    else:
+        model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure,
+                                  image_size=args.image_size)
+        example, name = torch.randn(1, 3, args.image_size, args.image_size), args.name or args.model
     if args.triton is not None:
-        written = sparsecc.export_triton(model, example, args.triton, args.name or args.model,
+        written = sparsecc.export_triton(model, example, args.triton, name,
                                          max_batch_size=args.max_batch_size, threads=args.threads, mode=args.mode,
                                          precision=args.precision)
         for m in written.models.values():
@@ -147,6 +237,10 @@ def _inspect(args: argparse.Namespace) -> int:
     import sparsecc
     from sparsecc import demo
 
+    if args.user_model:
+        loaded = _user(args)
+        print(sparsecc.inspect(loaded.model, loaded.call.args, example_kwargs=loaded.call.kwargs))
+        return 0
     model = demo.sparse_model(args.model, args.sparsity, args.ablate)
     print(sparsecc.inspect(model, (torch.randn(1, 3, 224, 224),)))
     return 0

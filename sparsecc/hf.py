@@ -24,6 +24,11 @@ SENTENCES = ("Sparse networks keep a few weights per neuron.",
              "The cat sat on the mat.")
 
 
+#: Files a tokenizer is saved in: a directory without any has none (AutoTokenizer may still build an empty one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def transformers() -> Any:
     """The transformers module, or an `InputError` that says how to install it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,12 +56,15 @@ def example_call(path: Path, config: Any, tokens: int = 32) -> Call:
     """Keyword inputs for one batch-1 call: the tokenizer's encoding of `SENTENCES` when the directory has a
     tokenizer, else ``tokens`` random token ids (and pixel values for an image model)."""
     tf = transformers()
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError):
-        tokenizer = None
-    if tokenizer is not None:
-        return Call((), dict(tokenizer(list(SENTENCES[:1]), return_tensors="pt")))
+    tokenizer = None
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError):
+            tokenizer = None
+    encoded = dict(tokenizer(list(SENTENCES[:1]), return_tensors="pt")) if tokenizer is not None else {}
+    if encoded.get("input_ids") is not None and encoded["input_ids"].numel():
+        return Call((), encoded)
     if getattr(config, "num_channels", None) and getattr(config, "image_size", None):
         size = config.image_size
         return Call((), {"pixel_values": torch.randn(1, config.num_channels, size, size)})

@@ -11,6 +11,7 @@ the report (`Report.stages`), next to the typed results the stages leave there (
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import tempfile
 import time
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from sparsecc import runtimes
-from sparsecc.autotune import autotune, disable
+from sparsecc.autotune import autotune, disable, stream_if_large
 from sparsecc.compiled import CompiledModel, validate_into
 from sparsecc.errors import InputError
 from sparsecc.inputs import Call
@@ -36,6 +37,9 @@ from sparsecc.passes.narrow import Narrowing, narrow
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
 from sparsecc.report import Report, StageOutcome, layer_report
 from sparsecc.validation import TOLERANCE, random_like
+
+#: Each stage as it ends (the command line shows these; silent otherwise).
+progress = logging.getLogger("sparsecc.progress")
 
 
 @dataclass(frozen=True)
@@ -184,11 +188,15 @@ def tune(c: Compilation) -> Optional[str]:
     if not c.options.autotune:
         disable(c.module)
         return "off: sparse kernels everywhere"
+    cold = stream_if_large(c.module)
+    if cold:
+        c.report.notes.append("the model's tensors exceed the last-level cache: sparse-or-dense choices are "
+                              "measured with the cache flushed before each call, as the model's other layers leave it")
     if not c.options.has_inputs or c.options.on_engine:
         return None
     autotune(c.module, c.inputs, c.report)
     dense = sum(bool(lay.choice) and "dense op" in lay.choice for lay in c.report.layers)
-    return f"{dense} layer(s) run dense at the example inputs"
+    return f"{dense} layer(s) run dense at the example inputs" + (" (measured cold)" if cold else "")
 
 
 def _load_engine(name: str, compiled: CompiledModel, reference: nn.Module, inputs: tuple[torch.Tensor, ...],
@@ -252,6 +260,7 @@ def run(c: Compilation) -> Compilation:
         start = time.perf_counter()
         summary = stage(c)
         done.append(StageOutcome(name, summary is not None, summary or "skipped", time.perf_counter() - start))
+        progress.info("compile %s: %s (%.1f s)", name, done[-1].summary, done[-1].seconds)
         if c.report is not None:
             c.report.stages, done = c.report.stages + done, []
     return c

@@ -58,8 +58,8 @@ def _sparse_kernels(request, monkeypatch):
         return
     from sparsecc.runtimes import tuning
 
-    monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense: tuning.Choice(
-        False, 0.0, 0.0, tokens, torch.get_num_threads()))
+    monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False: tuning.Choice(
+        False, 0.0, 0.0, tokens, torch.get_num_threads(), cold))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -113,6 +113,11 @@ def _registry():
     return registry, table
 
 
+#: Run-time checks torch.export records (HF models' ``.to()`` calls, shape asserts): the ONNX exporter drops them.
+_ASSERTIONS = frozenset({torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+                         torch.ops.aten.sym_constrain_range_for_size.default})
+
+
 def unsupported_ops(program: torch.export.ExportedProgram) -> dict[str, list[str]]:
     """Every op in ``program`` the ONNX exporter cannot translate -> the modules that call it."""
     registry, table = _registry()
@@ -121,7 +126,7 @@ def unsupported_ops(program: torch.export.ExportedProgram) -> dict[str, list[str
     for node in decomposed.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        if not registry.get_decomps(node.target):
+        if node.target not in _ASSERTIONS and not registry.get_decomps(node.target):
             stack = node.meta.get("nn_module_stack") or {}
             where = next(reversed(stack.values()))[0] if stack else node.name
             missing.setdefault(str(node.target), []).append(where or "<top level>")

@@ -1,0 +1,143 @@
+"""The command line on the user's own model: a Hugging Face model directory, a torch.export ``.pt2``, a
+``torch.save``d module; ``--sparsify``; progress on stderr; the Hugging Face benchmarks' functions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparsecc import bench_hf, cli, hf, usermodel
+from sparsecc.runtimes import tuning
+from tests.conftest import assert_equivalent
+
+transformers = pytest.importorskip("transformers")
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 32),
+                         nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=1)
+    path = tmp_path_factory.mktemp("gpt2")
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)       # no tokenizer: token ids from the config
+    return path
+
+
+def test_inspect_a_hugging_face_directory_with_sparsify(gpt2_dir, capsys):
+    assert cli.main(["inspect", str(gpt2_dir), "--sparsify", "fanin:0.8", "--tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    assert "transformer.h.1.mlp.c_proj.weight" in captured.out and "fan-in k=51" in captured.out
+    assert "8/9 layers condensable" in captured.out                  # lm_head stays dense
+    assert "loaded GPT2LMHeadModel" in captured.err and "sparsify fanin:0.8: 8 layer(s) masked" in captured.err
+
+
+def test_bench_a_trained_encoder_directory(capsys):
+    assert cli.main(["bench", str(hf.minilm_dir()), "--sparsify", "2:4", "--model-runs", "2", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "36/37 layers condensed (36 nm_linear)" in captured.out
+    assert "| BertModel from" in captured.out and "x** |" in captured.out
+    assert "compile validate:" in captured.err and "timing dense vs sparsecc" in captured.err
+
+
+def test_pt2_program_is_read_with_its_layers(tmp_path, capsys):
+    program = torch.export.export(small_net(), (torch.randn(2, 3, 16, 16),))
+    torch.export.save(program, tmp_path / "net.pt2")
+    assert cli.main(["inspect", str(tmp_path / "net.pt2"), "--sparsify", "fanin:0.75"]) == 0
+    out = capsys.readouterr().out
+    assert "3/3 layers condensable" in out and "fan-in k=7" in out and "fan-in k=512" in out
+
+
+def test_pt2_program_compiles_to_its_outputs(tmp_path):
+    """The modules modularize gives back hold the program's tensors: the compiled program equals the program."""
+    import sparsecc
+
+    program = torch.export.export(small_net(), (torch.randn(2, 3, 16, 16),))
+    torch.export.save(program, tmp_path / "net.pt2")
+    loaded = usermodel.load(str(tmp_path / "net.pt2"))
+    kinds = sorted(type(m).__name__ for m in loaded.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert kinds == ["Conv2d", "Linear", "Linear"]
+    assert usermodel.sparsify(loaded.model, "fanin:0.75") == 3
+    compiled = sparsecc.compile(loaded.model, loaded.call.args)
+    assert len(compiled.report.condensed) == 3
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_equivalent(compiled(x), loaded.model(x))
+
+
+def test_export_a_saved_module_to_onnx(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    model = small_net()
+    torch.save(model, tmp_path / "net.pt")
+    out = tmp_path / "net.onnx"
+    assert cli.main(["export", str(tmp_path / "net.pt"), str(out), "--sparsify", "fanin:0.75",
+                     "--input-shape", "1,3,16,16"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    mine = copy.deepcopy(model)                     # the same magnitude masks, attached the same way
+    usermodel.sparsify(mine, "fanin:0.75")
+    x = torch.randn(3, 3, 16, 16)
+    session = ort.InferenceSession(str(out))
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert_equivalent(got, mine(x))
+
+
+def test_user_model_errors(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "missing.pt")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    torch.save(small_net().state_dict(), tmp_path / "weights.pt")
+    assert cli.main(["inspect", str(tmp_path / "weights.pt")]) == 2
+    assert "not an nn.Module" in capsys.readouterr().err
+    torch.save(small_net(), tmp_path / "net.pt")
+    assert cli.main(["inspect", str(tmp_path / "net.pt"), "--sparsify", "fanin:9"]) == 2
+    assert "--sparsify 'fanin:9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "--sparsify", "2:4"])
+    assert "apply to your MODEL" in capsys.readouterr().err
+
+
+def test_first_layer_gives_the_input():
+    loaded = usermodel.Loaded(small_net(), usermodel._first_layer_call(small_net(), 8), "net")
+    assert loaded.call.args[0].shape == (1, 3, 224, 224)
+    embedding = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4))
+    ids = usermodel._first_layer_call(embedding, 8).args[0]
+    assert ids.dtype == torch.int64 and ids.shape == (1, 8) and int(ids.max()) < 50
+
+
+def test_llm_decode_benchmark_checks_tokens_and_reports_speeds():
+    config = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
+    rows = bench_hf.llm(runs=1, threads=(1,), prompt=8, new_tokens=6, masks=("2:4", "70% per-row"), config=config)
+    assert [(r.case, r.threads) for r in rows] == [("2:4", 1), ("70% per-row", 1)]
+    for r in rows:
+        assert r.invalid == ""
+        assert set(r.dense) == set(r.sparse) == {"prefill", "decode"}
+        assert all(v > 0 for v in [*r.dense.values(), *r.sparse.values()])
+    table = bench_hf.llm_table(rows)
+    assert "| 2:4 | 1 |" in table and "decode tok/s" in table
+
+
+@pytest.mark.measured_choice
+def test_choices_of_models_larger_than_the_cache_are_measured_cold(tmp_path, monkeypatch):
+    import sparsecc
+    from sparsecc import autotune, synthetic
+    from sparsecc.layers import CondensedLayer
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    synthetic.attach_with_prune(model, synthetic.fanin_masks(model, 0.7))
+    compiled = sparsecc.compile(model, torch.randn(1, 64))
+    layer = next(m for m in compiled.module.modules() if isinstance(m, CondensedLayer))
+    assert not tuning.streaming(layer.values)                     # 10 KiB: fits in any cache
+    monkeypatch.setattr(tuning, "llc_bytes", lambda: 1024)
+    assert autotune.stream_if_large(compiled.module)
+    assert tuning.streaming(layer.values)
+    cache = tuning.TuningCache({"test": 1}, tmp_path)
+    choice = tuning.choose(cache, ("sig",), 1, lambda: None, lambda: None, cold=True)
+    assert choice.cold and "cold cache" in choice.describe()
+    assert tuning.choose(cache, ("sig",), 1, lambda: None, lambda: None, cold=False).cold is False
