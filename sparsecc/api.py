@@ -76,7 +76,8 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     c.module.requires_grad_(False)    # inference: plain calls build no autograd graph (inputs may still want grads)
     validate_first_call = validate and not options.has_inputs
     compiled = CompiledModel(c.module, c.report, c.prepared if validate_first_call else None,
-                             spec_of(inputs) if options.has_inputs else None)
+                             spec_of(inputs) if options.has_inputs else None, pipeline.model_shell(c),
+                             keywords=bool(inputs.kwargs))
     log.info("%s", c.report.summary())
     return compiled
 

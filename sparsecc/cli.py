@@ -46,9 +46,14 @@ def _parser() -> argparse.ArgumentParser:
                         "for (a TVM library is specialised on it; a multiple of 16 for vit_b_16)")
     check = sub.add_parser("check-2to4", help="which Gemm/MatMul/Conv weights of an ONNX file TensorRT reads as 2:4")
     check.add_argument("onnx", type=Path)
-    bench = sub.add_parser("bench", help="batch-1 latency of condensed layers and models vs peers, at 1 thread "
-                           "and every core; of your model (MODEL); or LLM decode (--llm), a trained encoder "
-                           "(--encoder)")
+    _bench_parser(sub.add_parser("bench", help="batch-1 latency of condensed layers and models vs peers, at 1 "
+                                 "thread and every core; of your model (MODEL); or LLM decode (--llm), a trained "
+                                 "encoder (--encoder)"))
+    _user_model_arguments(export, model=False)
+    return p
+
+
+def _bench_parser(bench: argparse.ArgumentParser) -> None:
     _user_model_arguments(bench)
     bench.add_argument("--llm", action="store_true", help="only greedy decoding of a Llama-style decoder (12 "
                        "layers, hidden 768) with 2:4 and 50%%/70%% per-row masks: tokens/s dense vs sparsecc")
@@ -68,8 +73,6 @@ def _parser() -> argparse.ArgumentParser:
                        "narrower models (30%% of neurons ablated)")
     bench.add_argument("--onnx-formulations", action="store_true", help="only time each ONNX export formulation "
                        "of ViT/ResNet-shaped layers in onnxruntime (the crossovers `formulation='auto'` uses)")
-    _user_model_arguments(export, model=False)
-    return p
 
 
 def _user_model_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:

@@ -42,20 +42,28 @@ class CompiledModel(nn.Module):
     model class's attributes and methods (``config``, ``generate``) run on the condensed layers."""
 
     def __init__(self, module: nn.Module, report: Report, pending: Optional[Prepared],
-                 spec: Optional[InputSpec]) -> None:
+                 spec: Optional[InputSpec], shell: Optional[nn.Module] = None, keywords: bool = False) -> None:
         super().__init__()
         self.module = module
         self.report = report
         self._pending = pending     # what the first call is validated against, when compile had no inputs
         self._spec = spec
+        # The model's class around the same condensed layers, when ``module`` is a graph: where attributes and
+        # methods the graph lacks are found. Not a submodule: its tensors are the graph's, listed once.
+        self.__dict__["_shell"] = shell
+        self._keywords = keywords   # the spec came from a call with keyword inputs (no positional example)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("__") or name in ("module", "_pending", "_spec"):
+            if name.startswith("__") or name in ("module", "_pending", "_spec", "_shell", "_keywords"):
                 raise
-            return getattr(super().__getattr__("module"), name)
+            module = super().__getattr__("module")
+            shell = self.__dict__.get("_shell")
+            if shell is None or hasattr(module, name):
+                return getattr(module, name)
+            return getattr(shell, name)
 
     @property
     def _strict(self) -> bool:
@@ -75,7 +83,7 @@ class CompiledModel(nn.Module):
         self._check_device(leaves)
         got = spec_of(inputs)
         if spec is None:
-            self._spec = got
+            self._spec, self._keywords = got, bool(inputs) and isinstance(inputs[-1], dict)
             return leaves
         if not self._strict:
             return leaves
@@ -97,8 +105,9 @@ class CompiledModel(nn.Module):
                                  f"input with .to({str(here)!r}) (sparsecc's op runtimes run on the CPU)")
 
     def example_inputs(self) -> Optional[tuple[Tensor, ...]]:
-        """Zero inputs of batch 1 in the shapes and dtypes compiled for (None before the first call fixed them)."""
-        if self._spec is None:
+        """Zero inputs of batch 1 in the shapes and dtypes compiled for (None before the first call fixed them, or
+        when they were keyword inputs)."""
+        if self._spec is None or self._keywords:
             return None
         return tuple(torch.zeros(1, *shape, dtype=dtype) for dtype, shape in self._spec)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc import runtimes
@@ -245,6 +245,20 @@ def validate(c: Compilation) -> Optional[str]:
         return None
     validate_into(c.report, c.prepared, c.module, [c.inputs, random_like(c.inputs)], c.tolerance, c.work)
     return "; ".join(map(str, c.report.end_to_end))
+
+
+def model_shell(c: Compilation) -> Optional[nn.Module]:
+    """The user's model class around the condensed layers, for the attributes and methods a captured graph does
+    not carry (``num_classes``, ``forward_features``): the work copy with the same condensed modules swapped in
+    (shared with the graph, not copied) and the folded BatchNorms made identities. None where the compiled
+    module is already the model itself (module swapping) or a graph by origin."""
+    if c.captured is None or c.captured.graph_module is None or c.options.on_engine \
+            or isinstance(c.work.reference, fx.GraphModule):
+        return None
+    shell, _, _ = swap_modules(c.work.reference, c.decisions)
+    for name in c.report.folded:
+        shell.set_submodule(name, nn.Identity())
+    return shell
 
 
 #: The stages in order, by name.

@@ -60,3 +60,6 @@ def test_timm_models_compile_and_validate(name, kwargs):
     with torch.no_grad():
         for inputs in (x, y):
             assert_equivalent(compiled(inputs), model(inputs))
+        # the model's own attributes and methods, on the condensed layers (folded BatchNorms not applied twice)
+        assert compiled.num_classes == model.num_classes
+        assert_equivalent(compiled.forward_features(y), model.forward_features(y))
