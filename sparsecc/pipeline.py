@@ -274,7 +274,8 @@ def run(c: Compilation) -> Compilation:
         start = time.perf_counter()
         summary = stage(c)
         done.append(StageOutcome(name, summary is not None, summary or "skipped", time.perf_counter() - start))
-        progress.info("compile %s: %s (%.1f s)", name, done[-1].summary, done[-1].seconds)
+        line = done[-1].summary if len(done[-1].summary) <= 150 else done[-1].summary[:147] + "..."
+        progress.info("compile %s: %s (%.1f s)", name, line, done[-1].seconds)
         if c.report is not None:
             c.report.stages, done = c.report.stages + done, []
     return c

@@ -113,6 +113,13 @@ def test_causal_lm_kv_cache_and_greedy_generate(structure):
     got = compiled.generate(prompt, max_new_tokens=12, do_sample=False)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.equal(got, want)
+    # the model object's attributes, as on torch.compile's wrapper
+    assert compiled.config is compiled.module.config
+    assert compiled.config.to_dict() == model.config.to_dict()
+    assert compiled.generation_config.to_dict() == model.generation_config.to_dict()
+    assert compiled.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        compiled.no_such_attribute
 
 
 def test_validation_compares_the_kv_cache():
@@ -127,17 +134,6 @@ def test_validation_compares_the_kv_cache():
     assert not result.ok
     failed = [s.what for s in result.end_to_end if not s.ok]
     assert any("layers[0].values" in what for what in failed), failed
-
-
-def test_compiled_model_reaches_the_models_attributes():
-    model = llama()
-    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=tokens(5)))
-    assert compiled.config is compiled.module.config
-    assert compiled.config.to_dict() == model.config.to_dict()
-    assert compiled.generation_config.to_dict() == model.generation_config.to_dict()
-    assert compiled.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
-    with pytest.raises(AttributeError, match="no_such_attribute"):
-        compiled.no_such_attribute
 
 
 def test_gpt2_conv1d_prune_hooks_condensed_like_linear():

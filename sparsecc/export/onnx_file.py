@@ -193,7 +193,9 @@ def write_onnx(compiled: CompiledModel, inputs: tuple[Tensor, ...], path: Path, 
         program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the message is what matters
         raise ExportError(f"torch.export could not capture the model with a free batch dimension: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0]} (a .pt2 program recorded at a fixed "
+                          f"batch size keeps it: export it with dynamic_shapes={{0: torch.export.Dim('batch')}})"
+                          ) from exc
     refuse_missing(unsupported_ops(program), "ONNX", "Replace them in the model or register a translation with "
                    "torch.onnx (custom_translation_table)")
     with warnings.catch_warnings():
