@@ -295,6 +295,19 @@ def export_graph(model: nn.Module, example: Call) -> fx.GraphModule:
     return gm
 
 
+def exported_graph(model: nn.Module, example: Call) -> tuple[Optional[fx.GraphModule], str]:
+    """`export_graph` for graph passes on a model torch.fx cannot trace, or why there is none. A model that takes
+    ``use_cache`` is exported without its cache (the same layers; a cache object is no pytree output)."""
+    if not example:
+        return None, ""
+    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in example.kwargs:
+        example = Call(example.args, {**example.kwargs, "use_cache": False})
+    try:
+        return export_graph(model, example), ""
+    except Exception as exc:  # noqa: BLE001 - not exportable either: the reason goes in the report
+        return None, f"; nor by torch.export ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+
+
 def capture(model: nn.Module, example: Optional[Call] = None) -> Captured:
     """Trace ``model`` for calls like ``example`` (None: unknown). A model that already is a graph (the
     torch.compile backend's) and cannot be traced again is used as it is."""

@@ -9,6 +9,7 @@ ResNet-50 call on the hybrid path, where nothing else fuses them.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 import torch
 from torch import Tensor, fx, nn
@@ -28,6 +29,40 @@ def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale.to(bn.running_var.dtype), shift.to(bn.running_var.dtype)
 
 
+def foldable(graph: fx.Graph, module: Callable[[str], nn.Module]) -> list[tuple[fx.Node, fx.Node]]:
+    """(condensed convolution, BatchNorm) call pairs of ``graph`` that can fold; ``module`` resolves a
+    ``call_module`` target."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        try:
+            layer = module(node.target)
+        except AttributeError:      # a graph's own helper (torch.export's _guards_fn), not a layer
+            continue
+        (user,) = node.users
+        if not isinstance(layer, CondensedLayer) or layer.kind != "conv2d" or user.op != "call_module" \
+                or calls[user.target] != 1 or user.args != (node,) or user.kwargs:
+            continue
+        bn = module(user.target)
+        if type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None:
+            pairs.append((node, user))
+    return pairs
+
+
+def fold_in_place(model: nn.Module, graph: fx.Graph) -> list[str]:
+    """Fold into a model whose layers were swapped in place (no graph of its own): ``graph`` (torch.export's of
+    the same model, with its layers as modules at the model's paths) says which convolution feeds which
+    BatchNorm and nothing else; the BatchNorm becomes an identity. Returns the folded BatchNorms."""
+    folded = []
+    for node, user in foldable(graph, model.get_submodule):
+        model.get_submodule(node.target).fold_affine(*batchnorm_affine(model.get_submodule(user.target)))
+        model.set_submodule(user.target, nn.Identity())
+        folded.append(user.target)
+    return folded
+
+
 class FoldBatchNorm:
     """``bn(conv(x))`` -> ``conv'(x)``. Left alone: a BatchNorm in training mode or without running statistics
     (it normalises by the batch), a convolution whose output has other users, a module called more than once."""
@@ -38,20 +73,9 @@ class FoldBatchNorm:
         pass
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         folded: list[str] = []
-        for node in list(gm.graph.nodes):
-            if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
-                continue
-            layer = gm.get_submodule(node.target)
-            (user,) = node.users
-            if not isinstance(layer, CondensedLayer) or layer.kind != "conv2d" or user.op != "call_module" \
-                    or calls[user.target] != 1 or user.args != (node,) or user.kwargs:
-                continue
-            bn = gm.get_submodule(user.target)
-            if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_mean is None:
-                continue
-            layer.fold_affine(*batchnorm_affine(bn))
+        for node, user in foldable(gm.graph, gm.get_submodule):
+            gm.get_submodule(node.target).fold_affine(*batchnorm_affine(gm.get_submodule(user.target)))
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
             folded.append(user.target)

@@ -32,7 +32,7 @@ from sparsecc import patterns
 from sparsecc.errors import PassError
 from sparsecc.inputs import Call
 from sparsecc.passes.analysis import analyse
-from sparsecc.passes.capture import Tracer, concrete_defaults, export_graph
+from sparsecc.passes.capture import Tracer, concrete_defaults, exported_graph
 from sparsecc.passes.masks import Layer, Prepared
 from sparsecc.validation import compare, flatten
 
@@ -77,19 +77,7 @@ class Narrowing:
     removals: list[Removal] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)    # producer -> why it was not narrowed
     graph: str = "torch.fx"        # which capture found the producer -> consumer chains ("none": neither)
-
-
-def _exported(model: nn.Module, example: Call) -> tuple[Optional[fx.GraphModule], str]:
-    """torch.export's graph of ``model`` for the example call, its layers as modules at the model's paths
-    (so the chains found in it name ``model``'s modules), or why there is none."""
-    if not example:
-        return None, ""
-    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in example.kwargs:
-        example = Call(example.args, {**example.kwargs, "use_cache": False})   # same layers, no cache object out
-    try:
-        return export_graph(model, example), ""
-    except Exception as exc:  # noqa: BLE001 - not exportable either: the reason goes in the report
-        return None, f"; nor by torch.export ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    exported: Optional[fx.GraphModule] = None   # torch.export's graph, when it was the one read
 
 
 @dataclass(frozen=True)
@@ -264,12 +252,13 @@ def narrow(prepared: Prepared, example_inputs: Any = ()) -> Narrowing:
         gm = fx.GraphModule(model, Tracer().trace(model, concrete_args=concrete_defaults(
             model, example_inputs or None) or None))
     except Exception as exc:  # noqa: BLE001 - untraceable by fx: torch.export's graph, or nothing is narrowed
-        gm, why = _exported(model, example_inputs)
+        gm, why = exported_graph(model, example_inputs)
         if gm is None:
             result.skipped["<model>"] = f"not traceable by torch.fx ({type(exc).__name__}){why}"
             result.graph = "none"
             return result
         result.graph = f"torch.export (torch.fx: {type(exc).__name__})"
+        result.exported = gm
     if example_inputs and result.graph == "torch.fx":
         from torch.fx.passes.shape_prop import ShapeProp
 

@@ -17,7 +17,7 @@ from sparsecc.inputs import Call, as_tuple
 from sparsecc.layers import dense_semantics
 from sparsecc.passes.masks import Prepared
 from sparsecc.report import Report
-from sparsecc.validation import Validation, random_like, run_validation
+from sparsecc.validation import Validation, input_sets, run_validation
 
 InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
 
@@ -119,7 +119,7 @@ class CompiledModel(nn.Module):
         # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
         finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
         if self._pending is not None:
-            validate_into(self.report, self._pending, self.module, [call, random_like(call)])
+            validate_into(self.report, self._pending, self.module, input_sets(call))
             self._pending = None
         if not finite:
             with dense_semantics():

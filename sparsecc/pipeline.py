@@ -28,15 +28,15 @@ from sparsecc.autotune import autotune, disable, stream_if_large
 from sparsecc.compiled import CompiledModel, validate_into
 from sparsecc.errors import InputError
 from sparsecc.inputs import Call
-from sparsecc.passes.capture import Captured, capture
+from sparsecc.passes.capture import Captured, capture, exported_graph
 from sparsecc.passes.condense import Decision, plan
-from sparsecc.passes.fold import FoldBatchNorm
+from sparsecc.passes.fold import FoldBatchNorm, fold_in_place
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.masks import Prepared, prepare
 from sparsecc.passes.narrow import Narrowing, narrow
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
 from sparsecc.report import Report, StageOutcome, layer_report
-from sparsecc.validation import TOLERANCE, random_like
+from sparsecc.validation import TOLERANCE, input_sets
 
 #: Each stage as it ends (the command line shows these; silent otherwise).
 progress = logging.getLogger("sparsecc.progress")
@@ -173,14 +173,22 @@ def condense(c: Compilation) -> str:
 
 
 def fold(c: Compilation) -> Optional[str]:
-    if c.captured.graph_module is None:
-        return None
-    manager = PassManager([FoldBatchNorm()])
-    c.module = manager.run(c.module)
-    c.report.folded = [bn for o in manager.outcomes for bn in o.applied]
+    if c.captured.graph_module is not None:
+        manager = PassManager([FoldBatchNorm()])
+        c.module = manager.run(c.module)
+        c.report.folded = [bn for o in manager.outcomes for bn in o.applied]
+    else:       # layers swapped in place: torch.export's graph of the same model says what feeds what
+        graph = c.narrowing.exported if c.narrowing is not None and c.narrowing.exported is not None else \
+            exported_graph(c.work.reference, c.inputs)[0] if c.options.has_inputs else None
+        if graph is None:
+            return None
+        c.report.folded = fold_in_place(c.module, graph.graph)
+        if c.narrowing is not None:
+            c.narrowing.exported = None       # its tensors are the unnarrowed copy's: let them go
     if c.report.folded:
+        how = "" if c.captured.graph_module is not None else " (pairs read from torch.export's graph)"
         c.report.notes.append(f"{len(c.report.folded)} BatchNorm(s) folded into the condensed convolution before "
-                              f"them: {', '.join(c.report.folded)}")
+                              f"them{how}: {', '.join(c.report.folded)}")
     return f"{len(c.report.folded)} BatchNorm(s) folded"
 
 
@@ -243,19 +251,29 @@ def engine(c: Compilation) -> Optional[str]:
 def validate(c: Compilation) -> Optional[str]:
     if not (c.options.validate and c.options.has_inputs):
         return None
-    validate_into(c.report, c.prepared, c.module, [c.inputs, random_like(c.inputs)], c.tolerance, c.work)
+    validate_into(c.report, c.prepared, c.module, input_sets(c.inputs), c.tolerance, c.work)
     return "; ".join(map(str, c.report.end_to_end))
+
+
+def _tree_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every tensor: swapping a submodule in it leaves the original (which
+    first-call validation still reads its weights from) as it was."""
+    new = copy.copy(module)
+    new._modules = {k: None if m is None else _tree_copy(m) for k, m in module._modules.items()}
+    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    return new
 
 
 def model_shell(c: Compilation) -> Optional[nn.Module]:
     """The user's model class around the condensed layers, for the attributes and methods a captured graph does
     not carry (``num_classes``, ``forward_features``): the work copy with the same condensed modules swapped in
-    (shared with the graph, not copied) and the folded BatchNorms made identities. None where the compiled
+    (shared with the graph, not copied; the tree around them is a copy sharing every tensor) and the folded
+    BatchNorms made identities. None where the compiled
     module is already the model itself (module swapping) or a graph by origin."""
     if c.captured is None or c.captured.graph_module is None or c.options.on_engine \
             or isinstance(c.work.reference, fx.GraphModule):
         return None
-    shell, _, _ = swap_modules(c.work.reference, c.decisions)
+    shell, _, _ = swap_modules(_tree_copy(c.work.reference), c.decisions)
     for name in c.report.folded:
         shell.set_submodule(name, nn.Identity())
     return shell

@@ -123,6 +123,13 @@ def random_like(inputs: Any) -> Any:
     return inputs.map(_redraw) if isinstance(inputs, Call) else pytree.tree_map(_redraw, inputs)
 
 
+def input_sets(inputs: Call) -> list[Call]:
+    """What validation runs: the example call, and one with its float inputs redrawn (when it has any: a call
+    of token ids alone would only run again)."""
+    floats = any(t.is_floating_point() for t in inputs.tensors())
+    return [inputs, random_like(inputs)] if floats else [inputs]
+
+
 @dataclass
 class Validation:
     end_to_end: list[ErrorStat]

@@ -248,3 +248,29 @@ def test_narrowing_reads_torch_exports_graph_where_fx_fails():
     for call in (dict(input_ids=ids), dict(input_ids=tokens(5, batch=3))):
         with torch.no_grad():
             assert_same_output(compiled(**call), plain(**call))
+
+
+def test_convolutional_model_narrows_and_folds_through_torch_export():
+    """Hugging Face's ResNet is not traceable by torch.fx: ablated filters are removed (conv -> BatchNorm -> ReLU
+    -> conv) and the BatchNorms folded into the swapped-in condensed convolutions, both guided by torch.export's
+    graph; outputs stay the model's."""
+    cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+                                    num_labels=5)
+    model = transformers.ResNetForImageClassification(cfg).eval()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.running_mean.normal_()
+    masks = synthetic.fanin_masks(model, 0.75, ablate=0.2, include=lambda f, k: k == "conv2d" and "embedder" not in f)
+    synthetic.attach_with_prune(model, masks)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = sparsecc.compile(model, example_kwargs={"pixel_values": x})
+    assert compiled.report.capture == "module swapping"
+    assert len(compiled.report.condensed) == len(masks)
+    assert [r.producer for r in compiled.report.narrowed] == [f"resnet.encoder.stages.{i}.layers.0.layer.0.convolution"
+                                                              for i in range(2)]
+    assert len(compiled.report.folded) == len(masks)
+    assert all(isinstance(compiled.module.get_submodule(bn), nn.Identity) for bn in compiled.report.folded)
+    for pixels in (x, torch.randn(1, 3, 48, 48)):
+        with torch.no_grad():
+            assert_same_output(compiled(pixel_values=pixels), model(pixel_values=pixels))
