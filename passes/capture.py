@@ -298,7 +298,7 @@ def export_graph(model: nn.Module, example: Call) -> fx.GraphModule:
 def exported_graph(model: nn.Module, example: Call) -> tuple[Optional[fx.GraphModule], str]:
     """`export_graph` for graph passes on a model torch.fx cannot trace, or why there is none. A model that takes
     ``use_cache`` is exported without its cache (the same layers; a cache object is no pytree output)."""
-    if not example:
+    if not example or isinstance(model, fx.GraphModule):     # a graph already (torch.compile's): nothing to add
         return None, ""
     if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in example.kwargs:
         example = Call(example.args, {**example.kwargs, "use_cache": False})
