@@ -8,7 +8,6 @@ transformers is optional (``pip install 'sparsecc[hf]'``); nothing here download
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +30,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 def transformers() -> Any:
     """The transformers module, or an `InputError` that says how to install it."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return importlib.import_module("transformers")
     except ImportError as exc:
