@@ -64,11 +64,10 @@ def _linearize(model: nn.Module) -> tuple[str, ...]:
         owner, slot = _storage(mod, "weight")
         raw = getattr(owner, slot).detach()
         bias = getattr(mod, "bias", None)
-        linear = nn.Linear(raw.shape[0], raw.shape[1], bias=bias is not None, device=raw.device, dtype=raw.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(raw.t())
-            if bias is not None:
-                linear.bias.copy_(bias.detach())
+        linear = nn.Linear(raw.shape[0], raw.shape[1], bias=bias is not None, device="meta")   # no init work
+        linear.weight = nn.Parameter(raw.t().contiguous())
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().clone())
         if mask is not None:
             prune.custom_from_mask(linear, "weight", mask.t())
         parent, _, attr = name.rpartition(".")

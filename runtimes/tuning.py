@@ -22,8 +22,6 @@ import functools
 import hashlib
 import json
 import logging
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -122,22 +120,10 @@ def _flush_buffer() -> torch.Tensor:
     return torch.zeros(2 * llc_bytes() // 4)
 
 
-def _cold_medians(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """`sparsecc.timing.medians` with the last-level cache flushed before each call: twice its size *read*
-    (written, the dirty lines' write-backs would be charged to the timed call: a 768x768 GEMM at 32 tokens
-    measured 8x its cold time)."""
-    flush = _flush_buffer()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(RUNS):
-            for name, fn in fns.items():
-                flush.sum()
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+def _flush() -> None:
+    """Evict the last-level cache by *reading* twice its size (written, the dirty lines' write-backs would be
+    charged to the timed call: a 768x768 GEMM at 32 tokens measured 1.7x its cold time)."""
+    _flush_buffer().sum()
 
 
 def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[], Any],
@@ -152,7 +138,7 @@ def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[
     from sparsecc.timing import medians
 
     fns = {"sparse": sparse, "dense": dense}
-    times = _cold_medians(fns) if cold else medians(fns, runs=RUNS, warmup=1)
+    times = medians(fns, runs=RUNS, warmup=1, before=_flush if cold else None)
     choice = Choice(times["sparse"] > times["dense"], times["sparse"], times["dense"], tokens, threads, cold)
     cache.put(key, choice)
     return choice

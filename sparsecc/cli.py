@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-def _user(args: argparse.Namespace) -> "Any":
+def _user(args: argparse.Namespace) -> Any:
     """MODEL loaded (and sparsified with ``--sparsify``), with progress on stderr."""
     from sparsecc import usermodel
 

@@ -8,6 +8,8 @@ transformers is optional (``pip install 'sparsecc[hf]'``); nothing here download
 from __future__ import annotations
 
 import importlib
+import inspect
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -120,8 +122,6 @@ def llama(layers: int = 12, hidden: int = 768, intermediate: int = 2048, heads: 
 
 def cache_keyword(model: nn.Module) -> str:
     """The KV-cache argument of ``model.forward``: ``cache`` in transformers 5.x, ``past_key_values`` before."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -132,16 +132,23 @@ def cache_of(output: Any) -> Optional[Any]:
     return None
 
 
-def decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> Tensor:
+def decode(model: nn.Module, prompt: Tensor, new_tokens: int, seconds: Optional[dict[str, float]] = None
+           ) -> Tensor:
     """Greedy decoding with the KV cache, one token per call: the prompt in one call (prefill), then one call
-    per new token. Returns the new tokens."""
+    per further token. Returns the ``new_tokens`` tokens; ``seconds`` gets each phase's time (``prefill``: the
+    prompt's call, ``decode``: the calls after it)."""
     keyword = cache_keyword(model)
     with torch.no_grad():
+        start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
         step = out.logits[:, -1:].argmax(-1)
+        middle = time.perf_counter()
         generated = [step]
         for _ in range(new_tokens - 1):
             out = model(input_ids=step, use_cache=True, **{keyword: cache_of(out)})
             step = out.logits[:, -1:].argmax(-1)
             generated.append(step)
+        end = time.perf_counter()
+    if seconds is not None:
+        seconds.update(prefill=middle - start, decode=end - middle)
     return torch.cat(generated, dim=1)

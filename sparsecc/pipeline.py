@@ -172,19 +172,24 @@ def condense(c: Compilation) -> str:
     return f"{sum(c.report.rewrites.values())} layer(s) rewritten"
 
 
+def _exported(c: Compilation) -> Optional[fx.GraphModule]:
+    """torch.export's graph of the work model: the one narrowing read (handed over once), else a new one."""
+    if c.narrowing is not None and c.narrowing.exported is not None:
+        graph, c.narrowing.exported = c.narrowing.exported, None
+        return graph
+    return exported_graph(c.work.reference, c.inputs)[0] if c.options.has_inputs else None
+
+
 def fold(c: Compilation) -> Optional[str]:
     if c.captured.graph_module is not None:
         manager = PassManager([FoldBatchNorm()])
         c.module = manager.run(c.module)
         c.report.folded = [bn for o in manager.outcomes for bn in o.applied]
     else:       # layers swapped in place: torch.export's graph of the same model says what feeds what
-        graph = c.narrowing.exported if c.narrowing is not None and c.narrowing.exported is not None else \
-            exported_graph(c.work.reference, c.inputs)[0] if c.options.has_inputs else None
+        graph = _exported(c)
         if graph is None:
             return None
         c.report.folded = fold_in_place(c.module, graph.graph)
-        if c.narrowing is not None:
-            c.narrowing.exported = None       # its tensors are the unnarrowed copy's: let them go
     if c.report.folded:
         how = "" if c.captured.graph_module is not None else " (pairs read from torch.export's graph)"
         c.report.notes.append(f"{len(c.report.folded)} BatchNorm(s) folded into the condensed convolution before "

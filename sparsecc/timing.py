@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -25,8 +25,10 @@ def all_cores() -> int:
 THREADS = tuple(sorted({1, all_cores()}))
 
 
-def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3, burst: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function over ``runs`` interleaved rounds of ``burst`` calls each."""
+def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3, burst: int = 1,
+            before: Optional[Callable[[], Any]] = None) -> dict[str, float]:
+    """Median seconds per call of each function over ``runs`` interleaved rounds of ``burst`` calls each;
+    ``before`` runs untimed before every timed call (a cache flush)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for _ in range(warmup):
@@ -35,6 +37,8 @@ def medians(fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3, 
         for _ in range(runs):
             for name, fn in fns.items():
                 for _ in range(burst):
+                    if before is not None:
+                        before()
                     start = time.perf_counter()
                     fn()
                     samples[name].append(time.perf_counter() - start)

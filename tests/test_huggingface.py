@@ -4,14 +4,12 @@ random weights (nothing is downloaded)."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, synthetic
+from sparsecc import InputError, hf, synthetic
 from sparsecc.errors import EquivalenceError, MaskError
 from sparsecc.validation import flatten
 from tests.conftest import assert_equivalent
@@ -62,15 +60,6 @@ def gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def cache_argument(model: nn.Module) -> str:
-    """The KV-cache keyword of this transformers version (5.x renames ``past_key_values`` to ``cache``)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def cache_of(output) -> object:
-    return output["cache"] if "cache" in output else output["past_key_values"]
-
-
 def tokens(n: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, n))
 
@@ -103,12 +92,12 @@ def test_causal_lm_kv_cache_and_greedy_generate(structure):
     with torch.no_grad():
         mine, theirs = compiled(input_ids=prompt), model(input_ids=prompt)
         assert_same_output(mine, theirs)
-        assert type(cache_of(mine)).__name__ == "DynamicCache"
+        assert type(hf.cache_of(mine)).__name__ == "DynamicCache"
         step = theirs.logits[:, -1:].argmax(-1)
         # one decode step on each side's own cache: the cache the compiled model returned is usable
-        name = cache_argument(model)
-        assert_same_output(compiled(input_ids=step, **{name: cache_of(mine)}),
-                           model(input_ids=step, **{name: cache_of(theirs)}))
+        name = hf.cache_keyword(model)
+        assert_same_output(compiled(input_ids=step, **{name: hf.cache_of(mine)}),
+                           model(input_ids=step, **{name: hf.cache_of(theirs)}))
     want = model.generate(prompt, max_new_tokens=12, do_sample=False)
     got = compiled.generate(prompt, max_new_tokens=12, do_sample=False)
     assert got.shape == want.shape and got.dtype == want.dtype
