@@ -1,7 +1,8 @@
 """On-disk cache of compiled TVM kernels, shared by processes.
 
 An entry is ``<digest>.so`` plus ``<digest>.json`` naming what it holds. The digest covers the kernel key,
-the target, the TVM / tvm-ffi versions and the kernel source, so any change compiles anew. Writes go to a
+the target, the CPU's model and ISA extensions (`cpu.identity`), the TVM / tvm-ffi versions and the kernel
+source, so any change compiles anew. Writes go to a
 temporary file renamed into place (atomic on POSIX): readers see a whole entry or none, and two processes
 compiling the same kernel both succeed (the last rename wins, both files are valid). The sidecar holds the
 SHA-256 of the library, checked before it is loaded: a truncated or foreign file is rebuilt instead of being
@@ -39,7 +40,8 @@ def _version(dist: str) -> str:
 class KernelCache:
     """Compiled kernels by name: in memory for this process, on disk across processes."""
 
-    def __init__(self, target: Any, source_files: tuple[Path, ...], directory: Optional[Path] = None) -> None:
+    def __init__(self, target: Any, source_files: tuple[Path, ...], directory: Optional[Path] = None,
+                 cpu: Optional[dict] = None) -> None:
         self.target = target
         self.directory = (directory or default_dir()) / "kernels"
         digest = hashlib.sha256()
@@ -50,6 +52,7 @@ class KernelCache:
             "tvm": _version("apache-tvm"),
             "tvm_ffi": _version("apache-tvm-ffi"),
             "source": digest.hexdigest()[:16],
+            **(cpu or {}),
         }
         self._loaded: dict[str, Callable] = {}
         self._modules: list[Any] = []      # loaded libraries stay alive as long as their functions

@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger("sparsecc")
 
-VERSION = 3
+VERSION = 4
 RUNS = 7
 
 
@@ -44,11 +44,13 @@ class Choice:
     tokens: int
     threads: int
     cold: bool = False          # measured with the cache flushed before each call
+    tile: str = ""              # the sparse kernel's register tile (`tvm_kernels.Tile.name`), "" if it has none
 
     def describe(self) -> str:
         path = "dense op" if self.dense else "sparse kernel"
+        tile = f" (tile {self.tile})" if self.tile else ""
         return (f"{path} at {self.tokens} token(s), {self.threads} thread(s){', cold cache' if self.cold else ''}: "
-                f"sparse {self.sparse_s * 1e6:,.0f} us vs dense {self.dense_s * 1e6:,.0f} us")
+                f"sparse{tile} {self.sparse_s * 1e6:,.0f} us vs dense {self.dense_s * 1e6:,.0f} us")
 
 
 def bucket(tokens: int) -> int:
@@ -126,20 +128,47 @@ def _flush() -> None:
     _flush_buffer().sum()
 
 
+def _key(signature: tuple, tokens: int, cold: bool, **extra) -> dict:
+    return {"signature": [str(s) for s in signature], "bucket": bucket(tokens), "threads": torch.get_num_threads(),
+            "cold": cold, **extra}
+
+
 def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[], Any],
-           dense: Callable[[], Any], cold: bool = False) -> Choice:
+           dense: Callable[[], Any], cold: bool = False, tile: str = "") -> Choice:
     """The cached choice for this layer shape, token bucket and thread count, or one measured now (``cold``:
-    with the cache flushed before each call)."""
-    threads = torch.get_num_threads()
-    key = {"signature": [str(s) for s in signature], "bucket": bucket(tokens), "threads": threads, "cold": cold}
+    with the cache flushed before each call). ``tile`` names the sparse kernel's tile (part of the key)."""
+    key = _key(signature, tokens, cold, tile=tile)
     found = cache.get(key)
     if found is not None:
         return found
-    from sparsecc.timing import medians
+    from sparsecc import timing
 
     fns = {"sparse": sparse, "dense": dense}
-    times = medians(fns, runs=RUNS, warmup=1, before=_flush if cold else None)
-    choice = Choice(times["sparse"] > times["dense"], times["sparse"], times["dense"], tokens, threads, cold)
+    times = timing.medians(fns, runs=RUNS, warmup=1, before=_flush if cold else None)
+    choice = Choice(times["sparse"] > times["dense"], times["sparse"], times["dense"], tokens,
+                    torch.get_num_threads(), cold, tile)
+    cache.put(key, choice)
+    return choice
+
+
+#: Interleaved rounds per candidate tile: a tile search runs at first use of a layer shape and token bucket.
+TILE_RUNS = 5
+
+
+def choose_tile(cache: TuningCache, signature: tuple, tokens: int, tiles: dict[str, Callable[[], Any]],
+                cold: bool = False) -> Choice:
+    """The fastest of the sparse kernel's candidate tiles (by name) for this layer shape, token bucket and
+    thread count: cached, or measured now (interleaved medians). The choice's ``sparse_s`` is the winner's
+    time, ``dense_s`` the slowest candidate's (the spread the search bought)."""
+    key = _key(signature, tokens, cold, tiles=sorted(tiles))
+    found = cache.get(key)
+    if found is not None:
+        return found
+    from sparsecc import timing
+
+    times = timing.medians(tiles, runs=TILE_RUNS, warmup=1, before=_flush if cold else None)
+    best = min(times, key=times.get)
+    choice = Choice(False, times[best], max(times.values()), tokens, torch.get_num_threads(), cold, best)
     cache.put(key, choice)
     return choice
 

@@ -1,9 +1,9 @@
 """TVM runtime: condensed ops as TensorIR kernels compiled by LLVM for this CPU (`tvm_kernels`), cached on
 disk (`kernel_cache`), called on torch tensors without copies where the layout allows.
 
-Per call it picks the kernel by token count (`linear_kernel`, shared with `export_tvm`): one token at a time
-below `SPMM_MIN_TOKENS` (gather-bound GEMV), the transposed, K-blocked token kernel above (vectorised over
-tokens), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: float32 only, any
+Per call it picks the kernel by token count: one token at a time below `SPMM_MIN_TOKENS` (gather-bound GEMV),
+the tiled token kernel above (vectorised over tokens, its register tile measured per layer shape on this
+machine among `tvm_kernels.TILES`), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: float32 only, any
 strides or alignment (copied to a contiguous tensor when needed; kernels assume element alignment only).
 Each kernel call is split into row blocks over PyTorch's own threads (`parallel`), as many as
 ``torch.get_num_threads()`` says at that call; concurrent callers share compiled kernels read-only.
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from sparsecc import formats, ops
 from sparsecc import patterns as _patterns
-from sparsecc.runtimes import parallel, tuning
+from sparsecc.runtimes import cpu, parallel, tuning
 from sparsecc.errors import InputError
 
 NAME = "tvm"
@@ -33,10 +33,18 @@ SPMM_MIN_TOKENS = 3
 
 
 def linear_kernel(tokens: int) -> str:
-    """The kernel a fan-in Linear runs at ``tokens`` tokens: one GEMV per token below `SPMM_MIN_TOKENS`, else
-    the K-blocked token kernel (at 197 tokens 1.05-1.4x the plain one on ViT-B/16's shapes at 90% and 2:4:
-    its gathered inputs stay in L1)."""
+    """The kernel a fan-in Linear of a TVM library (`export_tvm`) runs at ``tokens`` tokens: one GEMV per token
+    below `SPMM_MIN_TOKENS`, else the K-blocked token kernel. The eager runtime runs the tiled kernel there."""
     return "gemv" if tokens < SPMM_MIN_TOKENS else "spmm_kb"
+
+
+@functools.cache
+def lanes() -> int:
+    """The tiled kernels' vector width on this machine (16 with AVX-512, else 8). Cached: asking the target
+    costs about 200 us, as much as a small layer."""
+    from sparsecc.runtimes import tvm_kernels
+
+    return tvm_kernels.lanes(kernel_cache().target)
 
 
 _state_lock = threading.Lock()
@@ -64,7 +72,7 @@ def kernel_cache():
             from sparsecc.runtimes import tvm_kernels
 
             target = tvm.target.Target.from_device("cpu")
-            _cache = kc.KernelCache(target, (Path(tvm_kernels.__file__),))
+            _cache = kc.KernelCache(target, (Path(tvm_kernels.__file__),), cpu=cpu.identity())
         return _cache
 
 
@@ -75,6 +83,8 @@ def forget_caches() -> None:
     with _state_lock:
         _cache = _tuning = None
     _transpose_kernel.cache_clear()
+    _layout_kernel.cache_clear()
+    lanes.cache_clear()
 
 
 def tuning_cache() -> tuning.TuningCache:
@@ -88,18 +98,24 @@ def tuning_cache() -> tuning.TuningCache:
     return _tuning
 
 
-def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool) -> Callable:
+def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool, tile=None) -> Callable:
     import tvm
 
     from sparsecc.runtimes import tvm_kernels
 
-    key = tvm_kernels.KernelKey(kind, k, tokens, str(index_dtype).removeprefix("torch."), "float32", bias)
+    key = tvm_kernels.KernelKey(kind, k, tokens, str(index_dtype).removeprefix("torch."), "float32", bias,
+                                tile=tile, lanes=lanes() if tile is not None else tvm_kernels.VEC)
     return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
 
 
 @functools.cache
 def _transpose_kernel() -> Callable:
     return _kernel("transpose", 0, 0, torch.int32, False)
+
+
+@functools.cache
+def _layout_kernel(kind: str) -> Callable:
+    return _kernel(kind, 0, 0, torch.int32, False)
 
 
 def transpose(x: Tensor) -> Tensor:
@@ -112,6 +128,25 @@ def transpose(x: Tensor) -> Tensor:
     # Blocks of VEC along the shorter side: the kernel's outer loop (a copy costs about an eighth of a FMA).
     parallel.run(_transpose_kernel(), min(m, n) // VEC, m * n // 8, x, y)
     return y
+
+
+def to_tokens_last(x: Tensor, width: int) -> Tensor:
+    """``[tokens, in]`` (contiguous) to the tiled kernel's ``[in, tokens_padded]``, padding columns zero."""
+    from sparsecc.runtimes.tvm_kernels import VEC, padded
+
+    tokens, n = x.shape
+    xt = x.new_empty(n, padded(tokens, width))
+    parallel.run(_layout_kernel("pack"), n // VEC, xt.numel() // 8, x, xt)
+    return xt
+
+
+def from_tokens_last(y: Tensor, tokens: int) -> Tensor:
+    """The first ``tokens`` columns of the tiled kernel's ``[out, tokens_padded]`` as ``[tokens, out]``."""
+    from sparsecc.runtimes.tvm_kernels import VEC
+
+    out = y.new_empty(tokens, y.shape[0])
+    parallel.run(_layout_kernel("unpack"), y.shape[0] // VEC, out.numel() // 8, y, out)
+    return out
 
 
 def _float_contiguous(x: Tensor) -> Tensor:
@@ -136,13 +171,20 @@ def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel
 
 class _Tuned:
     """A bound layer that runs its sparse kernel or its dense op (on the dense weight, decoded on first use),
-    whichever `tuning` measured faster for this call's token bucket and torch's thread count."""
+    whichever `tuning` measured faster for this call's token bucket and torch's thread count. Where the call's
+    sparse kernel takes a register tile (`tiles`), the tile is measured first among the candidates, whether or
+    not the dense op is compared (``autotune=False`` still runs the best tile)."""
 
     def __init__(self, values: Tensor) -> None:
         self.values = values
         self.tune = tuning.enabled(values)
         self.choices: dict[tuple[int, int], tuning.Choice] = {}
+        self.tile_choices: dict[tuple[int, int], tuning.Choice] = {}
         self._dense_weight: Optional[Tensor] = None
+
+    def tiles(self, x: Tensor) -> tuple:
+        """The register tiles the sparse kernel of this call can take (none: it has no tile)."""
+        return ()
 
     def tokens(self, x: Tensor) -> int:
         raise NotImplementedError
@@ -157,24 +199,39 @@ class _Tuned:
     def dense(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def sparse(self, x: Tensor) -> Tensor:
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
         raise NotImplementedError
+
+    def tile_for(self, x: Tensor, key: tuple[int, int]):
+        """The measured best tile for this call's token bucket and thread count, or None (no tile to take)."""
+        choice = self.tile_choices.get(key)
+        if choice is None:
+            tiles = self.tiles(x)
+            if not tiles:
+                return None
+            choice = self.tile_choices[key] = tuning.choose_tile(
+                tuning_cache(), self.signature(x), self.tokens(x),
+                {t.name(): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values))
+        from sparsecc.runtimes.tvm_kernels import Tile
+
+        return Tile.parse(choice.tile)
 
     def __call__(self, x: Tensor) -> Tensor:
         x = _float_contiguous(x)
         if self.values.shape[0] == 0:
             return self.constant(x)
+        key = (tuning.bucket(self.tokens(x)), torch.get_num_threads())
+        tile = self.tile_for(x, key)
         if self.tune:
-            tokens = self.tokens(x)
-            key = (tuning.bucket(tokens), torch.get_num_threads())
             choice = self.choices.get(key)
             if choice is None:
-                choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), tokens,
-                                                           lambda: self.sparse(x), lambda: self.dense(x),
-                                                           tuning.streaming(self.values))
+                choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), self.tokens(x),
+                                                           lambda: self.sparse(x, tile), lambda: self.dense(x),
+                                                           tuning.streaming(self.values),
+                                                           tile.name() if tile is not None else "")
             if choice.dense:
                 return self.dense(x)
-        return self.sparse(x)
+        return self.sparse(x, tile)
 
 
 class _Bound(_Tuned):
@@ -205,26 +262,34 @@ class _Bound(_Tuned):
         self.args = tuple(tvm_ffi.from_dlpack(t) for t in (self.values, self.indices, self.orow, self.arow, self.bias))
         self.kernels: dict[tuple[str, int], Callable] = {}
 
-    def kernel(self, kind: str, tokens: int) -> Callable:
-        fn = self.kernels.get((kind, tokens))
+    def kernel(self, kind: str, tokens: int, tile=None) -> Callable:
+        fn = self.kernels.get((kind, tokens, tile))
         if fn is None:
-            index_dtype = torch.int32 if kind == "spmm_flat" else self.indices.dtype
-            fn = self.kernels[(kind, tokens)] = _kernel(kind, self.values.shape[1], tokens, index_dtype,
-                                                        self.has_bias)
+            index_dtype = torch.int32 if kind in ("spmm_flat", "tiled_flat") else self.indices.dtype
+            fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, self.values.shape[1], tokens, index_dtype,
+                                                              self.has_bias, tile)
         return fn
 
-    def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None) -> None:
-        """One kernel call, its rows split over torch's threads (row pairs for the token kernels)."""
+    def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None) -> None:
+        """One kernel call, its rows split over torch's threads (row blocks for the token kernels)."""
         from sparsecc.runtimes.tvm_kernels import blocks
 
         rows = self.values.shape[0]
-        parallel.run(self.kernel(kind, tokens), blocks(kind, rows), rows * self.values.shape[1] * tokens, x,
-                     *(self.args if args is None else args), y)
+        parallel.run(self.kernel(kind, tokens, tile), blocks(kind, rows, tile), rows * self.values.shape[1] * tokens,
+                     x, *(self.args if args is None else args), y)
 
-    def spmm(self, xt: Tensor, kind: str = "spmm") -> Tensor:
-        """``[out, tokens]`` from ``xt = [in, tokens]``."""
+    def tiles(self, x: Tensor) -> tuple:
+        from sparsecc.runtimes import tvm_kernels
+
+        tokens = self.tokens(x)
+        if tokens < SPMM_MIN_TOKENS:
+            return ()
+        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes()), lanes())
+
+    def tiled(self, xt: Tensor, tile) -> Tensor:
+        """``[out, tokens_padded]`` from ``xt = [in, tokens_padded]`` by the tiled kernel."""
         y = xt.new_empty(self.out, xt.shape[1])
-        self.run(kind, xt.shape[1], xt, y)
+        self.run("tiled", xt.shape[1], xt.view(-1), y, tile=tile)
         return y
 
 
@@ -243,17 +308,17 @@ class BoundLinear(_Bound):
             self._dense_weight = formats.decode_fanin(self.values, self.indices, self.rows, self.out, x.shape[-1])
         return F.linear(x, self._dense_weight, self.bias_or_none)
 
-    def sparse(self, x: Tensor) -> Tensor:
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
         if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
             y = x.new_empty(1, self.out)
             self.run("gemv", 1, x, y)
             return y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        kind = linear_kernel(x2.shape[0])
-        if kind != "gemv":
+        if x2.shape[0] >= SPMM_MIN_TOKENS:
             # Transposed views would save the copies here but slow the LayerNorms and attention after them
             # (measured on ViT-B/16): outputs stay contiguous.
-            y = transpose(self.spmm(transpose(x2), kind))
+            tile = tile or self.tile_for(x, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
+            y = from_tokens_last(self.tiled(to_tokens_last(x2, lanes()), tile), x2.shape[0])
         else:
             tokens = x2.shape[0]
             y = x2.new_empty(tokens, self.out)
@@ -289,18 +354,27 @@ class BoundConv2d(_Bound):
             self.offsets[(h, w)] = found
         return found
 
-    def _direct(self, sample: Tensor, oh: int, ow: int) -> Tensor:
+    def _direct(self, sample: Tensor, oh: int, ow: int, tile) -> Tensor:
+        from sparsecc.runtimes.tvm_kernels import padded
+
         c, h, w = sample.shape
         ph, pw = self.padding
         wp = w + 2 * pw
-        # Outputs are computed over the padded width (the extra columns are dropped), and the input carries
-        # enough trailing zeros for the last taps of the last row.
-        extra = self.dilation[1] * (self.kernel_size[1] - 1)
+        # Outputs are computed over the padded width (the extra columns are dropped) and up to a whole number of
+        # vectors; the input carries enough trailing zeros for the last taps of the last (padding) token.
+        tokens = padded(oh * wp, lanes())
+        extra = self.dilation[1] * (self.kernel_size[1] - 1) + tokens - oh * wp
         flat = sample.new_zeros(c * (h + 2 * ph) * wp + extra)
         flat[:c * (h + 2 * ph) * wp].view(c, h + 2 * ph, wp)[:, ph:ph + h, pw:pw + w] = sample
-        y = sample.new_empty(self.out, oh * wp)
-        self.run("spmm_flat", oh * wp, flat, y, (self.values, self._offsets(h, w), self.orow, self.arow, self.bias))
-        return y.view(self.out, oh, wp)[:, :, :ow].contiguous()
+        y = sample.new_empty(self.out, tokens)
+        self.run("tiled_flat", tokens, flat, y, (self.values, self._offsets(h, w), self.orow, self.arow, self.bias),
+                 tile)
+        return y[:, :oh * wp].view(self.out, oh, wp)[:, :, :ow].contiguous()
+
+    def tiles(self, x: Tensor) -> tuple:
+        from sparsecc.runtimes import tvm_kernels
+
+        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(self.tokens(x), lanes()), lanes())
 
     def _out_size(self, x: Tensor) -> tuple[int, int]:
         return tuple(ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
@@ -326,22 +400,28 @@ class BoundConv2d(_Bound):
         return F.conv2d(x, self._dense_weight, self.bias_or_none, self.stride, self.padding, self.dilation,
                         self.groups)
 
-    def sparse(self, x: Tensor) -> Tensor:
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
+        from sparsecc.runtimes.tvm_kernels import padded
+
         unbatched = x.dim() == 3
         xb = x.unsqueeze(0) if unbatched else x
         n, c, h, w = xb.shape
         oh, ow = self._out_size(x)
+        tile = tile or self.tile_for(x, (tuning.bucket(oh * ow), torch.get_num_threads()))
+        tokens = padded(oh * ow, lanes())
         outs = []
         for i in range(n):
             if self.direct:
-                outs.append(self._direct(xb[i], oh, ow))
+                outs.append(self._direct(xb[i], oh, ow, tile))
                 continue
             if self.pointwise:
                 sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
-                cols = sample.reshape(c, oh * ow).contiguous()
             else:
-                cols = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
-            outs.append(self.spmm(cols).view(self.out, oh, ow))
+                sample = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
+            cols = sample.new_zeros(sample.shape[0], tokens)
+            cols.view(-1, tokens)[:, :oh * ow] = sample.reshape(-1, oh * ow)
+            y = self.tiled(cols, tile)
+            outs.append((y if tokens == oh * ow else y[:, :oh * ow].contiguous()).view(self.out, oh, ow))
         y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
         return y[0] if unbatched else y
 
@@ -402,11 +482,17 @@ class BoundNM(_Tuned):
             self._dense_weight = formats.decode_fanin(self.values, indices, None, self.out, self.in_features)
         return F.linear(x, self._dense_weight, self.bias if self.has_bias else None)
 
-    def sparse(self, x: Tensor) -> Tensor:
+    def _on_fanin(self, tokens: int) -> bool:
+        return self.direct is None or tokens >= SPMM_MIN_TOKENS
+
+    def tiles(self, x: Tensor) -> tuple:
+        return self.fanin.tiles(x) if self._on_fanin(self.tokens(x)) else ()
+
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         tokens = x2.shape[0]
-        if self.direct is None or linear_kernel(tokens) != "gemv":
-            return self.fanin(x)
+        if self._on_fanin(tokens):
+            return self.fanin.sparse(x, tile)
         y = x2.new_empty(tokens, self.out)
         work = self.out * self.in_features // 2
         for t in range(tokens):

@@ -18,13 +18,20 @@ element): a symbolic offset cost one integer add per gathered input.
   padded width so that an output row tile is contiguous in the input (no im2col columns).
 Ablated rows are never computed: live row ``r`` writes output row ``orow[r]``, ablated rows get their bias.
 
+- `fanin_tiled` — the many-token kernel of the eager runtime, its register tile a parameter (`Tile`: rows x
+  token vectors, and the K chunk) chosen per machine by measurement (`runtimes/tuning.py`), its vectors as wide
+  as the CPU's (`lanes`). Tokens are padded to a whole number of vectors (``[in, tokens_padded]``): every tile
+  is a multiple of the vector width, so LLVM keeps all of it in registers (odd remainders spilled).
 - `transpose` — the token kernel's layout change for a Linear (``[tokens, in]`` in, ``[out, tokens]`` out):
-  8x8 blocks transposed in registers, 2.5-3.3x faster than torch's strided copy (4-8 GB/s here).
+  8x8 blocks transposed in registers, 2.5-3.3x faster than torch's strided copy (4-8 GB/s here);
+  `pack` / `unpack` do the same into and out of the tiled kernel's padded token layout (token blocks outer:
+  on the Xeon 1.1-1.7x faster than the other order, and no scalar edge for the token remainder).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from tvm.script import tirx as T
 
@@ -37,10 +44,63 @@ PARTS = 16         # shares of a parallel kernel's block range on TVM's pool (a 
 
 
 @dataclass(frozen=True)
+class Tile:
+    """The register tile of the tiled token kernel: ``rows`` output rows x ``vectors`` token vectors of
+    accumulators, the fan-in swept ``chunk`` values at a time for every row of the thread's share before the
+    next chunk (the inputs a chunk gathers stay in L1; partial sums wait in the output), 0: the whole fan-in."""
+
+    rows: int
+    vectors: int
+    chunk: int
+
+    def name(self) -> str:
+        return f"r{self.rows}v{self.vectors}c{self.chunk}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Tile":
+        import re
+
+        found = re.fullmatch(r"r(\d+)v(\d+)c(\d+)", text)
+        if found is None:
+            raise ValueError(f"not a tile name: {text!r}")
+        return cls(*(int(g) for g in found.groups()))
+
+
+#: The tiles the tuner measures, best-known first. Measured on a Xeon (AVX-512, 1 thread, ViT-B/16's Linears at
+#: 90%, 197 tokens): 49-62 GFLOP/s on the nonzeros among these, 3-9 GFLOP/s for 8-vector or 13-vector rows
+#: (LLVM spills them), so tiles stay within 8 accumulators a row.
+TILES = (Tile(2, 4, 32), Tile(1, 4, 32), Tile(2, 4, 16), Tile(4, 2, 32), Tile(3, 4, 16), Tile(6, 2, 16),
+         Tile(1, 4, 16), Tile(4, 4, 32))
+
+
+def candidates(k: int, tokens: int, width: int) -> tuple[Tile, ...]:
+    """The distinct tiles of `TILES` for fan-in ``k`` and ``tokens`` (padded) tokens of ``width`` lanes: a chunk
+    of the whole fan-in or more is no chunk, and a tile wider than the tokens is the tokens."""
+    seen: dict[tuple[int, int, int], Tile] = {}
+    for tile in TILES:
+        chunk = tile.chunk if 0 < tile.chunk < k else 0
+        vectors = min(tile.vectors, tokens // width)
+        seen.setdefault((tile.rows, vectors, chunk), Tile(tile.rows, vectors, chunk))
+    return tuple(seen.values())
+
+
+def lanes(target) -> int:
+    """fp32 lanes of the widest vector register the target has (its kernels' token vectors)."""
+    from tvm.target import codegen
+
+    return 16 if codegen.target_has_features("avx512f", target) else 8
+
+
+def padded(tokens: int, width: int) -> int:
+    """``tokens`` rounded up to a whole number of ``width``-lane vectors."""
+    return -(-tokens // width) * width
+
+
+@dataclass(frozen=True)
 class KernelKey:
     """Everything a compiled kernel is specialised on; part of the on-disk cache key."""
 
-    kind: str          # "gemv" | "spmm" | "spmm_kb" | "spmm_flat" | "nm_gemv" | "nm_gemv_avx" | "transpose"
+    kind: str          # "gemv" | "spmm" | "spmm_kb" | "spmm_flat" | "tiled" | "tiled_flat" | "nm_gemv" | ...
     k: int             # fan-in; for nm_gemv the number of groups of 4 along K
     tokens: int
     index_dtype: str
@@ -49,11 +109,15 @@ class KernelKey:
     #: False: the caller splits the block range over threads (the eager runtime, on torch's threads); True:
     #: the kernel splits it on TVM's own pool (a TVM library, which runs without torch).
     parallel: bool = False
+    #: The tiled kernels' register tile and vector lanes (``tokens`` is then the padded token count).
+    tile: Optional[Tile] = None
+    lanes: int = VEC
 
     def name(self) -> str:
         bias = "b" if self.bias else "nb"
         par = "_par" if self.parallel else ""
-        return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}{par}"
+        tile = f"_{self.tile.name()}x{self.lanes}" if self.tile is not None else ""
+        return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}{par}{tile}"
 
     def loop(self):
         """The loop over the parts of the block range: parallel on TVM's pool, or one serial part."""
@@ -66,8 +130,10 @@ class KernelKey:
         return PARTS if self.parallel else 1
 
 
-def blocks(kind: str, rows: int) -> int:
-    """The block range a row kernel of ``kind`` covers for ``rows`` live rows (rows, or row pairs)."""
+def blocks(kind: str, rows: int, tile: Optional[Tile] = None) -> int:
+    """The block range a row kernel of ``kind`` covers for ``rows`` live rows (rows, or row blocks)."""
+    if tile is not None:
+        return -(-rows // tile.rows)
     return -(-rows // ROWS) if kind in ("spmm", "spmm_kb", "spmm_flat") else rows
 
 
@@ -76,8 +142,8 @@ def build(key: KernelKey):
     just before its output, the last argument; once-only work (ablated rows, edges) is done by the call with
     ``b0 == 0``."""
     builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "spmm_kb": fanin_spmm, "spmm_flat": fanin_spmm,
-               "nm_gemv": nm_gemv,
-               "nm_gemv_avx": nm_gemv_avx, "transpose": transpose}[key.kind]
+               "tiled": fanin_tiled, "tiled_flat": fanin_tiled, "nm_gemv": nm_gemv,
+               "nm_gemv_avx": nm_gemv_avx, "transpose": transpose, "pack": pack, "unpack": unpack}[key.kind]
     return builder(key).with_attr("global_symbol", key.name())
 
 
@@ -259,6 +325,88 @@ def fanin_spmm(key: KernelKey):
                     y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
 
     return spmm
+
+
+def fanin_tiled(key: KernelKey):
+    """Many tokens, the tile a parameter. ``xt`` is the input ``[in, NTP]`` flattened (``tiled``: index ``i``
+    reads row ``i * NTP``) or a flat plane stack read at int32 offsets (``tiled_flat``: a stride-1 convolution's
+    taps); ``y`` is ``[out, NTP]``. ``NTP = key.tokens`` is a multiple of the lanes; the token range is cut in
+    tiles of ``vectors * lanes`` tokens and one smaller tile (still whole vectors) for the rest. Per tile, the
+    thread's rows are swept chunk by chunk (`Tile.chunk`); the first chunk starts from the bias."""
+    K, NTP, IDX, DT, BIAS, TL = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.tile
+    FLAT = key.kind == "tiled_flat"
+    ROWS_, TW = TL.rows, TL.vectors * key.lanes
+    NFULL, REM = NTP // TW, NTP % TW
+    CH = min(TL.chunk, K) if TL.chunk else K
+    assert NTP % key.lanes == 0, (NTP, key.lanes)
+    loop, P = key.loop(), key.parts()
+
+    @T.macro
+    def tile(xt, v, idx, orow, b, y, r0, nrows, t0, width, j0, nj, first):
+        acc = T.decl_buffer((ROWS_, width), DT, scope="local")
+        for q in T.unroll(nrows):
+            for t in T.vectorized(width):
+                if first:
+                    acc[q, t] = b[orow[r0 + q]] if BIAS else T.cast(0, DT)
+                else:
+                    acc[q, t] = y[orow[r0 + q], t0 + t]
+        for j in range(nj):
+            for q in T.unroll(nrows):
+                for t in T.vectorized(width):
+                    if FLAT:
+                        acc[q, t] = acc[q, t] + v[r0 + q, j0 + j] * xt[idx[r0 + q, j0 + j] + t0 + t]
+                    else:
+                        acc[q, t] = acc[q, t] + v[r0 + q, j0 + j] * \
+                            xt[T.Cast("int32", idx[r0 + q, j0 + j]) * NTP + t0 + t]
+        for q in T.unroll(nrows):
+            for t in T.vectorized(width):
+                y[orow[r0 + q], t0 + t] = acc[q, t]
+
+    @T.macro
+    def sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, j0, nj, first):
+        for rb in range(lo, hi):
+            if rb * ROWS_ + ROWS_ <= R:
+                tile(xt, v, idx, orow, b, y, rb * ROWS_, ROWS_, t0, width, j0, nj, first)
+            else:
+                for q in range(R - rb * ROWS_):
+                    tile(xt, v, idx, orow, b, y, rb * ROWS_ + q, 1, t0, width, j0, nj, first)
+
+    @T.macro
+    def slab(xt, v, idx, orow, b, y, R, b0, b1, t0, width):
+        for part in loop(P):
+            lo = b0 + (b1 - b0) * part // P
+            hi = b0 + (b1 - b0) * (part + 1) // P
+            sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, 0, CH, True)
+            for c in range(1, K // CH):
+                sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, c * CH, CH, False)
+            if K % CH > 0:
+                sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, K // CH * CH, K % CH, False)
+
+    @T.prim_func
+    def tiled(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
+              b0: T.int32, b1: T.int32, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        R = T.int32()
+        A = T.int32()
+        XN = T.int32()
+        OUT = T.int32()
+        xt = T.match_buffer(xt_h, (XN,), DT, align=4)
+        v = T.match_buffer(v_h, (R, K), DT, align=4)
+        idx = T.match_buffer(i_h, (R, K), IDX, align=2)
+        orow = T.match_buffer(orow_h, (R,), "int32", align=4)
+        arow = T.match_buffer(arow_h, (A,), "int32", align=4)
+        b = T.match_buffer(b_h, (OUT,), DT, align=4)
+        y = T.match_buffer(y_h, (OUT, NTP), DT, align=4)
+        for tt in range(NFULL):
+            slab(xt, v, idx, orow, b, y, R, b0, b1, tt * TW, TW)
+        if REM > 0:
+            slab(xt, v, idx, orow, b, y, R, b0, b1, NFULL * TW, REM)
+        if b0 == 0:
+            for a in range(A):
+                for t in range(NTP):
+                    y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
+
+    return tiled
 
 
 @T.macro
@@ -455,3 +603,98 @@ def transpose(key: KernelKey):
                     b[j, i] = a[i, j]
 
     return transpose_
+
+
+@T.macro
+def _zero_or_row(blk, a, M, ib, jb, i):
+    if ib * VEC + i < M:
+        blk[i, T.ramp(0, 1, VEC)] = a[ib * VEC + i, T.ramp(jb * VEC, 1, VEC)]
+    else:
+        blk[i, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, a.dtype), VEC)
+
+
+def pack(key: KernelKey):
+    """``x [M, N]`` (tokens x features) to ``xt [N, MP]`` (features x padded tokens), columns from ``M`` on
+    zero: the tiled kernel's input. The block range is over feature blocks of 8; features past the last whole
+    block are copied by the call with ``b0 == 0``."""
+    DT = key.dtype
+
+    @T.macro
+    def block(a, b, M, ib, jb):
+        blk = T.decl_buffer((VEC, VEC), DT, scope="local")
+        for i in T.unroll(VEC):
+            _zero_or_row(blk, a, M, ib, jb, i)
+        cols = _transposed8([blk[i, T.ramp(0, 1, VEC)] for i in range(VEC)])
+        b[jb * VEC + 0, T.ramp(ib * VEC, 1, VEC)] = cols[0]
+        b[jb * VEC + 1, T.ramp(ib * VEC, 1, VEC)] = cols[1]
+        b[jb * VEC + 2, T.ramp(ib * VEC, 1, VEC)] = cols[2]
+        b[jb * VEC + 3, T.ramp(ib * VEC, 1, VEC)] = cols[3]
+        b[jb * VEC + 4, T.ramp(ib * VEC, 1, VEC)] = cols[4]
+        b[jb * VEC + 5, T.ramp(ib * VEC, 1, VEC)] = cols[5]
+        b[jb * VEC + 6, T.ramp(ib * VEC, 1, VEC)] = cols[6]
+        b[jb * VEC + 7, T.ramp(ib * VEC, 1, VEC)] = cols[7]
+
+    @T.prim_func
+    def pack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int32()
+        N = T.int32()
+        MP = T.int32()
+        a = T.match_buffer(a_h, (M, N), DT, align=4)
+        b = T.match_buffer(b_h, (N, MP), DT, align=4)
+        for ib in range(MP // VEC):
+            for jb in range(b0, b1):
+                block(a, b, M, ib, jb)
+        if b0 == 0:
+            for j in range(N // VEC * VEC, N):
+                for i in range(MP):
+                    b[j, i] = a[i, j] if i < M else T.cast(0, DT)
+
+    return pack_
+
+
+def unpack(key: KernelKey):
+    """``y [N, MP]`` (features x padded tokens) to ``out [M, N]``: the first ``M`` tokens, transposed back.
+    The block range is over feature blocks of 8, as in `pack`."""
+    DT = key.dtype
+
+    @T.macro
+    def block(a, b, M, ib, jb):
+        blk = T.decl_buffer((VEC, VEC), DT, scope="local")
+        for i in T.unroll(VEC):
+            blk[i, T.ramp(0, 1, VEC)] = a[jb * VEC + i, T.ramp(ib * VEC, 1, VEC)]
+        cols = _transposed8([blk[i, T.ramp(0, 1, VEC)] for i in range(VEC)])
+        if ib * VEC + 0 < M:
+            b[ib * VEC + 0, T.ramp(jb * VEC, 1, VEC)] = cols[0]
+        if ib * VEC + 1 < M:
+            b[ib * VEC + 1, T.ramp(jb * VEC, 1, VEC)] = cols[1]
+        if ib * VEC + 2 < M:
+            b[ib * VEC + 2, T.ramp(jb * VEC, 1, VEC)] = cols[2]
+        if ib * VEC + 3 < M:
+            b[ib * VEC + 3, T.ramp(jb * VEC, 1, VEC)] = cols[3]
+        if ib * VEC + 4 < M:
+            b[ib * VEC + 4, T.ramp(jb * VEC, 1, VEC)] = cols[4]
+        if ib * VEC + 5 < M:
+            b[ib * VEC + 5, T.ramp(jb * VEC, 1, VEC)] = cols[5]
+        if ib * VEC + 6 < M:
+            b[ib * VEC + 6, T.ramp(jb * VEC, 1, VEC)] = cols[6]
+        if ib * VEC + 7 < M:
+            b[ib * VEC + 7, T.ramp(jb * VEC, 1, VEC)] = cols[7]
+
+    @T.prim_func
+    def unpack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int32()
+        N = T.int32()
+        MP = T.int32()
+        a = T.match_buffer(a_h, (N, MP), DT, align=4)
+        b = T.match_buffer(b_h, (M, N), DT, align=4)
+        for ib in range((M + VEC - 1) // VEC):
+            for jb in range(b0, b1):
+                block(a, b, M, ib, jb)
+        if b0 == 0:
+            for j in range(N // VEC * VEC, N):
+                for i in range(M):
+                    b[i, j] = a[j, i]
+
+    return unpack_

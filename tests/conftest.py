@@ -53,13 +53,17 @@ def _give_memory_back():
 @pytest.fixture(autouse=True)
 def _sparse_kernels(request, monkeypatch):
     """Tests of the kernels must run the kernels: the runtime's measured sparse-or-dense choice (which may pick
-    the dense op on a busy machine) is pinned to sparse, except in tests marked ``measured_choice``."""
+    the dense op on a busy machine) is pinned to sparse, and the tile search to the first candidate tile (a
+    search compiles every candidate; `tests/test_tiles.py` runs them all), except in tests marked
+    ``measured_choice``."""
     if request.node.get_closest_marker("measured_choice"):
         return
     from sparsecc.runtimes import tuning
 
-    monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False: tuning.Choice(
-        False, 0.0, 0.0, tokens, torch.get_num_threads(), cold))
+    monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="":
+                        tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, tile))
+    monkeypatch.setattr(tuning, "choose_tile", lambda cache, signature, tokens, tiles, cold=False: tuning.Choice(
+        False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, next(iter(tiles))))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,6 +24,8 @@ def _clock(monkeypatch, sparse_faster_up_to: int):
     calls = []
 
     def medians(fns, **kwargs):
+        if "dense" not in fns:         # the tile search: any tile will do
+            return {name: 1e-4 for name in fns}
         out = fns["dense"]()
         tokens = out.numel() // out.shape[-1] if out.dim() else 1
         calls.append(tokens)
@@ -52,9 +54,9 @@ def _spy(compiled):
     for path in ("sparse", "dense"):
         original = getattr(bound, path)
 
-        def logged(x, path=path, original=original):
+        def logged(x, *tile, path=path, original=original):
             log.append(path)
-            return original(x)
+            return original(x, *tile)
 
         setattr(bound, path, logged)
     return layer, log
@@ -138,7 +140,8 @@ def test_cache_on_disk_corrupt_entries_and_thread_counts(monkeypatch, tmp_path):
         fresh = _cache(tmp_path)
         assert tuning.choose(fresh, ("sig",), 16, sparse, dense) == first
         assert fresh.stats["measured"] == 1 and len(calls) == 3
-        assert any(json.loads(e.read_text())["choice"]["threads"] == 1 for e in entries)   # rewritten whole
+        rewritten = [json.loads(e.read_text()) for e in entries if e.read_text() != "{ truncated"]
+        assert [entry["choice"]["threads"] for entry in rewritten] == [1]      # rewritten whole, the other left
         other = tuning.TuningCache({"target": "another"}, tmp_path)   # another machine or version: its own key
         tuning.choose(other, ("sig",), 16, sparse, dense)
         assert other.stats["measured"] == 1 and len(calls) == 4
@@ -166,4 +169,47 @@ def test_real_measurement_on_a_2to4_layer_at_many_tokens(monkeypatch, tmp_path):
     out, expected = compiled(x), model(x)
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert_equivalent(out, expected)
-    assert len(list(tmp_path.glob("tuning/*.json"))) == 1
+    entries = [json.loads(e.read_text()) for e in tmp_path.glob("tuning/*.json")]
+    # one tile search (its key lists the candidate tiles), one sparse-or-dense choice on the chosen tile
+    assert sorted('"tiles"' in e["key"] for e in entries) == [False, True]
+    assert choice.tile and f"(tile {choice.tile})" in compiled.report.layers[0].choice
+
+
+def test_choices_survive_a_restart_and_are_measured_again_on_another_cpu(monkeypatch, tmp_path):
+    """The on-disk choices (tile search and sparse-or-dense) are keyed on the CPU's model and ISA: a new process
+    on the same machine measures nothing, the same cache directory on another CPU measures again."""
+    from sparsecc.runtimes import cpu
+    from sparsecc.runtimes import tvm as tvm_runtime
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    calls = _clock(monkeypatch, sparse_faster_up_to=0)
+    searches = []
+    real_medians = timing.medians
+
+    def counted(fns, **kwargs):
+        if "dense" not in fns:
+            searches.append(sorted(fns))
+        return real_medians(fns, **kwargs)
+
+    monkeypatch.setattr(timing, "medians", counted)
+    model = _model()
+    x = torch.randn(20, 64)
+
+    def compile_fresh():
+        tvm_runtime.forget_caches()       # what a new process starts from
+        return sparsecc.compile(model, (x,), backend="tvm")
+
+    first = compile_fresh()
+    assert len(calls) == 1 and len(searches) == 1
+    assert tvm_runtime.tuning_cache().fingerprint["cpu"] == cpu.model()
+    again = compile_fresh()
+    assert len(calls) == 1 and len(searches) == 1           # read from disk
+    assert again.report.layers[0].choice == first.report.layers[0].choice
+    monkeypatch.setattr(cpu, "identity", lambda: {"cpu": "Another CPU", "isa": "avx2 fma"})
+    other = compile_fresh()
+    assert len(calls) == 2 and len(searches) == 2           # another CPU: measured again
+    assert tvm_runtime.tuning_cache().fingerprint["cpu"] == "Another CPU"
+    out, expected = other(x), model(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    tvm_runtime.forget_caches()

@@ -1,0 +1,76 @@
+"""The tiled token kernel at every candidate tile and both vector widths, against the dense masked ops: tiles
+the tuner may pick must all be exact, not just the one a machine happens to choose. Shapes hit the edges a
+tile has: live rows not a multiple of the tile's rows, ablated rows, a fan-in that leaves a partial K chunk,
+token counts that are not whole vectors (padding) or not whole tiles (the narrower last tile)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsecc import formats
+from sparsecc.runtimes import tvm_kernels, unavailable
+from sparsecc.runtimes import tvm as tvm_runtime
+from sparsecc.synthetic import fanin_mask
+from tests.conftest import assert_equivalent
+
+pytestmark = pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
+
+EXTRA = (tvm_kernels.Tile(1, 1, 0), tvm_kernels.Tile(5, 2, 8), tvm_kernels.Tile(2, 3, 0))
+
+
+def _tiles(k: int, tokens: int, lanes: int) -> tuple:
+    return tvm_kernels.candidates(k, tvm_kernels.padded(tokens, lanes), lanes) + EXTRA
+
+
+@pytest.fixture(params=[8, 16], ids=["8 lanes", "16 lanes"])
+def lanes(request, monkeypatch):
+    """Both widths on any x86 host: 16-lane kernels are legal LLVM vectors on AVX2 too (split in two)."""
+    monkeypatch.setattr(tvm_runtime, "lanes", lambda: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("tokens", [5, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_every_tile(lanes, tokens, bias):
+    out_f, in_f = 29, 150
+    w = torch.randn(out_f, in_f)
+    mask = fanin_mask(w, 0.75, 0.2)                 # k = 37 (chunks of 8/16/32 leave a tail); 20% rows ablated
+    enc = formats.encode_fanin(w * mask, mask, int(mask.sum(1).max()))
+    b = torch.randn(out_f) if bias else None
+    bound = tvm_runtime.BoundLinear(enc.values, enc.indices, enc.rows, b, out_f)
+    x = torch.randn(tokens, in_f)
+    expected = F.linear(x, w * mask, b)
+    tiles = _tiles(enc.values.shape[1], tokens, lanes)
+    assert len(tiles) >= 8
+    for tile in tiles:
+        assert_equivalent(bound.sparse(x, tile), expected)
+
+
+@pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2, padding=1)], ids=["direct", "unfold"])
+def test_conv_every_tile(lanes, conv):
+    w = torch.randn(12, 6, 3, 3)
+    mask = fanin_mask(w, 0.8, 0.1)
+    enc = formats.encode_fanin((w * mask).view(12, -1), mask.view(12, -1), int(mask.view(12, -1).sum(1).max()))
+    b = torch.randn(12)
+    params = dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1])
+    params.update({name: [value, value] for name, value in conv.items()})
+    bound = tvm_runtime.BoundConv2d(enc.values, enc.indices, enc.rows, b, 12, [3, 3], params["stride"],
+                                    params["padding"], params["dilation"], 1, 6)
+    x = torch.randn(1, 6, 9, 11)
+    expected = F.conv2d(x, w * mask, b, **conv)
+    for tile in _tiles(enc.values.shape[1], bound.tokens(x), lanes):
+        assert_equivalent(bound.sparse(x, tile), expected)
+
+
+def test_tile_names_round_trip():
+    for tile in tvm_kernels.TILES + EXTRA:
+        assert tvm_kernels.Tile.parse(tile.name()) == tile
+    with pytest.raises(ValueError, match="not a tile name"):
+        tvm_kernels.Tile.parse("r2v4")
+
+
+def test_candidates_drop_tiles_that_are_the_same_kernel():
+    # k = 10: every chunk is the whole fan-in; 16 padded tokens at 16 lanes: every tile is one vector wide
+    tiles = tvm_kernels.candidates(10, 16, 16)
+    assert all(t.chunk == 0 and t.vectors == 1 for t in tiles)
+    assert len(set(tiles)) == len(tiles) == len({t.rows for t in tvm_kernels.TILES})
