@@ -114,8 +114,13 @@ def _transpose_kernel() -> Callable:
 
 
 @functools.cache
-def _layout_kernel(kind: str) -> Callable:
-    return _kernel(kind, 0, 0, torch.int32, False)
+def _layout_kernel(kind: str, width: int) -> Callable:
+    import tvm
+
+    from sparsecc.runtimes import tvm_kernels
+
+    key = tvm_kernels.KernelKey(kind, 0, 0, "int32", "float32", False, lanes=width)
+    return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
 
 
 def transpose(x: Tensor) -> Tensor:
@@ -130,22 +135,38 @@ def transpose(x: Tensor) -> Tensor:
     return y
 
 
+_scratch = threading.local()
+
+
+def scratch(slot: str, rows: int, cols: int) -> Tensor:
+    """A float32 ``[rows, cols]`` buffer of this thread's, for an intermediate that never leaves the call that
+    asks for it (the tiled kernel's transposed input and output). Fresh megabyte-sized tensors cost a page fault
+    per 4 KiB on every call (8 us per allocation, 2 ms of a ViT-B/16 call); one buffer per slot and thread,
+    grown to the largest use, costs nothing after the first call. Threads never share one."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(slot)
+    if buf is None or buf.numel() < rows * cols:
+        buf = buffers[slot] = torch.empty(rows * cols)
+    return buf[:rows * cols].view(rows, cols)
+
+
 def to_tokens_last(x: Tensor, width: int) -> Tensor:
-    """``[tokens, in]`` (contiguous) to the tiled kernel's ``[in, tokens_padded]``, padding columns zero."""
-    from sparsecc.runtimes.tvm_kernels import VEC, padded
+    """``[tokens, in]`` (contiguous) to the tiled kernel's ``[in, tokens_padded]``, padding columns zero, in
+    this thread's scratch buffer."""
+    from sparsecc.runtimes.tvm_kernels import padded
 
     tokens, n = x.shape
-    xt = x.new_empty(n, padded(tokens, width))
-    parallel.run(_layout_kernel("pack"), n // VEC, xt.numel() // 8, x, xt)
+    xt = scratch("tokens_last_in", n, padded(tokens, width))
+    # A moved float costs about what a multiply-add does: its element count is its work.
+    parallel.run(_layout_kernel("pack", width), n // width, xt.numel(), x, xt)
     return xt
 
 
 def from_tokens_last(y: Tensor, tokens: int) -> Tensor:
     """The first ``tokens`` columns of the tiled kernel's ``[out, tokens_padded]`` as ``[tokens, out]``."""
-    from sparsecc.runtimes.tvm_kernels import VEC
-
     out = y.new_empty(tokens, y.shape[0])
-    parallel.run(_layout_kernel("unpack"), y.shape[0] // VEC, out.numel() // 8, y, out)
+    width = lanes()
+    parallel.run(_layout_kernel("unpack", width), y.shape[0] // width, out.numel(), y, out)
     return out
 
 
@@ -286,9 +307,9 @@ class _Bound(_Tuned):
             return ()
         return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes()), lanes())
 
-    def tiled(self, xt: Tensor, tile) -> Tensor:
-        """``[out, tokens_padded]`` from ``xt = [in, tokens_padded]`` by the tiled kernel."""
-        y = xt.new_empty(self.out, xt.shape[1])
+    def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None) -> Tensor:
+        """``[out, tokens_padded]`` from ``xt = [in, tokens_padded]`` by the tiled kernel (into ``y``, if given)."""
+        y = xt.new_empty(self.out, xt.shape[1]) if y is None else y
         self.run("tiled", xt.shape[1], xt.view(-1), y, tile=tile)
         return y
 
@@ -318,7 +339,8 @@ class BoundLinear(_Bound):
             # Transposed views would save the copies here but slow the LayerNorms and attention after them
             # (measured on ViT-B/16): outputs stay contiguous.
             tile = tile or self.tile_for(x, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
-            y = from_tokens_last(self.tiled(to_tokens_last(x2, lanes()), tile), x2.shape[0])
+            xt = to_tokens_last(x2, lanes())
+            y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, xt.shape[1])), x2.shape[0])
         else:
             tokens = x2.shape[0]
             y = x2.new_empty(tokens, self.out)

@@ -66,21 +66,22 @@ class Tile:
         return cls(*(int(g) for g in found.groups()))
 
 
-#: The tiles the tuner measures, best-known first. Measured on a Xeon (AVX-512, 1 thread, ViT-B/16's Linears at
-#: 90%, 197 tokens): 49-62 GFLOP/s on the nonzeros among these, 3-9 GFLOP/s for 8-vector or 13-vector rows
-#: (LLVM spills them), so tiles stay within 8 accumulators a row.
-TILES = (Tile(2, 4, 32), Tile(1, 4, 32), Tile(2, 4, 16), Tile(4, 2, 32), Tile(3, 4, 16), Tile(6, 2, 16),
-         Tile(1, 4, 16), Tile(4, 4, 32))
+#: The tiles the tuner measures, best-known first. Measured on a Xeon (AVX-512, 1 thread, a 768x768 Linear at
+#: 64 of 768 inputs, 208 padded tokens): 71-83 GFLOP/s on the nonzeros among these with random indices, 87-120
+#: with every row reading the same inputs (no cache misses: the instruction stream's own bound).
+TILES = (Tile(2, 4, 32), Tile(2, 4, 16), Tile(3, 3, 32), Tile(2, 5, 16), Tile(1, 8, 32), Tile(4, 2, 32),
+         Tile(2, 6, 16), Tile(1, 4, 32))
 
 
 def candidates(k: int, tokens: int, width: int) -> tuple[Tile, ...]:
     """The distinct tiles of `TILES` for fan-in ``k`` and ``tokens`` (padded) tokens of ``width`` lanes: a chunk
-    of the whole fan-in or more is no chunk, and a tile wider than the tokens is the tokens."""
-    seen: dict[tuple[int, int, int], Tile] = {}
+    of the whole fan-in or more is no chunk, and tiles that cut the tokens alike (`token_tiles`) are one."""
+    seen: dict[tuple, Tile] = {}
     for tile in TILES:
         chunk = tile.chunk if 0 < tile.chunk < k else 0
-        vectors = min(tile.vectors, tokens // width)
-        seen.setdefault((tile.rows, vectors, chunk), Tile(tile.rows, vectors, chunk))
+        runs = token_tiles(tokens, width, tile.vectors)
+        vectors = max(w for w, _, _ in runs)
+        seen.setdefault((tile.rows, tuple(runs), chunk), Tile(tile.rows, vectors, chunk))
     return tuple(seen.values())
 
 
@@ -116,7 +117,8 @@ class KernelKey:
     def name(self) -> str:
         bias = "b" if self.bias else "nb"
         par = "_par" if self.parallel else ""
-        tile = f"_{self.tile.name()}x{self.lanes}" if self.tile is not None else ""
+        tile = f"_{self.tile.name()}" if self.tile is not None else ""
+        tile += f"x{self.lanes}" if self.tile is not None or self.lanes != VEC else ""
         return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}{par}{tile}"
 
     def loop(self):
@@ -327,60 +329,84 @@ def fanin_spmm(key: KernelKey):
     return spmm
 
 
+def token_tiles(tokens: int, width: int, vectors: int) -> list[tuple[int, int, int]]:
+    """The token tiles of `fanin_tiled` for ``tokens`` (padded) tokens: as few tiles of at most ``vectors``
+    vectors as cover them, of balanced widths (13 vectors in tiles of 4 are 4+3+3+3, not 4+4+4+1: a 1-vector
+    tile has too few accumulators to hide the FMA latency), as runs ``(width, first vector, count)`` of equal
+    width."""
+    total = tokens // width
+    count = -(-total // vectors)
+    widths = [total // count + (1 if i < total % count else 0) for i in range(count)]
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for w in widths:
+        if runs and runs[-1][0] == w:
+            runs[-1] = (w, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((w, start, 1))
+        start += w
+    return runs
+
+
 def fanin_tiled(key: KernelKey):
     """Many tokens, the tile a parameter. ``xt`` is the input ``[in, NTP]`` flattened (``tiled``: index ``i``
     reads row ``i * NTP``) or a flat plane stack read at int32 offsets (``tiled_flat``: a stride-1 convolution's
-    taps); ``y`` is ``[out, NTP]``. ``NTP = key.tokens`` is a multiple of the lanes; the token range is cut in
-    tiles of ``vectors * lanes`` tokens and one smaller tile (still whole vectors) for the rest. Per tile, the
-    thread's rows are swept chunk by chunk (`Tile.chunk`); the first chunk starts from the bias."""
-    K, NTP, IDX, DT, BIAS, TL = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.tile
+    taps); ``y`` is ``[out, NTP]``. ``NTP = key.tokens`` is a multiple of the lanes, cut in `token_tiles`. The
+    accumulators are ``rows x width`` separate vectors of the CPU's width (one ``<64 x float>`` vector spilled
+    from 8 vectors on, and its remainder tiles were odd widths). Per tile, the thread's rows are swept chunk by
+    chunk (`Tile.chunk`); the first chunk starts from the bias."""
+    K, NTP, IDX, DT, BIAS, TL, L = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.tile, key.lanes
     FLAT = key.kind == "tiled_flat"
-    ROWS_, TW = TL.rows, TL.vectors * key.lanes
-    NFULL, REM = NTP // TW, NTP % TW
+    ROWS_ = TL.rows
     CH = min(TL.chunk, K) if TL.chunk else K
-    assert NTP % key.lanes == 0, (NTP, key.lanes)
+    assert NTP % L == 0, (NTP, L)
+    runs = token_tiles(NTP, L, TL.vectors) + [(1, 0, 0)]      # a second, empty run when all widths are equal
+    (W0, S0, N0), (W1, S1, N1) = runs[0], runs[1]
     loop, P = key.loop(), key.parts()
 
     @T.macro
-    def tile(xt, v, idx, orow, b, y, r0, nrows, t0, width, j0, nj, first):
-        acc = T.decl_buffer((ROWS_, width), DT, scope="local")
+    def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj, first):
+        acc = T.decl_buffer((ROWS_, W, L), DT, scope="local")
         for q in T.unroll(nrows):
-            for t in T.vectorized(width):
-                if first:
-                    acc[q, t] = b[orow[r0 + q]] if BIAS else T.cast(0, DT)
-                else:
-                    acc[q, t] = y[orow[r0 + q], t0 + t]
+            for u in T.unroll(W):
+                for t in T.vectorized(L):
+                    if first:
+                        acc[q, u, t] = b[orow[r0 + q]] if BIAS else T.cast(0, DT)
+                    else:
+                        acc[q, u, t] = y[orow[r0 + q], (v0 + u) * L + t]
         for j in range(nj):
             for q in T.unroll(nrows):
-                for t in T.vectorized(width):
-                    if FLAT:
-                        acc[q, t] = acc[q, t] + v[r0 + q, j0 + j] * xt[idx[r0 + q, j0 + j] + t0 + t]
-                    else:
-                        acc[q, t] = acc[q, t] + v[r0 + q, j0 + j] * \
-                            xt[T.Cast("int32", idx[r0 + q, j0 + j]) * NTP + t0 + t]
+                for u in T.unroll(W):
+                    for t in T.vectorized(L):
+                        if FLAT:
+                            acc[q, u, t] = acc[q, u, t] + v[r0 + q, j0 + j] * xt[idx[r0 + q, j0 + j] + (v0 + u) * L + t]
+                        else:
+                            acc[q, u, t] = acc[q, u, t] + v[r0 + q, j0 + j] * \
+                                xt[T.Cast("int32", idx[r0 + q, j0 + j]) * NTP + (v0 + u) * L + t]
         for q in T.unroll(nrows):
-            for t in T.vectorized(width):
-                y[orow[r0 + q], t0 + t] = acc[q, t]
+            for u in T.unroll(W):
+                for t in T.vectorized(L):
+                    y[orow[r0 + q], (v0 + u) * L + t] = acc[q, u, t]
 
     @T.macro
-    def sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, j0, nj, first):
+    def sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, j0, nj, first):
         for rb in range(lo, hi):
             if rb * ROWS_ + ROWS_ <= R:
-                tile(xt, v, idx, orow, b, y, rb * ROWS_, ROWS_, t0, width, j0, nj, first)
+                tile(xt, v, idx, orow, b, y, rb * ROWS_, ROWS_, v0, W, j0, nj, first)
             else:
                 for q in range(R - rb * ROWS_):
-                    tile(xt, v, idx, orow, b, y, rb * ROWS_ + q, 1, t0, width, j0, nj, first)
+                    tile(xt, v, idx, orow, b, y, rb * ROWS_ + q, 1, v0, W, j0, nj, first)
 
     @T.macro
-    def slab(xt, v, idx, orow, b, y, R, b0, b1, t0, width):
+    def slab(xt, v, idx, orow, b, y, R, b0, b1, v0, W):
         for part in loop(P):
             lo = b0 + (b1 - b0) * part // P
             hi = b0 + (b1 - b0) * (part + 1) // P
-            sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, 0, CH, True)
+            sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, 0, CH, True)
             for c in range(1, K // CH):
-                sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, c * CH, CH, False)
+                sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, c * CH, CH, False)
             if K % CH > 0:
-                sweep(xt, v, idx, orow, b, y, R, lo, hi, t0, width, K // CH * CH, K % CH, False)
+                sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, K // CH * CH, K % CH, False)
 
     @T.prim_func
     def tiled(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
@@ -397,10 +423,10 @@ def fanin_tiled(key: KernelKey):
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (OUT, NTP), DT, align=4)
-        for tt in range(NFULL):
-            slab(xt, v, idx, orow, b, y, R, b0, b1, tt * TW, TW)
-        if REM > 0:
-            slab(xt, v, idx, orow, b, y, R, b0, b1, NFULL * TW, REM)
+        for i in range(N0):
+            slab(xt, v, idx, orow, b, y, R, b0, b1, S0 + i * W0, W0)
+        for i in range(N1):
+            slab(xt, v, idx, orow, b, y, R, b0, b1, S1 + i * W1, W1)
         if b0 == 0:
             for a in range(A):
                 for t in range(NTP):
@@ -605,34 +631,45 @@ def transpose(key: KernelKey):
     return transpose_
 
 
-@T.macro
-def _zero_or_row(blk, a, M, ib, jb, i):
-    if ib * VEC + i < M:
-        blk[i, T.ramp(0, 1, VEC)] = a[ib * VEC + i, T.ramp(jb * VEC, 1, VEC)]
-    else:
-        blk[i, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, a.dtype), VEC)
+def _transposed(rows: list, lanes: int) -> list:
+    """The columns of a ``lanes x lanes`` block given as its row vectors: log2(lanes) steps, each swapping the
+    off-diagonal ``h x h`` sub-blocks of every ``2h x 2h`` block with two two-source shuffles per row pair
+    (``vpermt2ps`` / ``vshufps`` / ``vunpck*`` on x86): ``lanes * log2(lanes)`` shuffles, a quarter per float
+    at 16 lanes."""
+    rows = list(rows)
+    h = lanes // 2
+    while h >= 1:
+        lo_idx = [j if not j & h else lanes + j - h for j in range(lanes)]
+        hi_idx = [j + h if not j & h else lanes + j for j in range(lanes)]
+        for i in range(lanes):
+            if not i & h:
+                a, b = rows[i], rows[i + h]
+                rows[i], rows[i + h] = T.Shuffle([a, b], lo_idx), T.Shuffle([a, b], hi_idx)
+        h //= 2
+    return rows
 
 
 def pack(key: KernelKey):
     """``x [M, N]`` (tokens x features) to ``xt [N, MP]`` (features x padded tokens), columns from ``M`` on
-    zero: the tiled kernel's input. The block range is over feature blocks of 8; features past the last whole
-    block are copied by the call with ``b0 == 0``."""
-    DT = key.dtype
+    zero: the tiled kernel's input. Blocks of ``lanes x lanes`` (with 16 lanes every load and store is a whole
+    cache line), the transposed block written through a local buffer (TVMScript stores take no Python list
+    index). The block range is over feature blocks; features past the last whole block are copied by the call
+    with ``b0 == 0``."""
+    DT, L = key.dtype, key.lanes
 
     @T.macro
     def block(a, b, M, ib, jb):
-        blk = T.decl_buffer((VEC, VEC), DT, scope="local")
-        for i in T.unroll(VEC):
-            _zero_or_row(blk, a, M, ib, jb, i)
-        cols = _transposed8([blk[i, T.ramp(0, 1, VEC)] for i in range(VEC)])
-        b[jb * VEC + 0, T.ramp(ib * VEC, 1, VEC)] = cols[0]
-        b[jb * VEC + 1, T.ramp(ib * VEC, 1, VEC)] = cols[1]
-        b[jb * VEC + 2, T.ramp(ib * VEC, 1, VEC)] = cols[2]
-        b[jb * VEC + 3, T.ramp(ib * VEC, 1, VEC)] = cols[3]
-        b[jb * VEC + 4, T.ramp(ib * VEC, 1, VEC)] = cols[4]
-        b[jb * VEC + 5, T.ramp(ib * VEC, 1, VEC)] = cols[5]
-        b[jb * VEC + 6, T.ramp(ib * VEC, 1, VEC)] = cols[6]
-        b[jb * VEC + 7, T.ramp(ib * VEC, 1, VEC)] = cols[7]
+        blk = T.decl_buffer((L, L), DT, scope="local")
+        out = T.decl_buffer((L * L,), DT, scope="local")
+        for i in T.unroll(L):
+            if ib * L + i < M:
+                blk[i, T.ramp(0, 1, L)] = a[ib * L + i, T.ramp(jb * L, 1, L)]
+            else:
+                blk[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
+        out[T.ramp(0, 1, L * L)] = T.Shuffle(_transposed([blk[i, T.ramp(0, 1, L)] for i in range(L)], L),
+                                             list(range(L * L)))
+        for c in T.unroll(L):
+            b[jb * L + c, T.ramp(ib * L, 1, L)] = out[T.ramp(c * L, 1, L)]
 
     @T.prim_func
     def pack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
@@ -642,11 +679,11 @@ def pack(key: KernelKey):
         MP = T.int32()
         a = T.match_buffer(a_h, (M, N), DT, align=4)
         b = T.match_buffer(b_h, (N, MP), DT, align=4)
-        for ib in range(MP // VEC):
+        for ib in range(MP // L):
             for jb in range(b0, b1):
                 block(a, b, M, ib, jb)
         if b0 == 0:
-            for j in range(N // VEC * VEC, N):
+            for j in range(N // L * L, N):
                 for i in range(MP):
                     b[j, i] = a[i, j] if i < M else T.cast(0, DT)
 
@@ -654,32 +691,21 @@ def pack(key: KernelKey):
 
 
 def unpack(key: KernelKey):
-    """``y [N, MP]`` (features x padded tokens) to ``out [M, N]``: the first ``M`` tokens, transposed back.
-    The block range is over feature blocks of 8, as in `pack`."""
-    DT = key.dtype
+    """``y [N, MP]`` (features x padded tokens) to ``out [M, N]``: the first ``M`` tokens, transposed back in
+    ``lanes x lanes`` blocks. The block range is over feature blocks, as in `pack`."""
+    DT, L = key.dtype, key.lanes
 
     @T.macro
     def block(a, b, M, ib, jb):
-        blk = T.decl_buffer((VEC, VEC), DT, scope="local")
-        for i in T.unroll(VEC):
-            blk[i, T.ramp(0, 1, VEC)] = a[jb * VEC + i, T.ramp(ib * VEC, 1, VEC)]
-        cols = _transposed8([blk[i, T.ramp(0, 1, VEC)] for i in range(VEC)])
-        if ib * VEC + 0 < M:
-            b[ib * VEC + 0, T.ramp(jb * VEC, 1, VEC)] = cols[0]
-        if ib * VEC + 1 < M:
-            b[ib * VEC + 1, T.ramp(jb * VEC, 1, VEC)] = cols[1]
-        if ib * VEC + 2 < M:
-            b[ib * VEC + 2, T.ramp(jb * VEC, 1, VEC)] = cols[2]
-        if ib * VEC + 3 < M:
-            b[ib * VEC + 3, T.ramp(jb * VEC, 1, VEC)] = cols[3]
-        if ib * VEC + 4 < M:
-            b[ib * VEC + 4, T.ramp(jb * VEC, 1, VEC)] = cols[4]
-        if ib * VEC + 5 < M:
-            b[ib * VEC + 5, T.ramp(jb * VEC, 1, VEC)] = cols[5]
-        if ib * VEC + 6 < M:
-            b[ib * VEC + 6, T.ramp(jb * VEC, 1, VEC)] = cols[6]
-        if ib * VEC + 7 < M:
-            b[ib * VEC + 7, T.ramp(jb * VEC, 1, VEC)] = cols[7]
+        blk = T.decl_buffer((L, L), DT, scope="local")
+        out = T.decl_buffer((L * L,), DT, scope="local")
+        for i in T.unroll(L):
+            blk[i, T.ramp(0, 1, L)] = a[jb * L + i, T.ramp(ib * L, 1, L)]
+        out[T.ramp(0, 1, L * L)] = T.Shuffle(_transposed([blk[i, T.ramp(0, 1, L)] for i in range(L)], L),
+                                             list(range(L * L)))
+        for c in T.unroll(L):
+            if ib * L + c < M:
+                b[ib * L + c, T.ramp(jb * L, 1, L)] = out[T.ramp(c * L, 1, L)]
 
     @T.prim_func
     def unpack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
@@ -689,11 +715,11 @@ def unpack(key: KernelKey):
         MP = T.int32()
         a = T.match_buffer(a_h, (N, MP), DT, align=4)
         b = T.match_buffer(b_h, (M, N), DT, align=4)
-        for ib in range((M + VEC - 1) // VEC):
+        for ib in range((M + L - 1) // L):
             for jb in range(b0, b1):
                 block(a, b, M, ib, jb)
         if b0 == 0:
-            for j in range(N // VEC * VEC, N):
+            for j in range(N // L * L, N):
                 for i in range(M):
                     b[i, j] = a[j, i]
 

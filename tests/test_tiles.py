@@ -15,7 +15,7 @@ from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
 
-EXTRA = (tvm_kernels.Tile(1, 1, 0), tvm_kernels.Tile(5, 2, 8), tvm_kernels.Tile(2, 3, 0))
+EXTRA = (tvm_kernels.Tile(1, 1, 0), tvm_kernels.Tile(5, 2, 8), tvm_kernels.Tile(2, 3, 0), tvm_kernels.Tile(1, 13, 16))
 
 
 def _tiles(k: int, tokens: int, lanes: int) -> tuple:
@@ -41,7 +41,7 @@ def test_linear_every_tile(lanes, tokens, bias):
     x = torch.randn(tokens, in_f)
     expected = F.linear(x, w * mask, b)
     tiles = _tiles(enc.values.shape[1], tokens, lanes)
-    assert len(tiles) >= 8
+    assert len(tiles) >= 6
     for tile in tiles:
         assert_equivalent(bound.sparse(x, tile), expected)
 
@@ -74,3 +74,17 @@ def test_candidates_drop_tiles_that_are_the_same_kernel():
     tiles = tvm_kernels.candidates(10, 16, 16)
     assert all(t.chunk == 0 and t.vectors == 1 for t in tiles)
     assert len(set(tiles)) == len(tiles) == len({t.rows for t in tvm_kernels.TILES})
+
+
+def test_token_tiles_are_balanced():
+    assert tvm_kernels.token_tiles(208, 16, 4) == [(4, 0, 1), (3, 4, 3)]       # 13 vectors: 4+3+3+3
+    assert tvm_kernels.token_tiles(192, 16, 4) == [(4, 0, 3)]
+    assert tvm_kernels.token_tiles(16, 16, 8) == [(1, 0, 1)]
+    for total in range(1, 40):
+        for most in (1, 2, 3, 4, 5, 8, 13):
+            runs = tvm_kernels.token_tiles(total * 8, 8, most)
+            covered = [v for w, start, count in runs for i in range(count) for v in range(start + i * w,
+                                                                                      start + (i + 1) * w)]
+            assert covered == list(range(total))
+            widths = {w for w, _, _ in runs}
+            assert max(widths) <= most and max(widths) - min(widths) <= 1
