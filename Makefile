@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,hf]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,hf,peers]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import sparsecc
-from sparsecc import synthetic
+from sparsecc import peers, synthetic
 from sparsecc.timing import THREADS, medians
 from sparsecc.validation import compare
 
@@ -52,19 +52,9 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _onnxruntime_dense(module: nn.Module, example: tuple, directory: Path, threads: int = 1) -> Callable:
-    """The masked model as a dense-mode ONNX file (explicit zeros), in onnxruntime on ``threads`` threads."""
-    from sparsecc.runtimes import onnxruntime as ort_runtime
-
-    exported = sparsecc.export_onnx(module, example, directory / "dense.onnx", mode="dense")
-    with torch.no_grad():
-        outputs = pytree.tree_structure(module(*example))
-    return ort_runtime.load(exported.path, exported.input_names, outputs, threads=threads)
-
-
-def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, directory: Path, threads: int = 1
-                  ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Every way to run one masked Linear, keyed by the name the tables use."""
+def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, directory: Path, threads: int = 1,
+                  openvino: bool = False) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Every way to run one masked Linear, keyed by the name the tables use (peers with their precision)."""
     masked = weight * mask
     dense = nn.Linear(*reversed(weight.shape)).eval()
     with torch.no_grad():
@@ -89,9 +79,9 @@ def layer_methods(weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, 
     }
     layer = nn.Sequential(dense).eval()
     example = (torch.randn(1, weight.shape[1]),)
-    methods["onnxruntime dense"] = _onnxruntime_dense(layer, example, directory, threads)
-    methods["onnxruntime condensed"] = sparsecc.compile(layer, example, masks={"0.weight": mask},
-                                                        backend="onnxruntime", runtime_options={"threads": threads})
+    for peer in peers.peers(layer, example, directory, threads, masks={"0.weight": mask}, openvino=openvino):
+        if peer.fn is not None:
+            methods[peer.label] = peer.fn
     for backend in ("reference", "tvm"):
         methods[f"sparsecc {backend}"] = sparsecc.compile(layer, example, masks={"0.weight": mask}, backend=backend)
     return methods
@@ -108,15 +98,22 @@ class Row:
         return self.times[base] / self.times[method]
 
 
-def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress, threads: int = 1) -> Row:
+def _tolerance(method: str) -> Optional[float]:
+    """A peer's check tolerance from the precision its name ends with: ``(bf16)`` is checked loosely."""
+    precision = method.rsplit("(", 1)[-1].rstrip(")") if method.endswith(")") else "fp32"
+    return peers.tolerance(precision)
+
+
+def bench_layer(name: str, weight, bias, mask, runs: int, progress: Progress, threads: int = 1,
+                openvino: bool = False) -> Row:
     torch.set_num_threads(threads)      # before compiling: sparsecc's choices are measured at this count
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        methods = layer_methods(weight, bias, mask, Path(tmp), threads)
+        methods = layer_methods(weight, bias, mask, Path(tmp), threads, openvino)
         x = torch.randn(1, weight.shape[1])
         expected = F.linear(x, weight * mask, bias)
         valid, invalid = {}, {}
         for method, fn in methods.items():
-            stat = compare(method, fn(x), expected)
+            stat = compare(method, fn(x), expected, _tolerance(method))
             (valid if stat.ok else invalid)[method] = fn if stat.ok else str(stat)
         times = medians({m: (lambda fn=fn: fn(x)) for m, fn in valid.items()}, runs=max(1, runs // BURST),
                         warmup=5, burst=BURST)
@@ -167,10 +164,11 @@ class ModelRow:
     max_rel_error: float
     dense_chosen: int = 0       # condensed layers whose measured choice is the dense op
     condensed: int = 0
+    errors: dict[str, float] = field(default_factory=dict)      # method -> max error relative to max |output|
 
 
 def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads: int = 1,
-                structure: str = "fanin") -> ModelRow:
+                structure: str = "fanin", openvino: bool = False) -> ModelRow:
     """One model at one thread count. Compile times are cold (fresh kernel and tuning caches: kernels compiled,
     every layer's choice measured) and warm (both from disk, as in a new process)."""
     from sparsecc.demo import sparse_model
@@ -190,20 +188,21 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
     warm = time.perf_counter() - start
     dense = sparsecc.masked_reference(model)
     report = compiled.report
-    ort_condensed = sparsecc.compile(model, (x,), backend="onnxruntime", runtime_options={"threads": threads})
     via_dynamo = torch.compile(model, backend="sparsecc")
     with tempfile.TemporaryDirectory() as tmp:
-        ort_dense = _onnxruntime_dense(dense, (x,), Path(tmp), threads)
+        others = peers.peers(model, (x,), Path(tmp), threads, openvino=openvino)
         library = sparsecc.load_tvm(sparsecc.export_tvm(compiled, (x,), Path(tmp) / f"{name}.so").path)
     tvm_library = lambda x: torch.from_numpy(library(x))  # noqa: E731
-    methods = {"dense eager": dense, "sparsecc": compiled, "onnxruntime dense": ort_dense,
-               "onnxruntime condensed": ort_condensed, "torch.compile sparsecc": via_dynamo, "TVM library": tvm_library}
-    invalid = {}
+    methods = {"dense eager": dense, "sparsecc": compiled, "torch.compile sparsecc": via_dynamo,
+               "TVM library": tvm_library, **{p.label: p.fn for p in others if p.fn is not None}}
+    invalid = {p.label: p.unavailable for p in others if p.fn is None}
+    errors = {}
     with torch.no_grad():
         expected = dense(x)
         for method, fn in methods.items():     # each output checked on two calls before any is timed
             for _ in range(2):
-                stat = compare(method, fn(x), expected)
+                stat = compare(method, fn(x), expected, _tolerance(method))
+                errors[method] = stat.max_rel
                 if not stat.ok:
                     invalid[method] = str(stat)
         if "sparsecc" in invalid:
@@ -216,7 +215,7 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
                        if hasattr(m, "choices"))
     return ModelRow(name, structure, threads, times, invalid, cold, warm, sum(lay.bytes_dense for lay in report.layers),
                     sum(lay.bytes_condensed for lay in report.layers), tensor_bytes(dense), tensor_bytes(compiled),
-                    *rss, max(s.max_rel for s in report.end_to_end), dense_chosen, len(report.condensed))
+                    *rss, max(s.max_rel for s in report.end_to_end), dense_chosen, len(report.condensed), errors)
 
 
 #: (name, layer, example input) for the onnxruntime formulation crossovers: ViT-B/16 and ResNet shapes.
@@ -277,7 +276,10 @@ def layer_table(rows: list[Row]) -> str:
 
 
 def model_table(rows: list[ModelRow]) -> str:
-    others = ("torch.compile sparsecc", "TVM library", "onnxruntime dense", "onnxruntime condensed")
+    """One row per model, structure and thread count; every other method (peers named with their precision) as
+    its time and its ratio to dense eager fp32."""
+    others = tuple(dict.fromkeys(m for r in rows for m in (*r.times, *r.invalid)
+                                 if m not in ("dense eager", "sparsecc")))
     lines = ["| model (5% ablated), batch 1 | masks | threads | dense eager | sparsecc | speed-up | "
              + " | ".join(others) + " | layers run dense by choice | compile cold / warm | analysed weights dense "
              "→ condensed | all model tensors | process RSS | max rel error |", "|" + "---|" * (12 + len(others))]
@@ -299,6 +301,8 @@ def plot(rows: list[Row], path: Path) -> None:
     """Latency vs sparsity of every method, one panel per thread count."""
     import matplotlib
 
+    from sparsecc.runtimes import cpu
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -312,7 +316,7 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("sparsity (%), constant fan-in")
         ax.set_ylabel(f"median latency (µs), batch 1, {threads} thread(s)")
-        ax.set_title(f"Linear 3072→768 (ViT-B/16 encoder 11 mlp.3), {threads} thread(s)")
+        ax.set_title(f"Linear 3072→768 (ViT-B/16 encoder 11 mlp.3), {threads} thread(s)\n{cpu.model()}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -345,9 +349,23 @@ def narrow_table(models: tuple[str, ...] = ("vit_b_16", "resnet50"), runs: int =
     return "\n".join(lines)
 
 
+def peer_table(rows: list[ModelRow]) -> str:
+    """The peers at a glance: each method's speed-up over dense eager fp32 and its max error, per model,
+    structure and thread count (the precision is in the method's name)."""
+    methods = tuple(dict.fromkeys(m for r in rows for m in (*r.times, *r.invalid) if m != "dense eager"))
+    lines = ["| model, masks | threads | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 2)]
+    for r in rows:
+        cells = [f"{r.times['dense eager'] / r.times[m]:.2f}x (err {r.errors.get(m, 0):.0e})" if m in r.times
+                 else ("unavailable" if m in r.invalid and "not importable" in r.invalid[m] else
+                       "invalid" if m in r.invalid else "-") for m in methods]
+        masks = "90% fan-in" if r.structure == "fanin" else r.structure
+        lines.append(f"| {r.name}, {masks} | {r.threads} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(out: Path, runs: int = 200, model_runs: int = 10, models: tuple[str, ...] = ("vit_b_16", "resnet50"),
-        memory: bool = True, threads: tuple[int, ...] = THREADS, structures: tuple[str, ...] = ("fanin", "2:4")
-        ) -> str:
+        memory: bool = True, threads: tuple[int, ...] = THREADS, structures: tuple[str, ...] = ("fanin", "2:4"),
+        openvino: bool = False) -> str:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["SPARSECC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsecc-bench-")   # cold-cache compile timing
     layer_cases = len(SPARSITIES) + 1
@@ -357,11 +375,15 @@ def run(out: Path, runs: int = 200, model_runs: int = 10, models: tuple[str, ...
     weight, bias = torch.randn(out_f, in_f) * 0.02, torch.randn(out_f) * 0.02
     masks = [(f"{s:.0%} fan-in", synthetic.fanin_mask(weight, s)) for s in SPARSITIES]
     masks.append(("50% 2:4", synthetic.nm_mask(weight)))
-    rows = [bench_layer(name, weight, bias, mask, runs, progress, n) for n in threads for name, mask in masks]
-    model_rows = [bench_model(m, model_runs, progress, memory and n == threads[0], n, structure)
+    rows = [bench_layer(name, weight, bias, mask, runs, progress, n, openvino) for n in threads
+            for name, mask in masks]
+    model_rows = [bench_model(m, model_runs, progress, memory and n == threads[0], n, structure, openvino)
                   for m in models for structure in structures for n in threads]
     plot(rows, out / "latency.png")
-    text = (f"### SRigL layer\n\n{layer_table(rows)}\n\n" + "".join(
+    from sparsecc.runtimes import cpu
+
+    peer_text = f"### Peers\n\n{peer_table(model_rows)}\n\n" if model_rows else ""
+    text = (f"CPU: {cpu.describe()}\n\n### SRigL layer\n\n{layer_table(rows)}\n\n" + peer_text + "".join(
         f"- {r.name}, {r.threads} thread(s): invalid {m}: {why}\n" for r in rows for m, why in r.invalid.items()) +
         (f"### End to end\n\n{model_table(model_rows)}\n" if model_rows else "") + "".join(
         f"- {r.name} {r.structure}, {r.threads} thread(s): invalid {m}: {why}\n" for r in model_rows

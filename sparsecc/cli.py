@@ -71,6 +71,8 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
                        help="mask structures of the end-to-end models")
     bench.add_argument("--narrow", action="store_true", help="only time condensed vs condensed + physically "
                        "narrower models (30%% of neurons ablated)")
+    bench.add_argument("--peers", action="store_true", help="also time OpenVINO (f32 and its default precision, "
+                       "bf16 on AMX / AVX512_BF16 CPUs) beside onnxruntime; needs sparsecc[peers]")
     bench.add_argument("--onnx-formulations", action="store_true", help="only time each ONNX export formulation "
                        "of ViT/ResNet-shaped layers in onnxruntime (the crossovers `formulation='auto'` uses)")
 
@@ -130,6 +132,9 @@ def _bench_user(args: argparse.Namespace) -> int:
     from sparsecc import bench_hf, usermodel
     from sparsecc.timing import THREADS
 
+    from sparsecc.runtimes import cpu
+
+    print(f"CPU: {cpu.describe()}")
     loaded = _user(args)
     log = usermodel.progress()
     compiled = sparsecc.compile(loaded.model, loaded.call.args, example_kwargs=loaded.call.kwargs)
@@ -149,16 +154,19 @@ def _bench_hf(args: argparse.Namespace) -> int:
     from sparsecc import bench_hf, usermodel
     from sparsecc.timing import THREADS
 
+    from sparsecc.runtimes import cpu
+
     log = usermodel.progress()
     threads = tuple(args.threads or THREADS)
     args.out.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {cpu.describe()}")
     if args.llm:
         rows = bench_hf.llm(max(3, args.model_runs // 2), threads, log=log.info)
         name, table = "llm", bench_hf.llm_table(rows)
     else:
         rows = bench_hf.encoder(args.model_runs * 2, threads, log=log.info)
         name, table = "encoder", bench_hf.model_table(rows)
-    (args.out / f"{name}.md").write_text(table + "\n")
+    (args.out / f"{name}.md").write_text(f"CPU: {cpu.describe()}\n\n{table}\n")
     (args.out / f"{name}.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
     print(table)
     return 0
@@ -178,7 +186,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.narrow_table(tuple(args.models), args.model_runs))
     else:
         print(bench.run(args.out, args.runs, args.model_runs, tuple(args.models), not args.no_memory,
-                        tuple(args.threads or THREADS), tuple(args.structures)))
+                        tuple(args.threads or THREADS), tuple(args.structures), args.peers))
     return 0
 
 

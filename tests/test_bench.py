@@ -3,7 +3,9 @@ table and plot are written. (Timings themselves are the benchmark's job, never a
 
 import torch
 
+import sparsecc
 from sparsecc import bench, synthetic
+from sparsecc.runtimes import cpu
 
 
 def test_layer_methods_all_valid_and_tables_render(tmp_path):
@@ -12,7 +14,7 @@ def test_layer_methods_all_valid_and_tables_render(tmp_path):
     rows = [bench.bench_layer("90% fan-in", weight, b, synthetic.fanin_mask(weight, 0.9), 3, progress),
             bench.bench_layer("50% 2:4", weight, b, synthetic.nm_mask(weight), 3, progress)]
     expected = {"dense eager", "dense torch.compile", "torch CSR", "SRigL method (torch.compile)",
-                "onnxruntime dense", "onnxruntime condensed", "sparsecc reference", "sparsecc tvm"}
+                "onnxruntime dense (fp32)", "onnxruntime condensed (fp32)", "sparsecc reference", "sparsecc tvm"}
     for row in rows:
         assert row.invalid == {}
         assert set(row.times) == expected
@@ -39,3 +41,59 @@ def test_onnx_formulation_table_validates_every_form(monkeypatch):
     conv_rows = [line for line in table if line.startswith("| Conv")]
     assert all(line.count("µs") == 3 for line in linear_rows)      # dense, rows, gather
     assert all(line.count("µs") == 2 and line.endswith("| - |") for line in conv_rows)
+
+
+def _small_cnn():
+    """A stand-in for the built-in torchvision models: a 224x224 image in, logits out, 90% fan-in masks."""
+    from torch import nn
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 8, stride=8), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    for layer in (model[2], model[6]):
+        prune.custom_from_mask(layer, "weight", synthetic.fanin_mask(layer.weight, 0.75))
+    return model
+
+
+def test_peers_agree_with_the_model_and_name_their_precision(tmp_path):
+    from sparsecc import peers
+
+    model = _small_cnn()
+    x = torch.randn(1, 3, 224, 224)
+    expected = sparsecc.masked_reference(model)(x)
+    found = peers.peers(model, (x,), tmp_path, threads=1)
+    assert [p.name for p in found] == ["onnxruntime dense", "onnxruntime condensed", "OpenVINO f32",
+                                       "OpenVINO default"]
+    assert peers.openvino_unavailable() is None         # `make test` installs the peers extra
+    for peer in found:
+        assert peer.fn is not None, peer.unavailable
+        out = peer.fn(x)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        tol = peers.tolerance(peer.precision) or 1e-4
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(out, expected, rtol=0, atol=tol * scale)
+    assert [p.precision for p in found[:3]] == ["fp32", "fp32", "fp32"]
+    isa = cpu.isa()
+    assert found[3].precision == ("bf16" if "avx512_bf16" in isa or "amx_bf16" in isa else "fp32")
+
+
+def test_model_rows_with_peers_render(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("sparsecc.demo.sparse_model", lambda *a, **k: _small_cnn())
+    progress = bench.Progress(1)
+    row = bench.bench_model("small", 2, progress, memory=False, threads=1, openvino=True)
+    assert "sparsecc" not in row.invalid and row.times["sparsecc"] > 0
+    labels = {"onnxruntime dense (fp32)", "onnxruntime condensed (fp32)", "OpenVINO f32 (fp32)"}
+    assert labels <= set(row.times)
+    assert any(m.startswith("OpenVINO default (") for m in row.times)
+    table = bench.peer_table([row])
+    assert "OpenVINO default (" in table and "| small, 90% fan-in | 1 |" in table
+    assert "OpenVINO f32 (fp32)" in bench.model_table([row])
+
+
+def test_results_name_the_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "SPARSITIES", (0.9,))
+    text = bench.run(tmp_path, runs=2, model_runs=1, models=(), memory=False, threads=(1,), structures=())
+    assert text.startswith(f"CPU: {cpu.model()} (") and cpu.isa()[0] in text.splitlines()[0]
+    assert (tmp_path / "results.md").read_text() == text
