@@ -548,33 +548,11 @@ class LazyConv:
         return self.bound(x)
 
 
-class _Binding:
-    """What `bound` keeps on a values tensor. Its compiled kernels can be neither deep-copied nor pickled (so
-    ``copy.deepcopy`` and ``torch.save`` of the tensor failed): a deep copy gets None and a pickle an empty set
-    (a type ``torch.load(weights_only=True)`` accepts) in its place, and binds again when called."""
-
-    __slots__ = ("key", "fn", "constants")
-
-    def __init__(self, key: tuple, fn: Callable[[Tensor], Tensor], constants: tuple) -> None:
-        self.key, self.fn, self.constants = key, fn, constants
-
-    def __deepcopy__(self, memo: dict) -> None:
-        return None
-
-    def __reduce__(self):
-        return set, ()
-
-
 def bound(op: str, *constants) -> Callable[[Tensor], Tensor]:
-    """`bind`, cached on the layer's values tensor: graphs run by torch.compile or loaded from a .pt2 call the
-    op with the same constant tensors every time, and binding (row maps, tap offsets) is not free. The cache
-    keeps the constants alive, so their ids stay unique, and keys on their versions (in-place edits rebind)."""
-    values = constants[0]
-    key = (op, *((id(c), c._version) if isinstance(c, Tensor) else c for c in constants))
-    cached = values.__dict__.get("_sparsecc_bound")
-    if not isinstance(cached, _Binding) or cached.key != key:
-        cached = values.__dict__["_sparsecc_bound"] = _Binding(key, bind(op, *constants), constants)
-    return cached.fn
+    """`bind`, cached on the layer's values tensor (`binding.bound`)."""
+    from sparsecc.runtimes import binding
+
+    return binding.bound("_sparsecc_bound", bind, op, *constants)
 
 
 def _kernel_of(op) -> Optional[Callable]:

@@ -50,6 +50,8 @@ class SparsifiedLayer:
 class SparsifyReport:
     structure: str
     layers: list[SparsifiedLayer] = field(default_factory=list)
+    #: Layers left dense because they cannot take the structure, with the reason (NVIDIA ASP skips them too).
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def density(self) -> float:
@@ -66,7 +68,10 @@ class SparsifyReport:
             if lay.kept_without_permutation is not None:
                 kept += f" (unpermuted {lay.kept_without_permutation:.1%})"
             lines.append(f"{lay.fqn:40} {lay.structure:14} {lay.density:8.1%} {kept:>9}  {lay.permutation}")
-        lines.append(f"{len(self.layers)} layers sparsified ({self.structure}), overall density {self.density:.1%}")
+        for fqn, why in self.skipped.items():
+            lines.append(f"{fqn:40} skipped: {why}")
+        lines.append(f"{len(self.layers)} layers sparsified ({self.structure}), overall density {self.density:.1%}"
+                     + (f"; {len(self.skipped)} skipped" if self.skipped else ""))
         return "\n".join(lines)
 
 
@@ -207,7 +212,15 @@ def sparsify(model: nn.Module, structure: str, *, sparsity: float = 0.9, distrib
         owner = model.get_submodule(fqn.rpartition(".")[0])
         if parametrize.is_parametrized(owner, "weight") or hasattr(owner, "weight_mask"):
             raise InputError(f"{fqn} already has a mask (parametrization or prune hook); remove it first")
-    report = SparsifyReport(structure, _sizes={fqn: w.numel() for fqn, w in targets.items()})
+    uniform = structure == "fanin" and distribution == "uniform" and ablate == 0.0
+    skipped = {fqn: why for fqn, w in targets.items() if (why := _cannot_take(w, structure, sparsity, uniform))}
+    if skipped and include is not None:       # layers the caller chose by name: refuse, naming the first
+        fqn, why = next(iter(skipped.items()))
+        raise InputError(f"{fqn}: {why} (leave this layer out with include=)")
+    if skipped and len(skipped) == len(targets):
+        raise InputError(f"no layer can take {structure}: " + "; ".join(f"{f}: {w}" for f, w in skipped.items()))
+    targets = {fqn: w for fqn, w in targets.items() if fqn not in skipped}
+    report = SparsifyReport(structure, skipped=skipped, _sizes={fqn: w.numel() for fqn, w in targets.items()})
     masks: dict[str, Tensor] = {}
     if structure == "fanin":
         shapes = {fqn: tuple(w.shape) for fqn, w in targets.items()}
@@ -222,6 +235,19 @@ def sparsify(model: nn.Module, structure: str, *, sparsity: float = 0.9, distrib
     for fqn, mask in user_layout(model, masks).items():
         parametrize.register_parametrization(model.get_submodule(fqn.rpartition(".")[0]), "weight", Mask(mask))
     return report
+
+
+def _cannot_take(w: Tensor, structure: str, sparsity: float, uniform: bool) -> str:
+    """Why a weight (``[out, in, ...]`` view) cannot take ``structure``, or "" when it can: 2:4 needs whole
+    groups of 4 along the input (a 3-channel image stem has none); a uniform constant fan-in without ablation
+    must remove at least one input per row (a fan-in of 1 cannot lose any; ERK may keep a layer dense on
+    purpose)."""
+    if structure == "2:4" and w.shape[1] % 4:
+        return f"{w.shape[1]} input channels is not a multiple of 4; 2:4 needs groups of 4 along the input"
+    fan_in = w[0].numel()
+    if uniform and fan_in - max(1, round((1.0 - sparsity) * fan_in)) < 1:
+        return f"fan-in {fan_in} keeps every input at {sparsity:.0%} sparsity"
+    return ""
 
 
 def _layer(fqn: str, w: Tensor, mask: Tensor, structure: str, target: float, **extra) -> SparsifiedLayer:
@@ -239,9 +265,6 @@ def _two_four(model: nn.Module, targets: dict[str, Tensor], masks: dict[str, Ten
     notes: dict[str, str] = {}
     for module, fqn in modules.items():
         w = targets[fqn]            # [out, in] view: follows the permutations made in place
-        if w.shape[1] % 4:
-            raise InputError(f"{fqn}: {w.shape[1]} input channels is not a multiple of 4; 2:4 needs groups of 4 "
-                             f"along the input (leave this layer out with include=)")
         unpermuted[fqn] = _layer(fqn, w, nm_mask(w.detach()), "2:4", 0.5).kept_magnitude
         notes[fqn] = "off" if not permute else why.get(module, "")
         if not permute or module not in pairs:

@@ -204,3 +204,32 @@ def test_inspect_shows_the_flop_and_byte_reduction_of_the_result():
     assert all(lay.positions for lay in report.layers)             # per call: every layer ran on x
     assert sparse == pytest.approx(0.25 * dense, rel=0.05)
     assert sum(lay.bytes_condensed for lay in report.layers) < 0.5 * sum(lay.bytes_dense for lay in report.layers)
+
+
+def test_two_four_skips_layers_that_cannot_take_it_like_asp():
+    """ResNet's stem has 3 input channels: `sparsify(model, "2:4")` leaves it dense and says so, every other
+    layer gets 2:4, and the compiled model equals the user's sparsified model; naming such a layer explicitly
+    with include= is an error."""
+    model = build("resnet18")
+    report = sparsify(model, "2:4", permute=False)
+    assert list(report.skipped) == ["conv1.weight"] and "3 input channels" in report.skipped["conv1.weight"]
+    assert "conv1.weight" in str(report) and "1 skipped" in str(report)
+    assert len(report.layers) == 20 and "conv1.weight" not in {lay.fqn for lay in report.layers}
+    x = torch.randn(1, 3, 32, 32)
+    compiled = sparsecc.compile(model, x)
+    assert "conv1.weight" not in {lay.name for lay in compiled.report.condensed}
+    with torch.no_grad():
+        out, expected = compiled(x), model(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    with pytest.raises(InputError, match="conv1.weight: 3 input channels"):
+        sparsify(build("resnet18"), "2:4", include=lambda fqn, kind: kind == "conv2d")
+
+
+def test_fanin_skips_layers_with_nothing_to_remove():
+    model = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    report = sparsify(model, "fanin", sparsity=0.4)
+    assert report.skipped == {"0.weight": "fan-in 1 keeps every input at 40% sparsity"}
+    assert [lay.fqn for lay in report.layers] == ["2.weight"]
+    with pytest.raises(InputError, match="no layer can take fanin"):
+        sparsify(nn.Sequential(nn.Conv2d(1, 8, 1)), "fanin", sparsity=0.4)

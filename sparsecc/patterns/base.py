@@ -50,7 +50,11 @@ class Op:
     ``tvm_bind`` builds the TVM runtime's callable from a layer's constants, ``tvm_convert`` lowers a call in
     `export_tvm` (both ``"module:attribute"``, None where TVM does not run the op). ``samples(generator,
     dtype)`` gives small cases ``(label, args without runtime, expected)``, the expectation computed by the dense
-    torch op on the masked weight: the runtimes' smoke test and the conformance suite run them."""
+    torch op on the masked weight: the runtimes' smoke test and the conformance suite run them.
+    ``densify(x, *constants)`` returns the op as its dense torch op on the decoded weight (a callable on the
+    input), which the reference runtime's measured choice runs where it is faster than the reference kernel (a
+    bf16 layer on an AMX CPU); ``tokens(x)`` is what the choice is bucketed by (rows of the last dimension for
+    a Linear, output pixels for a convolution)."""
 
     name: str
     function: Callable
@@ -58,6 +62,8 @@ class Op:
     samples: Callable[[torch.Generator, torch.dtype], list[tuple[str, tuple, torch.Tensor]]]
     tvm_bind: Optional[str] = None
     tvm_convert: Optional[str] = None
+    densify: Optional[Callable[..., Callable[[torch.Tensor], torch.Tensor]]] = None
+    tokens: Callable[[torch.Tensor], int] = lambda x: x.numel() // max(x.shape[-1], 1) if x.dim() else 1
 
 
 @dataclass(frozen=True)

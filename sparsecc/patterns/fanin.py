@@ -146,6 +146,21 @@ def conv2d_reference(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def linear_densify(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
+                   out_features: int) -> Callable[[Tensor], Tensor]:
+    weight = formats.decode_fanin(values, indices, rows, out_features, x.shape[-1])
+    return lambda x: F.linear(x, weight, bias)
+
+
+def conv2d_densify(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
+                   out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
+                   dilation: list[int], groups: int) -> Callable[[Tensor], Tensor]:
+    fan_in = (x.shape[-3] // groups) * kernel_size[0] * kernel_size[1]
+    weight = formats.decode_fanin(values, indices, rows, out_channels, fan_in)
+    weight = weight.reshape(out_channels, x.shape[-3] // groups, *kernel_size)
+    return lambda x: F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
 def random_mask(weight: Tensor, density: float, ablate: float, generator: torch.Generator) -> Tensor:
     """A random constant fan-in mask: ``round(density * fan_in)`` inputs per live row, a fraction ``ablate`` of
     rows all zero (the samples' masks; magnitude masks are `sparsecc.synthetic`'s)."""
@@ -191,9 +206,11 @@ def conv2d_samples(g: torch.Generator, dtype: torch.dtype) -> list[tuple[str, tu
 
 
 LINEAR = Op("condensed_linear", linear_op, linear_reference, linear_samples,
-            tvm_bind="sparsecc.runtimes.tvm:BoundLinear", tvm_convert="sparsecc.export.tvm_library:fanin_linear")
+            tvm_bind="sparsecc.runtimes.tvm:BoundLinear", tvm_convert="sparsecc.export.tvm_library:fanin_linear",
+            densify=linear_densify)
 CONV2D = Op("condensed_conv2d", conv2d_op, conv2d_reference, conv2d_samples,
-            tvm_bind="sparsecc.runtimes.tvm:LazyConv", tvm_convert="sparsecc.export.tvm_library:fanin_conv2d")
+            tvm_bind="sparsecc.runtimes.tvm:LazyConv", tvm_convert="sparsecc.export.tvm_library:fanin_conv2d",
+            densify=conv2d_densify, tokens=lambda x: x.shape[-1] * x.shape[-2])
 
 
 # -- condensed layers ------------------------------------------------------------------------------------------

@@ -84,6 +84,13 @@ def linear_reference(x: Tensor, values: Tensor, metadata: Tensor, bias: Optional
     return fanin.linear_reference(x, values, indices, None, bias, values.shape[0])
 
 
+def densify(x: Tensor, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int
+            ) -> Callable[[Tensor], Tensor]:
+    weight = formats.decode_fanin(values, formats.nm_indices(metadata, in_features), None, values.shape[0],
+                                  in_features)
+    return lambda x: F.linear(x, weight, bias)
+
+
 def random_mask(weight: Tensor, generator: torch.Generator) -> Tensor:
     """A random 2:4 mask along K (2 of each group of 4 inputs)."""
     groups = torch.rand(weight.shape[0], weight.shape[1] // 4, 4, generator=generator)
@@ -104,7 +111,7 @@ def samples(g: torch.Generator, dtype: torch.dtype) -> list[tuple[str, tuple, Te
 
 
 LINEAR = Op("nm_linear", linear_op, linear_reference, samples, tvm_bind="sparsecc.runtimes.tvm:BoundNM",
-            tvm_convert="sparsecc.export.tvm_library:two_four_linear")
+            tvm_convert="sparsecc.export.tvm_library:two_four_linear", densify=densify)
 
 
 class NMLinear(CondensedLayer):
