@@ -287,8 +287,8 @@ class _Bound(_Tuned):
         fn = self.kernels.get((kind, tokens, tile))
         if fn is None:
             index_dtype = torch.int32 if kind in ("spmm_flat", "tiled_flat") else self.indices.dtype
-            fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, self.values.shape[1], tokens, index_dtype,
-                                                              self.has_bias, tile)
+            k = 0 if tile is not None else self.values.shape[1]      # the tiled kernels take any fan-in
+            fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile)
         return fn
 
     def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None) -> None:

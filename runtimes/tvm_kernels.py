@@ -354,25 +354,31 @@ def fanin_tiled(key: KernelKey):
     taps); ``y`` is ``[out, NTP]``. ``NTP = key.tokens`` is a multiple of the lanes, cut in `token_tiles`. The
     accumulators are ``rows x width`` separate vectors of the CPU's width (one ``<64 x float>`` vector spilled
     from 8 vectors on, and its remainder tiles were odd widths). Per tile, the thread's rows are swept chunk by
-    chunk (`Tile.chunk`); the first chunk starts from the bias."""
-    K, NTP, IDX, DT, BIAS, TL, L = key.k, key.tokens, key.index_dtype, key.dtype, key.bias, key.tile, key.lanes
+    chunk (`Tile.chunk`); the first chunk starts from the bias, the others from the partial sums in ``y``.
+
+    The fan-in is a runtime value (``key.k`` is 0): one compiled kernel per tile, token count and index type
+    serves every layer (a ResNet has a fan-in per layer; a tile search compiles every candidate), and each
+    tile's loop body is emitted four times, not per chunk kind."""
+    NTP, IDX, DT, BIAS, TL, L = key.tokens, key.index_dtype, key.dtype, key.bias, key.tile, key.lanes
     FLAT = key.kind == "tiled_flat"
-    ROWS_ = TL.rows
-    CH = min(TL.chunk, K) if TL.chunk else K
+    ROWS_, CH = TL.rows, TL.chunk
     assert NTP % L == 0, (NTP, L)
     runs = token_tiles(NTP, L, TL.vectors) + [(1, 0, 0)]      # a second, empty run when all widths are equal
     (W0, S0, N0), (W1, S1, N1) = runs[0], runs[1]
     loop, P = key.loop(), key.parts()
 
     @T.macro
-    def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj, first):
+    def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj):
         acc = T.decl_buffer((ROWS_, W, L), DT, scope="local")
-        for q in T.unroll(nrows):
-            for u in T.unroll(W):
-                for t in T.vectorized(L):
-                    if first:
+        if j0 == 0:
+            for q in T.unroll(nrows):
+                for u in T.unroll(W):
+                    for t in T.vectorized(L):
                         acc[q, u, t] = b[orow[r0 + q]] if BIAS else T.cast(0, DT)
-                    else:
+        else:
+            for q in T.unroll(nrows):
+                for u in T.unroll(W):
+                    for t in T.vectorized(L):
                         acc[q, u, t] = y[orow[r0 + q], (v0 + u) * L + t]
         for j in range(nj):
             for q in T.unroll(nrows):
@@ -389,30 +395,26 @@ def fanin_tiled(key: KernelKey):
                     y[orow[r0 + q], (v0 + u) * L + t] = acc[q, u, t]
 
     @T.macro
-    def sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, j0, nj, first):
-        for rb in range(lo, hi):
-            if rb * ROWS_ + ROWS_ <= R:
-                tile(xt, v, idx, orow, b, y, rb * ROWS_, ROWS_, v0, W, j0, nj, first)
-            else:
-                for q in range(R - rb * ROWS_):
-                    tile(xt, v, idx, orow, b, y, rb * ROWS_ + q, 1, v0, W, j0, nj, first)
-
-    @T.macro
-    def slab(xt, v, idx, orow, b, y, R, b0, b1, v0, W):
+    def slab(xt, v, idx, orow, b, y, R, K, b0, b1, v0, W):
+        chunk = K if CH == 0 else T.min(CH, K)
         for part in loop(P):
             lo = b0 + (b1 - b0) * part // P
             hi = b0 + (b1 - b0) * (part + 1) // P
-            sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, 0, CH, True)
-            for c in range(1, K // CH):
-                sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, c * CH, CH, False)
-            if K % CH > 0:
-                sweep(xt, v, idx, orow, b, y, R, lo, hi, v0, W, K // CH * CH, K % CH, False)
+            for c in range((K + chunk - 1) // chunk):
+                for rb in range(lo, hi):
+                    if rb * ROWS_ + ROWS_ <= R:
+                        tile(xt, v, idx, orow, b, y, rb * ROWS_, ROWS_, v0, W, c * chunk, T.min(chunk, K - c * chunk))
+                    else:
+                        for q in range(R - rb * ROWS_):
+                            tile(xt, v, idx, orow, b, y, rb * ROWS_ + q, 1, v0, W, c * chunk,
+                                 T.min(chunk, K - c * chunk))
 
     @T.prim_func
     def tiled(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
               b0: T.int32, b1: T.int32, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         R = T.int32()
+        K = T.int32()
         A = T.int32()
         XN = T.int32()
         OUT = T.int32()
@@ -424,9 +426,9 @@ def fanin_tiled(key: KernelKey):
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (OUT, NTP), DT, align=4)
         for i in range(N0):
-            slab(xt, v, idx, orow, b, y, R, b0, b1, S0 + i * W0, W0)
+            slab(xt, v, idx, orow, b, y, R, K, b0, b1, S0 + i * W0, W0)
         for i in range(N1):
-            slab(xt, v, idx, orow, b, y, R, b0, b1, S1 + i * W1, W1)
+            slab(xt, v, idx, orow, b, y, R, K, b0, b1, S1 + i * W1, W1)
         if b0 == 0:
             for a in range(A):
                 for t in range(NTP):

@@ -165,6 +165,7 @@ class ModelRow:
     dense_chosen: int = 0       # condensed layers whose measured choice is the dense op
     condensed: int = 0
     errors: dict[str, float] = field(default_factory=dict)      # method -> max error relative to max |output|
+    tiles: dict[str, int] = field(default_factory=dict)         # the tiled kernel's tile -> layers that chose it
 
 
 def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads: int = 1,
@@ -211,11 +212,16 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
                         warmup=2)
     rss = (_rss_child(name, False, structure), _rss_child(name, True, structure)) if memory else (None, None)
     progress.step(f"{name} {structure}, {threads} thread(s)")
-    dense_chosen = sum(any(c.dense for c in m.choices().values()) for m in compiled.module.modules()
-                       if hasattr(m, "choices"))
+    choices = [m.choices() for m in compiled.module.modules() if hasattr(m, "choices")]
+    dense_chosen = sum(any(c.dense for c in found.values()) for found in choices)
+    tiles: dict[str, int] = {}
+    for found in choices:
+        for tile in {c.tile for c in found.values() if c.tile}:
+            tiles[tile] = tiles.get(tile, 0) + 1
     return ModelRow(name, structure, threads, times, invalid, cold, warm, sum(lay.bytes_dense for lay in report.layers),
                     sum(lay.bytes_condensed for lay in report.layers), tensor_bytes(dense), tensor_bytes(compiled),
-                    *rss, max(s.max_rel for s in report.end_to_end), dense_chosen, len(report.condensed), errors)
+                    *rss, max(s.max_rel for s in report.end_to_end), dense_chosen, len(report.condensed), errors,
+                    dict(sorted(tiles.items(), key=lambda kv: -kv[1])))
 
 
 #: (name, layer, example input) for the onnxruntime formulation crossovers: ViT-B/16 and ResNet shapes.
@@ -281,8 +287,9 @@ def model_table(rows: list[ModelRow]) -> str:
     others = tuple(dict.fromkeys(m for r in rows for m in (*r.times, *r.invalid)
                                  if m not in ("dense eager", "sparsecc")))
     lines = ["| model (5% ablated), batch 1 | masks | threads | dense eager | sparsecc | speed-up | "
-             + " | ".join(others) + " | layers run dense by choice | compile cold / warm | analysed weights dense "
-             "→ condensed | all model tensors | process RSS | max rel error |", "|" + "---|" * (12 + len(others))]
+             + " | ".join(others) + " | layers run dense by choice | tiles chosen (layers) | compile cold / warm | "
+             "analysed weights dense → condensed | all model tensors | process RSS | max rel error |",
+             "|" + "---|" * (13 + len(others))]
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     for r in rows:
         rss = f"{mib(r.rss_dense)} → {mib(r.rss_compiled)} MiB" if r.rss_dense else "not measured"
@@ -291,7 +298,9 @@ def model_table(rows: list[ModelRow]) -> str:
         masks = "90% fan-in" if r.structure == "fanin" else r.structure
         lines.append(f"| {r.name} | {masks} | {r.threads} | {r.times['dense eager'] * 1e3:.1f} ms | "
                      f"{r.times['sparsecc'] * 1e3:.1f} ms | {r.times['dense eager'] / r.times['sparsecc']:.2f}x | "
-                     f"{ort} | {r.dense_chosen}/{r.condensed} | {r.compile_cold:.1f} s / {r.compile_warm:.1f} s | "
+                     f"{ort} | {r.dense_chosen}/{r.condensed} | "
+                     f"{', '.join(f'{t} ({n})' for t, n in r.tiles.items()) or '-'} | "
+                     f"{r.compile_cold:.1f} s / {r.compile_warm:.1f} s | "
                      f"{mib(r.bytes_dense)} → {mib(r.bytes_condensed)} MiB | {mib(r.model_dense)} → "
                      f"{mib(r.model_compiled)} MiB | {rss} | {r.max_rel_error:.1e} |")
     return "\n".join(lines)
