@@ -62,7 +62,8 @@ class Tuned:
         self._dense: Optional[Callable[[Tensor], Tensor]] = None
 
     def sparse(self, x: Tensor) -> Tensor:
-        return self.op.reference(x, *self.constants)
+        # Looked up at each call: the pattern table is live (a pattern registered again takes effect at once).
+        return patterns.op(self.op.name).reference(x, *self.constants)
 
     def dense(self, x: Tensor) -> Tensor:
         if self._dense is None:

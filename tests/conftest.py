@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing is downloaded: transformers reads local files only
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -69,9 +70,16 @@ def _sparse_kernels(request, monkeypatch):
 @pytest.fixture(scope="session", autouse=True)
 def _kernel_cache(tmp_path_factory):
     """A fresh kernel cache per test session: tests never depend on kernels a previous run left behind. The
-    xdist workers of one run share it (the cache is safe across processes), so each kernel compiles once."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    cache = root / "sparsecc-cache"
-    cache.mkdir(exist_ok=True)
+    xdist workers of one run share it (the cache is safe across processes), so each kernel compiles once.
+    ``make check`` (the inner loop) names a directory that lives across runs in ``SPARSECC_TEST_CACHE``
+    instead: its entries are keyed by the kernel source, the CPU and the library versions, so an edited
+    kernel compiles anew, and half of a cold run is compiling kernels."""
+    persistent = os.environ.get("SPARSECC_TEST_CACHE")
+    if persistent:
+        cache = Path(persistent).resolve()
+    else:
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        cache = root / "sparsecc-cache"
+    cache.mkdir(parents=True, exist_ok=True)
     os.environ["SPARSECC_CACHE_DIR"] = str(cache)

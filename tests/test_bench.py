@@ -1,11 +1,14 @@
 """The benchmark harness runs end to end on a small layer: every method agrees with the masked layer, the
 table and plot are written. (Timings themselves are the benchmark's job, never asserted here.)"""
 
+import pytest
 import torch
 
 import sparsecc
 from sparsecc import bench, synthetic
 from sparsecc.runtimes import cpu
+
+pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not
 
 
 def test_layer_methods_all_valid_and_tables_render(tmp_path):

@@ -132,6 +132,7 @@ torch.save(y.detach(), sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_loaded_pt2_in_a_fresh_process_called_the_plain_way(tmp_path):
     model = shuffle_net()
     compiled = sparsecc.compile(model, (torch.randn(1, 8, 12, 12),), backend="tvm")

@@ -9,6 +9,7 @@ import pytest
 from sparsecc import cli
 
 
+@pytest.mark.slow
 def test_demo_prints_table_and_latency_line(capsys):
     assert cli.main(["demo", "--model", "resnet18", "--runs", "2"]) == 0
     out = capsys.readouterr().out
@@ -21,6 +22,7 @@ def test_demo_prints_table_and_latency_line(capsys):
         assert f"  {n} thread(s): dense torch eager " in out
 
 
+@pytest.mark.slow
 def test_inspect_prints_structures(capsys):
     assert cli.main(["inspect", "--model", "resnet18", "--sparsity", "0.8", "--ablate", "0"]) == 0
     out = capsys.readouterr().out
@@ -33,12 +35,14 @@ def test_unknown_backend_is_a_clean_error(capsys):
     assert "unknown backend 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runtimes_smoke_module():
     out = subprocess.run([sys.executable, "-m", "sparsecc.runtimes"], capture_output=True, text=True, check=True)
     assert "PASS reference" in out.stdout and "PASS tvm" in out.stdout and "PASS onnxruntime" in out.stdout
     assert "tensorrt" in out.stdout
 
 
+@pytest.mark.slow
 def test_export_then_check_2to4(tmp_path, capsys):
     out = tmp_path / "r18.onnx"
     assert cli.main(["export", str(out), "--model", "resnet18", "--structure", "2:4", "--mode", "dense"]) == 0
@@ -54,6 +58,7 @@ def test_check_2to4_missing_file_is_a_clean_error(tmp_path, capsys):
     assert "is not a file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_tvm_library_then_run_it_with_the_runner(tmp_path, capsys):
     out = tmp_path / "r18.so"
     assert cli.main(["export", str(out), "--model", "resnet18", "--image-size", "64"]) == 0

@@ -13,6 +13,8 @@ from sparsecc import bench_hf, cli, hf, usermodel
 from sparsecc.runtimes import tuning
 from tests.conftest import assert_equivalent
 
+pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not
+
 transformers = pytest.importorskip("transformers")
 
 

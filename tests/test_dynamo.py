@@ -93,6 +93,7 @@ def test_registered_name_after_import():
     assert dynamo.last_report().rewrites == {"condensed_linear": 1}
 
 
+@pytest.mark.slow
 def test_entry_point_without_importing_sparsecc():
     code = ("import torch, torch.nn.utils.prune as prune, sys\n"
             "m = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()\n"
@@ -117,6 +118,7 @@ def test_nothing_to_condense(caplog):
     assert "nothing to condense" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_resnet18(structure):
     model = build("resnet18")
@@ -135,6 +137,7 @@ def test_resnet18(structure):
     assert all(lay.structure.startswith("2:4" if structure == "2:4" else "fan-in") for lay in report.condensed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_vit_b_16(structure):
     model = build("vit_b_16", image_size=64)      # 17 tokens: all 48 layers on the token kernel
@@ -161,6 +164,7 @@ def test_resnet50_has_no_graph_breaks():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_convnext_tiny():
     import torchvision
 

@@ -87,6 +87,7 @@ def test_conv_forms_equal_masked_conv_batched_and_unbatched(form, groups):
             assert_equivalent(exported(x), F.conv2d(x, conv.weight * mask, conv.bias, 2, 1, 1, groups))
 
 
+@pytest.mark.slow
 def test_auto_formulation_picks_what_onnxruntime_runs_fastest(tmp_path):
     model = nn.Sequential(nn.Linear(3072, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 8)).eval()
     masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.99),              # k = 31 <= 3072 / 60
@@ -175,6 +176,7 @@ def test_fp16_dense_export(tmp_path):
     assert_equivalent(_run(path, x), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_resnet18_round_trip(tmp_path, structure):
     model = build("resnet18")
@@ -194,6 +196,7 @@ def test_resnet18_round_trip(tmp_path, structure):
         assert len(pruned) == 19 and all(c.ok and c.axis == 1 for c in pruned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_vit_b_16_round_trip(tmp_path, structure):
     model = build("vit_b_16", image_size=64)

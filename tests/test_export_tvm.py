@@ -102,6 +102,7 @@ class _DenseOps(nn.Module):
         return self.up(y.view(-1, 8, 2, 4).repeat(1, 4, 1, 1)[:, :8])
 
 
+@pytest.mark.slow
 def test_dense_ops_on_the_token_kernel(tmp_path):
     model = _DenseOps().eval()
     masks = {"fc.weight": synthetic.fanin_mask(model.fc.weight, 0.75)}
@@ -157,6 +158,7 @@ def _run_without_torch(path: Path, x: torch.Tensor, tmp_path: Path) -> torch.Ten
     return torch.from_numpy(np.load(tmp_path / "y.npy"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_resnet18(tmp_path, structure):
     model = build("resnet18")
@@ -170,6 +172,7 @@ def test_resnet18(tmp_path, structure):
         assert_equivalent(_run_without_torch(exported.path, x, tmp_path), sparsecc.masked_reference(model, masks)(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_vit_b_16(tmp_path, structure):
     # 64x64 images: 17 tokens, the same layers and kernels as at 224x224 (197 tokens), which `sparsecc bench`
@@ -184,6 +187,7 @@ def test_vit_b_16(tmp_path, structure):
                                 "convolution/spmm": 1, "addmm/gemv": 1}
 
 
+@pytest.mark.slow
 def test_runner_script_prints_metadata(tmp_path):
     model = nn.Sequential(nn.Linear(16, 8)).eval()
     exported = sparsecc.export_tvm(model, torch.randn(1, 16), tmp_path / "m.so",

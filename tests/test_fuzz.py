@@ -85,6 +85,7 @@ def test_regression_fused_path_on_dense_weights_is_refused_with_the_reason():
         sparsecc.compile(model, (torch.randn(2, 5, 24),), backend="reference")
 
 
+@pytest.mark.slow
 def test_fuzz_command_prints_per_backend_counts():
     done = subprocess.run([sys.executable, "-m", "tests.fuzz", "--cases", "2", "--first", "1000", "--workers", "1",
                            "--backends", "reference,tvm"], capture_output=True, text=True, timeout=600,

@@ -14,6 +14,8 @@ from sparsecc.errors import EquivalenceError, MaskError
 from sparsecc.validation import flatten
 from tests.conftest import assert_equivalent
 
+pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 96

@@ -11,6 +11,8 @@ import sparsecc
 from sparsecc import hf, synthetic
 from tests.conftest import assert_equivalent
 
+pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not
+
 pytest.importorskip("transformers")
 
 

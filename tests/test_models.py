@@ -9,6 +9,8 @@ from sparsecc import synthetic
 from sparsecc.demo import build, sparse_model
 from tests.conftest import assert_equivalent
 
+pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not
+
 
 def _check(model, compiled, x):
     with torch.no_grad():

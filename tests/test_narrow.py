@@ -188,6 +188,7 @@ def test_narrow_needs_example_inputs():
         sparsecc.compile(nn.Sequential(nn.Linear(4, 4)), narrow=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnets_with_ablated_neurons(name):
     model = sparse_model(name, 0.9, 0.3)
@@ -203,6 +204,7 @@ def test_resnets_with_ablated_neurons(name):
         assert_equivalent(compiled(x), sparsecc.masked_reference(model)(x))
 
 
+@pytest.mark.slow
 def test_vit_b_16_mlp_neurons_are_removed():
     model = build("vit_b_16", image_size=64)
     masks = synthetic.fanin_masks(model, 0.9, 0.3, synthetic.vit_encoder)

@@ -32,6 +32,7 @@ def _run_fresh(path, inputs, tmp_path):
     return torch.load(tmp_path / "outputs.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,structure,shape", [
     ("resnet18", "fanin", (3, 64, 64)),
     ("vit_b_16", "2:4", (3, 64, 64)),

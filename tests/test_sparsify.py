@@ -81,6 +81,7 @@ def test_erk_densities_meet_the_budget_and_cap_at_one():
     assert erk_densities(shapes, 0.8)["stem"] == 1.0
 
 
+@pytest.mark.slow
 def test_two_four_masks_are_valid_along_k_for_every_layer():
     model = build("resnet18")
     x = torch.randn(1, 3, 32, 32)
@@ -206,6 +207,7 @@ def test_inspect_shows_the_flop_and_byte_reduction_of_the_result():
     assert sum(lay.bytes_condensed for lay in report.layers) < 0.5 * sum(lay.bytes_dense for lay in report.layers)
 
 
+@pytest.mark.slow
 def test_two_four_skips_layers_that_cannot_take_it_like_asp():
     """ResNet's stem has 3 input channels: `sparsify(model, "2:4")` leaves it dense and says so, every other
     layer gets 2:4, and the compiled model equals the user's sparsified model; naming such a layer explicitly

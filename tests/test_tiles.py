@@ -29,8 +29,7 @@ def lanes(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("tokens", [5, 40])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tokens,bias", [(5, False), (40, True)])
 def test_linear_every_tile(lanes, tokens, bias):
     out_f, in_f = 29, 150
     w = torch.randn(out_f, in_f)

@@ -182,6 +182,7 @@ def test_tensorrt_without_a_gpu_is_a_clear_error_and_writes_nothing(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_a_repository(tmp_path, capsys):
     repo = tmp_path / "repo"
     assert cli.main(["export", "--triton", str(repo), "--model", "resnet18", "--image-size", "64",

@@ -215,12 +215,14 @@ def _children(cache_dir, n=1):
     return stats
 
 
+@pytest.mark.slow
 def test_cache_hit_from_disk(tmp_path):
     assert _children(tmp_path) == [{"memory": 0, "disk": 0, "built": 1, "rebuilt": 0}]
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
     assert _children(tmp_path) == [{"memory": 0, "disk": 1, "built": 0, "rebuilt": 0}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "foreign", "sidecar"])
 def test_corrupt_or_foreign_entry_is_rebuilt(tmp_path, damage):
     _children(tmp_path)
@@ -235,6 +237,7 @@ def test_corrupt_or_foreign_entry_is_rebuilt(tmp_path, damage):
     assert _children(tmp_path) == [{"memory": 0, "disk": 1, "built": 0, "rebuilt": 0}]
 
 
+@pytest.mark.slow
 def test_concurrent_compiles_in_two_processes(tmp_path):
     stats = _children(tmp_path, n=2)
     assert all(s["built"] + s["disk"] == 1 for s in stats)

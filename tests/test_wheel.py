@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow    # builds and installs a wheel: `make test` runs it, `make check` does not
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"sparsecc": ROOT / "sparsecc", "sparsecc.passes": ROOT / "passes", "sparsecc.runtimes": ROOT / "runtimes"}
 
@@ -19,6 +21,7 @@ _IN_VENV = """
 import importlib, json, sys, torch
 import sparsecc
 from sparsecc.synthetic import attach_with_prune, fanin_masks
+
 names = json.loads(sys.argv[1])
 for name in names:
     importlib.import_module(name)
