@@ -284,10 +284,14 @@ class _Bound(_Tuned):
         self.kernels: dict[tuple[str, int], Callable] = {}
 
     def kernel(self, kind: str, tokens: int, tile=None) -> Callable:
+        from sparsecc.runtimes import tvm_kernels
+
         fn = self.kernels.get((kind, tokens, tile))
         if fn is None:
             index_dtype = torch.int32 if kind in ("spmm_flat", "tiled_flat") else self.indices.dtype
-            k = 0 if tile is not None else self.values.shape[1]      # the tiled kernels take any fan-in
+            k = self.values.shape[1]
+            if tile is not None and k > tvm_kernels.STATIC_K:
+                k = 0                   # the tiled kernel for any fan-in (`fanin_tiled`)
             fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile)
         return fn
 
@@ -440,8 +444,11 @@ class BoundConv2d(_Bound):
                 sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
             else:
                 sample = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
-            cols = sample.new_zeros(sample.shape[0], tokens)
-            cols.view(-1, tokens)[:, :oh * ow] = sample.reshape(-1, oh * ow)
+            if tokens == oh * ow:       # whole vectors already (56x56, 28x28): the columns as they are
+                cols = sample.reshape(-1, tokens).contiguous()
+            else:
+                cols = sample.new_zeros(sample.shape[0], tokens)
+                cols[:, :oh * ow] = sample.reshape(-1, oh * ow)
             y = self.tiled(cols, tile)
             outs.append((y if tokens == oh * ow else y[:, :oh * ow].contiguous()).view(self.out, oh, ow))
         y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
