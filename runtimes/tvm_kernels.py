@@ -655,6 +655,13 @@ def _transposed(rows: list, lanes: int) -> list:
     return rows
 
 
+@T.macro
+def _transpose_block(out, blk, L):
+    # ``out`` (flat, L*L) = the transpose of ``blk`` (L x L), through registers (`_transposed`)
+    out[T.ramp(0, 1, L * L)] = T.Shuffle(_transposed([blk[i, T.ramp(0, 1, L)] for i in range(L)], L),
+                                         list(range(L * L)))
+
+
 def pack(key: KernelKey):
     """``x [M, N]`` (tokens x features) to ``xt [N, MP]`` (features x padded tokens), columns from ``M`` on
     zero: the tiled kernel's input. Blocks of ``lanes x lanes`` (with 16 lanes every load and store is a whole
@@ -672,8 +679,7 @@ def pack(key: KernelKey):
                 blk[i, T.ramp(0, 1, L)] = a[ib * L + i, T.ramp(jb * L, 1, L)]
             else:
                 blk[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
-        out[T.ramp(0, 1, L * L)] = T.Shuffle(_transposed([blk[i, T.ramp(0, 1, L)] for i in range(L)], L),
-                                             list(range(L * L)))
+        _transpose_block(out, blk, L)
         for c in T.unroll(L):
             b[jb * L + c, T.ramp(ib * L, 1, L)] = out[T.ramp(c * L, 1, L)]
 
@@ -707,8 +713,7 @@ def unpack(key: KernelKey):
         out = T.decl_buffer((L * L,), DT, scope="local")
         for i in T.unroll(L):
             blk[i, T.ramp(0, 1, L)] = a[jb * L + i, T.ramp(ib * L, 1, L)]
-        out[T.ramp(0, 1, L * L)] = T.Shuffle(_transposed([blk[i, T.ramp(0, 1, L)] for i in range(L)], L),
-                                             list(range(L * L)))
+        _transpose_block(out, blk, L)
         for c in T.unroll(L):
             if ib * L + c < M:
                 b[ib * L + c, T.ramp(jb * L, 1, L)] = out[T.ramp(c * L, 1, L)]

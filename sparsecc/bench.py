@@ -332,6 +332,49 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+#: (label, layer, input shape, sparsity) for `token_layer_table`: ViT-B/16's Linears at 197 tokens and a
+#: ResNet-style 3x3 convolution at 14x14, all constant fan-in.
+TOKEN_LAYERS = (
+    ("Linear 768→2304 (qkv), 197 tokens", lambda: nn.Linear(768, 2304), (1, 197, 768), 0.9),
+    ("Linear 768→768 (proj), 197 tokens", lambda: nn.Linear(768, 768), (1, 197, 768), 0.9),
+    ("Linear 768→3072 (fc1), 197 tokens", lambda: nn.Linear(768, 3072), (1, 197, 768), 0.9),
+    ("Linear 3072→768 (fc2), 197 tokens", lambda: nn.Linear(3072, 768), (1, 197, 3072), 0.9),
+    ("Linear 3072→768 (fc2), 128 tokens", lambda: nn.Linear(3072, 768), (1, 128, 3072), 0.9),
+    ("Conv 3x3 256→256, 14x14", lambda: nn.Conv2d(256, 256, 3, padding=1), (1, 256, 14, 14), 0.95),
+)
+
+
+def token_layer_table(runs: int = 30, threads: tuple[int, ...] = THREADS) -> str:
+    """The many-token kernels on single layers, dense eager vs sparsecc (its tile chosen by measurement),
+    interleaved medians at each thread count, with each side's FLOP rate: dense on every weight, sparsecc on
+    the nonzeros (what the kernel computes)."""
+    from sparsecc.runtimes import cpu
+
+    lines = [f"CPU: {cpu.describe()}", "", "| layer | sparsity | threads | dense | sparsecc | speed-up | "
+             "dense GFLOP/s | sparsecc GFLOP/s on nonzeros | tile |", "|" + "---|" * 9]
+    with torch.no_grad():
+        for label, make, shape, sparsity in TOKEN_LAYERS:
+            torch.manual_seed(0)
+            layer = nn.Sequential(make()).eval()
+            masks = {"0.weight": synthetic.fanin_mask(layer[0].weight, sparsity)}
+            x = torch.randn(*shape)
+            dense = sparsecc.masked_reference(layer, masks)
+            out = dense(x)
+            macs = out.numel() // out.shape[1 if out.dim() == 4 else -1] * layer[0].weight[0].numel() * \
+                (out.shape[1] if out.dim() == 4 else out.shape[-1])
+            nonzero = macs * float(masks["0.weight"].float().mean())
+            for n in threads:
+                torch.set_num_threads(n)
+                compiled = sparsecc.compile(layer, (x,), masks=masks)
+                t = medians({"dense": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs, warmup=3,
+                            burst=3)
+                tile = next((c.tile for c in compiled.module.get_submodule("0").choices().values() if c.tile), "-")
+                lines.append(f"| {label} | {sparsity:.0%} | {n} | {_us(t['dense'])} µs | {_us(t['sparsecc'])} µs | "
+                             f"{t['dense'] / t['sparsecc']:.2f}x | {2 * macs / t['dense'] / 1e9:.0f} | "
+                             f"{2 * nonzero / t['sparsecc'] / 1e9:.0f} | {tile} |")
+    return "\n".join(lines)
+
+
 def narrow_table(models: tuple[str, ...] = ("vit_b_16", "resnet50"), runs: int = 10, ablate: float = 0.3) -> str:
     """Condensed only vs condensed + physically narrower (`compile(narrow=True)`), 90% fan-in with ``ablate``
     of the neurons ablated, batch 1, medians of interleaved rounds in one process."""

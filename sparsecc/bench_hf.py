@@ -25,6 +25,9 @@ from sparsecc import hf, synthetic
 from sparsecc.inputs import Call
 from sparsecc.timing import THREADS, medians
 
+#: ``--dtype`` names -> torch dtypes: models are benchmarked in the dtype they ship in (LLMs: bf16).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 #: Decode benchmark masks: label -> (structure, sparsity). Per-row unstructured (SparseGPT / Wanda per output)
 #: keeps the same number of weights in every row: constant fan-in.
 LLM_MASKS = {"2:4": ("2:4", 0.5), "50% per-row": ("fanin", 0.5), "70% per-row": ("fanin", 0.7)}
@@ -70,12 +73,13 @@ def _interleaved(fns: dict[str, Callable[[], dict[str, float]]], runs: int) -> d
 
 def llm(runs: int = 3, threads: Sequence[int] = THREADS, prompt: int = 32, new_tokens: int = 64,
         masks: Sequence[str] = tuple(LLM_MASKS), config: Optional[dict[str, int]] = None,
-        log: Callable[[str], None] = lambda _: None) -> list[Timing]:
-    """Greedy decode with the KV cache, dense vs sparsecc, for each mask of `LLM_MASKS` and thread count."""
+        log: Callable[[str], None] = lambda _: None, dtype: str = "fp32") -> list[Timing]:
+    """Greedy decode with the KV cache, dense vs sparsecc, for each mask of `LLM_MASKS` and thread count, the
+    model in ``dtype`` (dense is the masked model in that dtype too)."""
     rows = []
     for label in masks:
         structure, sparsity = LLM_MASKS[label]
-        model = hf.llama(**(config or {}))
+        model = hf.llama(**(config or {})).to(DTYPES[dtype])
         synthetic.attach_with_prune(model, synthetic.structured_masks(model, structure, sparsity,
                                                                       include=_decoder_layers))
         dense = sparsecc.masked_reference(model)
@@ -91,8 +95,8 @@ def llm(runs: int = 3, threads: Sequence[int] = THREADS, prompt: int = 32, new_t
             log(f"llm {label}: timing at {n} thread(s)")
             t = _interleaved({"dense": lambda: _decode_phases(dense, ids, new_tokens),
                               "sparse": lambda: _decode_phases(compiled, ids, new_tokens)}, runs)
-            rows.append(Timing(label, n, t["dense"], t["sparse"], {"prefill": prompt, "decode": new_tokens},
-                               invalid))
+            rows.append(Timing(f"{label}, {dtype}", n, t["dense"], t["sparse"],
+                               {"prefill": prompt, "decode": new_tokens}, invalid))
     return rows
 
 
@@ -128,12 +132,14 @@ def model_table(rows: list[Timing]) -> str:
 
 
 def encoder(runs: int = 20, threads: Sequence[int] = THREADS, lengths: Sequence[int] = (16, 128),
-            structures: Sequence[str] = ("fanin:0.9", "2:4"), log: Callable[[str], None] = lambda _: None
-            ) -> list[Timing]:
-    """all-MiniLM-L6-v2 (trained weights), encoder layers sparsified by magnitude, one sequence per length."""
+            structures: Sequence[str] = ("fanin:0.9", "2:4"), log: Callable[[str], None] = lambda _: None,
+            dtype: str = "fp32") -> list[Timing]:
+    """all-MiniLM-L6-v2 (trained weights, cast to ``dtype``), encoder layers sparsified by magnitude, one
+    sequence per length."""
     from sparsecc import usermodel
 
     base, tokenizer = hf.minilm()
+    base = base.to(DTYPES[dtype])
     text = " ".join(hf.SENTENCES * 40)
     rows = []
     for spec in structures:
@@ -144,8 +150,8 @@ def encoder(runs: int = 20, threads: Sequence[int] = THREADS, lengths: Sequence[
         log(f"encoder {spec}: compiling")       # one compile serves every length (choices per token count)
         compiled = sparsecc.compile(trained, example_kwargs=batches[max(lengths)])
         for length, batch in batches.items():
-            rows += model(dense, compiled, Call((), batch), f"all-MiniLM-L6-v2 {spec}, {length} tokens", runs,
-                          threads)
+            rows += model(dense, compiled, Call((), batch), f"all-MiniLM-L6-v2 {spec}, {dtype}, {length} tokens",
+                          runs, threads)
     return rows
 
 

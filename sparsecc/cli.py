@@ -59,6 +59,8 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
                        "layers, hidden 768) with 2:4 and 50%%/70%% per-row masks: tokens/s dense vs sparsecc")
     bench.add_argument("--encoder", action="store_true", help="only the trained all-MiniLM-L6-v2 encoder "
                        "(90%% fan-in and 2:4) at 16 and 128 tokens")
+    bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--llm / --encoder: the "
+                       "model's dtype (dense runs in it too)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
                        "latency.png go")
     bench.add_argument("--runs", type=int, default=200, help="timed rounds per layer configuration")
@@ -71,6 +73,8 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
                        help="mask structures of the end-to-end models")
     bench.add_argument("--narrow", action="store_true", help="only time condensed vs condensed + physically "
                        "narrower models (30%% of neurons ablated)")
+    bench.add_argument("--token-layers", action="store_true", help="only the many-token kernels on single layers "
+                       "(ViT-B/16's Linears at 197 tokens, a 3x3 convolution at 14x14): speed-up, FLOP rates, tile")
     bench.add_argument("--peers", action="store_true", help="also time OpenVINO (f32 and its default precision, "
                        "bf16 on AMX / AVX512_BF16 CPUs) beside onnxruntime; needs sparsecc[peers]")
     bench.add_argument("--onnx-formulations", action="store_true", help="only time each ONNX export formulation "
@@ -148,7 +152,7 @@ def _bench_user(args: argparse.Namespace) -> int:
 
 
 def _bench_hf(args: argparse.Namespace) -> int:
-    """``--llm`` / ``--encoder``: tables on stdout and in OUT/llm.md, OUT/encoder.md (+ .json)."""
+    """``--llm`` / ``--encoder``: tables on stdout and in OUT/llm-DTYPE.md, OUT/encoder-DTYPE.md (+ .json)."""
     import json
 
     from sparsecc import bench_hf, usermodel
@@ -161,11 +165,11 @@ def _bench_hf(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu.describe()}")
     if args.llm:
-        rows = bench_hf.llm(max(3, args.model_runs // 2), threads, log=log.info)
-        name, table = "llm", bench_hf.llm_table(rows)
+        rows = bench_hf.llm(max(3, args.model_runs // 2), threads, log=log.info, dtype=args.dtype)
+        name, table = f"llm-{args.dtype}", bench_hf.llm_table(rows)
     else:
-        rows = bench_hf.encoder(args.model_runs * 2, threads, log=log.info)
-        name, table = "encoder", bench_hf.model_table(rows)
+        rows = bench_hf.encoder(args.model_runs * 2, threads, log=log.info, dtype=args.dtype)
+        name, table = f"encoder-{args.dtype}", bench_hf.model_table(rows)
     (args.out / f"{name}.md").write_text(f"CPU: {cpu.describe()}\n\n{table}\n")
     (args.out / f"{name}.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
     print(table)
@@ -180,7 +184,9 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_user(args)
     if args.llm or args.encoder:
         return _bench_hf(args)
-    if args.onnx_formulations:
+    if args.token_layers:
+        print(bench.token_layer_table(args.model_runs * 3, tuple(args.threads or THREADS)))
+    elif args.onnx_formulations:
         print(bench.formulation_table())
     elif args.narrow:
         print(bench.narrow_table(tuple(args.models), args.model_runs))

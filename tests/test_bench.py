@@ -101,3 +101,14 @@ def test_results_name_the_cpu(monkeypatch, tmp_path):
     text = bench.run(tmp_path, runs=2, model_runs=1, models=(), memory=False, threads=(1,), structures=())
     assert text.startswith(f"CPU: {cpu.model()} (") and cpu.isa()[0] in text.splitlines()[0]
     assert (tmp_path / "results.md").read_text() == text
+
+
+def test_token_layer_table_renders_with_tiles(monkeypatch):
+    from torch import nn
+
+    monkeypatch.setattr(bench, "TOKEN_LAYERS", (
+        ("Linear 64→48, 20 tokens", lambda: nn.Linear(64, 48), (1, 20, 64), 0.75),
+        ("Conv 3x3 8→8, 6x6", lambda: nn.Conv2d(8, 8, 3, padding=1), (1, 8, 6, 6), 0.75)))
+    lines = bench.token_layer_table(runs=1, threads=(1,)).splitlines()
+    assert lines[0].startswith("CPU: ") and len(lines) == 4 + 2
+    assert all(line.count(" µs") == 2 and line.endswith(" |") and "| - |" not in line for line in lines[4:])

@@ -113,16 +113,20 @@ def test_first_layer_gives_the_input():
     assert ids.dtype == torch.int64 and ids.shape == (1, 8) and int(ids.max()) < 50
 
 
-def test_llm_decode_benchmark_checks_tokens_and_reports_speeds():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_llm_decode_benchmark_checks_tokens_and_reports_speeds(dtype):
+    """Greedy tokens of the compiled decoder equal the dense model's in the same dtype (bf16 runs its condensed
+    layers on the reference runtime's measured choice) before any speed is reported."""
     config = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
-    rows = bench_hf.llm(runs=1, threads=(1,), prompt=8, new_tokens=6, masks=("2:4", "70% per-row"), config=config)
-    assert [(r.case, r.threads) for r in rows] == [("2:4", 1), ("70% per-row", 1)]
+    rows = bench_hf.llm(runs=1, threads=(1,), prompt=8, new_tokens=6, masks=("2:4", "70% per-row"), config=config,
+                        dtype=dtype)
+    assert [(r.case, r.threads) for r in rows] == [(f"2:4, {dtype}", 1), (f"70% per-row, {dtype}", 1)]
     for r in rows:
         assert r.invalid == ""
         assert set(r.dense) == set(r.sparse) == {"prefill", "decode"}
         assert all(v > 0 for v in [*r.dense.values(), *r.sparse.values()])
     table = bench_hf.llm_table(rows)
-    assert "| 2:4 | 1 |" in table and "decode tok/s" in table
+    assert f"| 2:4, {dtype} | 1 |" in table and "decode tok/s" in table
 
 
 @pytest.mark.measured_choice
