@@ -82,7 +82,6 @@ def forget_caches() -> None:
     global _cache, _tuning
     with _state_lock:
         _cache = _tuning = None
-    _transpose_kernel.cache_clear()
     _layout_kernel.cache_clear()
     lanes.cache_clear()
 
@@ -109,11 +108,6 @@ def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool
 
 
 @functools.cache
-def _transpose_kernel() -> Callable:
-    return _kernel("transpose", 0, 0, torch.int32, False)
-
-
-@functools.cache
 def _layout_kernel(kind: str, width: int) -> Callable:
     import tvm
 
@@ -121,18 +115,6 @@ def _layout_kernel(kind: str, width: int) -> Callable:
 
     key = tvm_kernels.KernelKey(kind, 0, 0, "int32", "float32", False, lanes=width)
     return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
-
-
-def transpose(x: Tensor) -> Tensor:
-    """``x.t().contiguous()`` for a contiguous float32 matrix, by the blocked TVM kernel (2.5-3.3x torch's copy
-    on the token kernel's shapes)."""
-    from sparsecc.runtimes.tvm_kernels import VEC
-
-    m, n = x.shape
-    y = x.new_empty(n, m)
-    # Blocks of VEC along the shorter side: the kernel's outer loop (a copy costs about an eighth of a FMA).
-    parallel.run(_transpose_kernel(), min(m, n) // VEC, m * n // 8, x, y)
-    return y
 
 
 _scratch = threading.local()
@@ -241,12 +223,13 @@ class _Tuned:
         x = _float_contiguous(x)
         if self.values.shape[0] == 0:
             return self.constant(x)
-        key = (tuning.bucket(self.tokens(x)), torch.get_num_threads())
+        tokens = self.tokens(x)
+        key = (tuning.bucket(tokens), torch.get_num_threads())
         tile = self.tile_for(x, key)
         if self.tune:
             choice = self.choices.get(key)
             if choice is None:
-                choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), self.tokens(x),
+                choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), tokens,
                                                            lambda: self.sparse(x, tile), lambda: self.dense(x),
                                                            tuning.streaming(self.values),
                                                            tile.name() if tile is not None else "")
@@ -284,10 +267,10 @@ class _Bound(_Tuned):
         self.kernels: dict[tuple[str, int], Callable] = {}
 
     def kernel(self, kind: str, tokens: int, tile=None) -> Callable:
-        from sparsecc.runtimes import tvm_kernels
-
         fn = self.kernels.get((kind, tokens, tile))
         if fn is None:
+            from sparsecc.runtimes import tvm_kernels
+
             index_dtype = torch.int32 if kind in ("spmm_flat", "tiled_flat") else self.indices.dtype
             k = self.values.shape[1]
             if tile is not None and k > tvm_kernels.STATIC_K:

@@ -78,11 +78,13 @@ def test_2to4(split, tokens):
 
 
 @pytest.mark.parametrize("shape", [(197, 768), (768, 197), (13, 9), (5, 3)])
-def test_transpose(split, shape):
+def test_pack_and_unpack(split, shape):
     x = torch.randn(*shape)
-    out = tvm_runtime.transpose(x)
-    assert out.shape == (shape[1], shape[0])
-    torch.testing.assert_close(out, x.t().contiguous(), rtol=0, atol=0)
+    xt = tvm_runtime.to_tokens_last(x, tvm_runtime.lanes())
+    torch.testing.assert_close(xt[:, :shape[0]], x.t(), rtol=0, atol=0)
+    out = tvm_runtime.from_tokens_last(xt.clone(), shape[0])
+    assert out.shape == shape
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
 
 
 def test_split_needs_work():
@@ -101,7 +103,7 @@ def test_split_needs_work():
 
 def test_an_error_on_a_worker_thread_is_raised():
     launch, _ = parallel._launcher()
-    kernel = tvm_runtime._transpose_kernel()
+    kernel = tvm_runtime._layout_kernel("pack", tvm_runtime.lanes())
     wrong = torch.zeros(8, 8, dtype=torch.float64)       # the kernel takes float32: it refuses on every thread
     with pytest.raises(Exception, match="float"):
         launch(kernel, 2, 1, wrong, torch.zeros(8, 8))

@@ -129,15 +129,20 @@ def test_misaligned_and_non_contiguous_inputs(tokens):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 9), (9, 7), (8, 8), (16, 3), (197, 768), (3072, 197), (13, 200)])
-def test_transpose_kernel_is_an_exact_copy(shape):
-    """The token path's layout change: full 8x8 blocks, both loop orders, ragged edges, a misaligned source."""
+def test_pack_and_unpack_are_exact_copies(shape):
+    """The token path's layout changes: ``[tokens, in]`` to ``[in, tokens_padded]`` (padding zero) and back, full
+    blocks, ragged edges on both sides, a misaligned source, at the host's vector width."""
     x = torch.randn(*shape)
     misaligned = torch.randn(x.numel() + 1)[1:].view(shape).copy_(x)
+    width = tvm_runtime.lanes()
     for src in (x, misaligned):
-        y = tvm_runtime.transpose(src)
-        assert y.shape == (shape[1], shape[0])
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, x.t(), rtol=0, atol=0)
+        xt = tvm_runtime.to_tokens_last(src, width)
+        assert xt.shape == (shape[1], -(-shape[0] // width) * width) and xt.dtype == torch.float32
+        torch.testing.assert_close(xt[:, :shape[0]], x.t(), rtol=0, atol=0)
+        assert not xt[:, shape[0]:].any()
+        back = tvm_runtime.from_tokens_last(xt.clone(), shape[0])
+        assert back.shape == shape and back.dtype == torch.float32
+        torch.testing.assert_close(back, x, rtol=0, atol=0)
 
 
 def test_wrong_dtype_is_a_clear_error():
