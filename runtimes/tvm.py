@@ -26,7 +26,9 @@ from sparsecc.runtimes import cpu, parallel, tuning
 from sparsecc.errors import InputError
 
 NAME = "tvm"
-DTYPES = (torch.float32,)
+#: Values are kept in the layer's dtype; the kernels compute in float32 (bf16 / fp16 inputs are widened on the
+#: way in, outputs narrowed on the way out), and the dense op they are measured against runs in the layer's dtype.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: From this many tokens on, the token kernel beats one GEMV per token (3072->768 at 90%, 1 thread: one GEMV
 #: per token 193 / 400 / 835 us at 2 / 4 / 8 tokens, the token kernel 211 / 224 / 285 us).
 SPMM_MIN_TOKENS = 3
@@ -97,12 +99,18 @@ def tuning_cache() -> tuning.TuningCache:
     return _tuning
 
 
-def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool, tile=None) -> Callable:
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool, tile=None,
+            dtype: torch.dtype = torch.float32) -> Callable:
+    """The compiled kernel of ``kind``; ``dtype`` is its values' dtype (inputs and outputs are float32)."""
     import tvm
 
     from sparsecc.runtimes import tvm_kernels
 
-    key = tvm_kernels.KernelKey(kind, k, tokens, str(index_dtype).removeprefix("torch."), "float32", bias,
+    key = tvm_kernels.KernelKey(kind, k, tokens, _name(index_dtype), _name(dtype), bias,
                                 tile=tile, lanes=lanes() if tile is not None else tvm_kernels.VEC)
     return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
 
@@ -152,10 +160,11 @@ def from_tokens_last(y: Tensor, tokens: int) -> Tensor:
     return out
 
 
-def _float_contiguous(x: Tensor) -> Tensor:
-    if x.dtype != torch.float32:
-        raise InputError(f"tvm runtime: input is {x.dtype}; its kernels take float32 (compile with "
-                         f"backend='reference' for other dtypes)")
+def _contiguous(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` as the layer takes it: on the CPU, in the layer's dtype, contiguous."""
+    if x.dtype != dtype:
+        raise InputError(f"tvm runtime: input is {x.dtype} but the layer's weights are {dtype}; cast the input "
+                         f"(or the model) so that they match, as torch's own layer would require")
     if not x.is_cpu:
         raise InputError(f"tvm runtime: input is on {x.device}; its kernels run on the CPU")
     # Kernels assume element alignment only (any float32 view has it); contiguity is what they need.
@@ -174,7 +183,9 @@ def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel
 
 class _Tuned:
     """A bound layer that runs its sparse kernel or its dense op (on the dense weight, decoded on first use),
-    whichever `tuning` measured faster for this call's token bucket and torch's thread count. Where the call's
+    whichever `tuning` measured faster for this call's token bucket and torch's thread count. ``sparse`` takes
+    and returns float32 (the kernels' arithmetic); ``dense`` runs in the layer's dtype, so a bf16 layer on an
+    AMX CPU is measured against oneDNN's bf16 GEMM, and never runs slower than it. Where the call's
     sparse kernel takes a register tile (`tiles`), the tile is measured first among the candidates, whether or
     not the dense op is compared (``autotune=False`` still runs the best tile)."""
 
@@ -205,37 +216,47 @@ class _Tuned:
     def sparse(self, x: Tensor, tile=None) -> Tensor:
         raise NotImplementedError
 
+    def _signature(self, x: Tensor) -> tuple:
+        return (*self.signature(x), _name(self.values.dtype))
+
     def tile_for(self, x: Tensor, key: tuple[int, int]):
-        """The measured best tile for this call's token bucket and thread count, or None (no tile to take)."""
+        """The measured best tile for this call's token bucket and thread count, or None (no tile to take).
+        ``x`` is the kernels' float32 input."""
         choice = self.tile_choices.get(key)
         if choice is None:
             tiles = self.tiles(x)
             if not tiles:
                 return None
             choice = self.tile_choices[key] = tuning.choose_tile(
-                tuning_cache(), self.signature(x), self.tokens(x),
+                tuning_cache(), self._signature(x), self.tokens(x),
                 {t.name(): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values))
         from sparsecc.runtimes.tvm_kernels import Tile
 
         return Tile.parse(choice.tile)
 
+    def _sparse(self, x: Tensor, tile=None) -> Tensor:
+        """The sparse kernel on ``x`` in the layer's dtype: widened to float32 and back where it is not."""
+        if x.dtype == torch.float32:
+            return self.sparse(x, tile)
+        return self.sparse(x.float(), tile).to(x.dtype)
+
     def __call__(self, x: Tensor) -> Tensor:
-        x = _float_contiguous(x)
+        x = _contiguous(x, self.values.dtype)
         if self.values.shape[0] == 0:
             return self.constant(x)
         tokens = self.tokens(x)
         key = (tuning.bucket(tokens), torch.get_num_threads())
-        tile = self.tile_for(x, key)
+        tile = self.tile_for(x if x.dtype == torch.float32 else x.float(), key)
         if self.tune:
             choice = self.choices.get(key)
             if choice is None:
-                choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), tokens,
-                                                           lambda: self.sparse(x, tile), lambda: self.dense(x),
+                choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens,
+                                                           lambda: self._sparse(x, tile), lambda: self.dense(x),
                                                            tuning.streaming(self.values),
                                                            tile.name() if tile is not None else "")
             if choice.dense:
                 return self.dense(x)
-        return self.sparse(x, tile)
+        return self._sparse(x, tile)
 
 
 class _Bound(_Tuned):
@@ -258,7 +279,8 @@ class _Bound(_Tuned):
         self.orow = orow.to(torch.int32)
         self.arow = torch.nonzero(~live).flatten().to(torch.int32)
         self.has_bias = bias is not None
-        self.bias = bias.contiguous() if bias is not None else values.new_zeros(out)
+        # The kernels add a float32 bias; the dense op takes the layer's own.
+        self.bias = bias.float().contiguous() if bias is not None else torch.zeros(out)
         self.bias_or_none = bias
         # The kernels' constant arguments as TVM tensors (sharing memory): converted once, not on every call.
         import tvm_ffi
@@ -275,7 +297,8 @@ class _Bound(_Tuned):
             k = self.values.shape[1]
             if tile is not None and k > tvm_kernels.STATIC_K:
                 k = 0                   # the tiled kernel for any fan-in (`fanin_tiled`)
-            fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile)
+            fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile,
+                                                              self.values.dtype)
         return fn
 
     def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None) -> None:
@@ -325,7 +348,7 @@ class BoundLinear(_Bound):
         if x2.shape[0] >= SPMM_MIN_TOKENS:
             # Transposed views would save the copies here but slow the LayerNorms and attention after them
             # (measured on ViT-B/16): outputs stay contiguous.
-            tile = tile or self.tile_for(x, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
+            tile = tile or self.tile_for(x2, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
             xt = to_tokens_last(x2, lanes())
             y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, xt.shape[1])), x2.shape[0])
         else:
@@ -455,10 +478,11 @@ class BoundNM(_Tuned):
                  compile_kernel: bool = True) -> None:
         self.values, self.metadata, self.in_features, self.out = values, metadata, in_features, values.shape[0]
         self.has_bias = bias is not None
-        self.bias = bias.contiguous() if bias is not None else values.new_zeros(self.out)
+        self.bias_or_none = bias
+        self.bias = bias.float().contiguous() if bias is not None else torch.zeros(self.out)
         groups = in_features // 4
         self.kind = nm_kind(in_features, kernel_cache().target)
-        self.direct = (_kernel(self.kind, groups, 1, torch.int16, self.has_bias)
+        self.direct = (_kernel(self.kind, groups, 1, torch.int16, self.has_bias, dtype=values.dtype)
                        if self.kind and compile_kernel else None)
         self._fanin: Optional[BoundLinear] = None
         super().__init__(values)
@@ -468,7 +492,7 @@ class BoundNM(_Tuned):
         """The fan-in binding on expanded positions, built on first use (its indices cost in/2 per row)."""
         if self._fanin is None:
             indices = formats.nm_indices(self.metadata, self.in_features).to(formats.index_dtype(self.in_features))
-            self._fanin = BoundLinear(self.values, indices, None, self.bias if self.has_bias else None, self.out)
+            self._fanin = BoundLinear(self.values, indices, None, self.bias_or_none, self.out)
             self._fanin.tune = False       # this layer's own choice covers it
         return self._fanin
 
@@ -492,7 +516,7 @@ class BoundNM(_Tuned):
         if self._dense_weight is None:
             indices = formats.nm_indices(self.metadata, self.in_features)
             self._dense_weight = formats.decode_fanin(self.values, indices, None, self.out, self.in_features)
-        return F.linear(x, self._dense_weight, self.bias if self.has_bias else None)
+        return F.linear(x, self._dense_weight, self.bias_or_none)
 
     def _on_fanin(self, tokens: int) -> bool:
         return self.direct is None or tokens >= SPMM_MIN_TOKENS

@@ -99,6 +99,19 @@ def padded(tokens: int, width: int) -> int:
     return -(-tokens // width) * width
 
 
+def _wide(value, dtype: str, lanes: int = 1):
+    """``value`` (a load from a values buffer of ``dtype``) as float32: the kernels keep values in the model's
+    dtype (bf16 / fp16 halve the bytes a one-token call streams) and compute in float32."""
+    if dtype == "float32":
+        return value
+    return T.Cast("float32" if lanes == 1 else f"float32x{lanes}", value)
+
+
+def _align(dtype: str) -> int:
+    """Element alignment in bytes (kernels assume no more: any torch view has it)."""
+    return 4 if dtype == "float32" else 2
+
+
 @dataclass(frozen=True)
 class KernelKey:
     """Everything a compiled kernel is specialised on; part of the on-disk cache key."""
@@ -153,7 +166,8 @@ def build(key: KernelKey):
 
 def fanin_gemv(key: KernelKey):
     """One token: ``x [1, in]`` (callers loop over a few tokens)."""
-    K, IDX, DT, BIAS = key.k, key.index_dtype, key.dtype, key.bias
+    K, IDX, VDT, BIAS = key.k, key.index_dtype, key.dtype, key.bias
+    DT = "float32"
     NV = K // VEC                   # full vectors of the fan-in
     NC = NV // CHAINS * CHAINS      # of which handled CHAINS at a time
     loop, P = key.loop(), key.parts()
@@ -162,7 +176,7 @@ def fanin_gemv(key: KernelKey):
     def step(acc, c, x, v, idx, r, jo):
         # The gathered inputs are assembled lane by lane from scalar index loads: a vector index load would be
         # extracted lane by lane, competing with the inserts for the shuffle ports.
-        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + v[r, T.ramp(jo * VEC, 1, VEC)] * T.Shuffle(
+        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + _wide(v[r, T.ramp(jo * VEC, 1, VEC)], VDT, VEC) * T.Shuffle(
             [x[0, T.Cast("int32", idx[r, jo * VEC + lane])] for lane in range(VEC)], list(range(VEC)))
 
     @T.prim_func
@@ -174,7 +188,7 @@ def fanin_gemv(key: KernelKey):
         IN = T.int32()
         OUT = T.int32()
         x = T.match_buffer(x_h, (1, IN), DT, align=4)
-        v = T.match_buffer(v_h, (R, K), DT, align=4)
+        v = T.match_buffer(v_h, (R, K), VDT, align=_align(VDT))
         idx = T.match_buffer(i_h, (R, K), IDX, align=2)
         orow = T.match_buffer(orow_h, (R,), "int32", align=4)
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
@@ -194,7 +208,7 @@ def fanin_gemv(key: KernelKey):
                 for jo in range(NC, NV):
                     step(acc, 0, x, v, idx, r, jo)
                 for j in range(NV * VEC, K):
-                    tail[0] = tail[0] + v[r, j] * x[0, T.Cast("int32", idx[r, j])]
+                    tail[0] = tail[0] + _wide(v[r, j], VDT) * x[0, T.Cast("int32", idx[r, j])]
                 for c in T.unroll(1, CHAINS):
                     acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
                 total = ((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) + \
@@ -363,7 +377,8 @@ def fanin_tiled(key: KernelKey):
     tile's loop body is emitted four times, not per chunk kind. Small fan-ins (`STATIC_K`) are compiled in:
     LLVM then unrolls the whole fan-in loop (a 1x1 convolution of 64 channels at 90% has 6 values a row, and
     a runtime loop of 6 cost it a third of its speed)."""
-    NTP, IDX, DT, BIAS, TL, L, KS = key.tokens, key.index_dtype, key.dtype, key.bias, key.tile, key.lanes, key.k
+    NTP, IDX, VDT, BIAS, TL, L, KS = key.tokens, key.index_dtype, key.dtype, key.bias, key.tile, key.lanes, key.k
+    DT = "float32"
     FLAT = key.kind == "tiled_flat"
     ROWS_, CH = TL.rows, TL.chunk
     K = KS if KS else tvm.tirx.Var("K", "int32")
@@ -390,9 +405,9 @@ def fanin_tiled(key: KernelKey):
                 for u in T.unroll(W):
                     for t in T.vectorized(L):
                         if FLAT:
-                            acc[q, u, t] = acc[q, u, t] + v[r0 + q, j0 + j] * xt[idx[r0 + q, j0 + j] + (v0 + u) * L + t]
+                            acc[q, u, t] = acc[q, u, t] + _wide(v[r0 + q, j0 + j], VDT) * xt[idx[r0 + q, j0 + j] + (v0 + u) * L + t]
                         else:
-                            acc[q, u, t] = acc[q, u, t] + v[r0 + q, j0 + j] * \
+                            acc[q, u, t] = acc[q, u, t] + _wide(v[r0 + q, j0 + j], VDT) * \
                                 xt[T.Cast("int32", idx[r0 + q, j0 + j]) * NTP + (v0 + u) * L + t]
         for q in T.unroll(nrows):
             for u in T.unroll(W):
@@ -423,7 +438,7 @@ def fanin_tiled(key: KernelKey):
         XN = T.int32()
         OUT = T.int32()
         xt = T.match_buffer(xt_h, (XN,), DT, align=4)
-        v = T.match_buffer(v_h, (R, K), DT, align=4)
+        v = T.match_buffer(v_h, (R, K), VDT, align=_align(VDT))
         idx = T.match_buffer(i_h, (R, K), IDX, align=2)
         orow = T.match_buffer(orow_h, (R,), "int32", align=4)
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
@@ -456,7 +471,8 @@ def nm_gemv(key: KernelKey):
     """2:4 along K for one token, portable. ``xq [4, in/4]`` holds the input de-interleaved by position in its
     group (``xq[c, g] = x[4g + c]``): the two kept inputs of 8 groups are picked with vector selects from 4
     contiguous loads, each group's 2-bit positions coming from one 32-bit metadata load per 8 groups."""
-    DT, BIAS = key.dtype, key.bias
+    VDT, BIAS = key.dtype, key.bias
+    DT = "float32"
     G = key.k           # groups of 4 along K (in_features / 4); a multiple of 8
     NB = G // VEC
     loop, P = key.loop(), key.parts()
@@ -476,7 +492,7 @@ def nm_gemv(key: KernelKey):
         # p0 = bits 0-1, p1 = bits 2-3: the low bit picks within a pair of inputs, the high bit between pairs.
         first = T.Select(s1, T.Select(s0, x3, x2), T.Select(s0, x1, x0))
         second = T.Select(s3, T.Select(s2, x3, x2), T.Select(s2, x1, x0))
-        pair = v[r, T.ramp(go * 2 * VEC, 1, 2 * VEC)]
+        pair = _wide(v[r, T.ramp(go * 2 * VEC, 1, 2 * VEC)], VDT, 2 * VEC)
         acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + \
             T.Shuffle([pair], list(range(0, 2 * VEC, 2))) * first + \
             T.Shuffle([pair], list(range(1, 2 * VEC, 2))) * second
@@ -487,7 +503,7 @@ def nm_gemv(key: KernelKey):
         T.func_attr({"tirx.noalias": True})
         OUT = T.int32()
         xq = T.match_buffer(xq_h, (4, G), DT, align=4)
-        v = T.match_buffer(v_h, (OUT, 2 * G), DT, align=4)
+        v = T.match_buffer(v_h, (OUT, 2 * G), VDT, align=_align(VDT))
         meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", align=1)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)
@@ -512,7 +528,8 @@ def nm_gemv_avx(key: KernelKey):
     groups in its two 128-bit halves; ``vpermilps`` picks each value's input by the low 2 bits of its control
     lane, and the control for 8 values is one 16-bit metadata load shifted per lane (the bits above are ignored
     by the instruction). Two permutes and a blend give 8 products with no wasted lane."""
-    DT, BIAS = key.dtype, key.bias
+    VDT, BIAS = key.dtype, key.bias
+    DT = "float32"
     G = key.k           # groups of 4 along K; a multiple of 4
     NB = G // 4
     loop, P = key.loop(), key.parts()
@@ -524,7 +541,7 @@ def nm_gemv_avx(key: KernelKey):
         second = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256",
                                          xp[T.ramp(blk * 16 + 8, 1, VEC)], ctrl)
         picked = T.Shuffle([first, second], [0, 1, 10, 11, 4, 5, 14, 15])
-        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + v[r, T.ramp(blk * VEC, 1, VEC)] * picked
+        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + _wide(v[r, T.ramp(blk * VEC, 1, VEC)], VDT, VEC) * picked
 
     @T.macro
     def step(acc, c, xp, v, meta, r, blk):
@@ -547,7 +564,7 @@ def nm_gemv_avx(key: KernelKey):
         T.func_attr({"tirx.noalias": True})
         OUT = T.int32()
         x = T.match_buffer(x_h, (1, 4 * G), DT, align=4)
-        v = T.match_buffer(v_h, (OUT, 2 * G), DT, align=4)
+        v = T.match_buffer(v_h, (OUT, 2 * G), VDT, align=_align(VDT))
         meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", align=1)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)

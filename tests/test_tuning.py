@@ -217,19 +217,22 @@ def test_choices_survive_a_restart_and_are_measured_again_on_another_cpu(monkeyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
-def test_reference_runtime_measures_the_dense_op_in_the_models_dtype(monkeypatch, tmp_path, dtype, structure):
-    """Layers in dtypes the TVM kernels do not take run on the reference runtime, which measures its kernel
-    against the dense op on the decoded weight in that dtype (oneDNN's AMX GEMM on bf16 here) and runs the
-    faster: a compiled bf16 model is never the 10-20x slower gather."""
+@pytest.mark.parametrize("backend", ["tvm", "reference"])
+def test_measured_choice_against_the_dense_op_in_the_models_dtype(monkeypatch, tmp_path, dtype, structure, backend):
+    """bf16 / fp16 layers run the TVM kernels (values in the layer's dtype, float32 arithmetic) or, on the
+    reference runtime, its gather; either way the kernel is measured against the dense op on the decoded weight
+    in that dtype (oneDNN's AMX GEMM on bf16 here) and the faster runs: a compiled bf16 model is never the
+    10-20x slower gather."""
     from sparsecc.runtimes import reference
 
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
     reference.forget_caches()
     _clock(monkeypatch, sparse_faster_up_to=1)
     model = _model(structure).to(dtype)
-    compiled = sparsecc.compile(model, (torch.randn(1, 64, dtype=dtype),))
+    compiled = sparsecc.compile(model, (torch.randn(1, 64, dtype=dtype),), backend=backend)
     entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
-    assert entry.runtime == "reference"
+    assert entry.runtime == backend
     assert entry.choice == f"sparse kernel at 1 token(s), {torch.get_num_threads()} thread(s): sparse 100 us vs dense 200 us"
     layer, log = _spy(compiled)
     for tokens, path in ((1, "sparse"), (20, "dense"), (1, "sparse")):
@@ -239,5 +242,10 @@ def test_reference_runtime_measures_the_dense_op_in_the_models_dtype(monkeypatch
         assert_equivalent(out, expected)
         assert log[-1] == path, (tokens, log)
     assert {key[0]: c.dense for key, c in layer.choices().items()} == {1: False, 32: True}
-    assert {key[2] for key in layer.choices()} == {dtype}       # the dtype is part of the choice's key
+    if backend == "reference":
+        assert {key[2] for key in layer.choices()} == {dtype}       # the dtype is part of the choice's key
+    else:   # the layer's dtype is part of the choice's key on disk
+        keys = [json.loads(p.read_text())["key"] for p in (tmp_path / "tuning").rglob("*.json")]
+        assert keys and all(str(dtype).removeprefix("torch.") in key for key in keys), keys
     reference.forget_caches()
+

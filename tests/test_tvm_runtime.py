@@ -147,7 +147,7 @@ def test_pack_and_unpack_are_exact_copies(shape):
 
 def test_wrong_dtype_is_a_clear_error():
     w, enc = _layer(8, 16, 0.5, 0.0)
-    with pytest.raises(InputError, match="tvm runtime: input is torch.float64; its kernels take float32"):
+    with pytest.raises(InputError, match="tvm runtime: input is torch.float64 but the layer.s weights are torch.float32"):
         tvm_runtime.KERNELS["condensed_linear"](torch.randn(1, 16, dtype=torch.float64), enc.values, enc.indices, None,
                                                 None, 8)
 
