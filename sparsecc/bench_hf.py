@@ -88,8 +88,7 @@ def llm(runs: int = 3, threads: Sequence[int] = THREADS, prompt: int = 32, new_t
         compiled = sparsecc.compile(model, example_kwargs={"input_ids": ids})
         del model
         want, got = hf.decode(dense, ids, new_tokens), hf.decode(compiled, ids, new_tokens)
-        invalid = "" if torch.equal(want, got) else (
-            f"greedy tokens differ from the dense model's at step {int((want != got).nonzero()[0, 1])}")
+        invalid = hf.greedy_agreement(dense, compiled, ids, want, got)
         for n in threads:
             torch.set_num_threads(n)
             log(f"llm {label}: timing at {n} thread(s)")

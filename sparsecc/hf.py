@@ -132,6 +132,39 @@ def cache_of(output: Any) -> Optional[Any]:
     return None
 
 
+def greedy_agreement(dense: nn.Module, compiled: nn.Module, prompt: Tensor, want: Tensor, got: Tensor) -> str:
+    """Why ``got`` (the compiled model's greedy tokens) does not stand for ``want`` (the dense model's), or ""
+    when it does. Equal tokens agree. Otherwise both models run teacher-forced on the dense model's sequence:
+    their logits must agree within the validation tolerance of the model's dtype at every step, and wherever the
+    compiled model's top token is another one, the dense model's margin between the two must be within twice the
+    logits' difference there (a near-tie, which bf16 rounding in another summation order decides either way;
+    greedy decoding then follows another path for the rest of the sequence)."""
+    if torch.equal(want, got):
+        return ""
+    from sparsecc.validation import TOLERANCE
+
+    seq = torch.cat([prompt, want], dim=1)
+    start = prompt.shape[1] - 1
+    with torch.no_grad():
+        expected = dense(input_ids=seq).logits[0, start:-1]
+        actual = compiled(input_ids=seq).logits[0, start:-1].float()
+    tol = TOLERANCE.get(expected.dtype, 1e-4) * float(expected.abs().max())
+    expected = expected.float()
+    step = int((want != got).nonzero()[0, 1])
+    diff = (expected - actual).abs().amax(-1)
+    if float(diff.max()) > tol:
+        return (f"greedy tokens differ at step {step} and the teacher-forced logits differ by {float(diff.max()):.2e} "
+                f"(tolerance {tol:.2e})")
+    pick = actual.argmax(-1)
+    rows = torch.arange(len(pick))
+    margin = expected[rows, want[0]] - expected[rows, pick]
+    far = (margin > 2 * diff).nonzero().flatten()
+    if len(far):
+        return (f"greedy tokens differ at step {step}: at step {int(far[0])} the compiled model picks another token "
+                f"than the dense one by a margin {float(margin[far[0]]):.2e} beyond its logits' error")
+    return ""
+
+
 def decode(model: nn.Module, prompt: Tensor, new_tokens: int, seconds: Optional[dict[str, float]] = None
            ) -> Tensor:
     """Greedy decoding with the KV cache, one token per call: the prompt in one call (prefill), then one call

@@ -37,6 +37,7 @@ def test_sample_reaches_every_backend_and_family():
     assert {b for _, b in CASES} == set(BACKENDS)
     assert {case(s).family for s in SAMPLE} == {"mlp", "cnn", "attention", "shared"}
     assert {case(s).source for s in SAMPLE} >= {"masks=", "prune", "parametrize", "zeros", "swat"}
+    assert {case(s).dtype for s in SAMPLE} == {torch.float32, torch.bfloat16, torch.float16}
 
 
 @pytest.mark.parametrize("backend", ["reference", "tvm"])

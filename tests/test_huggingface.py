@@ -113,6 +113,41 @@ def test_causal_lm_kv_cache_and_greedy_generate(structure):
         compiled.no_such_attribute
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("structure", ["fanin", "2:4"])
+def test_half_precision_decoder_runs_compiled_kernels_and_decodes_like_the_user_model(dtype, structure):
+    """A bf16 / fp16 decoder runs its condensed layers on the TVM kernels in its own dtype (or the dense op
+    where that measured faster), validates, and greedy-decodes the user's tokens (exact, or through a near-tie
+    its logits' error explains: `hf.greedy_agreement`)."""
+    torch.manual_seed(0)
+    model = llama(structure).to(dtype)
+    prompt = tokens(10)
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=prompt))
+    assert compiled.report.validated
+    assert {lay.runtime for lay in compiled.report.condensed} <= {"tvm", "tvm+dense"}, \
+        {lay.runtime for lay in compiled.report.condensed}
+    with torch.no_grad():
+        mine, theirs = compiled(input_ids=prompt), model(input_ids=prompt)
+    assert mine.logits.shape == theirs.logits.shape and mine.logits.dtype == theirs.logits.dtype == dtype
+    assert_equivalent(mine.logits, theirs.logits)
+    want, got = hf.decode(model, prompt, 16), hf.decode(compiled, prompt, 16)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert hf.greedy_agreement(model, compiled, prompt, want, got) == ""
+
+
+def test_greedy_agreement_refuses_a_model_that_decodes_otherwise():
+    model = llama()
+    prompt = tokens(8)
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=prompt))
+    for layer in compiled.module.model.layers:        # wrong weights: other tokens, not a near-tie
+        with torch.no_grad():
+            layer.mlp.down_proj.values.mul_(-3.0)
+    want, got = hf.decode(model, prompt, 12), hf.decode(compiled, prompt, 12)
+    assert not torch.equal(want, got)
+    assert "greedy tokens differ at step" in hf.greedy_agreement(model, compiled, prompt, want, got)
+    assert hf.greedy_agreement(model, model, prompt, want, want) == ""
+
+
 def test_validation_compares_the_kv_cache():
     """A compiled model whose cache differs from the user's fails validation, naming the cache entry."""
     model = llama()

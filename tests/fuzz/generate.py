@@ -21,6 +21,8 @@ from sparsecc import swat
 STRUCTURES = ("fanin", "fanin_ablated", "all_ablated", "2:4", "channels", "unstructured", "zero", "dense",
               "near_miss")
 SOURCES = ("masks=", "prune", "parametrize", "zeros", "swat")
+#: The model's dtype, drawn per case (float32 most often): the op runtimes run it in that dtype.
+DTYPES = (torch.float32,) * 4 + (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -32,10 +34,21 @@ class Case:
     masks: Optional[dict[str, Tensor]]        # for `masks=`; None when masks live in the model
     structures: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    dtype: torch.dtype = torch.float32
 
     def __str__(self) -> str:
         layers = ", ".join(f"{k}:{v}" for k, v in self.structures.items())
-        return f"seed {self.seed}: {self.family}, masks from {self.source} [{layers}]"
+        dtype = "" if self.dtype == torch.float32 else f" in {str(self.dtype).removeprefix('torch.')}"
+        return f"seed {self.seed}: {self.family}{dtype}, masks from {self.source} [{layers}]"
+
+    def in_dtype(self) -> "Case":
+        """This case with its model (converted in place: a case is rebuilt from its seed for each use) and float
+        inputs in the drawn dtype."""
+        if self.dtype == torch.float32:
+            return self
+        cast = lambda t: t.to(self.dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        return Case(self.seed, self.family, self.model.to(self.dtype),
+                    tuple(cast(t) for t in self.inputs), self.masks, self.structures, self.source, self.dtype)
 
     def user_model(self) -> nn.Module:
         """The model as the user runs it: with `masks=` applied (as prune masks on a copy, built here rather
@@ -271,12 +284,13 @@ def case(seed: int, family: Optional[str] = None) -> Case:
     with torch.no_grad():
         _randomise_bn(model, torch.Generator().manual_seed(seed))
     source = rng.choice(SOURCES)
+    dtype = random.Random(f"{seed}/dtype").choice(DTYPES)    # its own stream: the models stay as they were
     if source == "swat":       # SWAT top-K modules: the masks are what the modules compute
         structured = rng.random() < 0.5
         density = rng.choice([0.1, 0.25, 0.5])
         model = swat.swatify(model, density, structured).eval()
         return Case(seed, family, model, inputs, None, {"*": f"swat top-K {density}{' channels' * structured}"},
-                    source)
+                    source, dtype)
     masks: dict[str, Tensor] = {}
     structures: dict[str, str] = {}
     seen: set[int] = set()
@@ -298,4 +312,4 @@ def case(seed: int, family: Optional[str] = None) -> Case:
         else:
             with torch.no_grad():
                 weight.mul_(mask)
-    return Case(seed, family, model, inputs, masks if source == "masks=" else None, structures, source)
+    return Case(seed, family, model, inputs, masks if source == "masks=" else None, structures, source, dtype)
