@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 from torch import Tensor, nn
 
 from sparsecc import pipeline
+from sparsecc import precision as _precision
 from sparsecc.compiled import CompiledModel, spec_of
 from sparsecc.errors import InputError
 from sparsecc.inputs import Call
@@ -21,7 +22,8 @@ log = logging.getLogger("sparsecc")
 
 
 def _options(example: Call, backend: str, validate: bool, autotune: bool,
-             runtime_options: Optional[Mapping[str, Any]], narrow: Optional[bool]) -> pipeline.Options:
+             runtime_options: Optional[Mapping[str, Any]], narrow: Optional[bool], model: nn.Module,
+             precision: str = "fp32") -> pipeline.Options:
     """The arguments of `compile`, checked."""
     has_inputs = bool(example)
     if example.kwargs and backend in ENGINES:
@@ -34,14 +36,15 @@ def _options(example: Call, backend: str, validate: bool, autotune: bool,
     if runtime_options and backend not in ENGINES:
         raise InputError(f"runtime_options are for the engines {sorted(ENGINES)}; backend={backend!r} takes none")
     runtime = resolve("reference" if backend in ENGINES else backend)     # an unknown backend fails here
+    dtype = _precision.check(precision, model, backend in ENGINES)
     return pipeline.Options(backend, runtime, validate, autotune, has_inputs if narrow is None else narrow,
-                            has_inputs, dict(runtime_options or {}))
+                            has_inputs, dict(runtime_options or {}), precision, dtype)
 
 
 def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Optional[Mapping[str, Any]] = None,
             masks: Optional[Mapping[str, Tensor]] = None, backend: str = "auto", validate: bool = True,
             autotune: bool = True, runtime_options: Optional[Mapping[str, Any]] = None,
-            narrow: Optional[bool] = None) -> CompiledModel:
+            narrow: Optional[bool] = None, precision: str = "fp32") -> CompiledModel:
     """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
 
     ``example_inputs`` (a tensor or a tuple) and ``example_kwargs`` (a dict, e.g. ``input_ids=``,
@@ -67,17 +70,22 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     neurons and unused channels from the network itself (`sparsecc.passes.narrow`): producers, BatchNorms and
     consumers get narrower, consumers' biases absorb the constants; the report's notes list widths before and
     after and what was left and why.
+
+    ``precision="bf16"`` runs a float32 model in bfloat16 (`sparsecc.precision`): condensed layers hold bf16
+    values, the rest runs under CPU autocast (AMX where the CPU has it), outputs come back in float32,
+    validated against the float32 model at the tolerance the report states. The default ``"fp32"`` runs the
+    model in its own dtype.
     """
     if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
         raise InputError(f"example_kwargs is a {type(example_kwargs).__name__}; pass a dict of keyword inputs")
     inputs = Call.of(example_inputs, example_kwargs)
-    options = _options(inputs, backend, validate, autotune, runtime_options, narrow)
+    options = _options(inputs, backend, validate, autotune, runtime_options, narrow, model, precision)
     c = pipeline.run(pipeline.Compilation(model, masks, inputs, options))
     c.module.requires_grad_(False)    # inference: plain calls build no autograd graph (inputs may still want grads)
     validate_first_call = validate and not options.has_inputs
     compiled = CompiledModel(c.module, c.report, c.prepared if validate_first_call else None,
                              spec_of(inputs) if options.has_inputs else None, pipeline.model_shell(c),
-                             keywords=bool(inputs.kwargs))
+                             keywords=bool(inputs.kwargs), dtype=options.dtype)
     log.info("%s", c.report.summary())
     return compiled
 
@@ -109,5 +117,9 @@ def validate(reference_model: nn.Module, compiled_model: nn.Module, inputs: Any,
     (check ``.ok``) without raising."""
     prepared = prepare(reference_model)
     module = compiled_model.module if isinstance(compiled_model, CompiledModel) else compiled_model
+    dtype = compiled_model.__dict__.get("_dtype") if isinstance(compiled_model, CompiledModel) else None
+    if dtype is not None:        # compiled with precision=: run as its calls run, at its tolerance
+        module = _precision.AtPrecision(module, dtype)
     return run_validation(prepared.user, module, [Call.of(inputs, kwargs)], prepared.layers,
-                          weights_from=prepared.reference, rebuilt=prepared.reference)
+                          None if dtype is None else _precision.TOLERANCE, weights_from=prepared.reference,
+                          rebuilt=prepared.reference)

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", type=int, default=10)
     demo.add_argument("--threads", type=int, nargs="*", default=None,
                       help="thread counts to time at, side by side (default: 1 and every core)")
+    demo.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: condensed layers in "
+                      "bf16, the rest under autocast, validated against the fp32 model (default: fp32)")
     demo.add_argument("--no-autotune", action="store_true", help="run every layer's sparse kernel, even where "
                       "its dense op measures faster")
     export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX (.onnx), "
@@ -59,6 +61,8 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
                        "layers, hidden 768) with 2:4 and 50%%/70%% per-row masks: tokens/s dense vs sparsecc")
     bench.add_argument("--encoder", action="store_true", help="only the trained all-MiniLM-L6-v2 encoder "
                        "(90%% fan-in and 2:4) at 16 and 128 tokens")
+    bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="MODEL: compile it at this "
+                       "precision (`compile(precision=)`); --peers adds a bf16 sparsecc row either way")
     bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--llm / --encoder: the "
                        "model's dtype (dense runs in it too)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
@@ -141,7 +145,8 @@ def _bench_user(args: argparse.Namespace) -> int:
     print(f"CPU: {cpu.describe()}")
     loaded = _user(args)
     log = usermodel.progress()
-    compiled = sparsecc.compile(loaded.model, loaded.call.args, example_kwargs=loaded.call.kwargs)
+    compiled = sparsecc.compile(loaded.model, loaded.call.args, example_kwargs=loaded.call.kwargs,
+                                precision=args.precision)
     print(compiled.report.summary())
     log.info("timing dense vs sparsecc")
     dense = sparsecc.masked_reference(loaded.model)
@@ -199,7 +204,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sparsecc import demo
 
-    demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, not args.no_autotune)
+    demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, not args.no_autotune,
+             args.precision)
     return 0
 
 

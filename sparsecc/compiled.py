@@ -15,6 +15,9 @@ from torch.utils import _pytree as pytree
 from sparsecc.errors import EquivalenceError, InputError
 from sparsecc.inputs import Call, as_tuple
 from sparsecc.layers import dense_semantics
+from sparsecc.precision import TOLERANCE as PRECISION_TOLERANCE
+from sparsecc.precision import AtPrecision
+from sparsecc.precision import call as precision_call
 from sparsecc.passes.masks import Prepared
 from sparsecc.report import Report
 from sparsecc.validation import Validation, input_sets, run_validation
@@ -42,7 +45,8 @@ class CompiledModel(nn.Module):
     model class's attributes and methods (``config``, ``generate``) run on the condensed layers."""
 
     def __init__(self, module: nn.Module, report: Report, pending: Optional[Prepared],
-                 spec: Optional[InputSpec], shell: Optional[nn.Module] = None, keywords: bool = False) -> None:
+                 spec: Optional[InputSpec], shell: Optional[nn.Module] = None, keywords: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.module = module
         self.report = report
@@ -52,12 +56,13 @@ class CompiledModel(nn.Module):
         # methods the graph lacks are found. Not a submodule: its tensors are the graph's, listed once.
         self.__dict__["_shell"] = shell
         self._keywords = keywords   # the spec came from a call with keyword inputs (no positional example)
+        self._dtype = dtype         # the dtype ``precision=`` runs the model in (None: its own)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("__") or name in ("module", "_pending", "_spec", "_shell", "_keywords"):
+            if name.startswith("__") or name in ("module", "_pending", "_spec", "_shell", "_keywords", "_dtype"):
                 raise
             module = super().__getattr__("module")
             shell = self.__dict__.get("_shell")
@@ -118,14 +123,16 @@ class CompiledModel(nn.Module):
         tensors = self._check_inputs(call.tree)
         # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
         finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
+        dtype = self.__dict__.get("_dtype")
         if self._pending is not None:
-            validate_into(self.report, self._pending, self.module, input_sets(call))
+            validate_into(self.report, self._pending, self.module if dtype is None else AtPrecision(self.module, dtype),
+                          input_sets(call), None if dtype is None else PRECISION_TOLERANCE)
             self._pending = None
         if not finite:
             with dense_semantics():
-                return nn.Module.__call__(self.module, *args, **kwargs)
+                return precision_call(nn.Module.__call__, dtype, self.module, *args, **kwargs)
         # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
-        return nn.Module.__call__(self.module, *args, **kwargs)
+        return precision_call(nn.Module.__call__, dtype, self.module, *args, **kwargs)
 
 
 def validate_into(report: Report, prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],

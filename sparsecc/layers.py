@@ -61,6 +61,9 @@ class CondensedLayer(nn.Module):
     op: str
     kind: str
     gathers = False
+    #: Cast a floating input of another dtype to the layer's (``precision="bf16"``: an fp32 model whose
+    #: condensed layers hold bf16 values, as autocast casts a Linear's input); otherwise such an input is refused.
+    input_cast = False
     _dims: int
     _axis: int
 
@@ -144,6 +147,8 @@ class CondensedLayer(nn.Module):
         dispatch costs tens of microseconds, as much as a batch-1 kernel); tracing and compiling see the op.
         This runs on every call: buffers are read from ``_buffers`` directly, checks are inline."""
         values = self._buffers["values"]
+        if x.dtype != values.dtype and self.input_cast and x.is_floating_point():
+            x = x.to(values.dtype)
         if x.dtype != values.dtype or x.dim() < self._dims or x.shape[self._axis] != self.in_size:
             self._reject(x, values.dtype)
         if _SEMANTICS.dense or not x.numel():      # NaN/Inf semantics of the dense op; empty batches

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from sparsecc import precision as _precision
 from sparsecc import runtimes
 from sparsecc.autotune import autotune, disable, stream_if_large
 from sparsecc.compiled import CompiledModel, validate_into
@@ -53,6 +54,8 @@ class Options:
     narrow: bool
     has_inputs: bool              # example inputs were given (else the first call fixes and validates them)
     runtime_options: Mapping[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"       # `sparsecc.precision`: the dtype an fp32 model runs in
+    dtype: Optional[torch.dtype] = None    # what ``precision`` means (None: the model's own)
 
     @property
     def on_engine(self) -> bool:
@@ -197,6 +200,22 @@ def fold(c: Compilation) -> Optional[str]:
     return f"{len(c.report.folded)} BatchNorm(s) folded"
 
 
+def at_precision(c: Compilation) -> nn.Module:
+    """The compiled module as its calls run it: under autocast where ``precision=`` asks for another dtype."""
+    return c.module if c.options.dtype is None else _precision.AtPrecision(c.module, c.options.dtype)
+
+
+def precision(c: Compilation) -> Optional[str]:
+    if c.options.dtype is None:
+        return None
+    count = _precision.convert_layers(c.module, c.options.dtype)
+    c.tolerance = _precision.TOLERANCE
+    c.report.notes.append(f"precision {c.options.precision}: the {count} condensed layer(s) hold "
+                          f"{str(c.options.dtype).removeprefix('torch.')} values, the rest runs under autocast; "
+                          f"outputs validated against the float32 model at {_precision.TOLERANCE:.0e} x max |output|")
+    return f"{count} condensed layer(s) in {c.options.precision}, the rest under autocast"
+
+
 def tune(c: Compilation) -> Optional[str]:
     if not c.options.autotune:
         disable(c.module)
@@ -207,7 +226,7 @@ def tune(c: Compilation) -> Optional[str]:
                               "measured with the cache flushed before each call, as the model's other layers leave it")
     if not c.options.has_inputs or c.options.on_engine:
         return None
-    autotune(c.module, c.inputs, c.report)
+    autotune(at_precision(c), c.inputs, c.report)
     dense = sum(bool(lay.choice) and "dense op" in lay.choice for lay in c.report.layers)
     return f"{dense} layer(s) run dense at the example inputs" + (" (measured cold)" if cold else "")
 
@@ -256,7 +275,7 @@ def engine(c: Compilation) -> Optional[str]:
 def validate(c: Compilation) -> Optional[str]:
     if not (c.options.validate and c.options.has_inputs):
         return None
-    validate_into(c.report, c.prepared, c.module, input_sets(c.inputs), c.tolerance, c.work)
+    validate_into(c.report, c.prepared, at_precision(c), input_sets(c.inputs), c.tolerance, c.work)
     return "; ".join(map(str, c.report.end_to_end))
 
 
@@ -287,7 +306,8 @@ def model_shell(c: Compilation) -> Optional[nn.Module]:
 #: The stages in order, by name.
 STAGES: tuple[tuple[str, Callable[[Compilation], Optional[str]]], ...] = (
     ("masks", masks), ("narrow", narrow_stage), ("analyse", analyse), ("bind", bind), ("capture", capture_stage),
-    ("condense", condense), ("fold", fold), ("tune", tune), ("engine", engine), ("validate", validate))
+    ("condense", condense), ("fold", fold), ("precision", precision), ("tune", tune), ("engine", engine),
+    ("validate", validate))
 
 
 def run(c: Compilation) -> Compilation:

@@ -267,6 +267,8 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
                     mod = condensed[fqn]
                     w = weights_from.get_parameter(fqn)
                     b = weights_from.get_parameter(mod.bias_fqn) if mod.bias_fqn else None
+                    if y.dtype != w.dtype:     # a layer run in another dtype (precision=): checked in it
+                        x, w, b = (t.to(y.dtype) if t is not None else None for t in (x, w, b))
                     per_layer[fqn] = _merge(per_layer.get(fqn), compare(fqn, y, mod.dense_op()(x, w, b)))
     finally:
         for h in hooks + ref_hooks:

@@ -30,6 +30,14 @@ def test_inspect_prints_structures(capsys):
     assert "/position" not in out      # inspect runs an example input, so MACs are per call
 
 
+@pytest.mark.slow
+def test_demo_at_bf16_precision(capsys):
+    assert cli.main(["demo", "--model", "resnet18", "--runs", "2", "--threads", "1", "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "run in bf16" in out and "precision bf16: the " in out and "6e-02 x max |output|" in out
+    assert "end to end vs your model: output 0: max abs" in out
+
+
 def test_unknown_backend_is_a_clean_error(capsys):
     assert cli.main(["demo", "--model", "resnet18", "--backend", "nope", "--runs", "1"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
