@@ -194,6 +194,7 @@ class _Tuned:
         self.tune = tuning.enabled(values)
         self.choices: dict[tuple[int, int], tuning.Choice] = {}
         self.tile_choices: dict[tuple[int, int], tuning.Choice] = {}
+        self._tiles: dict[tuple[int, int], object] = {}     # the chosen tiles, parsed once
         self._dense_weight: Optional[Tensor] = None
 
     def tiles(self, x: Tensor) -> tuple:
@@ -222,41 +223,48 @@ class _Tuned:
     def tile_for(self, x: Tensor, key: tuple[int, int]):
         """The measured best tile for this call's token bucket and thread count, or None (no tile to take).
         ``x`` is the kernels' float32 input."""
+        if key in self._tiles:
+            return self._tiles[key]
         choice = self.tile_choices.get(key)
         if choice is None:
             tiles = self.tiles(x)
             if not tiles:
+                self._tiles[key] = None
                 return None
             choice = self.tile_choices[key] = tuning.choose_tile(
                 tuning_cache(), self._signature(x), self.tokens(x),
                 {t.name(): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values))
         from sparsecc.runtimes.tvm_kernels import Tile
 
-        return Tile.parse(choice.tile)
+        tile = self._tiles[key] = Tile.parse(choice.tile)
+        return tile
 
-    def _sparse(self, x: Tensor, tile=None) -> Tensor:
-        """The sparse kernel on ``x`` in the layer's dtype: widened to float32 and back where it is not."""
-        if x.dtype == torch.float32:
-            return self.sparse(x, tile)
-        return self.sparse(x.float(), tile).to(x.dtype)
+    def _sparse(self, x: Tensor, key: tuple[int, int]) -> Tensor:
+        """The sparse kernel (its measured tile) on ``x`` in the layer's dtype: widened to float32 and back
+        where it is not."""
+        wide = x if x.dtype == torch.float32 else x.float()
+        y = self.sparse(wide, self.tile_for(wide, key))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
+        # Every call of a layer runs this: a layer whose choice is the dense op pays a dict lookup, no more.
         x = _contiguous(x, self.values.dtype)
         if self.values.shape[0] == 0:
             return self.constant(x)
         tokens = self.tokens(x)
         key = (tuning.bucket(tokens), torch.get_num_threads())
-        tile = self.tile_for(x if x.dtype == torch.float32 else x.float(), key)
         if self.tune:
             choice = self.choices.get(key)
             if choice is None:
+                wide = x if x.dtype == torch.float32 else x.float()
+                tile = self.tile_for(wide, key)
                 choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens,
-                                                           lambda: self._sparse(x, tile), lambda: self.dense(x),
+                                                           lambda: self._sparse(x, key), lambda: self.dense(x),
                                                            tuning.streaming(self.values),
                                                            tile.name() if tile is not None else "")
             if choice.dense:
                 return self.dense(x)
-        return self._sparse(x, tile)
+        return self._sparse(x, key)
 
 
 class _Bound(_Tuned):
