@@ -41,6 +41,21 @@ def linear_kernel(tokens: int) -> str:
 
 
 @functools.cache
+def expands() -> bool:
+    """Whether this CPU expands 16-bit lanes in one instruction (AVX512_VBMI2's ``vpexpandw``): the bit-mask
+    one-token kernel for bf16 layers (`tvm_kernels.mask_gemv`) is offered only then (elsewhere LLVM would
+    emulate the expanding load lane by lane)."""
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx512vbmi2", kernel_cache().target))
+
+
+def _label(form) -> str:
+    """A sparse kernel form's name in the tuning cache: a register tile's, or the one-token form's own."""
+    return form if isinstance(form, str) else form.name()
+
+
+@functools.cache
 def lanes() -> int:
     """The tiled kernels' vector width on this machine (16 with AVX-512, else 8). Cached: asking the target
     costs about 200 us, as much as a small layer."""
@@ -86,6 +101,7 @@ def forget_caches() -> None:
         _cache = _tuning = None
     _layout_kernel.cache_clear()
     lanes.cache_clear()
+    expands.cache_clear()
 
 
 def tuning_cache() -> tuning.TuningCache:
@@ -221,8 +237,9 @@ class _Tuned:
         return (*self.signature(x), _name(self.values.dtype))
 
     def tile_for(self, x: Tensor, key: tuple[int, int]):
-        """The measured best tile for this call's token bucket and thread count, or None (no tile to take).
-        ``x`` is the kernels' float32 input."""
+        """The measured best form of the sparse kernel for this call's token bucket and thread count: a register
+        tile (many tokens), a one-token form's name (`BoundLinear.FORMS`), or None (nothing to choose). ``x``
+        is the kernels' float32 input."""
         if key in self._tiles:
             return self._tiles[key]
         choice = self.tile_choices.get(key)
@@ -233,10 +250,10 @@ class _Tuned:
                 return None
             choice = self.tile_choices[key] = tuning.choose_tile(
                 tuning_cache(), self._signature(x), self.tokens(x),
-                {t.name(): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values))
+                {_label(t): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values))
         from sparsecc.runtimes.tvm_kernels import Tile
 
-        tile = self._tiles[key] = Tile.parse(choice.tile)
+        tile = self._tiles[key] = choice.tile if choice.tile in BoundLinear.FORMS else Tile.parse(choice.tile)
         return tile
 
     def _sparse(self, x: Tensor, key: tuple[int, int]) -> Tensor:
@@ -261,7 +278,7 @@ class _Tuned:
                 choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens,
                                                            lambda: self._sparse(x, key), lambda: self.dense(x),
                                                            tuning.streaming(self.values),
-                                                           tile.name() if tile is not None else "")
+                                                           _label(tile) if tile is not None else "")
             if choice.dense:
                 return self.dense(x)
         return self._sparse(x, key)
@@ -333,8 +350,53 @@ class _Bound(_Tuned):
 
 
 class BoundLinear(_Bound):
+    #: The one-token forms measured against each other where there is a choice: the gather kernel on values
+    #: and indices, and the bit-mask kernel (`tvm_kernels.mask_gemv`, bf16 layers on AVX512_VBMI2 CPUs).
+    FORMS = ("gather", "bitmask")
+
     def tokens(self, x: Tensor) -> int:
         return x.numel() // x.shape[-1]
+
+    def tiles(self, x: Tensor) -> tuple:
+        if self.tokens(x) < SPMM_MIN_TOKENS:
+            return self.FORMS if self.values.dtype == torch.bfloat16 and expands() else ()
+        return super().tiles(x)
+
+    def _bitmask(self, in_features: int) -> tuple:
+        """The layer as `tvm_kernels.mask_gemv` reads it, built on first use: per row a 32-bit word per 32
+        inputs (padded) and the kept values in input order (duplicate indices summed, as the gather kernel
+        does), each row's first value's position, and the compiled kernel."""
+        found = self.__dict__.get("_mask_form")
+        if found is None or found[0] != in_features:
+            import tvm_ffi
+
+            from sparsecc.runtimes import tvm_kernels
+
+            block = tvm_kernels.MASK_BLOCK
+            width = -(-in_features // block) * block
+            rows, idx = self.values.shape[0], self.indices.long()
+            kept = torch.zeros(rows, width).scatter_add_(1, idx, self.values.float())
+            present = torch.zeros(rows, width, dtype=torch.bool).scatter_(1, idx, True)
+            packed = kept.to(torch.bfloat16)[present].view(torch.int16).contiguous()
+            counts = present.sum(1)
+            start = (counts.cumsum(0) - counts).to(torch.int32)
+            words = (present.view(rows, -1, block).to(torch.int64) << torch.arange(block)).sum(-1)
+            words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
+            kernel = _kernel("mask_gemv", width, 1, torch.int32, self.has_bias, dtype=torch.bfloat16)
+            args = tuple(tvm_ffi.from_dlpack(t) for t in (words, packed, start, self.orow, self.arow, self.bias))
+            found = self.__dict__["_mask_form"] = (in_features, width, kernel, args, (words, packed, start))
+        return found
+
+    def _gemv(self, x1: Tensor, y1: Tensor, form) -> None:
+        """One token (``x1 [1, in]`` float32) into ``y1 [1, out]`` in the chosen one-token form."""
+        if form != "bitmask":
+            self.run("gemv", 1, x1, y1)
+            return
+        in_features, width, kernel, args, _ = self._bitmask(x1.shape[-1])
+        xp = x1[0] if width == in_features else torch.nn.functional.pad(x1[0], (0, width - in_features))
+        rows = self.values.shape[0]
+        halves = xp.view(-1, 2).t().contiguous()       # even and odd inputs, one copy
+        parallel.run(kernel, rows, rows * width // 4, halves[0], halves[1], *args, y1)
 
     def signature(self, x: Tensor) -> tuple:
         return ("linear", self.out, x.shape[-1], *self.values.shape, self.indices.dtype, self.has_bias)
@@ -350,7 +412,7 @@ class BoundLinear(_Bound):
     def sparse(self, x: Tensor, tile=None) -> Tensor:
         if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
             y = x.new_empty(1, self.out)
-            self.run("gemv", 1, x, y)
+            self._gemv(x, y, tile)
             return y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if x2.shape[0] >= SPMM_MIN_TOKENS:
@@ -363,7 +425,7 @@ class BoundLinear(_Bound):
             tokens = x2.shape[0]
             y = x2.new_empty(tokens, self.out)
             for t in range(tokens):
-                self.run("gemv", 1, x2[t:t + 1], y[t:t + 1])
+                self._gemv(x2[t:t + 1], y[t:t + 1], tile)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
 
 

@@ -292,3 +292,38 @@ def test_nm_kernel_choice_by_shape():
     assert tvm_runtime.BoundNM(torch.zeros(4, 32), torch.zeros(4, 8, dtype=torch.uint8), None, 64).kind == \
         ("nm_gemv_avx" if avx else "nm_gemv")
     assert tvm_runtime.BoundNM(torch.zeros(4, 6), torch.zeros(4, 2, dtype=torch.uint8), None, 12).kind is None
+
+
+@pytest.mark.parametrize("out_f,in_f,sparsity,ablate", [
+    (64, 128, 0.7, 0.1),      # whole 32-input words, ablated rows
+    (40, 100, 0.5, 0.0),      # in_features padded to 128
+    (9, 24, 0.95, 0.3),       # one word per row, k = 1
+    (33, 4096, 0.9, 0.2),     # many words, a remainder after the 4-chain groups (4096 / 32 = 128: none; k odd)
+    (17, 3000, 0.7, 0.0),     # 94 words: a remainder of 2 words
+])
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_bitmask_one_token_form(out_f, in_f, sparsity, ablate, tokens, bias):
+    """The bit-mask one-token kernel (bf16 values expanded from their mask words, even and odd inputs apart)
+    against the dense bf16 op, forced whatever the measurement would pick (LLVM emulates the expanding load on
+    CPUs without AVX512_VBMI2, so it is checked everywhere)."""
+    w, enc = _layer(out_f, in_f, sparsity, ablate)
+    w, values = w.to(torch.bfloat16), enc.values.to(torch.bfloat16)
+    b = torch.randn(out_f, dtype=torch.bfloat16) if bias else None
+    bound = tvm_runtime.BoundLinear(values, enc.indices, enc.rows, b, out_f)
+    x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
+    y = bound.sparse(x.float(), "bitmask").to(torch.bfloat16)
+    expected = F.linear(x, w, b)
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+    assert_equivalent(y, expected)
+    assert_equivalent(bound.sparse(x.float(), "gather").to(torch.bfloat16), expected)
+
+
+def test_bitmask_form_is_measured_for_bf16_only():
+    _, enc = _layer(16, 64, 0.75, 0.0)
+    x = torch.randn(1, 64)
+    fp32 = tvm_runtime.BoundLinear(enc.values, enc.indices, enc.rows, None, 16)
+    bf16 = tvm_runtime.BoundLinear(enc.values.to(torch.bfloat16), enc.indices, enc.rows, None, 16)
+    assert fp32.tiles(x) == ()
+    assert bf16.tiles(x) == (("gather", "bitmask") if tvm_runtime.expands() else ())
+    assert bf16.tiles(torch.randn(20, 64)) != ("gather", "bitmask")      # many tokens: register tiles
