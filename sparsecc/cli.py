@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--sparsity", type=float, default=0.9, help="fan-in sparsity (ignored for 2:4)")
     export.add_argument("--ablate", type=float, default=0.05, help="fraction of neurons ablated (fan-in)")
     export.add_argument("--mode", default="condensed", choices=["condensed", "dense"], help="ONNX only")
+    export.add_argument("--static", action="store_true", help="ONNX / Triton: only the batch axis free (default: "
+                        "also every axis that varies with the input length, checked at other sizes)")
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="ONNX only")
     export.add_argument("--image-size", type=int, default=224, help="input height and width the file is built "
                         "for (a TVM library is specialised on it; a multiple of 16 for vit_b_16)")
@@ -219,15 +221,19 @@ def _export(args: argparse.Namespace) -> int:
     if args.user_model:
         loaded = _user(args)
         model, example = loaded.model, usermodel.positional(loaded.model, loaded.call)
+        # ONNX and Triton take the call as the model takes it: inputs named as the tokenizer names them
+        keywords = (loaded.call.args, dict(loaded.call.kwargs) or None)
         name = args.name or Path(args.user_model).stem.replace("-", "_")
     else:
         model = demo.sparse_model(args.model, args.sparsity, args.ablate, structure=args.structure,
                                   image_size=args.image_size)
         example, name = torch.randn(1, 3, args.image_size, args.image_size), args.name or args.model
+        keywords = (example, None)
+    axes = "batch" if args.static else "auto"
     if args.triton is not None:
-        written = sparsecc.export_triton(model, example, args.triton, name,
+        written = sparsecc.export_triton(model, keywords[0], args.triton, name, example_kwargs=keywords[1],
                                          max_batch_size=args.max_batch_size, threads=args.threads, mode=args.mode,
-                                         precision=args.precision)
+                                         precision=args.precision, dynamic_axes=axes)
         for m in written.models.values():
             print(f"wrote {m.file} (version {m.version}, {m.platform}) and {m.config}; checked in onnxruntime at "
                   f"batch sizes {sorted(m.max_abs_error)}; serve it: tritonserver --model-repository={args.triton}")
@@ -237,10 +243,11 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {library.path} ({library.bytes / 2**20:.1f} MiB, TVM, batch 1); kernel calls: "
               f"{library.kernels}; run it without torch: python {tvm_runner.__file__} {library.path}")
         return 0
-    result = sparsecc.export_onnx(model, example, args.out, mode=args.mode, precision=args.precision)
+    result = sparsecc.export_onnx(model, keywords[0], args.out, example_kwargs=keywords[1], mode=args.mode,
+                                  precision=args.precision, dynamic_axes=axes)
     counts = {form: list(result.forms.values()).count(form) for form in sorted(set(result.forms.values()))}
     print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {args.mode}, {args.precision}); "
-          f"layers by formulation: {counts}")
+          f"inputs {result.input_names}, outputs {result.output_names}; layers by formulation: {counts}")
     return 0
 
 

@@ -12,23 +12,35 @@ from torch import Tensor, nn
 
 from sparsecc.api import compile, masked_reference
 from sparsecc.compiled import CompiledModel
-from sparsecc.export import onnx_file, tensorrt_engine, triton, tvm_library
-from sparsecc.export.onnx_file import OnnxExport, tensor_inputs
+from sparsecc.export import onnx_file, signature, tensorrt_engine, triton, tvm_library
+from sparsecc.export.onnx_file import OnnxExport, example_call, tensor_inputs
+from sparsecc.inputs import Call
 from sparsecc.export.triton import TritonExport
 from sparsecc.export.tvm_library import TvmExport
 from sparsecc.timing import all_cores
 
 
-def _compiled(model: nn.Module, inputs: tuple[Tensor, ...], masks: Optional[Mapping[str, Tensor]],
+def _compiled(model: nn.Module, inputs: "tuple[Tensor, ...] | Call", masks: Optional[Mapping[str, Tensor]],
               narrow: Optional[bool] = None) -> CompiledModel:
     if isinstance(model, CompiledModel):
         return model
-    return compile(model, inputs, masks=masks, backend="reference", narrow=narrow)
+    call = Call.of(inputs)
+    return compile(model, call.args, example_kwargs=dict(call.kwargs) or None, masks=masks, backend="reference",
+                   narrow=narrow)
+
+
+def _reference(model: nn.Module, masks: Optional[Mapping[str, Tensor]]) -> Optional[nn.Module]:
+    """What an export must equal: the model as you call it (with ``masks`` applied when given separately);
+    None for a `CompiledModel` (its own module, validated against your model, stands in)."""
+    if isinstance(model, CompiledModel):
+        return None
+    return model if masks is None else masked_reference(model, masks)
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, mode: str = "condensed",
                 formulation: str = "auto", precision: str = "fp32",
-                masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None) -> OnnxExport:
+                masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None,
+                example_kwargs: Optional[Mapping[str, Any]] = None, dynamic_axes: Any = "auto") -> OnnxExport:
     """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here with ``masks`` and ``narrow``
     as `sparsecc.compile` takes them) as an ONNX file.
 
@@ -37,14 +49,23 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     or dense with zeros where neither pays).
     ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers (explicit zeros), the input
     of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis TensorRT reads
-    get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16. The batch dimension
-    is dynamic.
+    get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16.
+
+    ``example_kwargs`` are keyword inputs (``input_ids=``, ``attention_mask=``), with or beside positional
+    ``example_inputs`` (``()`` for none). The file's inputs take ``forward``'s parameter names (or the keys),
+    its outputs their paths in the output structure (``logits``, ``last_hidden_state``, ``output_0``).
+    ``dynamic_axes="auto"``: the batch and every axis that varies with the input length (sequence length,
+    spatial size where the model allows) are free, found by torch.export and checked by running the file
+    at two other sizes against your model before it is written; ``"batch"``: the batch only (``--static``);
+    ``{name: [axes]}``: those axes and the batch.
     """
     path = Path(path)
     onnx_file.check_arguments(path, mode, formulation, precision)
-    inputs = tensor_inputs(example_inputs)
-    return onnx_file.write_onnx(_compiled(model, inputs, masks, narrow), inputs, path, mode=mode,
-                                formulation=formulation, precision=precision)
+    signature.check_dynamic(dynamic_axes)
+    call = example_call(example_inputs, example_kwargs)
+    return onnx_file.write_onnx(_compiled(model, call, masks, narrow), call, path, mode=mode,
+                                formulation=formulation, precision=precision, dynamic_axes=dynamic_axes,
+                                reference=_reference(model, masks))
 
 
 def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *,
@@ -77,7 +98,8 @@ def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathL
 def export_triton(model: nn.Module, example_inputs: Any, repo_dir: "str | os.PathLike", name: str, *,
                   formats: tuple[str, ...] = ("onnx",), max_batch_size: int = 8, instances: int = 1,
                   threads: Optional[int] = None, mode: str = "condensed", precision: str = "fp32",
-                  masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None) -> TritonExport:
+                  masks: Optional[Mapping[str, Tensor]] = None, narrow: Optional[bool] = None,
+                  example_kwargs: Optional[Mapping[str, Any]] = None, dynamic_axes: Any = "auto") -> TritonExport:
     """Write ``model`` into a Triton Inference Server model repository ``repo_dir`` (created if missing).
 
     ``formats``: ``"onnx"`` → ``repo_dir/name/`` for Triton's onnxruntime backend (CPU instances, ``threads``
@@ -86,13 +108,15 @@ def export_triton(model: nn.Module, example_inputs: Any, repo_dir: "str | os.Pat
     and TensorRT here). Each model gets ``config.pbtxt`` (inputs and outputs with their dtypes and dims after
     the dynamic batch dimension, ``max_batch_size``, dynamic batching, ``instances`` per instance group) and the
     next version directory. The ONNX is checked in onnxruntime against ``model`` as you run it at batch 1 and
-    ``max_batch_size`` before anything is written. See docs/serving.md.
+    ``max_batch_size`` before anything is written. Names, keyword inputs and free axes as `export_onnx`: the
+    config names the inputs and outputs as the file does, ``-1`` for every free axis. See docs/serving.md.
     """
     repo = Path(repo_dir)
     triton.check_arguments(repo, name, tuple(formats), max_batch_size, instances, mode, precision)
-    inputs = tensor_inputs(example_inputs)
-    compiled = _compiled(model, inputs, masks, narrow)
+    signature.check_dynamic(dynamic_axes)
+    call = example_call(example_inputs, example_kwargs)
+    compiled = _compiled(model, call, masks, narrow)
     # what the ONNX must equal: the model as you call it (with ``masks`` applied when they are given separately)
-    reference = model if isinstance(model, CompiledModel) or masks is None else masked_reference(model, masks)
-    return triton.write_triton(compiled, reference, inputs, repo, name, tuple(formats), max_batch_size, instances,
-                               threads or all_cores(), mode, precision)
+    reference = _reference(model, masks) or model
+    return triton.write_triton(compiled, reference, call, repo, name, tuple(formats), max_batch_size, instances,
+                               threads or all_cores(), mode, precision, dynamic_axes)

@@ -24,7 +24,9 @@ from torch.utils import _pytree as pytree
 from sparsecc.compiled import CompiledModel
 from sparsecc.errors import ExportError, InputError, RuntimeUnavailableError
 from sparsecc.export.onnx_file import PRECISIONS, check_arguments as check_onnx, write_onnx
+from sparsecc.export.signature import tensor_leaves
 from sparsecc.files import atomic_write
+from sparsecc.inputs import Call
 
 FORMATS = {"onnx": ("onnxruntime_onnx", "model.onnx", ""), "tensorrt": ("tensorrt_plan", "model.plan", "_tensorrt")}
 #: ONNX element type -> Triton data type (model_config.proto's DataType).
@@ -133,14 +135,22 @@ def config_text(name: str, platform: str, graph: Any, max_batch_size: int, insta
     return text
 
 
-def _batch(inputs: tuple[Tensor, ...], size: int, seed: int) -> tuple[Tensor, ...]:
-    """Inputs of batch ``size``: floats drawn from N(0,1), other dtypes the first sample repeated."""
+def _batch(inputs: Call, size: int, seed: int) -> Call:
+    """The call at batch ``size``: floats drawn from N(0,1), other dtypes the first sample repeated."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(size, *t.shape[1:], generator=g).to(t.dtype) if t.is_floating_point()
-                 else t[:1].expand(size, *t.shape[1:]).clone() for t in inputs)
+
+    def one(t: Any) -> Any:
+        if not isinstance(t, Tensor) or not t.dim():
+            return t
+        if t.is_floating_point():
+            return torch.randn(size, *t.shape[1:], generator=g).to(t.dtype)
+        return t[:1].expand(size, *t.shape[1:]).clone()
+
+    return Call(tuple(pytree.tree_map(one, a) for a in inputs.args),
+                {k: pytree.tree_map(one, v) for k, v in inputs.kwargs.items()})
 
 
-def check_in_onnxruntime(path: Path, input_names: list[str], reference: Callable, inputs: tuple[Tensor, ...],
+def check_in_onnxruntime(path: Path, input_names: list[str], reference: Callable, inputs: "Call | tuple",
                          batches: tuple[int, ...], threads: int, precision: str) -> dict[int, float]:
     """Run the ONNX as Triton's onnxruntime backend would (same intra-op threads) at each batch size and compare
     with ``reference``; an `ExportError` names the first mismatch. Returns the max abs error per batch size."""
@@ -150,11 +160,11 @@ def check_in_onnxruntime(path: Path, input_names: list[str], reference: Callable
     sess = session(path, threads)
     errors = {}
     for i, size in enumerate(batches):
-        args = _batch(inputs, size, seed=i)
+        call = _batch(Call.of(inputs), size, seed=i)
         with torch.no_grad():
-            expected = [t.float() for t in pytree.tree_leaves(reference(*args))]
+            expected = [t.float() for t in pytree.tree_leaves(call(reference)) if isinstance(t, Tensor)]
         feed = {n: a.to(PRECISIONS[precision]).numpy() if a.is_floating_point() else a.numpy()
-                for n, a in zip(input_names, args)}
+                for n, a in zip(input_names, tensor_leaves(call))}
         got = [torch.from_numpy(o).float() for o in sess.run(None, feed)]
         unbatched = [j for j, g in enumerate(got) if g.dim() == 0 or g.shape[0] != size]
         if unbatched:
@@ -191,15 +201,17 @@ def _publish(directory: Path, file_name: str, source: Path, config: str) -> tupl
     return version, directory / str(version) / file_name
 
 
-def _build(fmt: str, compiled: CompiledModel, reference: Callable, inputs: tuple[Tensor, ...], folder: Path,
-           max_batch_size: int, threads: int, mode: str, precision: str) -> tuple[Path, Any, dict[int, float]]:
+def _build(fmt: str, compiled: CompiledModel, reference: Callable, inputs: Call, folder: Path,
+           max_batch_size: int, threads: int, mode: str, precision: str,
+           dynamic_axes: Any = "auto") -> tuple[Path, Any, dict[int, float]]:
     """The file of one format in ``folder``, its ONNX graph, and its errors in onnxruntime per batch size. TensorRT
     is built from the dense fp16 ONNX (the form its sparse-weight builder reads), checked in onnxruntime first."""
     import onnx
 
     if fmt == "tensorrt":
         mode, precision = "dense", "fp16"
-    exported = write_onnx(compiled, inputs, folder / f"{fmt}.onnx", mode=mode, precision=precision)
+    exported = write_onnx(compiled, inputs, folder / f"{fmt}.onnx", mode=mode, precision=precision,
+                          dynamic_axes=dynamic_axes if fmt == "onnx" else "batch", reference=reference)
     errors = check_in_onnxruntime(exported.path, exported.input_names, reference, inputs,
                                   tuple(sorted({1, max_batch_size})), threads, precision)
     graph = onnx.load(str(exported.path)).graph
@@ -207,20 +219,21 @@ def _build(fmt: str, compiled: CompiledModel, reference: Callable, inputs: tuple
         return exported.path, graph, errors
     from sparsecc.runtimes import tensorrt
 
-    tensorrt.build(exported.path, folder / "model.plan", exported.input_names, inputs, max_batch_size)
+    tensorrt.build(exported.path, folder / "model.plan", exported.input_names, tuple(tensor_leaves(inputs)),
+                   max_batch_size)
     return folder / "model.plan", graph, errors
 
 
-def write_triton(compiled: CompiledModel, reference: Callable, inputs: tuple[Tensor, ...], repo: Path, name: str,
+def write_triton(compiled: CompiledModel, reference: Callable, inputs: "Call | tuple", repo: Path, name: str,
                  formats: tuple[str, ...], max_batch_size: int, instances: int, threads: int, mode: str,
-                 precision: str) -> TritonExport:
+                 precision: str, dynamic_axes: Any = "auto") -> TritonExport:
     """Write the repository entries (see `sparsecc.export_triton`); ``reference`` is the model the user runs.
     Every file is built and checked before the first one lands in the repository."""
     check_arguments(repo, name, formats, max_batch_size, instances, mode, precision)
     models = {}
     with tempfile.TemporaryDirectory(prefix="sparsecc-triton-") as tmp:
-        built = {fmt: _build(fmt, compiled, reference, inputs, Path(tmp), max_batch_size, threads, mode, precision)
-                 for fmt in formats}
+        built = {fmt: _build(fmt, compiled, reference, Call.of(inputs), Path(tmp), max_batch_size, threads, mode,
+                             precision, dynamic_axes) for fmt in formats}
         repo.mkdir(exist_ok=True)
         for fmt, (source, graph, errors) in built.items():
             platform, file_name, suffix = FORMATS[fmt]
