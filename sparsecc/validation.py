@@ -225,6 +225,17 @@ def rebuild_differences(user: nn.Module, rebuilt: nn.Module, inputs: Call, limit
     return (inner or [n or "<root>" for n in differ])[:limit]
 
 
+def _check_layer(mod: CondensedLayer, weights_from: nn.Module, x: Tensor, y: Tensor) -> ErrorStat:
+    """One condensed layer's output against the dense op on the same input with the weights it came from.
+    A layer run in another dtype than its weights (``precision=``) is checked in the dtype it ran in: the
+    question here is whether the kernel computes the layer, not how much precision the cast costs."""
+    w = weights_from.get_parameter(mod.weight_fqn)
+    b = weights_from.get_parameter(mod.bias_fqn) if mod.bias_fqn else None
+    if y.dtype != w.dtype:
+        x, w, b = (t.to(y.dtype) if t is not None else None for t in (x, w, b))
+    return compare(mod.weight_fqn, y, mod.dense_op()(x, w, b))
+
+
 def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[Any],
                    layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None,
                    weights_from: Optional[nn.Module] = None, rebuilt: Optional[nn.Module] = None) -> Validation:
@@ -264,12 +275,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
                     if isinstance(e, Tensor) or not stat.ok or i in end_to_end:   # equal flags and devices: quiet
                         end_to_end[i] = _merge(end_to_end.get(i), stat)
                 for fqn, (x, y) in captured.items():
-                    mod = condensed[fqn]
-                    w = weights_from.get_parameter(fqn)
-                    b = weights_from.get_parameter(mod.bias_fqn) if mod.bias_fqn else None
-                    if y.dtype != w.dtype:     # a layer run in another dtype (precision=): checked in it
-                        x, w, b = (t.to(y.dtype) if t is not None else None for t in (x, w, b))
-                    per_layer[fqn] = _merge(per_layer.get(fqn), compare(fqn, y, mod.dense_op()(x, w, b)))
+                    per_layer[fqn] = _merge(per_layer.get(fqn), _check_layer(condensed[fqn], weights_from, x, y))
     finally:
         for h in hooks + ref_hooks:
             h.remove()
