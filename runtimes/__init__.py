@@ -150,3 +150,21 @@ def refuse_grad(engine_name: str, inputs: tuple) -> None:
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
         raise InputError(f"the {engine_name} engine runs outside autograd and gives no gradient: call it under "
                          f"torch.no_grad() / torch.inference_mode() or pass inputs that do not require grad")
+
+
+def file_inputs(arrangement: Any, args: tuple, kwargs: Mapping[str, Any], names: list[str],
+                engine_name: str) -> list[torch.Tensor]:
+    """An engine's call as the exported file's input tensors, in its order. With an ``arrangement`` (an
+    `inputs.Arrangement`) the call is bound as the model binds it, so keywords work and a missing or unknown
+    input is an `InputError` naming it; without one, the tensors are taken by position."""
+    if arrangement is not None:
+        tensors = arrangement.arrange(args, kwargs).tensors()
+    elif kwargs:
+        raise InputError(f"the {engine_name} engine was exported with positional inputs ({', '.join(names)}): "
+                         f"pass them in that order")
+    else:
+        tensors = list(args)
+    if len(tensors) != len(names):
+        raise InputError(f"the {engine_name} engine takes {len(names)} input tensor(s) ({', '.join(names)}), "
+                         f"got {len(tensors)}")
+    return tensors

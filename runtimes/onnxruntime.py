@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.errors import InputError
-from sparsecc.runtimes import refuse_grad
+from sparsecc.inputs import Arrangement
+from sparsecc.runtimes import file_inputs, refuse_grad
 
 NAME = "onnxruntime"
 #: What this engine is fed: `export_onnx` arguments.
@@ -51,9 +52,10 @@ class SessionModule(nn.Module):
     The session is made from the file's bytes once and is safe to call from several threads."""
 
     def __init__(self, model_bytes: bytes, input_names: list[str], outputs: pytree.TreeSpec,
-                 threads: Optional[int]) -> None:
+                 threads: Optional[int], arrangement: Optional[Arrangement] = None) -> None:
         super().__init__()
         self.model_bytes, self.input_names, self.outputs, self.threads = model_bytes, input_names, outputs, threads
+        self.arrangement = arrangement     # how the model's calls map to the file's inputs (None: positional)
         self._lock = threading.Lock()
         self._sessions: dict[int, Any] = {}
 
@@ -76,9 +78,8 @@ class SessionModule(nn.Module):
                     found = self._sessions[threads] = session(self.model_bytes, threads)
         return found
 
-    def forward(self, *inputs: Tensor) -> Any:
-        if len(inputs) != len(self.input_names):
-            raise InputError(f"onnxruntime model takes {len(self.input_names)} input(s), got {len(inputs)}")
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = file_inputs(self.arrangement, args, kwargs, self.input_names, NAME)
         refuse_grad(NAME, inputs)
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
         outs = self._get().run(None, feeds)
@@ -86,11 +87,11 @@ class SessionModule(nn.Module):
 
 
 def load(onnx_path: Path, input_names: list[str], outputs: pytree.TreeSpec, threads: Optional[int] = None,
-         **_: Any) -> nn.Module:
-    """The exported file as a module (its bytes are kept: the file may be temporary). ``threads=None`` follows
-    torch's thread count."""
+         arrangement: Optional[Arrangement] = None, **_: Any) -> nn.Module:
+    """The exported file as a module (its bytes are kept: the file may be temporary), called as the model is
+    (``arrangement``: keyword inputs by name). ``threads=None`` follows torch's thread count."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InputError(f"onnxruntime threads={threads!r}: give a positive integer (or None: torch's count)")
-    module = SessionModule(Path(onnx_path).read_bytes(), input_names, outputs, threads)
+    module = SessionModule(Path(onnx_path).read_bytes(), input_names, outputs, threads, arrangement)
     module._get()
     return module

@@ -24,7 +24,8 @@ from torch.utils import _pytree as pytree
 
 from sparsecc.files import atomic_write
 from sparsecc.errors import RuntimeUnavailableError
-from sparsecc.runtimes import refuse_grad
+from sparsecc.inputs import Arrangement
+from sparsecc.runtimes import file_inputs, refuse_grad
 
 NAME = "tensorrt"
 #: What this engine is fed: `export_onnx` arguments.
@@ -158,8 +159,10 @@ class EngineModule(nn.Module):
     """Runs a serialized engine on CUDA tensors: inputs are cast to the engine's dtypes and moved to the GPU,
     outputs come back as the caller's device and the original output dtype."""
 
-    def __init__(self, engine_path: Path, outputs: pytree.TreeSpec, out_dtype: torch.dtype) -> None:
+    def __init__(self, engine_path: Path, outputs: pytree.TreeSpec, out_dtype: torch.dtype,
+                 arrangement: Optional[Arrangement] = None) -> None:
         super().__init__()
+        self.arrangement = arrangement     # how the model's calls map to the engine's inputs (None: positional)
         import tensorrt as trt
 
         self._trt = trt
@@ -177,7 +180,8 @@ class EngineModule(nn.Module):
                 self._trt.DataType.INT32: torch.int32, self._trt.DataType.INT64: torch.int64}[
             self._engine.get_tensor_dtype(name)]
 
-    def forward(self, *inputs: Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = file_inputs(self.arrangement, args, kwargs, self.inputs, NAME)
         refuse_grad(NAME, inputs)
         device = inputs[0].device
         stream = torch.cuda.current_stream()
@@ -200,8 +204,11 @@ class EngineModule(nn.Module):
 
 
 def load(onnx_path: Path, input_names: list[str], outputs: pytree.TreeSpec, *, example_inputs: tuple[Tensor, ...],
-         max_batch: int = MAX_BATCH, engine_path: Optional["str | os.PathLike"] = None, **_: Any) -> nn.Module:
-    """Build the engine next to the ONNX file (or at ``engine_path``) and return it as a module."""
+         max_batch: int = MAX_BATCH, engine_path: Optional["str | os.PathLike"] = None,
+         arrangement: Optional[Arrangement] = None, **_: Any) -> nn.Module:
+    """Build the engine next to the ONNX file (or at ``engine_path``) and return it as a module, called as the
+    model is (``arrangement``: keyword inputs by name)."""
     engine = Path(engine_path) if engine_path else Path(onnx_path).with_suffix(".engine")
     build(Path(onnx_path), engine, input_names, example_inputs, max_batch)
-    return EngineModule(engine, outputs, example_inputs[0].dtype)
+    floating = [t.dtype for t in example_inputs if t.is_floating_point()]
+    return EngineModule(engine, outputs, floating[0] if floating else torch.float32, arrangement)

@@ -11,7 +11,7 @@ from sparsecc import pipeline
 from sparsecc import precision as _precision
 from sparsecc.compiled import CompiledModel, spec_of
 from sparsecc.errors import InputError
-from sparsecc.inputs import Call
+from sparsecc.inputs import Arrangement, Call
 from sparsecc.passes.condense import plan
 from sparsecc.passes.masks import prepare
 from sparsecc.report import Report
@@ -26,9 +26,6 @@ def _options(example: Call, backend: str, validate: bool, autotune: bool,
              precision: str = "fp32") -> pipeline.Options:
     """The arguments of `compile`, checked."""
     has_inputs = bool(example)
-    if example.kwargs and backend in ENGINES:
-        raise InputError(f"backend={backend!r} exports the model with positional tensor inputs; pass the inputs "
-                         f"in forward()'s order as example_inputs instead of example_kwargs")
     if narrow and not has_inputs:
         raise InputError("narrow=True checks the narrowed network on the example inputs: pass example_inputs")
     if backend in ENGINES and not has_inputs:
@@ -86,6 +83,10 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     compiled = CompiledModel(c.module, c.report, c.prepared if validate_first_call else None,
                              spec_of(inputs) if options.has_inputs else None, pipeline.model_shell(c),
                              keywords=bool(inputs.kwargs), dtype=options.dtype)
+    if options.has_inputs:
+        compiled.__dict__["_example"] = inputs     # what `save` exports with when given nothing else
+        # A captured graph takes its inputs as the example passed them: keyword calls are laid out like it.
+        compiled.__dict__["_arrangement"] = Arrangement.of(model.forward, inputs)
     log.info("%s", c.report.summary())
     return compiled
 

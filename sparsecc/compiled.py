@@ -109,6 +109,15 @@ class CompiledModel(nn.Module):
                 raise InputError(f"input {i} is on {t.device}; the compiled model's tensors are on {here}: move the "
                                  f"input with .to({str(here)!r}) (sparsecc's op runtimes run on the CPU)")
 
+    def example_call(self) -> Optional[Call]:
+        """The call compiled for (or first made): the example inputs, keywords included; else zero inputs of
+        batch 1 in the compiled shapes; None before any."""
+        example = self.__dict__.get("_example")
+        if example is not None:
+            return example
+        inputs = self.example_inputs()
+        return None if inputs is None else Call(inputs)
+
     def example_inputs(self) -> Optional[tuple[Tensor, ...]]:
         """Zero inputs of batch 1 in the shapes and dtypes compiled for (None before the first call fixed them, or
         when they were keyword inputs)."""
@@ -119,12 +128,18 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():      # torch.export / dynamo trace the module: no data checks
             return self.module(*args, **kwargs)
+        arrangement = self.__dict__.get("_arrangement")
+        if arrangement is not None and (kwargs or len(args) != len(arrangement.positional)) and self._strict:
+            # keywords in any order or by position, checked against the example: laid out like it
+            call = arrangement.arrange(args, kwargs)
+            args, kwargs = call.args, call.kwargs
         call = Call(args, kwargs)
         tensors = self._check_inputs(call.tree)
         # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
         finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
         dtype = self.__dict__.get("_dtype")
         if self._pending is not None:
+            self.__dict__["_example"] = call
             validate_into(self.report, self._pending, self.module if dtype is None else AtPrecision(self.module, dtype),
                           input_sets(call), None if dtype is None else PRECISION_TOLERANCE)
             self._pending = None

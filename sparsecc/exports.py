@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from sparsecc.api import compile, masked_reference
 from sparsecc.compiled import CompiledModel
 from sparsecc.export import onnx_file, signature, tensorrt_engine, triton, tvm_library
-from sparsecc.export.onnx_file import OnnxExport, example_call, tensor_inputs
+from sparsecc.export.onnx_file import OnnxExport, example_call
 from sparsecc.inputs import Call
 from sparsecc.export.triton import TritonExport
 from sparsecc.export.tvm_library import TvmExport
@@ -69,30 +69,33 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
 
 
 def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *,
-               masks: Optional[Mapping[str, Tensor]] = None, target: Any = None) -> TvmExport:
+               masks: Optional[Mapping[str, Tensor]] = None, target: Any = None,
+               example_kwargs: Optional[Mapping[str, Any]] = None) -> TvmExport:
     """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here) as a TVM shared library.
 
     The library runs the model at the example inputs' shapes with the condensed TIR kernels for sparse
     layers, dense convolutions and batched matmuls, and TVM-generated code for the rest; load it with
     `sparsecc.load_tvm` (or TVM alone, see `sparsecc.export.tvm_runner`). ``target`` (a TVM target or its
-    dict) defaults to this host's CPU.
+    dict) defaults to this host's CPU. ``example_kwargs`` are keyword inputs; the library's inputs are named
+    after ``forward``'s parameters (or the keys), and the loaded library takes them by keyword too.
     """
     path = Path(path)
-    inputs = tensor_inputs(example_inputs)
-    tvm_library.check_arguments(path, inputs)
-    return tvm_library.write_tvm(_compiled(model, inputs, masks), inputs, path, target)
+    call = example_call(example_inputs, example_kwargs)
+    tvm_library.check_arguments(path, tuple(call.tensors()))
+    return tvm_library.write_tvm(_compiled(model, call, masks), call, path, target)
 
 
 def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, precision: str = "fp16",
-                    max_batch: int = 32, masks: Optional[Mapping[str, Tensor]] = None):
+                    max_batch: int = 32, masks: Optional[Mapping[str, Tensor]] = None,
+                    example_kwargs: Optional[Mapping[str, Any]] = None):
     """Write ``path`` (a serialized engine) and ``path`` with suffix ``.onnx`` (its source). Returns the
     build (which layers were eligible for sparse math and which got a sparse kernel, and the builder log).
     Without a CUDA device or the tensorrt package the ONNX is still written and `RuntimeUnavailableError`
     says where it is and which trtexec command builds the engine elsewhere."""
     path = Path(path)
     tensorrt_engine.check_arguments(path, precision, max_batch)
-    inputs = tensor_inputs(example_inputs)
-    return tensorrt_engine.write_tensorrt(_compiled(model, inputs, masks), inputs, path, precision, max_batch)
+    call = example_call(example_inputs, example_kwargs)
+    return tensorrt_engine.write_tensorrt(_compiled(model, call, masks), call, path, precision, max_batch)
 
 
 def export_triton(model: nn.Module, example_inputs: Any, repo_dir: "str | os.PathLike", name: str, *,

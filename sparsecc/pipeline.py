@@ -28,7 +28,7 @@ from sparsecc import runtimes
 from sparsecc.autotune import autotune, disable, stream_if_large
 from sparsecc.compiled import CompiledModel, validate_into
 from sparsecc.errors import InputError
-from sparsecc.inputs import Call
+from sparsecc.inputs import Arrangement, Call
 from sparsecc.passes.capture import Captured, capture, exported_graph
 from sparsecc.passes.condense import Decision, plan
 from sparsecc.passes.fold import FoldBatchNorm, fold_in_place
@@ -231,9 +231,10 @@ def tune(c: Compilation) -> Optional[str]:
     return f"{dense} layer(s) run dense at the example inputs" + (" (measured cold)" if cold else "")
 
 
-def _load_engine(name: str, compiled: CompiledModel, reference: nn.Module, inputs: tuple[torch.Tensor, ...],
+def _load_engine(name: str, compiled: CompiledModel, reference: nn.Module, inputs: Call,
                  options: Mapping[str, Any]) -> nn.Module:
-    """Export the rewritten model for engine ``name`` and load it; the report says which form each layer got."""
+    """Export the rewritten model for engine ``name`` and load it, called as ``reference`` is (keywords
+    included); the report says which form each layer got."""
     from sparsecc.export.onnx_file import write_onnx
 
     eng = runtimes.engine(name)
@@ -247,8 +248,9 @@ def _load_engine(name: str, compiled: CompiledModel, reference: nn.Module, input
     try:
         exported = write_onnx(compiled, inputs, path, **eng.EXPORT)
         with torch.no_grad():
-            outputs = pytree.tree_flatten(reference(*inputs))[1]
-        runner = eng.load(exported.path, exported.input_names, outputs, example_inputs=inputs, **options)
+            outputs = pytree.tree_flatten(inputs(reference))[1]
+        runner = eng.load(exported.path, exported.input_names, outputs, example_inputs=tuple(inputs.tensors()),
+                          arrangement=Arrangement.of(reference.forward, inputs), **options)
     finally:
         if folder is not None and not eng.KEEPS_FILE:
             shutil.rmtree(folder, ignore_errors=True)
@@ -266,7 +268,7 @@ def engine(c: Compilation) -> Optional[str]:
     from sparsecc.export.onnx_file import PRECISIONS
 
     name = c.options.backend
-    c.module = _load_engine(name, CompiledModel(c.module, c.report, None, None), c.prepared.user, c.inputs.args,
+    c.module = _load_engine(name, CompiledModel(c.module, c.report, None, None), c.prepared.user, c.inputs,
                             c.options.runtime_options)
     c.tolerance = TOLERANCE[PRECISIONS[runtimes.engine(name).EXPORT["precision"]]]
     return f"exported to {name}"

@@ -8,18 +8,21 @@ rather than failing later inside an op.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from sparsecc.compiled import CompiledModel
-from sparsecc.inputs import as_tuple
 from sparsecc.errors import InputError, VersionError
-from sparsecc.export.onnx_file import batch_of_two
+from sparsecc.export import signature
+from sparsecc.export.onnx_file import batched
+from sparsecc.inputs import Arrangement, Call
 from sparsecc.files import atomic_write
 from sparsecc.version import __version__
 
@@ -28,41 +31,100 @@ FORMAT = 1
 _META = "sparsecc.json"
 
 
-def _example(compiled: CompiledModel, example_inputs: Any) -> tuple[Tensor, ...]:
-    inputs = as_tuple(example_inputs) or compiled.example_inputs()
-    if not inputs:
+def _example(compiled: CompiledModel, example_inputs: Any, example_kwargs: Optional[Mapping[str, Any]]) -> Call:
+    call = Call.of(example_inputs, example_kwargs) if example_inputs is not None or example_kwargs else \
+        compiled.example_call()
+    if call is None or not call.tensors():
         raise InputError("save needs example_inputs: this model was compiled without any and never called")
-    return batch_of_two(inputs)
+    return batched(call)
 
 
-def save(compiled: nn.Module, path: "str | os.PathLike", example_inputs: Any = None) -> Path:
-    """Export ``compiled`` (a `CompiledModel`) with a free batch dimension and write it to ``path``."""
+def _program(compiled: CompiledModel, call: Call) -> torch.export.ExportedProgram:
+    """torch.export of the compiled model with a free batch. Keyword calls export the rewritten model itself:
+    its ``forward`` names the inputs (torch.export cannot guard a ``**kwargs`` wrapper's inputs)."""
+    if call.kwargs:
+        module = compiled.module
+        return torch.export.export(module, call.args, dict(call.kwargs),
+                                   dynamic_shapes=signature.dynamic_shapes(module, call, "batch"))
+    batch = torch.export.Dim("batch")
+    return torch.export.export(compiled, call.args, dynamic_shapes=(tuple({0: batch} for _ in call.args),))
+
+
+def save(compiled: nn.Module, path: "str | os.PathLike", example_inputs: Any = None, *,
+         example_kwargs: Optional[Mapping[str, Any]] = None) -> Path:
+    """Export ``compiled`` (a `CompiledModel`) with a free batch dimension and write it to ``path``. The example
+    call is ``example_inputs`` / ``example_kwargs`` (default: the one it was compiled or first called with);
+    the loaded module takes the calls the model takes (keywords by name)."""
     if not isinstance(compiled, CompiledModel):
         raise InputError(f"save takes what sparsecc.compile returns, got {type(compiled).__name__}")
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-    args = _example(compiled, example_inputs)
-    batch = torch.export.Dim("batch")
-    program = torch.export.export(compiled, args, dynamic_shapes=(tuple({0: batch} for _ in args),))
+    call = _example(compiled, example_inputs, example_kwargs)
+    program = _program(compiled, call)
     ops = sorted({str(n.target) for n in program.graph.nodes if str(n.target).startswith("sparsecc.")})
-    meta = {"format": FORMAT, "sparsecc": __version__, "torch": torch.__version__, "ops": ops}
+    shell = compiled.__dict__.get("_shell") or compiled.module
+    meta = {"format": FORMAT, "sparsecc": __version__, "torch": torch.__version__, "ops": ops,
+            "inputs": Arrangement.of(shell.forward, call).to_json(),
+            "imports": _type_modules(program.call_spec.out_spec)}
     atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files={_META: json.dumps(meta)}))
     return path
 
 
+def _type_modules(spec: Any) -> list[str]:
+    """The modules defining the container types of a pytree spec beyond the builtins (``ModelOutput``
+    subclasses): a fresh process must import them before torch can read the program's signature."""
+    found: set[str] = set()
+    stack = [spec]
+    while stack:
+        node = stack.pop()
+        kind = getattr(node, "type", None)
+        if kind is not None and kind.__module__ not in ("builtins", "collections", "torch.fx.immutable_collections"):
+            found.add(kind.__module__)
+        stack.extend(node.children() if hasattr(node, "children") else ())
+    return sorted(found)
+
+
+def _import_output_types(path: Path, modules: list[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise VersionError(f"{path} returns types from {name}, which cannot be imported here ({exc}): install "
+                               f"the package that defines them (the model's own library)") from exc
+
+
+class SavedModel(nn.Module):
+    """A loaded ``.pt2``, called as the model is: inputs by position or by keyword, bound to the example call
+    it was saved with (`InputError` names a missing or unknown input)."""
+
+    def __init__(self, program: nn.Module, arrangement: Optional[Arrangement]) -> None:
+        super().__init__()
+        self.program = program
+        self.arrangement = arrangement
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.arrangement.arrange(args, kwargs) if self.arrangement is not None else Call(args, kwargs)
+        return call(self.program)
+
+
+def _read_meta(path: Path) -> Optional[dict]:
+    """``sparsecc.json`` from the archive, read before the program: it names what to import first."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(f"extra/{_META}")), None)
+            return json.loads(archive.read(name)) if name else None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise VersionError(f"{path} is not a torch.export file this torch ({torch.__version__}) can read: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
 def load(path: "str | os.PathLike") -> nn.Module:
-    """The module saved by `save`, callable like the compiled model (any batch size)."""
+    """The module saved by `save`, callable like the model (any batch size; keyword inputs by name)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"load: {path} is not a file")
-    extra = {_META: ""}
-    try:
-        program = torch.export.load(path, extra_files=extra)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a foreign or damaged file
-        raise VersionError(f"{path} is not a torch.export file this torch ({torch.__version__}) can read: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    meta: Optional[dict] = json.loads(extra[_META]) if extra[_META] else None
+    meta = _read_meta(path)
     if meta is None:
         raise VersionError(f"{path} was not written by sparsecc.save (no {_META} inside); load it with "
                            f"torch.export.load")
@@ -70,4 +132,12 @@ def load(path: "str | os.PathLike") -> nn.Module:
         raise VersionError(f"{path} was written by sparsecc {meta.get('sparsecc')} in file format "
                            f"{meta.get('format')}; this is sparsecc {__version__} (format {FORMAT}). "
                            f"Compile and save the model again with this version")
-    return program.module().requires_grad_(False)   # inference: plain calls build no autograd graph
+    _import_output_types(path, meta.get("imports", []))
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a foreign or damaged file
+        raise VersionError(f"{path} is not a torch.export file this torch ({torch.__version__}) can read: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    arrangement = Arrangement.from_json(meta["inputs"]) if "inputs" in meta else None
+    # inference: plain calls build no autograd graph
+    return SavedModel(program.module().requires_grad_(False), arrangement)

@@ -129,3 +129,32 @@ def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):
         sparsecc.export_onnx(nn.Linear(4, 4), torch.randn(1, 4), tmp_path / "x.onnx", **kwargs)
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2])
+def test_pt2_and_engine_of_a_hugging_face_model_take_its_keywords(tmp_path, build):
+    """The `.pt2` (loaded by a fresh interpreter) and the onnxruntime engine are called as the model is:
+    keywords in any order, the ids by position; a missing mask is an `InputError` naming it."""
+    from tests.test_keyword_calls import CALLS, load_in_a_fresh_process
+
+    model = build()
+    ids = _ids(1, 12)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = _ids(3, 12)                                    # another batch at the example's length
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    feeds["attention_mask"][0, 6:] = 0
+    with torch.no_grad():
+        want = model(**feeds).logits
+    compiled = sparsecc.compile(model, example_kwargs=example, backend="reference")
+    out = load_in_a_fresh_process(sparsecc.save(compiled, tmp_path / "m.pt2"), feeds, tmp_path)
+    engine = sparsecc.compile(model, example_kwargs=example, backend="onnxruntime")
+    assert all(s.ok for s in engine.report.end_to_end)
+    for how, call in CALLS.items():
+        torch.testing.assert_close(out[how]["logits"], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        with torch.no_grad():
+            got = call(engine, feeds).logits
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert "missing input(s) 'attention_mask'" in out["error"]
+    with pytest.raises(InputError, match="missing input.*'input_ids'; input.*'input_idz' were not in the example call"):
+        engine(input_idz=ids, attention_mask=feeds["attention_mask"])

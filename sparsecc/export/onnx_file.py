@@ -169,11 +169,6 @@ def refuse_missing(missing: dict[str, list[str]], into: str, fix: str) -> None:
         raise ExportError(f"{len(missing)} op(s) have no {into} translation: {listed}. {fix}")
 
 
-def batch_of_two(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Example inputs with a batch of 2: torch.export would specialise a batch of 1 to 1."""
-    return tuple(torch.cat([t[:1], t[:1]]) for t in inputs)
-
-
 def _write(onnx_program, path: Path, check: Optional[Callable[[str], None]] = None) -> None:
     """Save, check (the ONNX checker, then ``check``) and move into place: a failure leaves nothing."""
     import onnx
@@ -208,7 +203,7 @@ def check_arguments(path: Path, mode: str, formulation: str, precision: str) -> 
     writable_target(path)
 
 
-def _batched(call: Call) -> Call:
+def batched(call: Call) -> Call:
     """The call with every tensor at a batch of 2: torch.export would specialise a batch of 1 to 1."""
     two = lambda t: torch.cat([t[:1], t[:1]]) if isinstance(t, Tensor) and t.dim() else t  # noqa: E731
     return Call(tuple(pytree.tree_map(two, a) for a in call.args),
@@ -315,7 +310,7 @@ def _write_onnx(compiled: CompiledModel, call: Call, path: Path, mode: str, form
                 dynamic_axes: Any, reference: Optional[Callable]) -> OnnxExport:
     module, chosen = export_module(compiled.module, call, mode, formulation)
     dtype = PRECISIONS[precision]
-    example = _batched(call)
+    example = batched(call)
     if dtype != torch.float32:
         module = module.to(dtype)
         example = _cast(example, dtype)

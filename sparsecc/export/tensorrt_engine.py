@@ -9,6 +9,7 @@ from torch import Tensor
 
 from sparsecc.compiled import CompiledModel
 from sparsecc.errors import InputError
+from sparsecc.inputs import Call
 from sparsecc.export.onnx_file import check_arguments as check_onnx, write_onnx
 
 
@@ -20,11 +21,13 @@ def check_arguments(path: Path, precision: str, max_batch: int) -> None:
     check_onnx(path.with_suffix(".onnx"), "dense", "auto", precision)
 
 
-def write_tensorrt(compiled: CompiledModel, inputs: tuple[Tensor, ...], path: Path, precision: str,
+def write_tensorrt(compiled: CompiledModel, inputs: "tuple[Tensor, ...] | Call", path: Path, precision: str,
                    max_batch: int):
-    """The dense-mode ONNX beside ``path``, then the engine at ``path`` (see `sparsecc.export_tensorrt`)."""
+    """The dense-mode ONNX beside ``path`` (inputs named as the model's, keyword inputs included), then the
+    engine at ``path`` (see `sparsecc.export_tensorrt`)."""
     from sparsecc.runtimes import tensorrt
 
     check_arguments(path, precision, max_batch)
-    exported = write_onnx(compiled, inputs, path.with_suffix(".onnx"), mode="dense", precision=precision)
-    return tensorrt.build(exported.path, path, exported.input_names, inputs, max_batch)
+    call = Call.of(inputs)
+    exported = write_onnx(compiled, call, path.with_suffix(".onnx"), mode="dense", precision=precision)
+    return tensorrt.build(exported.path, path, exported.input_names, tuple(call.tensors()), max_batch)

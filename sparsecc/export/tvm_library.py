@@ -38,8 +38,10 @@ from sparsecc.compiled import CompiledModel
 from sparsecc.errors import ExportError, InputError, RuntimeUnavailableError
 from sparsecc.export import tvm_runner
 from sparsecc.export.onnx_file import refuse_missing, writable_target
+from sparsecc.export.signature import input_names
 from sparsecc.export.tvm_runner import FORMAT, META_FUNCTION
 from sparsecc.files import atomic_write
+from sparsecc.inputs import Call
 from sparsecc.version import __version__
 
 
@@ -52,6 +54,7 @@ class TvmExport:
     input_shapes: list[tuple[int, ...]]
     output_shapes: list[tuple[int, ...]]
     kernels: dict[str, int] = field(default_factory=dict)
+    input_names: list[str] = field(default_factory=list)    # forward's parameter names / the keyword keys
 
     @property
     def bytes(self) -> int:
@@ -476,14 +479,18 @@ def check_arguments(path: Path, inputs: tuple[Tensor, ...]) -> None:
         raise InputError("export_tvm: the TVM kernels are float32; give float32 example inputs")
 
 
-def write_tvm(compiled: CompiledModel, inputs: tuple[Tensor, ...], path: Path, target: Any = None) -> TvmExport:
-    """Write a compiled model as a TVM shared library (see `sparsecc.export_tvm`)."""
+def write_tvm(compiled: CompiledModel, inputs: "tuple[Tensor, ...] | Call", path: Path,
+              target: Any = None) -> TvmExport:
+    """Write a compiled model as a TVM shared library (see `sparsecc.export_tvm`). Its metadata names the
+    inputs as the model's ``forward`` (or the keyword inputs) does, so the loaded library takes keywords."""
     import tvm
     from tvm.relax.frontend.torch import from_exported_program
 
+    call = Call.of(inputs)
+    inputs = tuple(call.tensors())
     check_arguments(path, inputs)
     try:
-        program = torch.export.export(compiled.module.eval(), inputs).run_decompositions()
+        program = torch.export.export(compiled.module.eval(), call.args, dict(call.kwargs)).run_decompositions()
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the message is what matters
         raise ExportError(f"torch.export could not capture the model: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0]}") from exc
@@ -503,11 +510,12 @@ def write_tvm(compiled: CompiledModel, inputs: tuple[Tensor, ...], path: Path, t
     outputs = [_static(v.meta["val"].shape, "output") for v in torch.utils._pytree.tree_leaves(out_node.args)]
     meta = {"format": FORMAT, "sparsecc": __version__, "tvm": tvm.__version__,
             "inputs": [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in inputs],
+            "names": input_names(program),
             "outputs": [list(s) for s in outputs]}
     mod[META_FUNCTION] = _meta_function(meta)
     executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target))
     atomic_write(path, executable.export_library)
-    return TvmExport(path, [tuple(t.shape) for t in inputs], outputs, ctx.kernels)
+    return TvmExport(path, [tuple(t.shape) for t in inputs], outputs, ctx.kernels, meta["names"])
 
 
 def load_tvm(path: "str | os.PathLike") -> Any:
@@ -523,8 +531,8 @@ def load_tvm(path: "str | os.PathLike") -> Any:
 class _Loaded(tvm_runner.TvmModel):
     """`tvm_runner.TvmModel` raising sparsecc's errors."""
 
-    def __call__(self, *inputs: Any) -> Any:
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
         try:
-            return super().__call__(*inputs)
+            return super().__call__(*inputs, **named)
         except tvm_runner.InputMismatch as exc:
             raise InputError(str(exc)) from exc

@@ -57,10 +57,35 @@ class TvmModel:
         self._tensor = tvm.runtime.tensor
         self.path = path
 
-    def __call__(self, *inputs: Any) -> Any:
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs' names (the model's ``forward`` parameters or keyword keys; ``input{i}`` in libraries
+        written before names were recorded)."""
+        return self.meta.get("names") or [f"input{i}" for i in range(len(self.meta["inputs"]))]
+
+    def _by_name(self, inputs: tuple, named: dict) -> tuple:
+        """Positional inputs, then the keyword ones by name, in the library's order."""
+        names = self.input_names
+        unknown = [n for n in named if n not in names]
+        if unknown:
+            raise InputMismatch(f"{self.path.name} has no input named {', '.join(map(repr, unknown))}; its inputs "
+                                f"are {', '.join(names)}")
+        twice = [n for n in names[:len(inputs)] if n in named]
+        if twice:
+            raise InputMismatch(f"input {twice[0]!r} given twice: by position and by keyword")
+        missing = [n for n in names[len(inputs):] if n not in named]
+        if missing:
+            raise InputMismatch(f"{self.path.name}: missing input(s) {', '.join(map(repr, missing))}; its inputs "
+                                f"are {', '.join(names)}")
+        return tuple(inputs) + tuple(named[n] for n in names[len(inputs):])
+
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
         expected = self.meta["inputs"]
+        if named:
+            inputs = self._by_name(inputs, named)
         if len(inputs) != len(expected):
-            raise InputMismatch(f"{self.path.name} takes {len(expected)} input(s), got {len(inputs)}")
+            raise InputMismatch(f"{self.path.name} takes {len(expected)} input(s) ({', '.join(self.input_names)}), "
+                                f"got {len(inputs)}")
         arrays = []
         for i, (x, (shape, dtype)) in enumerate(zip(inputs, expected)):
             a = np.ascontiguousarray(np.asarray(x), dtype=dtype)
@@ -84,7 +109,8 @@ def _main(argv: list[str]) -> int:
     model = load(argv[0])
     print(json.dumps(model.meta, indent=1))
     rng = np.random.default_rng(0)
-    outputs = model(*(rng.standard_normal(shape).astype(dtype) for shape, dtype in model.meta["inputs"]))
+    outputs = model(*(rng.standard_normal(shape).astype(dtype) if dtype.startswith("float")
+                      else np.zeros(shape, dtype) for shape, dtype in model.meta["inputs"]))
     for out in outputs if isinstance(outputs, tuple) else (outputs,):
         print("output", out.shape, out.dtype, "finite" if np.isfinite(out).all() else "NOT FINITE")
     return 0
