@@ -6,7 +6,7 @@
 import torch
 
 import sparsecc
-from sparsecc.demo import sparse_model
+from sparsecc.tooling.demo import sparse_model
 
 model = sparse_model("vit_b_16", sparsity=0.9, ablate=0.05)   # masks attached as torch.nn.utils.prune hooks
 x = torch.randn(1, 3, 224, 224)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import sparsecc
-from sparsecc.synthetic import fanin_mask
+from sparsecc.tooling.synthetic import fanin_mask
 
 model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
 prune.custom_from_mask(model[0], "weight", fanin_mask(model[0].weight, sparsity=0.9, ablate=0.2))

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import sparsecc
-from sparsecc.synthetic import all_but_stem
+from sparsecc.tooling.synthetic import all_but_stem
 
 model = torchvision.models.resnet18(weights=None).eval()
 print(sparsecc.sparsify(model, "fanin", sparsity=0.9, distribution="erk", ablate=0.3, include=all_but_stem))
@@ -19,4 +19,4 @@ compiled = sparsecc.compile(model, x, narrow=True)      # validated against the 
 print(compiled.report)
 
 library = sparsecc.export_tvm(compiled, x, "resnet18_sparse.so")
-print(f"wrote {library.path}; run it without torch: python sparsecc/export/tvm_runner.py {library.path}")
+print(f"wrote {library.path}; run it without torch: python runtimes/tvm/runner.py {library.path}")

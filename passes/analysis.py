@@ -1,7 +1,7 @@
 """Structure analysis: classify each weight mask as one `Structure`, and say why when it cannot be condensed.
 
 Every detector has the signature ``(fqn, mask) -> Structure | None`` and looks at the mask only; `analysers`
-lists them in order (dense, then the registered patterns, `sparsecc.patterns`) and the first answer wins.
+lists them in order (dense, then the registered patterns, `sparsecc.core.patterns`) and the first answer wins.
 Linear masks are ``[out, in]``; Conv2d masks ``[F, C/g, R, S]`` whose fan-in is the flattened ``C/g*R*S`` of
 each filter and whose 2:4 axis is C (as TensorRT reads it).
 """
@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-from sparsecc import patterns
-from sparsecc.passes.structures import Dense, Structure, Unstructured
+from sparsecc.core import patterns
+from sparsecc.core.structures import Dense, Structure, Unstructured
 
 log = logging.getLogger("sparsecc")
 

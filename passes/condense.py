@@ -1,5 +1,5 @@
 """The condense plan: each layer's analysis, and the condensed module that replaces it where its pattern
-(`sparsecc.patterns`) has a rule for its kind.
+(`sparsecc.core.patterns`) has a rule for its kind.
 
 A rule raises `NotCondensable` with the reason when a layer of the right structure still cannot be rewritten
 (an unsupported conv padding mode, 2:4 along the wrong axis, ...). Layers without a rule stay as they are;
@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from sparsecc import patterns
-from sparsecc.layers import CondensedLayer
+from sparsecc.capture.masks import Layer, Prepared
+from sparsecc.core import patterns
+from sparsecc.core.layers import CondensedLayer
+from sparsecc.core.patterns import NotCondensable, Source
+from sparsecc.core.report import LayerReport
 from sparsecc.passes.analysis import Analysis, analyse
-from sparsecc.passes.masks import Layer, Prepared
-from sparsecc.patterns import NotCondensable, Source
 
 
 @dataclass
@@ -56,3 +57,23 @@ def plan(prepared: Prepared) -> dict[str, Decision]:
                                              f"own copy", reason]))
         decisions[fqn] = Decision(layer, analysis, replacement, reason)
     return decisions
+
+
+def layer_report(decision: Decision, elem_bytes: int) -> LayerReport:
+    """The report row of one decision: structure, bytes (actual buffer sizes) and MACs dense and condensed."""
+    layer, analysis, rep = decision.layer, decision.analysis, decision.replacement
+    shape = tuple(layer.mask.shape)
+    fan_in = 1
+    for s in shape[1:]:
+        fan_in *= s
+    bias_bytes = shape[0] * elem_bytes if layer.bias else 0
+    dense_bytes = shape[0] * fan_in * elem_bytes + bias_bytes
+    condensed = sum(b.numel() * b.element_size() for b in rep.buffers()) if rep is not None else dense_bytes
+    nnz = int(layer.mask.sum())
+    ablated = getattr(analysis.structure, "ablated", ())
+    return LayerReport(
+        name=layer.fqn, kind=layer.kind, shape=shape, structure=str(analysis.structure), density=analysis.density,
+        ablated=len(ablated), mask_source=layer.source, action=rep.op if rep is not None else "kept",
+        reason=decision.reason, runtime=rep.runtime if rep is not None else "torch", bytes_dense=dense_bytes,
+        bytes_condensed=condensed, macs_dense=shape[0] * fan_in,
+        macs_sparse=nnz if rep is not None else shape[0] * fan_in)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor, fx, nn
 
-from sparsecc.layers import CondensedLayer
+from sparsecc.core.layers import CondensedLayer
 from sparsecc.passes.manager import PassResult
 
 

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from torch import fx
 
-from sparsecc.errors import PassError
+from sparsecc.core.errors import PassError
 
 
 @dataclass

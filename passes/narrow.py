@@ -28,13 +28,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from sparsecc import patterns
-from sparsecc.errors import PassError
-from sparsecc.inputs import Call
+from sparsecc.capture.graph import Tracer, concrete_defaults, exported_graph
+from sparsecc.capture.masks import Layer, Prepared
+from sparsecc.core import patterns
+from sparsecc.core.compare import compare, flatten
+from sparsecc.core.errors import PassError
+from sparsecc.core.inputs import Call
 from sparsecc.passes.analysis import analyse
-from sparsecc.passes.capture import Tracer, concrete_defaults, exported_graph
-from sparsecc.passes.masks import Layer, Prepared
-from sparsecc.validation import compare, flatten
 
 #: Modules that act on each channel alone: a constant channel stays constant and keeps its index.
 PER_CHANNEL: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,

@@ -11,7 +11,7 @@ from collections import Counter
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sparsecc.errors import PassError
+from sparsecc.core.errors import PassError
 from sparsecc.passes.condense import Decision
 from sparsecc.passes.manager import PassResult
 

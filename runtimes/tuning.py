@@ -92,7 +92,7 @@ class TuningCache:
         return found
 
     def put(self, key: dict, choice: Choice) -> None:
-        from sparsecc.files import atomic_write
+        from sparsecc.core.files import atomic_write
 
         text, path = self._path(key)
         self._memory[text] = choice
@@ -141,7 +141,7 @@ def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[
     found = cache.get(key)
     if found is not None:
         return found
-    from sparsecc import timing
+    from sparsecc.core import timing
 
     fns = {"sparse": sparse, "dense": dense}
     times = timing.medians(fns, runs=RUNS, warmup=1, before=_flush if cold else None)
@@ -164,7 +164,7 @@ def choose_tile(cache: TuningCache, signature: tuple, tokens: int, tiles: dict[s
     found = cache.get(key)
     if found is not None:
         return found
-    from sparsecc import timing
+    from sparsecc.core import timing
 
     times = timing.medians(tiles, runs=TILE_RUNS, warmup=1, before=_flush if cold else None)
     best = min(times, key=times.get)

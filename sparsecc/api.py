@@ -7,16 +7,15 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor, nn
 
-from sparsecc import pipeline
-from sparsecc import precision as _precision
-from sparsecc.compiled import CompiledModel, spec_of
-from sparsecc.errors import InputError
-from sparsecc.inputs import Arrangement, Call
+from sparsecc.capture.masks import prepare
+from sparsecc.compiler import pipeline, precision as _precision
+from sparsecc.compiler.compiled import CompiledModel, spec_of
+from sparsecc.compiler.validation import Validation, run_validation
+from sparsecc.core.errors import InputError
+from sparsecc.core.inputs import Arrangement, Call
+from sparsecc.core.report import Report
 from sparsecc.passes.condense import plan
-from sparsecc.passes.masks import prepare
-from sparsecc.report import Report
 from sparsecc.runtimes import ENGINES, resolve
-from sparsecc.validation import Validation, run_validation
 
 log = logging.getLogger("sparsecc")
 
@@ -68,7 +67,7 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     consumers get narrower, consumers' biases absorb the constants; the report's notes list widths before and
     after and what was left and why.
 
-    ``precision="bf16"`` runs a float32 model in bfloat16 (`sparsecc.precision`): condensed layers hold bf16
+    ``precision="bf16"`` runs a float32 model in bfloat16 (`sparsecc.compiler.precision`): condensed layers hold bf16
     values, the rest runs under CPU autocast (AMX where the CPU has it), outputs come back in float32,
     validated against the float32 model at the tolerance the report states. The default ``"fp32"`` runs the
     model in its own dtype.

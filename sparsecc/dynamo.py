@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from sparsecc.report import Report
+from sparsecc.core.report import Report
 
 log = logging.getLogger("sparsecc")
 

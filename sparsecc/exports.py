@@ -11,13 +11,17 @@ from typing import Any, Mapping, Optional
 from torch import Tensor, nn
 
 from sparsecc.api import compile, masked_reference
-from sparsecc.compiled import CompiledModel
-from sparsecc.export import onnx_file, signature, tensorrt_engine, triton, tvm_library
-from sparsecc.export.onnx_file import OnnxExport, example_call
-from sparsecc.inputs import Call
-from sparsecc.export.triton import TritonExport
-from sparsecc.export.tvm_library import TvmExport
-from sparsecc.timing import all_cores
+from sparsecc.compiler.compiled import CompiledModel
+from sparsecc.core.inputs import Call
+from sparsecc.core.timing import all_cores
+from sparsecc.runtimes import signature
+from sparsecc.runtimes.onnxruntime import writer as onnx_file
+from sparsecc.runtimes.onnxruntime.writer import OnnxExport, example_call
+from sparsecc.runtimes.tensorrt import writer as tensorrt_engine
+from sparsecc.runtimes.triton import writer as triton
+from sparsecc.runtimes.triton.writer import TritonExport
+from sparsecc.runtimes.tvm import library as tvm_library
+from sparsecc.runtimes.tvm.library import TvmExport
 
 
 def _compiled(model: nn.Module, inputs: "tuple[Tensor, ...] | Call", masks: Optional[Mapping[str, Tensor]],
@@ -45,7 +49,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     as `sparsecc.compile` takes them) as an ONNX file.
 
     ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per
-    layer what onnxruntime runs fastest, see `sparsecc.export.forms`: gather over the fan-in, live rows only,
+    layer what onnxruntime runs fastest, see `sparsecc.runtimes.onnxruntime.forms`: gather over the fan-in, live rows only,
     or dense with zeros where neither pays).
     ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers (explicit zeros), the input
     of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis TensorRT reads
@@ -63,7 +67,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     onnx_file.check_arguments(path, mode, formulation, precision)
     signature.check_dynamic(dynamic_axes)
     call = example_call(example_inputs, example_kwargs)
-    return onnx_file.write_onnx(_compiled(model, call, masks, narrow), call, path, mode=mode,
+    return onnx_file.write_onnx(_compiled(model, call, masks, narrow).module, call, path, mode=mode,
                                 formulation=formulation, precision=precision, dynamic_axes=dynamic_axes,
                                 reference=_reference(model, masks))
 
@@ -75,14 +79,14 @@ def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike",
 
     The library runs the model at the example inputs' shapes with the condensed TIR kernels for sparse
     layers, dense convolutions and batched matmuls, and TVM-generated code for the rest; load it with
-    `sparsecc.load_tvm` (or TVM alone, see `sparsecc.export.tvm_runner`). ``target`` (a TVM target or its
+    `sparsecc.load_tvm` (or TVM alone, see `sparsecc.runtimes.tvm.runner`). ``target`` (a TVM target or its
     dict) defaults to this host's CPU. ``example_kwargs`` are keyword inputs; the library's inputs are named
     after ``forward``'s parameters (or the keys), and the loaded library takes them by keyword too.
     """
     path = Path(path)
     call = example_call(example_inputs, example_kwargs)
     tvm_library.check_arguments(path, tuple(call.tensors()))
-    return tvm_library.write_tvm(_compiled(model, call, masks), call, path, target)
+    return tvm_library.write_tvm(_compiled(model, call, masks).module, call, path, target)
 
 
 def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathLike", *, precision: str = "fp16",
@@ -95,7 +99,7 @@ def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathL
     path = Path(path)
     tensorrt_engine.check_arguments(path, precision, max_batch)
     call = example_call(example_inputs, example_kwargs)
-    return tensorrt_engine.write_tensorrt(_compiled(model, call, masks), call, path, precision, max_batch)
+    return tensorrt_engine.write_tensorrt(_compiled(model, call, masks).module, call, path, precision, max_batch)
 
 
 def export_triton(model: nn.Module, example_inputs: Any, repo_dir: "str | os.PathLike", name: str, *,
@@ -121,5 +125,7 @@ def export_triton(model: nn.Module, example_inputs: Any, repo_dir: "str | os.Pat
     compiled = _compiled(model, call, masks, narrow)
     # what the ONNX must equal: the model as you call it (with ``masks`` applied when they are given separately)
     reference = _reference(model, masks) or model
-    return triton.write_triton(compiled, reference, call, repo, name, tuple(formats), max_batch_size, instances,
+    if isinstance(reference, CompiledModel):    # it checks calls against its example shapes; its module does not
+        reference = reference.module
+    return triton.write_triton(compiled.module, reference, call, repo, name, tuple(formats), max_batch_size, instances,
                                threads or all_cores(), mode, precision, dynamic_axes)

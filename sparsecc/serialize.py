@@ -18,13 +18,13 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from sparsecc.compiled import CompiledModel
-from sparsecc.errors import InputError, VersionError
-from sparsecc.export import signature
-from sparsecc.export.onnx_file import batched
-from sparsecc.inputs import Arrangement, Call
-from sparsecc.files import atomic_write
-from sparsecc.version import __version__
+from sparsecc.compiler.compiled import CompiledModel
+from sparsecc.core.errors import InputError, VersionError
+from sparsecc.core.files import atomic_write
+from sparsecc.core.inputs import Arrangement, Call
+from sparsecc.core.version import __version__
+from sparsecc.runtimes import signature
+from sparsecc.runtimes.onnxruntime.writer import batched
 
 #: Bump when the ops' signatures or the meaning of their arguments change.
 FORMAT = 1

@@ -19,15 +19,61 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sparsecc.errors import InputError
-from sparsecc.passes.masks import Mask
-from sparsecc.synthetic import Selector, fanin_mask, nm_mask, selected_weights, user_layout
+from sparsecc.capture.masks import Mask, transposed_weights, weight_slots
+from sparsecc.core.errors import InputError
+
+Selector = Callable[[str, str], bool]   # (weight fqn, layer kind) -> sparsify it?
+
+
+def selected_weights(model: nn.Module, include: Optional[Selector]) -> dict[str, torch.Tensor]:
+    """The selected weights as ``[out, in, ...]`` views (a transformers Conv1D's ``[in, out]`` weight transposed):
+    masks are made along the input axis; `user_layout` puts them back."""
+    out = {}
+    transposed = transposed_weights(model)
+    for module, attr, _, kind in weight_slots(model):
+        fqn = f"{module}.{attr}" if module else attr
+        if include is None or include(fqn, kind):
+            w = getattr(model.get_submodule(module), attr).detach()
+            out[fqn] = w.t() if fqn in transposed else w
+    return out
+
+
+def user_layout(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks made on `selected_weights` in the layout of the model's own weights."""
+    transposed = transposed_weights(model)
+    return {fqn: m.t() if fqn in transposed else m for fqn, m in masks.items()}
+
+
+def fanin_mask(weight: torch.Tensor, sparsity: float, ablate: float = 0.0,
+               generator: Optional[torch.Generator] = None, weakest: bool = False) -> torch.Tensor:
+    """Constant fan-in: each live row keeps its ``round((1-sparsity)*fan_in)`` largest |w|; a fraction
+    ``ablate`` of rows is all zero, as SRigL's ablated neurons: chosen at random, or with ``weakest`` the rows
+    whose kept weights have the least energy (what `sparsecc.sparsify` ablates)."""
+    rows = weight.detach().reshape(weight.shape[0], -1).abs()
+    k = min(rows.shape[1], max(1, round((1.0 - sparsity) * rows.shape[1])))
+    mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, rows.topk(k, dim=1).indices, True)
+    n_ablate = int(round(ablate * rows.shape[0]))
+    if n_ablate and weakest:
+        mask[(rows * mask).pow(2).sum(1).topk(n_ablate, largest=False).indices] = False
+    elif n_ablate:
+        mask[torch.randperm(rows.shape[0], generator=generator)[:n_ablate]] = False
+    return mask.reshape(weight.shape)
+
+
+def nm_mask(weight: torch.Tensor) -> torch.Tensor:
+    """Magnitude 2:4 along the input axis (Linear dim 1, Conv2d channel dim)."""
+    w = weight if weight.dim() == 2 else weight.permute(0, 2, 3, 1)
+    groups = w.abs().reshape(*w.shape[:-1], -1, 4)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    mask = mask.reshape(w.shape)
+    return mask if weight.dim() == 2 else mask.permute(0, 3, 1, 2)
+
 
 STRUCTURES = ("fanin", "2:4")
 DISTRIBUTIONS = ("uniform", "erk")

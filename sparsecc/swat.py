@@ -15,21 +15,13 @@ implement the same method.
 from __future__ import annotations
 
 import copy
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsecc.errors import InputError
-
-
-@runtime_checkable
-class Foldable(Protocol):
-    """A module sparsecc folds at compile time: it returns the plain module that computes what it computes
-    now, and the masks of that module's weights by attribute name."""
-
-    def sparsecc_fold(self) -> tuple[nn.Module, dict[str, Tensor]]: ...
+from sparsecc.capture.masks import Foldable  # noqa: F401  (what TopKLinear / TopKConv2d implement)
+from sparsecc.core.errors import InputError
 
 
 def topk_mask(weight: Tensor, density: float, structured: bool) -> Tensor:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from sparsecc.core.structures import NM, ChannelStructured, ConstantFanIn, Dense, Unstructured
 from sparsecc.passes.analysis import analyse
-from sparsecc.passes.structures import NM, ChannelStructured, ConstantFanIn, Dense, Unstructured
 
 
 def m(rows):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import sparsecc
-from sparsecc import bench, synthetic
 from sparsecc.runtimes import cpu
+from sparsecc.tooling import bench, synthetic
 
 pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not
 
@@ -48,8 +48,8 @@ def test_onnx_formulation_table_validates_every_form(monkeypatch):
 
 def _small_cnn():
     """A stand-in for the built-in torchvision models: a 224x224 image in, logits out, 90% fan-in masks."""
-    from torch import nn
     import torch.nn.utils.prune as prune
+    from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 8, stride=8), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
@@ -60,7 +60,7 @@ def _small_cnn():
 
 
 def test_peers_agree_with_the_model_and_name_their_precision(tmp_path):
-    from sparsecc import peers
+    from sparsecc.tooling import peers
 
     model = _small_cnn()
     x = torch.randn(1, 3, 224, 224)
@@ -83,7 +83,7 @@ def test_peers_agree_with_the_model_and_name_their_precision(tmp_path):
 
 def test_model_rows_with_peers_render(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr("sparsecc.demo.sparse_model", lambda *a, **k: _small_cnn())
+    monkeypatch.setattr("sparsecc.tooling.demo.sparse_model", lambda *a, **k: _small_cnn())
     progress = bench.Progress(1)
     row = bench.bench_model("small", 2, progress, memory=False, threads=1, openvino=True)
     assert "sparsecc" not in row.invalid and row.times["sparsecc"] > 0

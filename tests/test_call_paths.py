@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, dynamo, synthetic
+from sparsecc import InputError, dynamo
+from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
 
 

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, synthetic
-from sparsecc import compiled as compiled_module
+from sparsecc import InputError
+from sparsecc.compiler import compiled as compiled_module
+from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
 
 BACKENDS = ["reference", "tvm"]
@@ -150,7 +151,7 @@ def test_finite_calls_run_condensed_also_when_the_first_call_fixes_the_inputs(mo
 def test_validation_matches_non_finite_reference_outputs_exactly():
     """NaN / Inf where the user's model gives them must be where the compiled model gives them; the finite rest
     is compared as usual, and a mismatch says the reference itself is not finite."""
-    from sparsecc.validation import NON_FINITE, compare
+    from sparsecc.compiler.validation import NON_FINITE, compare
 
     expected = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
     same = compare("out", torch.tensor([1.0, float("nan"), float("inf"), -2.0 + 1e-7]), expected)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sparsecc import cli
+from sparsecc.tooling import cli
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_demo_prints_table_and_latency_line(capsys):
     assert "layer1.0.conv1.weight" in out and "condensed_conv2d" in out
     assert "end to end vs your model: output 0: max abs" in out
     assert "batch-1 latency, median of 2 interleaved rounds:" in out
-    from sparsecc.timing import THREADS
+    from sparsecc.core.timing import THREADS
 
     for n in THREADS:
         assert f"  {n} thread(s): dense torch eager " in out
@@ -44,8 +44,9 @@ def test_unknown_backend_is_a_clean_error(capsys):
 
 
 @pytest.mark.slow
-def test_runtimes_smoke_module():
-    out = subprocess.run([sys.executable, "-m", "sparsecc.runtimes"], capture_output=True, text=True, check=True)
+def test_runtimes_smoke_command():
+    out = subprocess.run([sys.executable, "-m", "sparsecc.tooling.cli", "smoke"], capture_output=True, text=True,
+                         check=True)
     assert "PASS reference" in out.stdout and "PASS tvm" in out.stdout and "PASS onnxruntime" in out.stdout
     assert "tensorrt" in out.stdout
 
@@ -72,7 +73,7 @@ def test_export_tvm_library_then_run_it_with_the_runner(tmp_path, capsys):
     assert cli.main(["export", str(out), "--model", "resnet18", "--image-size", "64"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "'condensed_conv2d/spmm_flat': 13" in printed and out.is_file()
-    from sparsecc.export import tvm_runner
+    from sparsecc.runtimes.tvm import runner as tvm_runner
 
     done = subprocess.run([sys.executable, tvm_runner.__file__, str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparsecc import bench_hf, cli, hf, usermodel
 from sparsecc.runtimes import tuning
+from sparsecc.tooling import bench_hf, cli, hf, usermodel
 from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not
@@ -132,8 +132,9 @@ def test_llm_decode_benchmark_checks_tokens_and_reports_speeds(dtype):
 @pytest.mark.measured_choice
 def test_choices_of_models_larger_than_the_cache_are_measured_cold(tmp_path, monkeypatch):
     import sparsecc
-    from sparsecc import autotune, synthetic
-    from sparsecc.layers import CondensedLayer
+    from sparsecc.compiler import autotune
+    from sparsecc.core.layers import CondensedLayer
+    from sparsecc.tooling import synthetic
 
     model = nn.Sequential(nn.Linear(64, 64))
     synthetic.attach_with_prune(model, synthetic.fanin_masks(model, 0.7))

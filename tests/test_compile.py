@@ -12,9 +12,9 @@ from torch.nn.utils import parametrize, prune
 
 import sparsecc
 from sparsecc import EquivalenceError, InputError, SparseccWarning
-from sparsecc.patterns.fanin import CondensedLinear
-from sparsecc.patterns.nm import NMLinear
-from sparsecc.synthetic import fanin_mask, nm_mask
+from sparsecc.core.patterns.fanin import CondensedLinear
+from sparsecc.core.patterns.nm import NMLinear
+from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 from tests.conftest import assert_equivalent
 
 
@@ -166,8 +166,8 @@ def test_no_example_inputs_validates_on_first_call(monkeypatch):
 def break_kernel():
     """Call it to put the reference runtime's fan-in Linear kernel 1% off, through the pattern table the runtimes
     read; the original pattern is back after the test."""
-    from sparsecc import patterns
-    from sparsecc.patterns import fanin
+    from sparsecc.core import patterns
+    from sparsecc.core.patterns import fanin
 
     op = dataclasses.replace(fanin.LINEAR, reference=lambda *a: fanin.linear_reference(*a) * 1.01)
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import patterns, runtimes
+from sparsecc import runtimes
+from sparsecc.core import patterns
 from sparsecc.runtimes import get_runtime, unavailable
 from tests.conftest import assert_equivalent
 

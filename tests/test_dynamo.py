@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import dynamo, synthetic
-from sparsecc.demo import build
+from sparsecc import dynamo
+from sparsecc.tooling import synthetic
+from sparsecc.tooling.demo import build
 from tests.conftest import assert_equivalent
 
 

@@ -15,11 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import sparsecc
-from sparsecc import synthetic
-from sparsecc.demo import build
-from sparsecc.export import forms
-from sparsecc.layers import CondensedLayer
-from sparsecc.runtimes import tensorrt as trt_runtime
+from sparsecc.core.layers import CondensedLayer
+from sparsecc.runtimes.onnxruntime import forms
+from sparsecc.runtimes.tensorrt import engine as trt_runtime
+from sparsecc.tooling import synthetic
+from sparsecc.tooling.demo import build
 from tests.conftest import assert_equivalent
 from tests.unexportable import Unexportable
 

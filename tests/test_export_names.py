@@ -15,8 +15,9 @@ from google.protobuf import text_format
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, synthetic
-from sparsecc.runtimes.onnxruntime import session
+from sparsecc import InputError
+from sparsecc.runtimes.onnxruntime.engine import session
+from sparsecc.tooling import synthetic
 
 pytestmark = pytest.mark.slow     # whole models exported and run: `make test` runs it, `make check` does not
 

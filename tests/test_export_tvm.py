@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import ExportError, InputError, VersionError, synthetic
-from sparsecc.demo import build
-from sparsecc.export import tvm_library, tvm_runner
+from sparsecc import ExportError, InputError, VersionError
 from sparsecc.runtimes import unavailable
+from sparsecc.runtimes.tvm import library as tvm_library, runner as tvm_runner
+from sparsecc.tooling import synthetic
+from sparsecc.tooling.demo import build
 from tests.conftest import assert_equivalent
 from tests.unexportable import Unexportable
 
@@ -250,7 +251,7 @@ def test_unsupported_ops_are_listed_in_one_error(tmp_path):
 
 
 def test_missing_tvm_is_a_clear_error(tmp_path, monkeypatch):
-    from sparsecc.runtimes import tvm as tvm_runtime
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
 
     monkeypatch.setattr(tvm_runtime, "unavailable", lambda: "apache-tvm is not importable (ImportError: x)")
     model, masks = _small(tmp_path)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import synthetic
-from sparsecc.patterns.fanin import CondensedConv2d
+from sparsecc.core.patterns.fanin import CondensedConv2d
 from sparsecc.passes.fold import batchnorm_affine
+from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
 
 

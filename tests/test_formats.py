@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sparsecc import formats
-from sparsecc.synthetic import fanin_mask, nm_mask
+from sparsecc.core import formats
+from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 
 
 def test_fanin_encoding_exact():

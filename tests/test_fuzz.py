@@ -16,8 +16,9 @@ from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize
 
 import sparsecc
-from sparsecc import EquivalenceError, dynamo, swat, synthetic
-from sparsecc.layers import CondensedLayer
+from sparsecc import EquivalenceError, dynamo, swat
+from sparsecc.core.layers import CondensedLayer
+from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
 from tests.fuzz import __main__ as fuzz_main
 from tests.fuzz.generate import Residual, case

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, hf, synthetic
-from sparsecc.errors import EquivalenceError, MaskError
-from sparsecc.validation import flatten
+from sparsecc import InputError
+from sparsecc.compiler.validation import flatten
+from sparsecc.core.errors import EquivalenceError, MaskError
+from sparsecc.tooling import hf, synthetic
 from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, runtimes, synthetic
-from sparsecc.inputs import Arrangement, Call
-from sparsecc.runtimes import tensorrt as trt_runtime
+from sparsecc import InputError, runtimes
+from sparsecc.core.inputs import Arrangement, Call
+from sparsecc.runtimes.tensorrt import engine as trt_runtime
+from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
 
 VOCAB = 50

@@ -1,5 +1,7 @@
-"""What the layout promises (docs/architecture.md): no import cycles between sparsecc's modules, each op name
-spelled in at most three source files, no function over 60 lines outside the TVMScript kernels."""
+"""What the layout promises (docs/architecture.md, "Layout"): sub-packages stacked in one order with imports
+running down only (the core types import nothing else), each backend one folder under `runtimes/` found by
+name, `passes/` holding passes, no import cycles between modules, each op name spelled in at most three source
+files, no function over 60 lines outside the TVMScript kernels."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsecc import patterns
+from sparsecc.core import patterns, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"sparsecc": "sparsecc", "passes": "sparsecc.passes", "runtimes": "sparsecc.runtimes"}
@@ -85,9 +87,109 @@ def test_each_op_name_is_spelled_in_at_most_three_source_files(op):
 def test_functions_outside_the_tvmscript_kernels_are_at_most_60_lines():
     long = []
     for path in SOURCES:
-        if path.name == "tvm_kernels.py":
+        if path.relative_to(ROOT).as_posix() == "runtimes/tvm/kernels.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert not long, long
+
+
+#: Sub-packages from the bottom up: a module imports its own sub-package and those before it, never one after.
+#: ``edge`` is the modules at the root of ``sparsecc/`` (the public functions: api, exports, serialize, ...).
+LAYERS = ("core", "capture", "passes", "runtimes", "compiler", "edge", "tooling")
+#: What backends share, at the root of ``runtimes/``; everything else there is one folder per backend.
+SHARED_RUNTIME_MODULES = {"__init__", "binding", "cpu", "exporting", "signature", "tuning"}
+#: The only imports between backend folders: the ONNX writer (TensorRT and Triton build from its file), the
+#: onnxruntime session (Triton's repository is checked in it) and the TensorRT engine builder (Triton's plan).
+BACKEND_BASES = {"sparsecc.runtimes.onnxruntime.writer", "sparsecc.runtimes.onnxruntime.engine",
+                 "sparsecc.runtimes.tensorrt.engine"}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "edge"
+
+
+def _graph() -> dict[str, set[str]]:
+    names = {_module_name(p): p for p in SOURCES}
+    return {m: _imports(p, set(names)) - {m} for m, p in names.items()}
+
+
+def test_layer_names():
+    assert [_layer(m) for m in ("sparsecc.core.errors", "sparsecc.core.patterns.fanin", "sparsecc.capture.masks",
+                                "sparsecc.passes.fold", "sparsecc.runtimes", "sparsecc.runtimes.tvm.runtime",
+                                "sparsecc.compiler.pipeline", "sparsecc.api", "sparsecc", "sparsecc.tooling.cli")] \
+        == ["core", "core", "capture", "passes", "runtimes", "runtimes", "compiler", "edge", "edge", "tooling"]
+
+
+def test_sub_packages_import_downwards_only():
+    upward = [f"{m} ({_layer(m)}) imports {d} ({_layer(d)})" for m, deps in sorted(_graph().items())
+              for d in sorted(deps) if LAYERS.index(_layer(d)) > LAYERS.index(_layer(m))]
+    assert not upward, upward
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = {"sparsecc.core.report": {"sparsecc.passes.condense"}}
+    assert [d for m, deps in graph.items() for d in deps if LAYERS.index(_layer(d)) > LAYERS.index(_layer(m))]
+
+
+def test_core_names_no_backend_module():
+    """The registry is the one place a backend's module is named; patterns, layers and ops find backends by
+    name through it."""
+    core = [p for p in SOURCES if p.relative_to(ROOT).parts[:2] == ("sparsecc", "core")]
+    assert len(core) > 10
+    naming = [p.relative_to(ROOT).as_posix() for p in core if "sparsecc.runtimes" in p.read_text()
+              and p.name != "registry.py"]
+    assert not naming, naming
+
+
+def test_each_backend_is_one_folder_under_runtimes():
+    runtimes = ROOT / "runtimes"
+    for name, module in {**registry.RUNTIMES, **registry.ENGINES}.items():
+        assert module.startswith(f"sparsecc.runtimes.{name}."), (name, module)
+        assert (runtimes / name / f"{module.rsplit('.', 1)[1]}.py").is_file(), module
+    loose = {p.stem for p in runtimes.glob("*.py")} - SHARED_RUNTIME_MODULES
+    assert not loose, f"runtimes/ holds backend modules outside a backend folder: {sorted(loose)}"
+    folders = {p.name for p in runtimes.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert set(registry.RUNTIMES) | set(registry.ENGINES) <= folders
+    for folder in folders:
+        assert (runtimes / folder / "__init__.py").read_text().startswith('"""'), f"runtimes/{folder} says nothing"
+
+
+def test_backends_import_each_other_only_through_the_onnx_file_and_engines():
+    def backend(m: str) -> str | None:
+        parts = m.split(".")
+        return parts[2] if len(parts) > 3 and parts[1] == "runtimes" else None
+
+    crossing = [f"{m} -> {d}" for m, deps in sorted(_graph().items()) for d in sorted(deps)
+                if backend(m) and backend(d) and backend(m) != backend(d) and d not in BACKEND_BASES]
+    assert not crossing, crossing
+
+
+def test_tvm_runner_imports_no_torch_and_no_sparsecc():
+    """The runner is copied next to a library and run where PyTorch is not installed."""
+    tree = ast.parse((ROOT / "runtimes" / "tvm" / "runner.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+        {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"torch", "sparsecc"}, imported
+    package = ast.parse((ROOT / "runtimes" / "tvm" / "__init__.py").read_text())
+    assert not [n for n in ast.walk(package) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def test_passes_hold_passes():
+    """Every module in passes/ is a pass (a class with the `Pass` contract of `passes.manager`: name, requires,
+    call, ensures), the
+    pass manager, or a planning step a pass consumes (analysis, condense, narrow: they decide, passes rewrite)."""
+    import importlib
+    import inspect as _inspect
+
+    planning = {"analysis", "condense", "narrow"}
+    modules = {p.stem for p in (ROOT / "passes").glob("*.py")} - {"__init__", "manager"}
+    assert modules - planning, "no pass module found"
+    for stem in sorted(modules - planning):
+        module = importlib.import_module(f"sparsecc.passes.{stem}")
+        found = [c for _, c in _inspect.getmembers(module, _inspect.isclass)
+                 if c.__module__ == module.__name__ and all(hasattr(c, a) for a in ("name", "requires", "call",
+                                                                                     "ensures"))]
+        assert found, f"passes/{stem}.py defines no pass"

@@ -10,7 +10,7 @@ from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize, prune
 
 from sparsecc import MaskError, SparseccWarning, WeightError
-from sparsecc.passes.masks import prepare
+from sparsecc.capture.masks import prepare
 
 
 def mlp():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparsecc
-from sparsecc import hf, synthetic
+from sparsecc.tooling import hf, synthetic
 from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import sparsecc
-from sparsecc import synthetic
-from sparsecc.demo import build, sparse_model
+from sparsecc.tooling import synthetic
+from sparsecc.tooling.demo import build, sparse_model
 from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.slow    # whole models: `make test` runs it, `make check` does not

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, synthetic
-from sparsecc.demo import build, sparse_model
-from sparsecc.passes.masks import prepare
+from sparsecc import InputError
+from sparsecc.capture.masks import prepare
 from sparsecc.passes.narrow import narrow
+from sparsecc.tooling import synthetic
+from sparsecc.tooling.demo import build, sparse_model
 from tests.conftest import assert_equivalent
 
 

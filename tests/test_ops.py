@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import fx, nn
 
-from sparsecc import PassError, formats
+from sparsecc import PassError
+from sparsecc.core import formats
 from sparsecc.passes.manager import PassManager, PassResult
-from sparsecc.synthetic import fanin_mask, nm_mask
+from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 
 
 def _fanin_args():

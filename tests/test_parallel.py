@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsecc import formats
-from sparsecc.runtimes import parallel, unavailable
-from sparsecc.runtimes import tvm as tvm_runtime
-from sparsecc.synthetic import fanin_mask, nm_mask
+from sparsecc.core import formats
+from sparsecc.runtimes import unavailable
+from sparsecc.runtimes.tvm import parallel, runtime as tvm_runtime
+from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import patterns
+from sparsecc.core import patterns
+from sparsecc.core.structures import ConstantFanIn
 from sparsecc.passes.analysis import analyse
-from sparsecc.passes.structures import ConstantFanIn
 from sparsecc.runtimes import unavailable
 from tests import toy_one_four as toy
 from tests.conftest import assert_equivalent
+
 
 def _model_and_masks() -> tuple[nn.Module, dict]:
     g = torch.Generator().manual_seed(0)

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 import sparsecc
-from sparsecc import InputError, precision, synthetic
-from sparsecc.layers import CondensedLayer
+from sparsecc import InputError
+from sparsecc.compiler import precision
+from sparsecc.core.layers import CondensedLayer
+from sparsecc.tooling import synthetic
 
 
 def _mlp() -> nn.Module:

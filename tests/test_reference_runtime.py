@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsecc import formats
-from sparsecc.patterns import fanin
-from sparsecc.synthetic import fanin_mask, nm_mask
+from sparsecc.core import formats
+from sparsecc.core.patterns import fanin
+from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 from tests.conftest import assert_equivalent
 
 
@@ -91,6 +91,6 @@ def test_condensed_conv2d(cin, cout, k, stride, padding, dilation, groups, batch
 
 
 def test_smoke_command_passes():
-    from sparsecc.runtimes.__main__ import smoke
+    from sparsecc.tooling.smoke import smoke
 
     assert smoke("reference") == []

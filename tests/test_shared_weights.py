@@ -11,8 +11,8 @@ from torch.nn.utils import parametrize, prune
 
 import sparsecc
 from sparsecc import EquivalenceError, dynamo
-from sparsecc.passes import masks as masks_pass
-from sparsecc.synthetic import fanin_mask
+from sparsecc.capture import masks as masks_pass
+from sparsecc.tooling.synthetic import fanin_mask
 from tests.conftest import assert_equivalent
 
 

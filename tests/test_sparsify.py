@@ -13,9 +13,9 @@ from torch.nn.utils import parametrize
 
 import sparsecc
 from sparsecc import InputError, swat
-from sparsecc.demo import build
 from sparsecc.sparsify import _importance, _kept, erk_densities, search_permutation, sparsify
-from sparsecc.synthetic import all_but_stem
+from sparsecc.tooling.demo import build
+from sparsecc.tooling.synthetic import all_but_stem
 from tests.conftest import assert_equivalent
 
 

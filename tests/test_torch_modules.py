@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecc
-from sparsecc import pipeline, synthetic
-from sparsecc.layers import CondensedLayer
-from sparsecc.passes.capture import Captured
+from sparsecc.capture.graph import Captured
+from sparsecc.compiler import pipeline
+from sparsecc.core.layers import CondensedLayer
+from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
 
 

@@ -17,9 +17,10 @@ from google.protobuf import text_format
 from torch import nn
 
 import sparsecc
-from sparsecc import ExportError, InputError, RuntimeUnavailableError, cli, synthetic
+from sparsecc import ExportError, InputError, RuntimeUnavailableError
 from sparsecc.runtimes import unavailable
-from sparsecc.runtimes.onnxruntime import session
+from sparsecc.runtimes.onnxruntime.engine import session
+from sparsecc.tooling import cli, synthetic
 
 
 def _model_config_pb2():

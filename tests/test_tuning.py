@@ -11,9 +11,9 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 import sparsecc
-from sparsecc import timing
+from sparsecc.core import timing
 from sparsecc.runtimes import tuning, unavailable
-from sparsecc.synthetic import fanin_mask, nm_mask
+from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 from tests.conftest import assert_equivalent
 
 pytestmark = [pytest.mark.measured_choice,
@@ -47,7 +47,7 @@ def _model(structure="fanin"):
 def _spy(compiled):
     """The paths (``"sparse"`` / ``"dense"``) the model's one condensed layer runs, in call order (a
     measurement's calls included)."""
-    from sparsecc.layers import CondensedLayer
+    from sparsecc.core.layers import CondensedLayer
 
     layer = next(m for m in compiled.modules() if isinstance(m, CondensedLayer))
     bound = layer.__dict__["_bound"][2]
@@ -66,7 +66,7 @@ def _spy(compiled):
 @pytest.mark.parametrize("structure", ["fanin", "2:4"])
 def test_sparse_at_few_tokens_dense_at_many(monkeypatch, tmp_path, structure):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
+    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
     _clock(monkeypatch, sparse_faster_up_to=4)
     model = _model(structure)
     compiled = sparsecc.compile(model, (torch.randn(1, 64),), backend="tvm")
@@ -99,7 +99,7 @@ def test_autotune_false_runs_the_sparse_kernels_everywhere(monkeypatch):
 
 def test_a_dense_choice_is_reported_and_still_exact(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
+    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
     _clock(monkeypatch, sparse_faster_up_to=0)
     model = _model()
     x = torch.randn(2, 7, 64)
@@ -159,7 +159,7 @@ def test_real_measurement_on_a_2to4_layer_at_many_tokens(monkeypatch, tmp_path):
     """No stand-in: the runtime measures both paths; whichever runs, the output equals the user's model and
     the report's choice agrees with its own timings."""
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
+    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
     model = nn.Sequential(nn.Linear(256, 256)).eval()
     prune.custom_from_mask(model[0], "weight", nm_mask(model[0].weight))
     x = torch.randn(1, 197, 256)
@@ -180,7 +180,7 @@ def test_choices_survive_a_restart_and_are_measured_again_on_another_cpu(monkeyp
     """The on-disk choices (tile search and sparse-or-dense) are keyed on the CPU's model and ISA: a new process
     on the same machine measures nothing, the same cache directory on another CPU measures again."""
     from sparsecc.runtimes import cpu
-    from sparsecc.runtimes import tvm as tvm_runtime
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
 
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
     calls = _clock(monkeypatch, sparse_faster_up_to=0)
@@ -224,10 +224,10 @@ def test_measured_choice_against_the_dense_op_in_the_models_dtype(monkeypatch, t
     reference runtime, its gather; either way the kernel is measured against the dense op on the decoded weight
     in that dtype (oneDNN's AMX GEMM on bf16 here) and the faster runs: a compiled bf16 model is never the
     10-20x slower gather."""
-    from sparsecc.runtimes import reference
+    from sparsecc.runtimes.reference import runtime as reference
 
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("sparsecc.runtimes.tvm._tuning", None)
+    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
     reference.forget_caches()
     _clock(monkeypatch, sparse_faster_up_to=1)
     model = _model(structure).to(dtype)

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import sparsecc
-from sparsecc import InputError, formats
+from sparsecc import InputError
+from sparsecc.core import formats
 from sparsecc.runtimes import get_runtime, unavailable
-from sparsecc.runtimes import tvm as tvm_runtime
-from sparsecc.synthetic import fanin_mask
+from sparsecc.runtimes.tvm import runtime as tvm_runtime
+from sparsecc.tooling.synthetic import fanin_mask
 from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
@@ -193,8 +194,9 @@ def test_four_threads_share_one_compiled_model():
 
 _CHILD = """
 import json, torch, torch.nn.functional as F
-from sparsecc import formats
-from sparsecc.runtimes import tuning, tvm as rt
+from sparsecc.core import formats
+from sparsecc.runtimes import tuning
+from sparsecc.runtimes.tvm import runtime as rt
 torch.manual_seed(0)
 w = torch.randn(16, 48); m = torch.zeros_like(w, dtype=torch.bool); m[:, ::4] = True
 enc = formats.encode_fanin(w * m, m, 12)
@@ -274,7 +276,7 @@ def test_unsupported_dtype_falls_back_to_reference_with_a_note():
 @pytest.mark.parametrize("tokens", [1, 2, 11])
 @pytest.mark.parametrize("bias", [True, False])
 def test_nm_linear(in_f, tokens, bias):
-    from sparsecc.synthetic import nm_mask
+    from sparsecc.tooling.synthetic import nm_mask
 
     w = torch.randn(20, in_f)
     mask = nm_mask(w)

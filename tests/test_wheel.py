@@ -20,7 +20,7 @@ SOURCES = {"sparsecc": ROOT / "sparsecc", "sparsecc.passes": ROOT / "passes", "s
 _IN_VENV = """
 import importlib, json, sys, torch
 import sparsecc
-from sparsecc.synthetic import attach_with_prune, fanin_masks
+from sparsecc.tooling.synthetic import attach_with_prune, fanin_masks
 
 names = json.loads(sys.argv[1])
 for name in names:
@@ -72,7 +72,7 @@ def test_installed_wheel_imports_every_module_and_compiles(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     names = _source_modules()
-    assert "sparsecc.export.onnx_file" in names and "sparsecc.runtimes.tvm" in names
+    assert "sparsecc.runtimes.onnxruntime.writer" in names and "sparsecc.runtimes.tvm.runtime" in names
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(python), "-c", _IN_VENV, json.dumps(names), purelib], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -1,5 +1,5 @@
 """A toy pattern, 1:4 along K for Linears, defined the way a new pattern is added (docs/architecture.md): this
-one module and a `sparsecc.patterns.register` call. It runs on the reference runtime only (no TVM binding)."""
+one module and a `sparsecc.core.patterns.register` call. It runs on the reference runtime only (no TVM binding)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsecc.layers import CondensedLayer
-from sparsecc.ops import kernel, own, save_constants
-from sparsecc.patterns import Op, Pattern, Source
+from sparsecc.core.layers import CondensedLayer
+from sparsecc.core.ops import kernel, own, save_constants
+from sparsecc.core.patterns import Op, Pattern, Source
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from torch.utils import _pytree as pytree
 
 import sparsecc
 from sparsecc import dynamo as sparsecc_dynamo
-from sparsecc.errors import SparseccError
-from sparsecc.layers import CondensedLayer
-from sparsecc.validation import compare
+from sparsecc.compiler.validation import compare
+from sparsecc.core.errors import SparseccError
+from sparsecc.core.layers import CondensedLayer
 from tests.fuzz.generate import Case
 
 #: float32's; other dtypes are compared at validation's tolerance for theirs.
@@ -157,7 +157,7 @@ def pt2(case: Case, tmp: Path) -> None:
 
 
 def export_onnx(case: Case, tmp: Path) -> None:
-    from sparsecc.runtimes import onnxruntime as ort
+    from sparsecc.runtimes.onnxruntime import engine as ort
 
     compiled = _compiled(case, "reference")
     exported = sparsecc.export_onnx(compiled, case.inputs, tmp / "m.onnx")

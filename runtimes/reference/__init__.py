@@ -1,0 +1,1 @@
+"""The reference runtime: pure torch, runs everywhere; the correctness oracle (`runtime`)."""

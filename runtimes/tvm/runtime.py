@@ -1,0 +1,658 @@
+"""TVM runtime: condensed ops as TensorIR kernels compiled by LLVM for this CPU (`tvm_kernels`), cached on
+disk (`kernel_cache`), called on torch tensors without copies where the layout allows.
+
+Per call it picks the kernel by token count: one token at a time below `SPMM_MIN_TOKENS` (gather-bound GEMV),
+the tiled token kernel above (vectorised over tokens, its register tile measured per layer shape on this
+machine among `tvm_kernels.TILES`), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: float32 only, any
+strides or alignment (copied to a contiguous tensor when needed; kernels assume element alignment only).
+Each kernel call is split into row blocks over PyTorch's own threads (`parallel`), as many as
+``torch.get_num_threads()`` says at that call; concurrent callers share compiled kernels read-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsecc.core import formats, ops, patterns as _patterns
+from sparsecc.core.errors import InputError
+from sparsecc.runtimes import cpu, tuning
+from sparsecc.runtimes.tvm import parallel
+
+NAME = "tvm"
+#: Values are kept in the layer's dtype; the kernels compute in float32 (bf16 / fp16 inputs are widened on the
+#: way in, outputs narrowed on the way out), and the dense op they are measured against runs in the layer's dtype.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: From this many tokens on, the token kernel beats one GEMV per token (3072->768 at 90%, 1 thread: one GEMV
+#: per token 193 / 400 / 835 us at 2 / 4 / 8 tokens, the token kernel 211 / 224 / 285 us).
+SPMM_MIN_TOKENS = 3
+
+
+def linear_kernel(tokens: int) -> str:
+    """The kernel a fan-in Linear of a TVM library (`export_tvm`) runs at ``tokens`` tokens: one GEMV per token
+    below `SPMM_MIN_TOKENS`, else the K-blocked token kernel. The eager runtime runs the tiled kernel there."""
+    return "gemv" if tokens < SPMM_MIN_TOKENS else "spmm_kb"
+
+
+@functools.cache
+def expands() -> bool:
+    """Whether this CPU expands 16-bit lanes in one instruction (AVX512_VBMI2's ``vpexpandw``): the bit-mask
+    one-token kernel for bf16 layers (`tvm_kernels.mask_gemv`) is offered only then (elsewhere LLVM would
+    emulate the expanding load lane by lane)."""
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx512vbmi2", kernel_cache().target))
+
+
+def _label(form) -> str:
+    """A sparse kernel form's name in the tuning cache: a register tile's, or the one-token form's own."""
+    return form if isinstance(form, str) else form.name()
+
+
+@functools.cache
+def lanes() -> int:
+    """The tiled kernels' vector width on this machine (16 with AVX-512, else 8). Cached: asking the target
+    costs about 200 us, as much as a small layer."""
+    from sparsecc.runtimes.tvm import kernels as tvm_kernels
+
+    return tvm_kernels.lanes(kernel_cache().target)
+
+
+_state_lock = threading.Lock()
+_cache = None
+_tuning = None
+
+
+def unavailable() -> Optional[str]:
+    try:
+        import tvm  # noqa: F401
+        from tvm.script import tirx  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means the runtime is missing
+        return f"apache-tvm is not importable ({type(exc).__name__}: {exc}); pip install apache-tvm==0.27.0.post1"
+    return None
+
+
+def kernel_cache():
+    """The process-wide kernel cache for the host CPU target."""
+    global _cache
+    with _state_lock:
+        if _cache is None:
+            import tvm
+
+            from sparsecc.runtimes.tvm import cache as kc, kernels as tvm_kernels
+
+            target = tvm.target.Target.from_device("cpu")
+            _cache = kc.KernelCache(target, (Path(tvm_kernels.__file__),), cpu=cpu.identity())
+        return _cache
+
+
+def forget_caches() -> None:
+    """Drop this process's kernel and tuning caches: the next use reopens them from ``$SPARSECC_CACHE_DIR`` (what
+    a new process does; the benchmark times cold and warm compiles with it)."""
+    global _cache, _tuning
+    with _state_lock:
+        _cache = _tuning = None
+    _layout_kernel.cache_clear()
+    lanes.cache_clear()
+    expands.cache_clear()
+
+
+def tuning_cache() -> tuning.TuningCache:
+    """The process-wide sparse-or-dense choices, keyed like the kernels plus torch's version (dense ops)."""
+    global _tuning
+    if _tuning is None:
+        from sparsecc.core.files import cache_root
+
+        fingerprint = {**kernel_cache().fingerprint, "torch": torch.__version__}
+        _tuning = tuning.TuningCache(fingerprint, cache_root() / "tuning")
+    return _tuning
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool, tile=None,
+            dtype: torch.dtype = torch.float32) -> Callable:
+    """The compiled kernel of ``kind``; ``dtype`` is its values' dtype (inputs and outputs are float32)."""
+    import tvm
+
+    from sparsecc.runtimes.tvm import kernels as tvm_kernels
+
+    key = tvm_kernels.KernelKey(kind, k, tokens, _name(index_dtype), _name(dtype), bias,
+                                tile=tile, lanes=lanes() if tile is not None else tvm_kernels.VEC)
+    return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
+
+
+@functools.cache
+def _layout_kernel(kind: str, width: int) -> Callable:
+    import tvm
+
+    from sparsecc.runtimes.tvm import kernels as tvm_kernels
+
+    key = tvm_kernels.KernelKey(kind, 0, 0, "int32", "float32", False, lanes=width)
+    return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
+
+
+_scratch = threading.local()
+
+
+def scratch(slot: str, rows: int, cols: int) -> Tensor:
+    """A float32 ``[rows, cols]`` buffer of this thread's, for an intermediate that never leaves the call that
+    asks for it (the tiled kernel's transposed input and output). Fresh megabyte-sized tensors cost a page fault
+    per 4 KiB on every call (8 us per allocation, 2 ms of a ViT-B/16 call); one buffer per slot and thread,
+    grown to the largest use, costs nothing after the first call. Threads never share one."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(slot)
+    if buf is None or buf.numel() < rows * cols:
+        buf = buffers[slot] = torch.empty(rows * cols)
+    return buf[:rows * cols].view(rows, cols)
+
+
+def to_tokens_last(x: Tensor, width: int) -> Tensor:
+    """``[tokens, in]`` (contiguous) to the tiled kernel's ``[in, tokens_padded]``, padding columns zero, in
+    this thread's scratch buffer."""
+    from sparsecc.runtimes.tvm.kernels import padded
+
+    tokens, n = x.shape
+    xt = scratch("tokens_last_in", n, padded(tokens, width))
+    # A moved float costs about what a multiply-add does: its element count is its work.
+    parallel.run(_layout_kernel("pack", width), n // width, xt.numel(), x, xt)
+    return xt
+
+
+def from_tokens_last(y: Tensor, tokens: int) -> Tensor:
+    """The first ``tokens`` columns of the tiled kernel's ``[out, tokens_padded]`` as ``[tokens, out]``."""
+    out = y.new_empty(tokens, y.shape[0])
+    width = lanes()
+    parallel.run(_layout_kernel("unpack", width), y.shape[0] // width, out.numel(), y, out)
+    return out
+
+
+def _contiguous(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` as the layer takes it: on the CPU, in the layer's dtype, contiguous."""
+    if x.dtype != dtype:
+        raise InputError(f"tvm runtime: input is {x.dtype} but the layer's weights are {dtype}; cast the input "
+                         f"(or the model) so that they match, as torch's own layer would require")
+    if not x.is_cpu:
+        raise InputError(f"tvm runtime: input is on {x.device}; its kernels run on the CPU")
+    # Kernels assume element alignment only (any float32 view has it); contiguity is what they need.
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel_dim: int) -> Tensor:
+    """The output of a layer whose every row is ablated: its bias (or zeros) broadcast, in fresh memory (a view
+    of the bias would let callers write into it, and custom ops may not alias their inputs)."""
+    if bias is None:
+        return x.new_zeros(shape)
+    view = [1] * len(shape)
+    view[channel_dim] = -1
+    return bias.view(view).expand(shape).clone(memory_format=torch.contiguous_format)
+
+
+class _Tuned:
+    """A bound layer that runs its sparse kernel or its dense op (on the dense weight, decoded on first use),
+    whichever `tuning` measured faster for this call's token bucket and torch's thread count. ``sparse`` takes
+    and returns float32 (the kernels' arithmetic); ``dense`` runs in the layer's dtype, so a bf16 layer on an
+    AMX CPU is measured against oneDNN's bf16 GEMM, and never runs slower than it. Where the call's
+    sparse kernel takes a register tile (`tiles`), the tile is measured first among the candidates, whether or
+    not the dense op is compared (``autotune=False`` still runs the best tile)."""
+
+    def __init__(self, values: Tensor) -> None:
+        self.values = values
+        self.tune = tuning.enabled(values)
+        self.choices: dict[tuple[int, int], tuning.Choice] = {}
+        self.tile_choices: dict[tuple[int, int], tuning.Choice] = {}
+        self._tiles: dict[tuple[int, int], object] = {}     # the chosen tiles, parsed once
+        self._dense_weight: Optional[Tensor] = None
+
+    def tiles(self, x: Tensor) -> tuple:
+        """The register tiles the sparse kernel of this call can take (none: it has no tile)."""
+        return ()
+
+    def tokens(self, x: Tensor) -> int:
+        raise NotImplementedError
+
+    def constant(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def signature(self, x: Tensor) -> tuple:
+        """What the speed of both paths depends on, besides the token count and thread count."""
+        raise NotImplementedError
+
+    def dense(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
+        raise NotImplementedError
+
+    def _signature(self, x: Tensor) -> tuple:
+        return (*self.signature(x), _name(self.values.dtype))
+
+    def tile_for(self, x: Tensor, key: tuple[int, int]):
+        """The measured best form of the sparse kernel for this call's token bucket and thread count: a register
+        tile (many tokens), a one-token form's name (`BoundLinear.FORMS`), or None (nothing to choose). ``x``
+        is the kernels' float32 input."""
+        if key in self._tiles:
+            return self._tiles[key]
+        choice = self.tile_choices.get(key)
+        if choice is None:
+            tiles = self.tiles(x)
+            if not tiles:
+                self._tiles[key] = None
+                return None
+            choice = self.tile_choices[key] = tuning.choose_tile(
+                tuning_cache(), self._signature(x), self.tokens(x),
+                {_label(t): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values))
+        from sparsecc.runtimes.tvm.kernels import Tile
+
+        tile = self._tiles[key] = choice.tile if choice.tile in BoundLinear.FORMS else Tile.parse(choice.tile)
+        return tile
+
+    def _sparse(self, x: Tensor, key: tuple[int, int]) -> Tensor:
+        """The sparse kernel (its measured tile) on ``x`` in the layer's dtype: widened to float32 and back
+        where it is not."""
+        wide = x if x.dtype == torch.float32 else x.float()
+        y = self.sparse(wide, self.tile_for(wide, key))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # Every call of a layer runs this: a layer whose choice is the dense op pays a dict lookup, no more.
+        x = _contiguous(x, self.values.dtype)
+        if self.values.shape[0] == 0:
+            return self.constant(x)
+        tokens = self.tokens(x)
+        key = (tuning.bucket(tokens), torch.get_num_threads())
+        if self.tune:
+            choice = self.choices.get(key)
+            if choice is None:
+                wide = x if x.dtype == torch.float32 else x.float()
+                tile = self.tile_for(wide, key)
+                choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens,
+                                                           lambda: self._sparse(x, key), lambda: self.dense(x),
+                                                           tuning.streaming(self.values),
+                                                           _label(tile) if tile is not None else "")
+            if choice.dense:
+                return self.dense(x)
+        return self._sparse(x, key)
+
+
+class _Bound(_Tuned):
+    """One layer's constants in the form the kernels take, derived once, plus its kernels by token count."""
+
+    def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor], out: int,
+                 groups: int = 1, group_fan_in: int = 0) -> None:
+        super().__init__(values)
+        self.rows = rows
+        live = torch.ones(out, dtype=torch.bool)
+        if rows is not None:
+            live[:] = False
+            live[rows] = True
+        # Value row i is output row rows[i], in whatever order the rows come (the op's contract).
+        orow = torch.arange(out) if rows is None else rows.to(torch.int64)
+        if groups > 1:   # one kernel over the whole unfolded input: shift each filter's indices to its group
+            shift = (orow // (out // groups)) * group_fan_in
+            indices = (indices.to(torch.int64) + shift[:, None]).to(torch.int32).contiguous()
+        self.values, self.indices, self.out = values, indices, out
+        self.orow = orow.to(torch.int32)
+        self.arow = torch.nonzero(~live).flatten().to(torch.int32)
+        self.has_bias = bias is not None
+        # The kernels add a float32 bias; the dense op takes the layer's own.
+        self.bias = bias.float().contiguous() if bias is not None else torch.zeros(out)
+        self.bias_or_none = bias
+        # The kernels' constant arguments as TVM tensors (sharing memory): converted once, not on every call.
+        import tvm_ffi
+
+        self.args = tuple(tvm_ffi.from_dlpack(t) for t in (self.values, self.indices, self.orow, self.arow, self.bias))
+        self.kernels: dict[tuple[str, int], Callable] = {}
+
+    def kernel(self, kind: str, tokens: int, tile=None) -> Callable:
+        fn = self.kernels.get((kind, tokens, tile))
+        if fn is None:
+            from sparsecc.runtimes.tvm import kernels as tvm_kernels
+
+            index_dtype = torch.int32 if kind in ("spmm_flat", "tiled_flat") else self.indices.dtype
+            k = self.values.shape[1]
+            if tile is not None and k > tvm_kernels.STATIC_K:
+                k = 0                   # the tiled kernel for any fan-in (`fanin_tiled`)
+            fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile,
+                                                              self.values.dtype)
+        return fn
+
+    def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None) -> None:
+        """One kernel call, its rows split over torch's threads (row blocks for the token kernels)."""
+        from sparsecc.runtimes.tvm.kernels import blocks
+
+        rows = self.values.shape[0]
+        parallel.run(self.kernel(kind, tokens, tile), blocks(kind, rows, tile), rows * self.values.shape[1] * tokens,
+                     x, *(self.args if args is None else args), y)
+
+    def tiles(self, x: Tensor) -> tuple:
+        from sparsecc.runtimes.tvm import kernels as tvm_kernels
+
+        tokens = self.tokens(x)
+        if tokens < SPMM_MIN_TOKENS:
+            return ()
+        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes()), lanes())
+
+    def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None) -> Tensor:
+        """``[out, tokens_padded]`` from ``xt = [in, tokens_padded]`` by the tiled kernel (into ``y``, if given)."""
+        y = xt.new_empty(self.out, xt.shape[1]) if y is None else y
+        self.run("tiled", xt.shape[1], xt.view(-1), y, tile=tile)
+        return y
+
+
+class BoundLinear(_Bound):
+    #: The one-token forms measured against each other where there is a choice: the gather kernel on values
+    #: and indices, and the bit-mask kernel (`tvm_kernels.mask_gemv`, bf16 layers on AVX512_VBMI2 CPUs).
+    FORMS = ("gather", "bitmask")
+
+    def tokens(self, x: Tensor) -> int:
+        return x.numel() // x.shape[-1]
+
+    def tiles(self, x: Tensor) -> tuple:
+        if self.tokens(x) < SPMM_MIN_TOKENS:
+            return self.FORMS if self.values.dtype == torch.bfloat16 and expands() else ()
+        return super().tiles(x)
+
+    def _bitmask(self, in_features: int) -> tuple:
+        """The layer as `tvm_kernels.mask_gemv` reads it, built on first use: per row a 32-bit word per 32
+        inputs (padded) and the kept values in input order (duplicate indices summed, as the gather kernel
+        does), each row's first value's position, and the compiled kernel."""
+        found = self.__dict__.get("_mask_form")
+        if found is None or found[0] != in_features:
+            import tvm_ffi
+
+            from sparsecc.runtimes.tvm import kernels as tvm_kernels
+
+            block = tvm_kernels.MASK_BLOCK
+            width = -(-in_features // block) * block
+            rows, idx = self.values.shape[0], self.indices.long()
+            kept = torch.zeros(rows, width).scatter_add_(1, idx, self.values.float())
+            present = torch.zeros(rows, width, dtype=torch.bool).scatter_(1, idx, True)
+            packed = kept.to(torch.bfloat16)[present].view(torch.int16).contiguous()
+            counts = present.sum(1)
+            start = (counts.cumsum(0) - counts).to(torch.int32)
+            words = (present.view(rows, -1, block).to(torch.int64) << torch.arange(block)).sum(-1)
+            words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
+            kernel = _kernel("mask_gemv", width, 1, torch.int32, self.has_bias, dtype=torch.bfloat16)
+            args = tuple(tvm_ffi.from_dlpack(t) for t in (words, packed, start, self.orow, self.arow, self.bias))
+            found = self.__dict__["_mask_form"] = (in_features, width, kernel, args, (words, packed, start))
+        return found
+
+    def _gemv(self, x1: Tensor, y1: Tensor, form) -> None:
+        """One token (``x1 [1, in]`` float32) into ``y1 [1, out]`` in the chosen one-token form."""
+        if form != "bitmask":
+            self.run("gemv", 1, x1, y1)
+            return
+        in_features, width, kernel, args, _ = self._bitmask(x1.shape[-1])
+        xp = x1[0] if width == in_features else torch.nn.functional.pad(x1[0], (0, width - in_features))
+        rows = self.values.shape[0]
+        halves = xp.view(-1, 2).t().contiguous()       # even and odd inputs, one copy
+        parallel.run(kernel, rows, rows * width // 4, halves[0], halves[1], *args, y1)
+
+    def signature(self, x: Tensor) -> tuple:
+        return ("linear", self.out, x.shape[-1], *self.values.shape, self.indices.dtype, self.has_bias)
+
+    def constant(self, x: Tensor) -> Tensor:
+        return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
+
+    def dense(self, x: Tensor) -> Tensor:
+        if self._dense_weight is None:
+            self._dense_weight = formats.decode_fanin(self.values, self.indices, self.rows, self.out, x.shape[-1])
+        return F.linear(x, self._dense_weight, self.bias_or_none)
+
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
+            y = x.new_empty(1, self.out)
+            self._gemv(x, y, tile)
+            return y
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.shape[0] >= SPMM_MIN_TOKENS:
+            # Transposed views would save the copies here but slow the LayerNorms and attention after them
+            # (measured on ViT-B/16): outputs stay contiguous.
+            tile = tile or self.tile_for(x2, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
+            xt = to_tokens_last(x2, lanes())
+            y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, xt.shape[1])), x2.shape[0])
+        else:
+            tokens = x2.shape[0]
+            y = x2.new_empty(tokens, self.out)
+            for t in range(tokens):
+                self._gemv(x2[t:t + 1], y[t:t + 1], tile)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
+
+
+class BoundConv2d(_Bound):
+    """Stride-1 ungrouped convolutions run the flat token kernel on the zero-padded input (no im2col); the
+    others run the token kernel on ``F.unfold`` columns, 1x1 ones on the input itself."""
+
+    def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
+                 out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, in_channels: int) -> None:
+        super().__init__(values, indices, rows, bias, out_channels, groups,
+                         (in_channels // groups) * kernel_size[0] * kernel_size[1])
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.pointwise = kernel_size == [1, 1] and padding == [0, 0] and dilation == [1, 1]
+        self.direct = not self.pointwise and stride == [1, 1] and groups == 1
+        self.offsets: dict[tuple[int, int], Tensor] = {}
+        self.in_channels, self.groups, self.original_indices = in_channels, groups, indices
+
+    def _offsets(self, h: int, w: int) -> Tensor:
+        """Flat offset of each tap in the padded input plane stack, for an input of ``h x w``."""
+        found = self.offsets.get((h, w))
+        if found is None:
+            kh, kw = self.kernel_size
+            hp, wp = h + 2 * self.padding[0], w + 2 * self.padding[1]
+            idx = self.indices.long()
+            c, dy, dx = idx // (kh * kw), idx % (kh * kw) // kw, idx % kw
+            found = (c * hp * wp + dy * self.dilation[0] * wp + dx * self.dilation[1]).to(torch.int32).contiguous()
+            self.offsets[(h, w)] = found
+        return found
+
+    def _direct(self, sample: Tensor, oh: int, ow: int, tile) -> Tensor:
+        from sparsecc.runtimes.tvm.kernels import padded
+
+        c, h, w = sample.shape
+        ph, pw = self.padding
+        wp = w + 2 * pw
+        # Outputs are computed over the padded width (the extra columns are dropped) and up to a whole number of
+        # vectors; the input carries enough trailing zeros for the last taps of the last (padding) token.
+        tokens = padded(oh * wp, lanes())
+        extra = self.dilation[1] * (self.kernel_size[1] - 1) + tokens - oh * wp
+        flat = sample.new_zeros(c * (h + 2 * ph) * wp + extra)
+        flat[:c * (h + 2 * ph) * wp].view(c, h + 2 * ph, wp)[:, ph:ph + h, pw:pw + w] = sample
+        y = sample.new_empty(self.out, tokens)
+        self.run("tiled_flat", tokens, flat, y, (self.values, self._offsets(h, w), self.orow, self.arow, self.bias),
+                 tile)
+        return y[:, :oh * wp].view(self.out, oh, wp)[:, :, :ow].contiguous()
+
+    def tiles(self, x: Tensor) -> tuple:
+        from sparsecc.runtimes.tvm import kernels as tvm_kernels
+
+        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(self.tokens(x), lanes()), lanes())
+
+    def _out_size(self, x: Tensor) -> tuple[int, int]:
+        return tuple(ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
+                     zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation))
+
+    def tokens(self, x: Tensor) -> int:
+        oh, ow = self._out_size(x)
+        return oh * ow
+
+    def signature(self, x: Tensor) -> tuple:
+        return ("conv2d", self.out, self.in_channels, *self.kernel_size, *self.stride, *self.padding,
+                *self.dilation, self.groups, *self.values.shape, *x.shape[-2:], self.has_bias)
+
+    def constant(self, x: Tensor) -> Tensor:
+        return _constant(x, self.bias_or_none, (*x.shape[:-3], self.out, *self._out_size(x)), x.dim() - 3)
+
+    def dense(self, x: Tensor) -> Tensor:
+        if self._dense_weight is None:
+            kh, kw = self.kernel_size
+            fan_in = self.in_channels // self.groups * kh * kw
+            flat = formats.decode_fanin(self.values, self.original_indices, self.rows, self.out, fan_in)
+            self._dense_weight = flat.view(self.out, self.in_channels // self.groups, kh, kw)
+        return F.conv2d(x, self._dense_weight, self.bias_or_none, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
+        from sparsecc.runtimes.tvm.kernels import padded
+
+        unbatched = x.dim() == 3
+        xb = x.unsqueeze(0) if unbatched else x
+        n, c, h, w = xb.shape
+        oh, ow = self._out_size(x)
+        tile = tile or self.tile_for(x, (tuning.bucket(oh * ow), torch.get_num_threads()))
+        tokens = padded(oh * ow, lanes())
+        outs = []
+        for i in range(n):
+            if self.direct:
+                outs.append(self._direct(xb[i], oh, ow, tile))
+                continue
+            if self.pointwise:
+                sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
+            else:
+                sample = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
+            if tokens == oh * ow:       # whole vectors already (56x56, 28x28): the columns as they are
+                cols = sample.reshape(-1, tokens).contiguous()
+            else:
+                cols = sample.new_zeros(sample.shape[0], tokens)
+                cols[:, :oh * ow] = sample.reshape(-1, oh * ow)
+            y = self.tiled(cols, tile)
+            outs.append((y if tokens == oh * ow else y[:, :oh * ow].contiguous()).view(self.out, oh, ow))
+        y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
+        return y[0] if unbatched else y
+
+
+def nm_kind(in_features: int, target) -> Optional[str]:
+    """The 2:4 one-token kernel for this input width and target, or None (the fan-in kernels run instead)."""
+    from tvm.target import codegen
+
+    if in_features % 16 == 0 and codegen.target_has_features("avx", target):
+        return "nm_gemv_avx"
+    return "nm_gemv" if in_features % 32 == 0 else None
+
+
+class BoundNM(_Tuned):
+    """2:4 Linear: few tokens read the 2-bit metadata directly; many tokens (or shapes the 2:4 kernels do
+    not take) run the fan-in kernels on the expanded positions (k = in/2)."""
+
+    def __init__(self, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int,
+                 compile_kernel: bool = True) -> None:
+        self.values, self.metadata, self.in_features, self.out = values, metadata, in_features, values.shape[0]
+        self.has_bias = bias is not None
+        self.bias_or_none = bias
+        self.bias = bias.float().contiguous() if bias is not None else torch.zeros(self.out)
+        groups = in_features // 4
+        self.kind = nm_kind(in_features, kernel_cache().target)
+        self.direct = (_kernel(self.kind, groups, 1, torch.int16, self.has_bias, dtype=values.dtype)
+                       if self.kind and compile_kernel else None)
+        self._fanin: Optional[BoundLinear] = None
+        super().__init__(values)
+
+    @property
+    def fanin(self) -> BoundLinear:
+        """The fan-in binding on expanded positions, built on first use (its indices cost in/2 per row)."""
+        if self._fanin is None:
+            indices = formats.nm_indices(self.metadata, self.in_features).to(formats.index_dtype(self.in_features))
+            self._fanin = BoundLinear(self.values, indices, None, self.bias_or_none, self.out)
+            self._fanin.tune = False       # this layer's own choice covers it
+        return self._fanin
+
+    def _layout(self, x1: Tensor) -> Tensor:
+        """The input as the kernel reads it: the AVX kernel reorders it itself; the portable one takes it
+        de-interleaved by position in group."""
+        if self.kind == "nm_gemv_avx":
+            return x1
+        return x1.view(-1, 4).t().contiguous()
+
+    def tokens(self, x: Tensor) -> int:
+        return x.numel() // x.shape[-1]
+
+    def signature(self, x: Tensor) -> tuple:
+        return ("nm_linear", self.out, self.in_features, self.kind, self.has_bias)
+
+    def constant(self, x: Tensor) -> Tensor:
+        return x.new_zeros(*x.shape[:-1], 0)
+
+    def dense(self, x: Tensor) -> Tensor:
+        if self._dense_weight is None:
+            indices = formats.nm_indices(self.metadata, self.in_features)
+            self._dense_weight = formats.decode_fanin(self.values, indices, None, self.out, self.in_features)
+        return F.linear(x, self._dense_weight, self.bias_or_none)
+
+    def _on_fanin(self, tokens: int) -> bool:
+        return self.direct is None or tokens >= SPMM_MIN_TOKENS
+
+    def tiles(self, x: Tensor) -> tuple:
+        return self.fanin.tiles(x) if self._on_fanin(self.tokens(x)) else ()
+
+    def sparse(self, x: Tensor, tile=None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens = x2.shape[0]
+        if self._on_fanin(tokens):
+            return self.fanin.sparse(x, tile)
+        y = x2.new_empty(tokens, self.out)
+        work = self.out * self.in_features // 2
+        for t in range(tokens):
+            parallel.run(self.direct, self.out, work, self._layout(x2[t:t + 1]), self.values, self.metadata,
+                         self.bias, y[t:t + 1])
+        return y.reshape(*x.shape[:-1], self.out)
+
+
+def bind(op: str, *constants) -> Callable[[Tensor], Tensor]:
+    """A callable running ``op`` on an input with everything else fixed: what a layer keeps between calls."""
+    return BINDINGS[op](*constants)
+
+
+class LazyConv:
+    """Grouped convolutions need the input's channel count to place indices: bound on the first input."""
+
+    def __init__(self, *constants) -> None:
+        self.constants, self.bound = constants, None
+
+    @property
+    def choices(self) -> dict:
+        return self.bound.choices if self.bound is not None else {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.bound is None:
+            self.bound = BoundConv2d(*self.constants, in_channels=x.shape[-3])
+        return self.bound(x)
+
+
+def bound(op: str, *constants) -> Callable[[Tensor], Tensor]:
+    """`bind`, cached on the layer's values tensor (`binding.bound`)."""
+    from sparsecc.runtimes import binding
+
+    return binding.bound("_sparsecc_bound", bind, op, *constants)
+
+
+#: Op name -> what binds a layer's constants for this runtime: the ops TVM runs. A plug-in pattern adds its own
+#: with `register_binding`; the patterns name no backend.
+BINDINGS: dict[str, Callable[..., Callable[[Tensor], Tensor]]] = {
+    _patterns.fanin.LINEAR.name: BoundLinear,
+    _patterns.fanin.CONV2D.name: LazyConv,
+    _patterns.nm.LINEAR.name: BoundNM,
+}
+
+
+def register_binding(op: str, factory: Callable[..., Callable[[Tensor], Tensor]]) -> None:
+    """Run ``op`` on TVM: ``factory(*constants)`` returns the layer's callable (see `BoundLinear`)."""
+    BINDINGS[op] = factory
+    _patterns.changed()
+
+
+def _kernel_of(op) -> Optional[Callable]:
+    if op.name not in BINDINGS:
+        return None
+    return lambda x, *constants: bound(op.name, *constants)(x)
+
+
+KERNELS = _patterns.OpTable(_kernel_of)

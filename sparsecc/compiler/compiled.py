@@ -1,0 +1,167 @@
+"""`CompiledModel`, what `sparsecc.compile` returns: the rewritten module, its report, and the checks every call
+runs (inputs against what was compiled, non-finite inputs in the dense semantics, first-call validation when
+compile had no example inputs)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from sparsecc.capture.masks import Prepared
+from sparsecc.compiler.precision import TOLERANCE as PRECISION_TOLERANCE, AtPrecision, call as precision_call
+from sparsecc.compiler.validation import Validation, input_sets, run_validation
+from sparsecc.core.errors import EquivalenceError, InputError
+from sparsecc.core.inputs import Call, as_tuple
+from sparsecc.core.layers import dense_semantics
+from sparsecc.core.report import Report
+
+InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
+
+
+__all__ = ["CompiledModel", "as_tuple", "spec_of", "validate_into"]
+
+
+def spec_of(inputs: Any) -> InputSpec:
+    """Dtype and per-sample shape of every tensor in ``inputs`` (a `Call` or a pytree): what a compiled graph
+    accepts (any batch)."""
+    tree = inputs.tree if isinstance(inputs, Call) else inputs
+    return tuple((t.dtype, t.shape[1:]) for t in pytree.tree_leaves(tree) if isinstance(t, Tensor))
+
+
+class CompiledModel(nn.Module):
+    """The rewritten model. Calls of a captured graph check inputs against what was compiled (free batch
+    dimension); a model whose layers were swapped in place runs its own forward, so it takes any call its
+    class takes (other keywords, a KV cache). Without example inputs at compile time, the first call fixes
+    the inputs and is validated against the reference.
+
+    Like ``torch.compile``'s wrapper, it forwards what it does not have to the model it wraps: the user's
+    model class's attributes and methods (``config``, ``generate``) run on the condensed layers."""
+
+    def __init__(self, module: nn.Module, report: Report, pending: Optional[Prepared],
+                 spec: Optional[InputSpec], shell: Optional[nn.Module] = None, keywords: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.module = module
+        self.report = report
+        self._pending = pending     # what the first call is validated against, when compile had no inputs
+        self._spec = spec
+        # The model's class around the same condensed layers, when ``module`` is a graph: where attributes and
+        # methods the graph lacks are found. Not a submodule: its tensors are the graph's, listed once.
+        self.__dict__["_shell"] = shell
+        self._keywords = keywords   # the spec came from a call with keyword inputs (no positional example)
+        self._dtype = dtype         # the dtype ``precision=`` runs the model in (None: its own)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name in ("module", "_pending", "_spec", "_shell", "_keywords", "_dtype"):
+                raise
+            module = super().__getattr__("module")
+            shell = self.__dict__.get("_shell")
+            if shell is None or hasattr(module, name):
+                return getattr(module, name)
+            return getattr(shell, name)
+
+    @property
+    def _strict(self) -> bool:
+        """Whether calls must match the compiled inputs: a graph was captured for them."""
+        return isinstance(self.module, torch.fx.GraphModule)
+
+    def _check_inputs(self, inputs: tuple) -> Sequence[Tensor]:
+        """Raise `InputError` for inputs the compiled model does not take; returns the tensor inputs."""
+        spec = self._spec
+        if spec is not None and len(inputs) == len(spec):
+            for t, (dt, shape) in zip(inputs, spec):   # the common case without pytree: this runs on every call
+                if type(t) is not Tensor or t.dtype != dt or t.shape[1:] != shape or not t.is_cpu:
+                    break
+            else:
+                return inputs
+        leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+        self._check_device(leaves)
+        got = spec_of(inputs)
+        if spec is None:
+            self._spec, self._keywords = got, bool(inputs) and isinstance(inputs[-1], dict)
+            return leaves
+        if not self._strict:
+            return leaves
+        if len(got) != len(spec):
+            raise InputError(f"called with {len(got)} tensor input(s); compiled for {len(self._spec)}")
+        for i, ((dt, shape), (edt, eshape)) in enumerate(zip(got, spec)):
+            if dt != edt or shape != eshape:
+                raise InputError(f"input {i}: got {dt} of shape (N, {', '.join(map(str, shape))}); compiled for "
+                                 f"{edt} of shape (N, {', '.join(map(str, eshape))}) with a free batch size N; "
+                                 f"cast the input or compile again with example inputs of the new shape")
+        return leaves
+
+    def _check_device(self, inputs: list[Tensor]) -> None:
+        here = next((t.device for t in itertools.chain(self.module.parameters(), self.module.buffers())),
+                    torch.device("cpu"))
+        for i, t in enumerate(inputs):
+            if t.device != here:
+                raise InputError(f"input {i} is on {t.device}; the compiled model's tensors are on {here}: move the "
+                                 f"input with .to({str(here)!r}) (sparsecc's op runtimes run on the CPU)")
+
+    def example_call(self) -> Optional[Call]:
+        """The call compiled for (or first made): the example inputs, keywords included; else zero inputs of
+        batch 1 in the compiled shapes; None before any."""
+        example = self.__dict__.get("_example")
+        if example is not None:
+            return example
+        inputs = self.example_inputs()
+        return None if inputs is None else Call(inputs)
+
+    def example_inputs(self) -> Optional[tuple[Tensor, ...]]:
+        """Zero inputs of batch 1 in the shapes and dtypes compiled for (None before the first call fixed them, or
+        when they were keyword inputs)."""
+        if self._spec is None or self._keywords:
+            return None
+        return tuple(torch.zeros(1, *shape, dtype=dtype) for dtype, shape in self._spec)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():      # torch.export / dynamo trace the module: no data checks
+            return self.module(*args, **kwargs)
+        arrangement = self.__dict__.get("_arrangement")
+        if arrangement is not None and (kwargs or len(args) != len(arrangement.positional)) and self._strict:
+            # keywords in any order or by position, checked against the example: laid out like it
+            call = arrangement.arrange(args, kwargs)
+            args, kwargs = call.args, call.kwargs
+        call = Call(args, kwargs)
+        tensors = self._check_inputs(call.tree)
+        # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
+        finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
+        dtype = self.__dict__.get("_dtype")
+        if self._pending is not None:
+            self.__dict__["_example"] = call
+            validate_into(self.report, self._pending, self.module if dtype is None else AtPrecision(self.module, dtype),
+                          input_sets(call), None if dtype is None else PRECISION_TOLERANCE)
+            self._pending = None
+        if not finite:
+            with dense_semantics():
+                return precision_call(nn.Module.__call__, dtype, self.module, *args, **kwargs)
+        # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
+        return precision_call(nn.Module.__call__, dtype, self.module, *args, **kwargs)
+
+
+def validate_into(report: Report, prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],
+                   tolerance: Optional[float] = None, work: Optional[Prepared] = None) -> Validation:
+    """Validate ``module`` against the user's model as run, its layers against ``work``'s weights (the
+    narrowed copy, when there is one), and record the result in ``report``."""
+    work = work or prepared
+    result = run_validation(prepared.user, module, input_sets, work.layers, tolerance, work.reference,
+                            rebuilt=prepared.reference)
+    by_name = {lay.name: lay for lay in report.layers}
+    for fqn, stat in result.layers.items():
+        by_name[fqn].error = stat
+    for fqn, n in result.positions.items():
+        by_name[fqn].positions = n
+    report.end_to_end = result.end_to_end
+    report.validated = True
+    if not result.ok:
+        raise EquivalenceError(result.message(), report)
+    return result

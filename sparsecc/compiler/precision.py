@@ -1,0 +1,99 @@
+"""``compile(..., precision="bf16")``: an fp32 model run in bfloat16, as OpenVINO's default does on AMX CPUs.
+
+The condensed layers hold bf16 values (half the bytes a call streams; the TVM kernels widen them to float32 in
+registers) and take their input in bf16; every other op runs under CPU autocast to bf16 (oneDNN's AMX GEMMs
+for the dense layers, float32 where autocast keeps it: softmax, norms). Floating outputs are returned in the
+model's own dtype, so callers see the same types as from the fp32 model. Validation compares with the user's
+fp32 model at `TOLERANCE` (relative to max |output|), which the report states; each condensed layer is
+checked against its dense op in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from sparsecc.core.errors import InputError
+
+#: ``precision=`` name -> the dtype the model runs in (None: the model's own, no autocast).
+PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16}
+#: End-to-end tolerance against the fp32 model, relative to max |output|: bf16 keeps 8 bits of mantissa (a
+#: relative rounding of 2^-9 per value), and a deep network's layers add their roundings up.
+TOLERANCE = 6e-2
+
+
+def check(precision: str, model: nn.Module, on_engine: bool) -> Optional[torch.dtype]:
+    """The dtype ``precision`` asks for, or None; `InputError` where the request cannot be honoured."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision={precision!r}: choose one of {sorted(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return None
+    if on_engine:
+        raise InputError(f"precision={precision!r} is for the op runtimes; an engine exports in its own precision "
+                         f"(backend='tensorrt' builds fp16)")
+    own = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if own - {torch.float32}:
+        raise InputError(f"precision={precision!r} runs a float32 model in {dtype}; this model's parameters are "
+                         f"{sorted(map(str, own))}: compile it as it is (its layers already run in its dtype)")
+    return dtype
+
+
+def convert_layers(module: nn.Module, dtype: torch.dtype) -> int:
+    """Condensed layers to ``dtype``: their floating buffers converted, their input cast on the way in. Returns
+    how many."""
+    from sparsecc.core.layers import CondensedLayer
+
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, CondensedLayer):
+            for name, buf in list(layer._buffers.items()):
+                if buf is not None and buf.is_floating_point():
+                    layer._buffers[name] = buf.to(dtype)
+            layer.input_cast = True
+            layer.__dict__.pop("_bound", None)
+            layer.__dict__.pop("_dense", None)
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def running(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """CPU autocast to ``dtype`` (nothing for None)."""
+    if dtype is None:
+        yield
+        return
+    with torch.autocast("cpu", dtype=dtype):
+        yield
+
+
+def restore(outputs: Any, dtype: Optional[torch.dtype], original: torch.dtype = torch.float32) -> Any:
+    """Floating output tensors of ``dtype`` back in the model's own dtype."""
+    if dtype is None:
+        return outputs
+    return pytree.tree_map(lambda t: t.to(original) if isinstance(t, Tensor) and t.dtype == dtype else t, outputs)
+
+
+def call(fn: Callable[..., Any], dtype: Optional[torch.dtype], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` at ``dtype``, outputs in float32 again."""
+    if dtype is None:
+        return fn(*args, **kwargs)
+    with running(dtype):
+        out = fn(*args, **kwargs)
+    return restore(out, dtype)
+
+
+class AtPrecision(nn.Module):
+    """``module`` called at ``dtype`` (what the compiled model does on each call), for the stages that run it
+    before it is wrapped: tuning and validation. Its submodules are ``module``'s."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self.module, self.dtype, *args, **kwargs)
