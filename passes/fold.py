@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor, fx, nn
 
+from sparsecc.core.errors import PassError
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.passes.manager import PassResult
 
@@ -68,6 +69,8 @@ class FoldBatchNorm:
     (it normalises by the batch), a convolution whose output has other users, a module called more than once."""
 
     name = "fold_batchnorm"
+    after = ("condense_modules",)     # BatchNorms fold into the condensed convolution, not the dense one
+    folded: tuple[str, ...] = ()
 
     def requires(self, gm: fx.GraphModule) -> None:
         pass
@@ -81,7 +84,11 @@ class FoldBatchNorm:
             folded.append(user.target)
         if folded:
             gm.delete_all_unused_submodules()
+        self.folded = tuple(folded)
         return PassResult(gm, bool(folded), tuple(folded))
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        pass
+        """No node calls a BatchNorm it folded."""
+        left = sorted({n.target for n in gm.graph.nodes if n.op == "call_module"} & set(self.folded))
+        if left:
+            raise PassError(f"fold_batchnorm: {left[:3]} folded but still called")

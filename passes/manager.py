@@ -1,12 +1,14 @@
-"""A small pass manager: each pass states what it requires and ensures and returns a `PassResult` (the graph,
-whether it changed, what it applied); the graph is linted after every pass so a broken graph names the pass
-that broke it, and every pass's outcome is kept as data (`PassManager.outcomes`)."""
+"""A small pass manager: each pass states what it requires and ensures, which passes must have run before it
+(``after``), and returns a `PassResult` (the graph, whether it changed, what it applied). The manager refuses a
+pass list out of order before running anything, lints the graph after every pass so a broken graph names the
+pass that broke it, and keeps every pass's outcome as data (`PassManager.outcomes`); ``ran`` carries the names
+of passes an earlier manager ran over the same graph, so order holds across stages."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from torch import fx
 
@@ -30,6 +32,7 @@ class PassOutcome:
 
 class Pass(Protocol):
     name: str
+    after: tuple[str, ...]           # passes that must have run before this one (in this manager or in ``ran``)
 
     def requires(self, gm: fx.GraphModule) -> None: ...
 
@@ -41,8 +44,23 @@ class Pass(Protocol):
 @dataclass
 class PassManager:
     passes: list[Pass]
+    ran: Iterable[str] = ()
     rewrites: Counter = field(default_factory=Counter)
     outcomes: list[PassOutcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ran = tuple(self.ran)
+        done = set(self.ran)
+        for p in self.passes:
+            missing = [a for a in p.after if a not in done]
+            if missing:
+                raise PassError(f"pass {p.name} must run after {', '.join(missing)}, which did not run before it "
+                                f"(order: {', '.join([*self.ran, *(q.name for q in self.passes)])})")
+            done.add(p.name)
+
+    def names(self) -> tuple[str, ...]:
+        """Every pass that has run over the graph: those before this manager, then its own."""
+        return (*self.ran, *(o.name for o in self.outcomes))
 
     def applied(self) -> set[str]:
         return {a for o in self.outcomes for a in o.applied}

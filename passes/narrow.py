@@ -19,7 +19,6 @@ shrink to the new maximum k).
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
@@ -29,7 +28,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from sparsecc.capture.graph import Tracer, concrete_defaults, exported_graph
-from sparsecc.capture.masks import Layer, Prepared
+from sparsecc.capture.masks import Layer, Prepared, structural_copy
 from sparsecc.core import patterns
 from sparsecc.core.compare import compare, flatten
 from sparsecc.core.errors import PassError
@@ -176,7 +175,7 @@ def _fold(consumer: nn.Module, chain: _Chain, constant: Tensor, folded: Tensor) 
         if consumer.bias is None:
             consumer.bias = nn.Parameter(add.clone())
         else:
-            consumer.bias.add_(add)
+            consumer.bias = nn.Parameter(consumer.bias + add)   # a new tensor: the reference shares the old one
 
 
 def _slice(model: nn.Module, producer_name: str, chains: list[_Chain], keep: Tensor) -> None:
@@ -245,7 +244,7 @@ def narrow(prepared: Prepared, example_inputs: Any = ()) -> Narrowing:
     """A copy of the reference with constant and unused channels removed (see the module docstring).
     ``example_inputs``: a `Call` or a tuple of positional inputs."""
     example_inputs = Call.of(example_inputs)
-    model = copy.deepcopy(prepared.reference)
+    model = structural_copy(prepared.reference)
     layers = dict(prepared.layers)
     result = Narrowing(model, layers)
     try:

@@ -31,6 +31,7 @@ def _same_conv(args: dict, replacement: nn.Module) -> bool:
 
 class _Base:
     name = "pass"
+    after: tuple[str, ...] = ()
 
     def __init__(self, decisions: dict[str, Decision]) -> None:
         self.decisions = decisions
@@ -48,6 +49,15 @@ class CondenseModules(_Base):
     """``call_module`` on a Linear/Conv2d whose weight has a replacement -> the replacement module."""
 
     name = "condense_modules"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Every replacement is a fresh module: one already in the graph was condensed before (a graph
+        compiled twice, or a decision shared between graphs)."""
+        inside = {id(m) for m in gm.modules()}
+        twice = sorted(f for f, d in self.decisions.items()
+                       if d.replacement is not None and id(d.replacement) in inside)
+        if twice:
+            raise PassError(f"{self.name}: the condensed module(s) of {twice[:3]} are already in the graph")
 
     def call(self, gm: fx.GraphModule):
         by_module = {d.layer.module: d for d in self.decisions.values()
@@ -76,6 +86,7 @@ class CondenseFunctionalOps(_Base):
     (MultiheadAttention's in_proj_weight; the forward of a Linear or Conv2d that is the root module)."""
 
     name = "condense_functional_ops"
+    after = ("condense_modules",)     # a module call is condensed as a module; only the rest is functional
 
     def call(self, gm: fx.GraphModule):
         modified = False
@@ -112,6 +123,10 @@ class DropUnusedWeights(_Base):
     """Delete the dense tensors no node reads any more, so the compiled model holds only condensed ones."""
 
     name = "drop_unused_weights"
+    after = ("condense_modules", "condense_functional_ops")   # dense tensors are unused only once both ran
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        pass
 
     def call(self, gm: fx.GraphModule):
         gm.graph.eliminate_dead_code()

@@ -44,7 +44,7 @@ class Choice:
     tokens: int
     threads: int
     cold: bool = False          # measured with the cache flushed before each call
-    tile: str = ""              # the sparse kernel's register tile (`tvm_kernels.Tile.name`), "" if it has none
+    tile: str = ""              # the sparse kernel's register tile (`kernels.Tile.name`), "" if it has none
 
     def describe(self) -> str:
         path = "dense op" if self.dense else "sparse kernel"

@@ -12,7 +12,7 @@ from sparsecc.compiler import pipeline, precision as _precision
 from sparsecc.compiler.compiled import CompiledModel, spec_of
 from sparsecc.compiler.validation import Validation, run_validation
 from sparsecc.core.errors import InputError
-from sparsecc.core.inputs import Arrangement, Call
+from sparsecc.core.inputs import Arrangement, Call, example_call
 from sparsecc.core.report import Report
 from sparsecc.passes.condense import plan
 from sparsecc.runtimes import ENGINES, resolve
@@ -72,9 +72,7 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     validated against the float32 model at the tolerance the report states. The default ``"fp32"`` runs the
     model in its own dtype.
     """
-    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
-        raise InputError(f"example_kwargs is a {type(example_kwargs).__name__}; pass a dict of keyword inputs")
-    inputs = Call.of(example_inputs, example_kwargs)
+    inputs = example_call(example_inputs, example_kwargs)
     options = _options(inputs, backend, validate, autotune, runtime_options, narrow, model, precision)
     c = pipeline.run(pipeline.Compilation(model, masks, inputs, options))
     c.module.requires_grad_(False)    # inference: plain calls build no autograd graph (inputs may still want grads)
@@ -97,7 +95,7 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     prepared = prepare(model, masks)
     report = pipeline.new_report(plan(prepared), "reference", prepared)
     report.compiled = False
-    inputs = Call.of(example_inputs, example_kwargs)
+    inputs = example_call(example_inputs, example_kwargs)
     if inputs:
         result = run_validation(prepared.reference, prepared.reference, [inputs], prepared.layers)
         for layer in report.layers:
@@ -120,6 +118,6 @@ def validate(reference_model: nn.Module, compiled_model: nn.Module, inputs: Any,
     dtype = compiled_model.__dict__.get("_dtype") if isinstance(compiled_model, CompiledModel) else None
     if dtype is not None:        # compiled with precision=: run as its calls run, at its tolerance
         module = _precision.AtPrecision(module, dtype)
-    return run_validation(prepared.user, module, [Call.of(inputs, kwargs)], prepared.layers,
+    return run_validation(prepared.user, module, [example_call(inputs, kwargs)], prepared.layers,
                           None if dtype is None else _precision.TOLERANCE, weights_from=prepared.reference,
                           rebuilt=prepared.reference)

@@ -12,11 +12,11 @@ from torch import Tensor, nn
 
 from sparsecc.api import compile, masked_reference
 from sparsecc.compiler.compiled import CompiledModel
-from sparsecc.core.inputs import Call
+from sparsecc.core.inputs import Call, example_call
 from sparsecc.core.timing import all_cores
 from sparsecc.runtimes import signature
 from sparsecc.runtimes.onnxruntime import writer as onnx_file
-from sparsecc.runtimes.onnxruntime.writer import OnnxExport, example_call
+from sparsecc.runtimes.onnxruntime.writer import OnnxExport
 from sparsecc.runtimes.tensorrt import writer as tensorrt_engine
 from sparsecc.runtimes.triton import writer as triton
 from sparsecc.runtimes.triton.writer import TritonExport
@@ -48,12 +48,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     """Write ``model`` (a `CompiledModel`, or a model with masks, compiled here with ``masks`` and ``narrow``
     as `sparsecc.compile` takes them) as an ONNX file.
 
-    ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per
-    layer what onnxruntime runs fastest, see `sparsecc.runtimes.onnxruntime.forms`: gather over the fan-in, live rows only,
-    or dense with zeros where neither pays).
-    ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers (explicit zeros), the input
-    of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis TensorRT reads
-    get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16.
+    ``mode="condensed"``: each condensed layer as a standard-op formulation (``formulation="auto"`` picks per layer what
+    onnxruntime runs fastest, see `sparsecc.runtimes.onnxruntime.forms`: gather over the fan-in, live rows only, or
+    dense with zeros where neither pays). ``mode="dense"``: Gemm/MatMul/Conv with the masked weights as initializers
+    (explicit zeros), the input of TensorRT's sparse-weight builder; half-sparse weights that are not 2:4 along the axis
+    TensorRT reads get a warning each. ``precision="fp16"`` makes weights and inputs/outputs float16.
 
     ``example_kwargs`` are keyword inputs (``input_ids=``, ``attention_mask=``), with or beside positional
     ``example_inputs`` (``()`` for none). The file's inputs take ``forward``'s parameter names (or the keys),
@@ -66,7 +65,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: "str | os.PathLike"
     path = Path(path)
     onnx_file.check_arguments(path, mode, formulation, precision)
     signature.check_dynamic(dynamic_axes)
-    call = example_call(example_inputs, example_kwargs)
+    call = example_call(example_inputs, example_kwargs, needed_by="export")
     return onnx_file.write_onnx(_compiled(model, call, masks, narrow).module, call, path, mode=mode,
                                 formulation=formulation, precision=precision, dynamic_axes=dynamic_axes,
                                 reference=_reference(model, masks))
@@ -84,7 +83,7 @@ def export_tvm(model: nn.Module, example_inputs: Any, path: "str | os.PathLike",
     after ``forward``'s parameters (or the keys), and the loaded library takes them by keyword too.
     """
     path = Path(path)
-    call = example_call(example_inputs, example_kwargs)
+    call = example_call(example_inputs, example_kwargs, needed_by="export")
     tvm_library.check_arguments(path, tuple(call.tensors()))
     return tvm_library.write_tvm(_compiled(model, call, masks).module, call, path, target)
 
@@ -98,7 +97,7 @@ def export_tensorrt(model: nn.Module, example_inputs: Any, path: "str | os.PathL
     says where it is and which trtexec command builds the engine elsewhere."""
     path = Path(path)
     tensorrt_engine.check_arguments(path, precision, max_batch)
-    call = example_call(example_inputs, example_kwargs)
+    call = example_call(example_inputs, example_kwargs, needed_by="export")
     return tensorrt_engine.write_tensorrt(_compiled(model, call, masks).module, call, path, precision, max_batch)
 
 
@@ -121,7 +120,7 @@ def export_triton(model: nn.Module, example_inputs: Any, repo_dir: "str | os.Pat
     repo = Path(repo_dir)
     triton.check_arguments(repo, name, tuple(formats), max_batch_size, instances, mode, precision)
     signature.check_dynamic(dynamic_axes)
-    call = example_call(example_inputs, example_kwargs)
+    call = example_call(example_inputs, example_kwargs, needed_by="export")
     compiled = _compiled(model, call, masks, narrow)
     # what the ONNX must equal: the model as you call it (with ``masks`` applied when they are given separately)
     reference = _reference(model, masks) or model

@@ -21,7 +21,7 @@ from torch import nn
 from sparsecc.compiler.compiled import CompiledModel
 from sparsecc.core.errors import InputError, VersionError
 from sparsecc.core.files import atomic_write
-from sparsecc.core.inputs import Arrangement, Call
+from sparsecc.core.inputs import Arrangement, Call, example_call
 from sparsecc.core.version import __version__
 from sparsecc.runtimes import signature
 from sparsecc.runtimes.onnxruntime.writer import batched
@@ -32,7 +32,7 @@ _META = "sparsecc.json"
 
 
 def _example(compiled: CompiledModel, example_inputs: Any, example_kwargs: Optional[Mapping[str, Any]]) -> Call:
-    call = Call.of(example_inputs, example_kwargs) if example_inputs is not None or example_kwargs else \
+    call = example_call(example_inputs, example_kwargs) if example_inputs is not None or example_kwargs else \
         compiled.example_call()
     if call is None or not call.tensors():
         raise InputError("save needs example_inputs: this model was compiled without any and never called")

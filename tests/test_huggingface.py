@@ -231,12 +231,25 @@ def test_keyword_inputs_on_a_traced_model():
         assert_same_output(compiled(y, gate=g), model(y, gate=g))
 
 
-def test_example_kwargs_must_be_a_mapping_and_engines_take_positional_inputs():
+def test_example_kwargs_must_be_a_mapping_and_engines_take_keywords():
     model = bert()
     with pytest.raises(InputError, match="example_kwargs"):
         sparsecc.compile(model, example_kwargs=[tokens(4)])
-    with pytest.raises(InputError, match="positional"):
-        sparsecc.compile(model, example_kwargs=dict(input_ids=tokens(4)), backend="onnxruntime")
+    ids = tokens(8)
+    engine = sparsecc.compile(model, example_kwargs=dict(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                              backend="onnxruntime")
+    other = tokens(11, batch=2)
+    mask = torch.ones_like(other)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        got, want = engine(attention_mask=mask, input_ids=other), model(input_ids=other, attention_mask=mask)
+    assert type(got) is type(want)
+    assert got.last_hidden_state.shape == want.last_hidden_state.shape
+    assert got.last_hidden_state.dtype == want.last_hidden_state.dtype
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=1e-3, atol=1e-4)
+    with pytest.raises(InputError, match="missing input.*attention_mask"):
+        engine(input_ids=other)
 
 
 def test_first_call_with_keywords_is_validated():

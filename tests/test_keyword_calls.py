@@ -209,3 +209,28 @@ def test_save_takes_example_kwargs_for_a_model_compiled_without_inputs(tmp_path)
     feeds = _feeds(2)
     with torch.no_grad():
         assert_equivalent(loaded(**feeds)["logits"], model(**feeds)["logits"])
+
+
+def test_onnxruntime_engine_takes_other_lengths_and_names_fixed_sizes(tmp_path):
+    """compile(backend="onnxruntime") frees the length axes as the model does; a file whose length is fixed
+    answers a call at another length with an `InputError` listing its inputs' sizes (not onnxruntime's error)."""
+    from sparsecc.runtimes.onnxruntime import engine, writer
+
+    model = _model()
+    compiled = sparsecc.compile(model, example_kwargs=_feeds(1), backend="onnxruntime")
+    longer = _feeds(2, length=12)
+    with torch.no_grad():
+        got, want = compiled(**longer)["logits"], model(**longer)["logits"]
+    assert_equivalent(got, want)
+
+    call = Call((), _feeds(1))
+    exported = writer.write_onnx(sparsecc.compile(model, example_kwargs=_feeds(1)).module, call,
+                                 tmp_path / "fixed.onnx", dynamic_axes="batch")
+    with torch.no_grad():
+        outputs = torch.utils._pytree.tree_flatten(call(model))[1]
+    fixed = engine.load(exported.path, exported.input_names, outputs,
+                        arrangement=Arrangement.of(model.forward, call))
+    with torch.no_grad():
+        assert_equivalent(fixed(**_feeds(3))["logits"], model(**_feeds(3))["logits"])
+        with pytest.raises(InputError, match=r"takes input_ids \(\w+, 7\).*got input_ids \(2, 12\)"):
+            fixed(**longer)

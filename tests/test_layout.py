@@ -190,6 +190,6 @@ def test_passes_hold_passes():
     for stem in sorted(modules - planning):
         module = importlib.import_module(f"sparsecc.passes.{stem}")
         found = [c for _, c in _inspect.getmembers(module, _inspect.isclass)
-                 if c.__module__ == module.__name__ and all(hasattr(c, a) for a in ("name", "requires", "call",
+                 if c.__module__ == module.__name__ and all(hasattr(c, a) for a in ("name", "after", "requires", "call",
                                                                                      "ensures"))]
         assert found, f"passes/{stem}.py defines no pass"

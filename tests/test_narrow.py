@@ -215,3 +215,34 @@ def test_vit_b_16_mlp_neurons_are_removed():
     assert len(removed) == 12 and all(".mlp.0 -> " in n and "3072 -> 2150 channels" in n for n in removed)
     with torch.no_grad():
         assert_equivalent(compiled(x), sparsecc.masked_reference(model, masks)(x))
+
+
+def test_narrowing_copies_modules_not_weights_and_writes_into_nothing_shared():
+    """The narrowed copy shares every tensor it does not change with the masked reference (one copy of the
+    weights where one is enough), and the reference is left as it was: the consumer's bias that absorbs the
+    ablated rows' constants is a new tensor."""
+    from sparsecc.capture.masks import structural_copy
+    from sparsecc.core.inputs import Call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.uniform_(0.5, 1.0)      # ablated rows output relu(bias) > 0: a constant the consumer absorbs
+    masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.5, ablate=0.25)}
+    prepared = prepare(model, masks)
+    before = {n: t.clone() for n, t in prepared.reference.state_dict().items()}
+    copied = structural_copy(prepared.reference)
+    assert copied is not prepared.reference and copied[0] is not prepared.reference[0]
+    assert copied[4].weight is prepared.reference[4].weight
+
+    x = torch.randn(3, 16)
+    result = narrow(prepared, Call((x,)))
+    assert result.model[0].weight.shape[0] == 24, "the 8 ablated rows are removed"
+    assert result.model[4].weight is prepared.reference[4].weight, "an untouched layer's weight is shared"
+    assert result.model[2].bias is not prepared.reference[2].bias
+    y, expected = result.model(x), prepared.reference(x)
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    after = prepared.reference.state_dict()
+    for name, t in before.items():
+        torch.testing.assert_close(after[name], t, rtol=0, atol=0)

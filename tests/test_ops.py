@@ -56,6 +56,7 @@ def test_export_traces_a_condensed_op():
 
 class _Breaks:
     name = "breaks_graph"
+    after = ()
     counts = {}
 
     def requires(self, gm):
@@ -76,3 +77,41 @@ def test_pass_manager_names_the_failing_pass():
     gm = fx.symbolic_trace(nn.Linear(2, 2))
     with pytest.raises(PassError, match="pass breaks_graph failed"):
         PassManager([_Breaks()]).run(gm)
+
+
+class _Named:
+    def __init__(self, name, after=()):
+        self.name, self.after = name, after
+
+    def requires(self, gm):
+        pass
+
+    def call(self, gm):
+        return PassResult(gm, False)
+
+    def ensures(self, gm):
+        pass
+
+
+def test_pass_manager_refuses_passes_out_of_order_before_running_any():
+    with pytest.raises(PassError, match=r"pass b must run after a.*order: b, a"):
+        PassManager([_Named("b", after=("a",)), _Named("a")])
+    gm = fx.symbolic_trace(nn.Linear(2, 2))
+    first = PassManager([_Named("a"), _Named("b", after=("a",))])
+    first.run(gm)
+    assert first.names() == ("a", "b")
+    later = PassManager([_Named("c", after=("a", "b"))], ran=first.names())
+    later.run(gm)
+    assert later.names() == ("a", "b", "c")
+    with pytest.raises(PassError, match="pass c must run after b"):
+        PassManager([_Named("c", after=("b",))], ran=("a",))
+
+
+def test_the_built_in_passes_declare_their_order():
+    from sparsecc.passes.fold import FoldBatchNorm
+    from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights
+
+    assert CondenseModules.after == ()
+    assert CondenseFunctionalOps.after == ("condense_modules",)
+    assert set(DropUnusedWeights.after) == {"condense_modules", "condense_functional_ops"}
+    assert FoldBatchNorm.after == ("condense_modules",)

@@ -21,8 +21,10 @@ from sparsecc.core.inputs import Arrangement
 from sparsecc.runtimes import file_inputs, refuse_grad
 
 NAME = "onnxruntime"
-#: What this engine is fed: `export_onnx` arguments.
-EXPORT = {"mode": "condensed", "precision": "fp32"}
+#: What this engine is fed: `export_onnx` arguments. Batch and length axes are free, as for the model (checked at
+#: other sizes when the file is written; where they are not, only the batch is and a call at another size is an
+#: `InputError`).
+EXPORT = {"mode": "condensed", "precision": "fp32", "dynamic_axes": "auto"}
 OPTIONS = ("threads", "onnx_path")
 KEEPS_FILE = False      # the session keeps the bytes
 
@@ -82,8 +84,21 @@ class SessionModule(nn.Module):
         inputs = file_inputs(self.arrangement, args, kwargs, self.input_names, NAME)
         refuse_grad(NAME, inputs)
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
-        outs = self._get().run(None, feeds)
+        try:
+            outs = self._get().run(None, feeds)
+        except Exception as exc:
+            if type(exc).__name__ != "InvalidArgument":      # onnxruntime's own check of the feeds' shapes
+                raise
+            taken = ", ".join(f"{i.name} {_dims(i.shape)}" for i in self._get().get_inputs())
+            given = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(self.input_names, inputs))
+            raise InputError(f"the onnxruntime engine takes {taken} (names are free axes, numbers fixed sizes); "
+                             f"got {given}: call it at the compiled sizes, or compile again with example inputs "
+                             f"of the new size") from exc
         return pytree.tree_unflatten([torch.from_numpy(o) for o in outs], self.outputs)
+
+
+def _dims(shape: list) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + ")"
 
 
 def load(onnx_path: Path, input_names: list[str], outputs: pytree.TreeSpec, threads: Optional[int] = None,

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from sparsecc.core.errors import ExportError, InputError, SparseccWarning
 from sparsecc.core.files import atomic_write
-from sparsecc.core.inputs import Call, as_tuple
+from sparsecc.core.inputs import Call
 from sparsecc.core.layers import CondensedLayer, first_calls
 from sparsecc.runtimes import signature
 from sparsecc.runtimes.exporting import refuse_missing, writable_target
@@ -48,24 +48,6 @@ class OnnxExport:
     @property
     def bytes(self) -> int:
         return self.path.stat().st_size
-
-
-def tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
-    inputs = as_tuple(example_inputs)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise InputError("export needs example_inputs: a tensor or a tuple of tensors (batch first)")
-    return inputs
-
-
-def example_call(example_inputs: Any, example_kwargs: Optional[Any] = None) -> Call:
-    """The example call of an export: positional inputs and keyword inputs (a dict), with at least one tensor."""
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise InputError(f"example_kwargs is a {type(example_kwargs).__name__}; pass a dict of keyword inputs")
-    call = Call.of(example_inputs, example_kwargs)
-    if not signature.tensor_leaves(call):
-        raise InputError("export needs example inputs: a tensor or a tuple of tensors (batch first), or "
-                         "example_kwargs such as {'input_ids': ids}")
-    return call
 
 
 def _choose(layer: CondensedLayer, mode: str, formulation: str, per_sample: Optional[int]) -> str:
@@ -266,11 +248,12 @@ def _settle_dims(graph: Any) -> None:
 def write_onnx(module: nn.Module, inputs: "tuple[Tensor, ...] | Call", path: Path, *, mode: str = "condensed",
                formulation: str = "auto", precision: str = "fp32", dynamic_axes: Any = "batch",
                reference: Optional[Callable] = None) -> OnnxExport:
-    """Write a compiled model's condensed module (`CompiledModel.module`) as ONNX (see `sparsecc.export_onnx` for the modes and formulations). Inputs are
-    named after ``forward``'s parameters (or the keyword inputs' keys), outputs after their paths in the output
-    structure (`signature`); ``dynamic_axes`` says which axes are free ("batch": the batch only; "auto": also
-    every axis torch.export finds free, then checked against ``reference`` at other sizes before the file is
-    kept; where the file or the model fails there, a `SparseccWarning` says why and only the batch is free)."""
+    """Write a compiled model's condensed module (`CompiledModel.module`) as ONNX (see `sparsecc.export_onnx` for the
+    modes and formulations). Inputs are named after ``forward``'s parameters (or the keyword inputs' keys), outputs
+    after their paths in the output structure (`signature`); ``dynamic_axes`` says which axes are free ("batch": the
+    batch only; "auto": also every axis torch.export finds free, then checked against ``reference`` at other sizes
+    before the file is kept; where the file or the model fails there, a `SparseccWarning` says why and only the batch is
+    free)."""
     check_arguments(path, mode, formulation, precision)
     signature.check_dynamic(dynamic_axes)
     try:

@@ -22,8 +22,8 @@ def check_arguments(path: Path, precision: str, max_batch: int) -> None:
 
 def write_tensorrt(module: nn.Module, inputs: "tuple[Tensor, ...] | Call", path: Path, precision: str,
                    max_batch: int):
-    """The dense-mode ONNX of a compiled model's condensed module beside ``path`` (inputs named as the model's, keyword inputs included), then the
-    engine at ``path`` (see `sparsecc.export_tensorrt`)."""
+    """The dense-mode ONNX of a compiled model's condensed module beside ``path`` (inputs named as the model's, keyword
+    inputs included), then the engine at ``path`` (see `sparsecc.export_tensorrt`)."""
     from sparsecc.runtimes.tensorrt import engine as tensorrt
 
     check_arguments(path, precision, max_batch)

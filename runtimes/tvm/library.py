@@ -16,7 +16,7 @@ kernel over every input, strictly more work (768->3072 at 197 tokens, 1 / 2 thre
 50 / 26 ms; at one token 0.32 / 0.20 vs 0.84 / 0.44 ms), so every condensed layer runs its sparse kernel.
 
 Kernels are specialised on token counts, so the library is specialised on the example inputs' shapes.
-The library carries its own metadata (a ``sparsecc_meta`` function returning JSON bytes); `tvm_runner`
+The library carries its own metadata (a ``sparsecc_meta`` function returning JSON bytes); `runner`
 loads it with TVM and numpy only.
 """
 
@@ -538,7 +538,7 @@ def load_tvm(path: "str | os.PathLike") -> Any:
 
 
 class _Loaded(tvm_runner.TvmModel):
-    """`tvm_runner.TvmModel` raising sparsecc's errors."""
+    """`runner.TvmModel` raising sparsecc's errors."""
 
     def __call__(self, *inputs: Any, **named: Any) -> Any:
         try:

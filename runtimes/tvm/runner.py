@@ -1,7 +1,7 @@
 """Load and run a library written by `sparsecc.export_tvm` with TVM and numpy only.
 
 This file imports nothing from torch or sparsecc, so a deployment can copy it next to the library:
-``python tvm_runner.py model.so`` prints the library's metadata and runs it once on random inputs, and
+``python runner.py model.so`` prints the library's metadata and runs it once on random inputs, and
 ``load(path)`` returns a callable taking numpy arrays (or anything ``numpy.asarray`` accepts).
 """
 
@@ -104,7 +104,7 @@ def load(path: "str | Path") -> TvmModel:
 
 def _main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python tvm_runner.py MODEL.so", file=sys.stderr)
+        print("usage: python runner.py MODEL.so", file=sys.stderr)
         return 2
     model = load(argv[0])
     print(json.dumps(model.meta, indent=1))

@@ -1,13 +1,12 @@
-"""TVM runtime: condensed ops as TensorIR kernels compiled by LLVM for this CPU (`tvm_kernels`), cached on
-disk (`kernel_cache`), called on torch tensors without copies where the layout allows.
+"""TVM runtime: condensed ops as TensorIR kernels compiled by LLVM for this CPU (`kernels`), cached on
+disk (`cache`), called on torch tensors without copies where the layout allows.
 
-Per call it picks the kernel by token count: one token at a time below `SPMM_MIN_TOKENS` (gather-bound GEMV),
-the tiled token kernel above (vectorised over tokens, its register tile measured per layer shape on this
-machine among `tvm_kernels.TILES`), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: float32 only, any
-strides or alignment (copied to a contiguous tensor when needed; kernels assume element alignment only).
-Each kernel call is split into row blocks over PyTorch's own threads (`parallel`), as many as
-``torch.get_num_threads()`` says at that call; concurrent callers share compiled kernels read-only.
-"""
+Per call it picks the kernel by token count: one token at a time below `SPMM_MIN_TOKENS` (gather-bound GEMV), the tiled
+token kernel above (vectorised over tokens, its register tile measured per layer shape on this machine among
+`kernels.TILES`), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: float32 only, any
+strides or alignment (copied to a contiguous tensor when needed; kernels assume element alignment only). Each kernel
+call is split into row blocks over PyTorch's own threads (`parallel`), as many as ``torch.get_num_threads()`` says at
+that call; concurrent callers share compiled kernels read-only."""
 
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ def linear_kernel(tokens: int) -> str:
 @functools.cache
 def expands() -> bool:
     """Whether this CPU expands 16-bit lanes in one instruction (AVX512_VBMI2's ``vpexpandw``): the bit-mask
-    one-token kernel for bf16 layers (`tvm_kernels.mask_gemv`) is offered only then (elsewhere LLVM would
+    one-token kernel for bf16 layers (`kernels.mask_gemv`) is offered only then (elsewhere LLVM would
     emulate the expanding load lane by lane)."""
     from tvm.target import codegen
 
@@ -350,7 +349,7 @@ class _Bound(_Tuned):
 
 class BoundLinear(_Bound):
     #: The one-token forms measured against each other where there is a choice: the gather kernel on values
-    #: and indices, and the bit-mask kernel (`tvm_kernels.mask_gemv`, bf16 layers on AVX512_VBMI2 CPUs).
+    #: and indices, and the bit-mask kernel (`kernels.mask_gemv`, bf16 layers on AVX512_VBMI2 CPUs).
     FORMS = ("gather", "bitmask")
 
     def tokens(self, x: Tensor) -> int:
@@ -362,7 +361,7 @@ class BoundLinear(_Bound):
         return super().tiles(x)
 
     def _bitmask(self, in_features: int) -> tuple:
-        """The layer as `tvm_kernels.mask_gemv` reads it, built on first use: per row a 32-bit word per 32
+        """The layer as `kernels.mask_gemv` reads it, built on first use: per row a 32-bit word per 32
         inputs (padded) and the kept values in input order (duplicate indices summed, as the gather kernel
         does), each row's first value's position, and the compiled kernel."""
         found = self.__dict__.get("_mask_form")

@@ -129,8 +129,8 @@ class Foldable(Protocol):
 
 
 def _fold_modules(model: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
-    """Replace every module that folds itself (`Foldable`, e.g. SWAT's `sparsecc.swat.TopKLinear`) by the plain module it returns;
-    the masks it returns by (module fqn, weight attr)."""
+    """Replace every module that folds itself (`Foldable`, e.g. SWAT's `sparsecc.swat.TopKLinear`) by the plain module
+    it returns; the masks it returns by (module fqn, weight attr)."""
     masks: dict[tuple[str, str], torch.Tensor] = {}
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, Foldable):
@@ -245,6 +245,16 @@ def _as_bool_mask(fqn: str, mask: torch.Tensor, weight_shape: torch.Size) -> tor
         raise MaskError(f"{fqn}: mask holds values other than 0 and 1 (e.g. {example}); pass a boolean mask "
                         f"(mask != 0) or a 0/1 tensor")
     return (mask != 0).detach().cpu()
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers: what a stage that replaces modules
+    or tensors (narrowing slices, module swapping) needs, without a second copy of every weight. The stage must
+    assign new tensors, never write into shared ones."""
+    memo: dict[int, object] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        memo[id(t)] = t
+    return copy.deepcopy(model, memo)
 
 
 def _copy(model: nn.Module) -> nn.Module:

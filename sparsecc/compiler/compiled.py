@@ -16,14 +16,14 @@ from sparsecc.capture.masks import Prepared
 from sparsecc.compiler.precision import TOLERANCE as PRECISION_TOLERANCE, AtPrecision, call as precision_call
 from sparsecc.compiler.validation import Validation, input_sets, run_validation
 from sparsecc.core.errors import EquivalenceError, InputError
-from sparsecc.core.inputs import Call, as_tuple
+from sparsecc.core.inputs import Call
 from sparsecc.core.layers import dense_semantics
 from sparsecc.core.report import Report
 
 InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
 
 
-__all__ = ["CompiledModel", "as_tuple", "spec_of", "validate_into"]
+__all__ = ["CompiledModel", "spec_of", "validate_into"]
 
 
 def spec_of(inputs: Any) -> InputSpec:
@@ -73,8 +73,9 @@ class CompiledModel(nn.Module):
         """Whether calls must match the compiled inputs: a graph was captured for them."""
         return isinstance(self.module, torch.fx.GraphModule)
 
-    def _check_inputs(self, inputs: tuple) -> Sequence[Tensor]:
+    def _check_inputs(self, call: Call) -> Sequence[Tensor]:
         """Raise `InputError` for inputs the compiled model does not take; returns the tensor inputs."""
+        inputs = call.tree
         spec = self._spec
         if spec is not None and len(inputs) == len(spec):
             for t, (dt, shape) in zip(inputs, spec):   # the common case without pytree: this runs on every call
@@ -86,7 +87,7 @@ class CompiledModel(nn.Module):
         self._check_device(leaves)
         got = spec_of(inputs)
         if spec is None:
-            self._spec, self._keywords = got, bool(inputs) and isinstance(inputs[-1], dict)
+            self._spec, self._keywords = got, bool(call.kwargs)
             return leaves
         if not self._strict:
             return leaves
@@ -132,7 +133,7 @@ class CompiledModel(nn.Module):
             call = arrangement.arrange(args, kwargs)
             args, kwargs = call.args, call.kwargs
         call = Call(args, kwargs)
-        tensors = self._check_inputs(call.tree)
+        tensors = self._check_inputs(call)
         # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
         finite = all(math.isfinite(t.sum()) for t in tensors if t.is_floating_point())
         dtype = self.__dict__.get("_dtype")

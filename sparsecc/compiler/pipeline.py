@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from sparsecc import runtimes
 from sparsecc.capture.graph import Captured, capture, exported_graph
-from sparsecc.capture.masks import Prepared, prepare
+from sparsecc.capture.masks import Prepared, prepare, structural_copy
 from sparsecc.compiler import precision as _precision
 from sparsecc.compiler.autotune import autotune, disable, stream_if_large
 from sparsecc.compiler.compiled import validate_into
@@ -83,6 +83,7 @@ class Compilation:
     captured: Optional[Captured] = None
     module: Optional[nn.Module] = None
     tolerance: Optional[float] = None
+    passes: tuple[str, ...] = ()              # the graph passes that have run, in order
 
 
 def masks(c: Compilation) -> str:
@@ -164,9 +165,9 @@ def condense(c: Compilation) -> str:
         manager = PassManager([CondenseModules(c.decisions), CondenseFunctionalOps(c.decisions),
                                DropUnusedWeights(c.decisions)])
         c.module = manager.run(c.captured.graph_module)
-        c.report.rewrites, applied = manager.rewrites, manager.applied()
+        c.report.rewrites, applied, c.passes = manager.rewrites, manager.applied(), manager.names()
     else:
-        c.module, c.report.rewrites, applied = swap_modules(copy.deepcopy(c.work.reference), c.decisions)
+        c.module, c.report.rewrites, applied = swap_modules(structural_copy(c.work.reference), c.decisions)
     for layer in c.report.layers:
         if layer.action != "kept" and layer.name not in applied:
             why = ("a functional linear needs a traced graph" if c.captured.graph_module is None
@@ -185,8 +186,9 @@ def _exported(c: Compilation) -> Optional[fx.GraphModule]:
 
 def fold(c: Compilation) -> Optional[str]:
     if c.captured.graph_module is not None:
-        manager = PassManager([FoldBatchNorm()])
+        manager = PassManager([FoldBatchNorm()], ran=c.passes)
         c.module = manager.run(c.module)
+        c.passes = manager.names()
         c.report.folded = [bn for o in manager.outcomes for bn in o.applied]
     else:       # layers swapped in place: torch.export's graph of the same model says what feeds what
         graph = _exported(c)

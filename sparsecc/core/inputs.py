@@ -56,6 +56,21 @@ class Call:
                     {k: pytree.tree_map(fn, v) for k, v in self.kwargs.items()})
 
 
+def example_call(example_inputs: Any = None, example_kwargs: Optional[Mapping[str, Any]] = None, *,
+                 needed_by: Optional[str] = None) -> Call:
+    """The one normaliser of what users pass as example inputs, used by every public function (compile, inspect,
+    validate, the exporters, save): positional inputs (a tensor, a tuple or list, a `Call`, None) and keyword
+    inputs (a mapping) as one `Call`. ``needed_by`` names an operation that cannot run without a tensor input
+    (an export): then a call without one is an `InputError` saying so."""
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise InputError(f"example_kwargs is a {type(example_kwargs).__name__}; pass a dict of keyword inputs")
+    call = Call.of(example_inputs, example_kwargs)
+    if needed_by is not None and not call.tensors():
+        raise InputError(f"{needed_by} needs example inputs: a tensor or a tuple of tensors (batch first), or "
+                         f"example_kwargs such as {{'input_ids': ids}}")
+    return call
+
+
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 

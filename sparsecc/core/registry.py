@@ -71,7 +71,8 @@ class Engine(Protocol):
 def _module(name: str, table: Mapping[str, str], interface: type) -> Any:
     module = importlib.import_module(table[name])
     if not isinstance(module, interface):
-        raise TypeError(f"{table[name]} does not implement the {interface.__name__} interface (sparsecc/core/registry.py)")
+        raise TypeError(f"{table[name]} does not implement the {interface.__name__} interface "
+                        f"(sparsecc/core/registry.py)")
     return module
 
 

@@ -1,6 +1,6 @@
-"""``sparsecc smoke`` (or ``python -m sparsecc.tooling.smoke``): run every registered op's samples (`sparsecc.core.patterns.Op.samples`) on every
-runtime that runs the op, against the dense masked torch op, and every engine on a small masked model, and print
-PASS / FAIL / UNAVAILABLE for each. Exits 1 if any fails."""
+"""``sparsecc smoke`` (or ``python -m sparsecc.tooling.smoke``): run every registered op's samples
+(`sparsecc.core.patterns.Op.samples`) on every runtime that runs the op, against the dense masked torch op, and every
+engine on a small masked model, and print PASS / FAIL / UNAVAILABLE for each. Exits 1 if any fails."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Synthetic masks for demos, tests and benchmarks, made per model with `sparsecc.sparsify`'s primitives: the structures SRigL and ASP produce, chosen by weight
-magnitude on a model with random weights (no training, no downloads)."""
+"""Synthetic masks for demos, tests and benchmarks, made per model with `sparsecc.sparsify`'s primitives: the structures
+SRigL and ASP produce, chosen by weight magnitude on a model with random weights (no training, no downloads)."""
 
 from __future__ import annotations
 
