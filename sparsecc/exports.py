@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
 from torch import Tensor, nn
 
 from sparsecc.api import compile, masked_reference
 from sparsecc.compiler.compiled import CompiledModel
+from sparsecc.core.errors import ExportError
 from sparsecc.core.inputs import Call, example_call
 from sparsecc.core.timing import all_cores
 from sparsecc.runtimes import signature
@@ -27,6 +29,15 @@ from sparsecc.runtimes.tvm.library import TvmExport
 def _compiled(model: nn.Module, inputs: "tuple[Tensor, ...] | Call", masks: Optional[Mapping[str, Tensor]],
               narrow: Optional[bool] = None) -> CompiledModel:
     if isinstance(model, CompiledModel):
+        dtype = model.__dict__.get("_dtype")
+        if dtype is not None:
+            # Its condensed layers hold bf16 values and the rest runs under autocast, which the file formats
+            # here cannot carry (ONNX runtimes and TVM's importer have no autocast; their CPU bf16 is partial).
+            named = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+            raise ExportError(f"this model was compiled with precision={named!r}, "
+                              f"which export_onnx / export_tvm / export_tensorrt / export_triton cannot write: "
+                              f"pass the model itself (not the compiled one) to export it in fp32 "
+                              f"(export_onnx(..., precision='fp16') for half), or keep bf16 with sparsecc.save")
         return model
     call = Call.of(inputs)
     return compile(model, call.args, example_kwargs=dict(call.kwargs) or None, masks=masks, backend="reference",

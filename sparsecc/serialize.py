@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sparsecc.compiler.compiled import CompiledModel
+from sparsecc.compiler.precision import AtPrecision
 from sparsecc.core.errors import InputError, VersionError
 from sparsecc.core.files import atomic_write
 from sparsecc.core.inputs import Arrangement, Call, example_call
@@ -40,12 +41,14 @@ def _example(compiled: CompiledModel, example_inputs: Any, example_kwargs: Optio
 
 
 def _program(compiled: CompiledModel, call: Call) -> torch.export.ExportedProgram:
-    """torch.export of the compiled model with a free batch. Keyword calls export the rewritten model itself:
-    its ``forward`` names the inputs (torch.export cannot guard a ``**kwargs`` wrapper's inputs)."""
+    """torch.export of the compiled model with a free batch, at the precision it runs (``precision="bf16"``:
+    autocast and float32 outputs are in the program). Keyword calls export the rewritten model itself, whose
+    ``forward`` names the inputs (torch.export cannot guard a ``**kwargs`` wrapper's inputs)."""
+    dtype = compiled.__dict__.get("_dtype")
     if call.kwargs:
-        module = compiled.module
+        module = compiled.module if dtype is None else AtPrecision.like(compiled.module, dtype)
         return torch.export.export(module, call.args, dict(call.kwargs),
-                                   dynamic_shapes=signature.dynamic_shapes(module, call, "batch"))
+                                   dynamic_shapes=signature.dynamic_shapes(compiled.module, call, "batch"))
     batch = torch.export.Dim("batch")
     return torch.export.export(compiled, call.args, dynamic_shapes=(tuple({0: batch} for _ in call.args),))
 

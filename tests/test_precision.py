@@ -95,3 +95,44 @@ def test_bf16_precision_of_a_bf16_model_is_refused():
     model = _mlp().to(torch.bfloat16)
     with pytest.raises(InputError, match="runs a float32 model in torch.bfloat16"):
         sparsecc.compile(model, (torch.randn(2, 64, dtype=torch.bfloat16),), precision="bf16")
+
+
+class _Keyed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x, scale=None):
+        return {"logits": self.body(x) * scale}
+
+
+@pytest.mark.parametrize("keywords", [False, True])
+def test_a_saved_bf16_model_runs_in_bf16_and_returns_float32(tmp_path, keywords):
+    """The `.pt2` of a ``precision="bf16"`` model carries the precision: autocast and float32 outputs are in the
+    program, so the loaded model returns what the compiled one returns (not bf16 outputs, not an fp32 graph)."""
+    model = _Keyed().eval() if keywords else _mlp()
+    x = torch.randn(3, 64)
+    call = (lambda m, t: m(x=t, scale=torch.full((len(t), 1), 2.0))["logits"]) if keywords else (lambda m, t: m(t))
+    compiled = (sparsecc.compile(model, example_kwargs={"x": x, "scale": torch.full((3, 1), 2.0)}, precision="bf16")
+                if keywords else sparsecc.compile(model, (x,), precision="bf16"))
+    loaded = sparsecc.load(sparsecc.save(compiled, tmp_path / "bf16.pt2"))
+    with torch.no_grad():
+        for t in (x, torch.randn(5, 64)):
+            got, want, fp32 = call(loaded, t), call(compiled, t), call(model, t)
+            assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+            _assert_within_stated_tolerance(got, fp32)
+            assert not torch.equal(got, fp32)
+
+
+def test_exporting_a_bf16_compiled_model_is_a_clear_error(tmp_path):
+    from sparsecc import ExportError
+
+    model = _mlp()
+    compiled = sparsecc.compile(model, (torch.randn(2, 64),), precision="bf16")
+    for export, name in ((sparsecc.export_onnx, "m.onnx"), (sparsecc.export_tvm, "m.so")):
+        with pytest.raises(ExportError, match=r"precision='bf16'.*pass the model itself.*sparsecc.save"):
+            export(compiled, torch.randn(2, 64), tmp_path / name)
+        assert not (tmp_path / name).exists()
+    exported = sparsecc.export_onnx(model, torch.randn(2, 64), tmp_path / "fp32.onnx")   # the model itself: fp32
+    assert exported.path.is_file()

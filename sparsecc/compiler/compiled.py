@@ -126,7 +126,7 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():      # torch.export / dynamo trace the module: no data checks
-            return self.module(*args, **kwargs)
+            return precision_call(self.module, self.__dict__.get("_dtype"), *args, **kwargs)
         arrangement = self.__dict__.get("_arrangement")
         if arrangement is not None and (kwargs or len(args) != len(arrangement.positional)) and self._strict:
             # keywords in any order or by position, checked against the example: laid out like it
