@@ -159,3 +159,31 @@ def test_pt2_and_engine_of_a_hugging_face_model_take_its_keywords(tmp_path, buil
     assert "missing input(s) 'attention_mask'" in out["error"]
     with pytest.raises(InputError, match="missing input.*'input_ids'; input.*'input_idz' were not in the example call"):
         engine(input_idz=ids, attention_mask=feeds["attention_mask"])
+
+
+_QUIET_EXPORT = """
+import sys, torch, transformers, sparsecc
+sys.path.insert(0, {root!r})
+from tests.test_export_names import _bert, _ids
+model = _bert()
+ids = _ids(1, 9)
+sparsecc.export_onnx(model, (), {path!r}, example_kwargs={{"input_ids": ids, "attention_mask": torch.ones_like(ids)}})
+sparsecc.export_triton(model, (), {repo!r}, "bert", example_kwargs={{"input_ids": ids}})
+print("DONE")
+"""
+
+
+def test_exports_print_nothing_in_a_plain_process(tmp_path):
+    """No stray output from the export path (onnxscript's "Evaluation failed" constant-folding lines, the
+    exporter's progress): run where nothing captures logging, as a user's script runs."""
+    import subprocess
+    import sys
+
+    script = _QUIET_EXPORT.format(root=str(Path(__file__).resolve().parents[1]), path=str(tmp_path / "bert.onnx"),
+                                  repo=str(tmp_path / "repo"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "DONE\n", done.stdout[-2000:]
+    assert "Evaluation failed" not in done.stderr and "WARNING" not in done.stderr, done.stderr[-2000:]
+    assert (tmp_path / "bert.onnx").is_file() and (tmp_path / "repo" / "bert" / "config.pbtxt").is_file()
