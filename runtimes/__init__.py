@@ -1,7 +1,8 @@
 """The backends: one folder each (`reference`, `tvm`, `onnxruntime`, `tensorrt`, `triton`), found by name through
 the registry in `sparsecc.core.registry` (re-exported here), plus what several share: measuring a layer's
 sparse kernel against its dense op (`tuning`), the CPU's identity for cache keys (`cpu`), per-layer binding
-caches (`binding`) and the exported files' signatures (`signature`). Below, the helpers engines share."""
+caches (`binding`), the exported files' signatures (`signature`) and the writers' common refusals
+(`exporting`). Below, the helpers engines share."""
 
 from __future__ import annotations
 

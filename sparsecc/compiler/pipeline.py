@@ -1,6 +1,6 @@
 """`sparsecc.compile` as a pipeline of named stages over one `Compilation`:
 
-masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> tune -> engine -> validate
+masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> precision -> tune -> engine -> validate
 
 Each stage reads and extends the `Compilation` and returns a one-line summary, or None when it did not apply
 (no example inputs to narrow with, no traced graph to fold, ...); `run` times each one and keeps its outcome in

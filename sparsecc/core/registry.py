@@ -10,7 +10,7 @@ Two kinds, with one typed interface each (checked when a module is loaded):
   cannot run here, or None). It may define ``bind(op, *constants) -> callable(x)``: work that depends only on
   a layer's tensors is then done once per layer instead of once per call.
 - **Engines** (`ENGINES`, interface `Engine`) run a whole exported model instead: ``NAME``, ``EXPORT`` (the
-  `export_onnx` mode and precision it consumes), ``OPTIONS`` (the ``runtime_options`` it accepts),
+  `export_onnx` arguments it is fed: mode, precision, free axes), ``OPTIONS`` (the ``runtime_options`` it accepts),
   ``KEEPS_FILE`` (whether the ONNX file must outlive loading), ``unavailable()`` and
   ``load(onnx_path, input_names, outputs, *, example_inputs, **options) -> nn.Module``.
 
