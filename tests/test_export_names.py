@@ -88,24 +88,27 @@ def test_positional_inputs_take_forwards_parameter_names_and_static_pins_the_len
     assert all(isinstance(s[0], str) and s[1] == 16 for s in shapes), shapes
 
 
-def test_triton_config_carries_the_names_and_free_dims(tmp_path):
+@pytest.mark.parametrize("build,logits_dims", [(_bert, [2]), (_gpt2, [-1, VOCAB])])
+def test_triton_config_carries_the_names_and_free_dims(tmp_path, build, logits_dims):
     root = Path(importlib.util.find_spec("tritonclient").submodule_search_locations[0])
     spec = importlib.util.spec_from_file_location("triton_model_config_pb2", root / "grpc" / "model_config_pb2.py")
     pb2 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pb2)
-    model = _bert()
+    model = build()
     ids = _ids(1, 16)
-    written = sparsecc.export_triton(model, (), tmp_path / "repo", "bert", max_batch_size=4, threads=1,
+    written = sparsecc.export_triton(model, (), tmp_path / "repo", "m", max_batch_size=4, threads=1,
                                      example_kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     config = text_format.Parse(written.models["onnx"].config.read_text(), pb2.ModelConfig())
     assert [(t.name, list(t.dims)) for t in config.input] == [("input_ids", [-1]), ("attention_mask", [-1])]
-    assert [(t.name, list(t.dims)) for t in config.output] == [("logits", [2])]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("logits", logits_dims)]
     sess = session(written.models["onnx"].file, 1)
     x = _ids(4, 23)
     got = sess.run(["logits"], {"input_ids": x.numpy(), "attention_mask": np.ones_like(x.numpy())})[0]
     with torch.no_grad():
         expected = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    got = torch.from_numpy(got)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_tuple_outputs_are_numbered(tmp_path):
