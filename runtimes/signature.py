@@ -40,6 +40,38 @@ def check_dynamic(dynamic_axes: Any) -> None:
         raise InputError(f"dynamic_axes={dynamic_axes!r}: give 'auto', 'batch' or {{input name: [axes]}}")
 
 
+class _Named(nn.Module):
+    """A module whose ``forward`` has a signature of its own (set per instance's class by `explicit`)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+def explicit(module: nn.Module, call: Call) -> nn.Module:
+    """``module`` with a ``forward`` whose signature names every keyword input of ``call``. An input that binds to
+    a ``**kwargs`` parameter (transformers models take extra inputs that way) exports, but the program's guards
+    then name an input the program does not define, and running it fails (``NameError: name 'L' is not
+    defined``); torch.export binds inputs by the signature, so naming them fixes it. ``module`` itself when every
+    keyword input has a parameter of its own."""
+    parameters = inspect.signature(module.forward).parameters
+    extra = [k for k in call.kwargs if k not in parameters]
+    if not extra or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return module
+    named = [p for p in parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in extra]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named])
+    return type(f"{type(module).__name__}Named", (_Named,), {"forward": forward})(module)
+
+
 def _bound(module: nn.Module, call: Call) -> Optional[inspect.BoundArguments]:
     try:
         return inspect.signature(module.forward).bind(*call.args, **call.kwargs)

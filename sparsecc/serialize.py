@@ -46,9 +46,10 @@ def _program(compiled: CompiledModel, call: Call) -> torch.export.ExportedProgra
     ``forward`` names the inputs (torch.export cannot guard a ``**kwargs`` wrapper's inputs)."""
     dtype = compiled.__dict__.get("_dtype")
     if call.kwargs:
-        module = compiled.module if dtype is None else AtPrecision.like(compiled.module, dtype)
+        named = signature.explicit(compiled.module, call)     # inputs that bind to **kwargs get names
+        module = named if dtype is None else AtPrecision.like(named, dtype)
         return torch.export.export(module, call.args, dict(call.kwargs),
-                                   dynamic_shapes=signature.dynamic_shapes(compiled.module, call, "batch"))
+                                   dynamic_shapes=signature.dynamic_shapes(named, call, "batch"))
     batch = torch.export.Dim("batch")
     return torch.export.export(compiled, call.args, dynamic_shapes=(tuple({0: batch} for _ in call.args),))
 

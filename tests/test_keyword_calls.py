@@ -234,3 +234,39 @@ def test_onnxruntime_engine_takes_other_lengths_and_names_fixed_sizes(tmp_path):
         assert_equivalent(fixed(**_feeds(3))["logits"], model(**_feeds(3))["logits"])
         with pytest.raises(InputError, match=r"takes input_ids \(\w+, 7\).*got input_ids \(2, 12\)"):
             fixed(**longer)
+
+
+class _TakesExtras(nn.Module):
+    """A forward with ``**kwargs``, as transformers models have: ``bias`` binds to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+
+    def forward(self, x, mask=None, **kwargs):
+        y = self.fc(x) * mask
+        return y + kwargs["bias"] if "bias" in kwargs else y
+
+
+def test_inputs_that_bind_to_var_keyword_export_and_run_everywhere(tmp_path):
+    """An input that binds to ``**kwargs`` gets a name of its own in every torch.export (else the program's
+    guards fail when it runs: NameError 'L'): ONNX engine, .pt2 and TVM library all take it by name."""
+    model = _TakesExtras().eval()
+    synthetic.attach_with_prune(model, {"fc.weight": synthetic.fanin_mask(model.fc.weight, 0.75)})
+    example = {"x": torch.randn(2, 16), "mask": torch.ones(2, 32), "bias": torch.randn(2, 32)}
+    later = {"bias": torch.randn(3, 32), "x": torch.randn(3, 16), "mask": torch.ones(3, 32)}
+    with torch.no_grad():
+        want = model(**later)
+    engine = sparsecc.compile(model, example_kwargs=example, backend="onnxruntime")
+    loaded = sparsecc.load(sparsecc.save(sparsecc.compile(model, example_kwargs=example), tmp_path / "m.pt2"))
+    with torch.no_grad():
+        for runner in (engine, loaded):
+            assert_equivalent(runner(**later), want)
+    with pytest.raises(InputError, match="missing input.*'bias'"):
+        engine(x=later["x"], mask=later["mask"])
+    sparsecc.export_tvm(model, (), tmp_path / "m.so", example_kwargs=example)
+    library = sparsecc.load_tvm(tmp_path / "m.so")
+    assert library.input_names == ["x", "mask", "bias"]
+    reordered = {k: example[k].numpy() for k in ("mask", "bias", "x")}    # a library is specialised on its shapes
+    with torch.no_grad():
+        assert_equivalent(torch.from_numpy(library(**reordered)), model(**example))

@@ -176,8 +176,9 @@ def _cast(call: Call, dtype: torch.dtype) -> Call:
 
 
 def _export(module: nn.Module, call: Call, dynamic_axes: Any) -> torch.export.ExportedProgram:
+    module = signature.explicit(module.eval(), call)
     try:
-        return torch.export.export(module.eval(), call.args, dict(call.kwargs),
+        return torch.export.export(module, call.args, dict(call.kwargs),
                                    dynamic_shapes=signature.dynamic_shapes(module, call, dynamic_axes))
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the message is what matters
         raise ExportError(f"torch.export could not capture the model with a free batch dimension: "
