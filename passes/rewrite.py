@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from sparsecc.core.errors import PassError
-from sparsecc.passes.condense import Decision
 from sparsecc.passes.manager import PassResult
+from sparsecc.planning.condense import Decision
 
 #: Functional op -> (layer kind it computes, names of its leading arguments).
 _FUNCTIONAL = {

@@ -14,7 +14,7 @@ from sparsecc.compiler.validation import Validation, run_validation
 from sparsecc.core.errors import InputError
 from sparsecc.core.inputs import Arrangement, Call, example_call
 from sparsecc.core.report import Report
-from sparsecc.passes.condense import plan
+from sparsecc.planning.condense import plan
 from sparsecc.runtimes import ENGINES, resolve
 
 log = logging.getLogger("sparsecc")
@@ -63,7 +63,7 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     the engine, e.g. ``{"threads": 1}`` for onnxruntime or ``{"onnx_path": ...}`` to keep the exported file.
 
     Narrowing (on whenever ``example_inputs`` are given, ``narrow=False`` turns it off) first removes ablated
-    neurons and unused channels from the network itself (`sparsecc.passes.narrow`): producers, BatchNorms and
+    neurons and unused channels from the network itself (`sparsecc.planning.narrow`): producers, BatchNorms and
     consumers get narrower, consumers' biases absorb the constants; the report's notes list widths before and
     after and what was left and why.
 

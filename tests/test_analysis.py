@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsecc.core.structures import NM, ChannelStructured, ConstantFanIn, Dense, Unstructured
-from sparsecc.passes.analysis import analyse
+from sparsecc.planning.analysis import analyse
 
 
 def m(rows):

@@ -1,4 +1,4 @@
-"""Structural narrowing (`compile(narrow=True)`, passes/narrow.py): each removal pattern is exact against the
+"""Structural narrowing (`compile(narrow=True)`, sparsecc/planning/narrow.py): each removal pattern is exact against the
 masked original, widths and parameter counts shrink as promised, and what must stay stays (with a reason)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 import sparsecc
 from sparsecc import InputError
 from sparsecc.capture.masks import prepare
-from sparsecc.passes.narrow import narrow
+from sparsecc.planning.narrow import narrow
 from sparsecc.tooling import synthetic
 from sparsecc.tooling.demo import build, sparse_model
 from tests.conftest import assert_equivalent

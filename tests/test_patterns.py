@@ -11,7 +11,7 @@ from torch import nn
 import sparsecc
 from sparsecc.core import patterns
 from sparsecc.core.structures import ConstantFanIn
-from sparsecc.passes.analysis import analyse
+from sparsecc.planning.analysis import analyse
 from sparsecc.runtimes import unavailable
 from tests import toy_one_four as toy
 from tests.conftest import assert_equivalent

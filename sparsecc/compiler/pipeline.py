@@ -33,11 +33,11 @@ from sparsecc.compiler.validation import TOLERANCE, input_sets
 from sparsecc.core.errors import InputError
 from sparsecc.core.inputs import Arrangement, Call
 from sparsecc.core.report import Report, StageOutcome
-from sparsecc.passes.condense import Decision, layer_report, plan
 from sparsecc.passes.fold import FoldBatchNorm, fold_in_place
 from sparsecc.passes.manager import PassManager
-from sparsecc.passes.narrow import Narrowing, narrow
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
+from sparsecc.planning.condense import Decision, layer_report, plan
+from sparsecc.planning.narrow import Narrowing, narrow
 
 #: Each stage as it ends (the command line shows these; silent otherwise).
 progress = logging.getLogger("sparsecc.progress")

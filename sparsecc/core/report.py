@@ -91,7 +91,7 @@ class Report:
     rewrites: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     stages: list[StageOutcome] = field(default_factory=list)     # the compile pipeline, stage by stage
-    narrowed: list[Any] = field(default_factory=list)            # `sparsecc.passes.narrow.Removal`s
+    narrowed: list[Any] = field(default_factory=list)            # `sparsecc.planning.narrow.Removal`s
     folded: list[str] = field(default_factory=list)              # BatchNorms folded into condensed convolutions
     end_to_end: list[ErrorStat] = field(default_factory=list)
     validated: bool = False

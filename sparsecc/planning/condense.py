@@ -16,7 +16,7 @@ from sparsecc.core import patterns
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.core.patterns import NotCondensable, Source
 from sparsecc.core.report import LayerReport
-from sparsecc.passes.analysis import Analysis, analyse
+from sparsecc.planning.analysis import Analysis, analyse
 
 
 @dataclass

@@ -33,7 +33,7 @@ from sparsecc.core import patterns
 from sparsecc.core.compare import compare, flatten
 from sparsecc.core.errors import PassError
 from sparsecc.core.inputs import Call
-from sparsecc.passes.analysis import analyse
+from sparsecc.planning.analysis import analyse
 
 #: Modules that act on each channel alone: a constant channel stays constant and keeps its index.
 PER_CHANNEL: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
