@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ def check_dynamic(dynamic_axes: Any) -> None:
 
 
 class _Named(nn.Module):
-    """A module whose ``forward`` has a signature of its own (set per instance's class by `explicit`)."""
+    """Calls ``inner``; `with_parameters` gives each use a subclass whose ``forward`` carries the signature."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -49,6 +49,18 @@ class _Named(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner(*args, **kwargs)
+
+
+def with_parameters(module: nn.Module, parameters: Iterable[inspect.Parameter]) -> nn.Module:
+    """``module`` behind a ``forward`` whose signature is ``parameters``: what torch.export binds a call by (and
+    names the program's inputs after)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *parameters])
+    return type(f"{type(module).__name__}Named", (_Named,), {"forward": forward})(module)
 
 
 def explicit(module: nn.Module, call: Call) -> nn.Module:
@@ -62,14 +74,8 @@ def explicit(module: nn.Module, call: Call) -> nn.Module:
     if not extra or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return module
     named = [p for p in parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in extra]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner(*args, **kwargs)
-
-    forward.__signature__ = inspect.Signature(
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named])
-    return type(f"{type(module).__name__}Named", (_Named,), {"forward": forward})(module)
+    return with_parameters(module, named + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None)
+                                            for k in extra])
 
 
 def _bound(module: nn.Module, call: Call) -> Optional[inspect.BoundArguments]:

@@ -9,6 +9,7 @@ rather than failing later inside an op.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import zipfile
@@ -47,7 +48,10 @@ def _program(compiled: CompiledModel, call: Call) -> torch.export.ExportedProgra
     dtype = compiled.__dict__.get("_dtype")
     if call.kwargs:
         named = signature.explicit(compiled.module, call)     # inputs that bind to **kwargs get names
-        module = named if dtype is None else AtPrecision.like(named, dtype)
+        # at a precision: the autocast wrapper, bound by the named forward's signature (a **kwargs forward
+        # exports, but its program's guards name no inputs)
+        module = named if dtype is None else signature.with_parameters(
+            AtPrecision(named, dtype), inspect.signature(named.forward).parameters.values())
         return torch.export.export(module, call.args, dict(call.kwargs),
                                    dynamic_shapes=signature.dynamic_shapes(named, call, "batch"))
     batch = torch.export.Dim("batch")

@@ -76,7 +76,7 @@ def _check_calls(runner, model) -> None:
         kw = _feeds(3)
         with torch.no_grad():
             got, want = call(runner, kw)["logits"], call(model, kw)["logits"]
-        assert_equivalent(got, want), how
+        assert_equivalent(got, want)
     for call, match in BAD_CALLS:
         with pytest.raises(InputError, match=match):
             call(runner, _feeds(2))

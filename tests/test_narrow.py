@@ -228,8 +228,8 @@ def test_narrowing_copies_modules_not_weights_and_writes_into_nothing_shared():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     with torch.no_grad():
         model[0].bias.uniform_(0.5, 1.0)      # ablated rows output relu(bias) > 0: a constant the consumer absorbs
-    masks = {"0.weight": synthetic.fanin_mask(model[0].weight, 0.5, ablate=0.25)}
-    prepared = prepare(model, masks)
+    synthetic.attach_with_prune(model, {"0.weight": synthetic.fanin_mask(model[0].weight, 0.5, ablate=0.25)})
+    prepared = prepare(model)
     before = {n: t.clone() for n, t in prepared.reference.state_dict().items()}
     copied = structural_copy(prepared.reference)
     assert copied is not prepared.reference and copied[0] is not prepared.reference[0]
@@ -240,9 +240,11 @@ def test_narrowing_copies_modules_not_weights_and_writes_into_nothing_shared():
     assert result.model[0].weight.shape[0] == 24, "the 8 ablated rows are removed"
     assert result.model[4].weight is prepared.reference[4].weight, "an untouched layer's weight is shared"
     assert result.model[2].bias is not prepared.reference[2].bias
-    y, expected = result.model(x), prepared.reference(x)
+    with torch.no_grad():
+        y, expected = result.model(x), model(x)       # the user's model as run: its prune hook live
     assert y.shape == expected.shape and y.dtype == expected.dtype
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, prepared.reference(x), rtol=1e-5, atol=1e-5)
     after = prepared.reference.state_dict()
     for name, t in before.items():
         torch.testing.assert_close(after[name], t, rtol=0, atol=0)

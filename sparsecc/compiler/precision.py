@@ -11,7 +11,6 @@ checked against its dense op in bf16.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -99,16 +98,3 @@ class AtPrecision(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return call(self.module, self.dtype, *args, **kwargs)
 
-    @classmethod
-    def like(cls, module: nn.Module, dtype: torch.dtype) -> "AtPrecision":
-        """``module`` at ``dtype`` with ``module.forward``'s own signature: torch.export binds keyword inputs by
-        it (a ``**kwargs`` forward exports, but its program cannot be called: its guards name no inputs)."""
-        parameters = inspect.signature(module.forward).parameters.values()
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return call(self.module, self.dtype, *args, **kwargs)
-
-        forward.__signature__ = inspect.Signature(
-            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *parameters])
-        return type(f"{type(module).__name__}At{str(dtype).removeprefix('torch.')}", (cls,),
-                    {"forward": forward})(module, dtype)
