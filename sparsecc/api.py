@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Mapping, Optional
 
@@ -13,7 +14,7 @@ from sparsecc.compiler.compiled import CompiledModel, spec_of
 from sparsecc.compiler.validation import Validation, run_validation
 from sparsecc.core.errors import InputError
 from sparsecc.core.inputs import Arrangement, Call, example_call
-from sparsecc.core.report import Report
+from sparsecc.core.report import LayerChange, Report, StageResult
 from sparsecc.planning.condense import plan
 from sparsecc.runtimes import ENGINES, resolve
 
@@ -77,7 +78,7 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     c = pipeline.run(pipeline.Compilation(model, masks, inputs, options))
     c.module.requires_grad_(False)    # inference: plain calls build no autograd graph (inputs may still want grads)
     validate_first_call = validate and not options.has_inputs
-    compiled = CompiledModel(c.module, c.report, c.prepared if validate_first_call else None,
+    compiled = CompiledModel(c.module, c.results, c.prepared if validate_first_call else None,
                              spec_of(inputs) if options.has_inputs else None, pipeline.model_shell(c),
                              keywords=bool(inputs.kwargs), dtype=options.dtype)
     if options.has_inputs:
@@ -93,13 +94,13 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     """The per-layer report (structure, bytes, FLOPs) without compiling. With example inputs FLOPs are per
     call; without, per output position (token or pixel)."""
     prepared = prepare(model, masks)
-    report = pipeline.new_report(plan(prepared), "reference", prepared)
-    report.compiled = False
+    results = [pipeline.planned(plan(prepared), "reference", prepared)]
     inputs = example_call(example_inputs, example_kwargs)
     if inputs:
         result = run_validation(prepared.reference, prepared.reference, [inputs], prepared.layers)
-        for layer in report.layers:
-            layer.positions = result.positions.get(layer.name)
+        results.append(StageResult("positions", f"{len(result.positions)} layer(s) counted", changes=tuple(
+            (name, LayerChange(positions=n)) for name, n in result.positions.items())))
+    report = dataclasses.replace(Report.built(results), compiled=False)
     return report
 
 

@@ -192,7 +192,12 @@ def test_mismatch_on_first_call_raises(break_kernel):
     prune.custom_from_mask(model[2], "weight", fanin_mask(model[2].weight, 0.9))
     compiled = sparsecc.compile(model, backend="reference")
     break_kernel()
-    with pytest.raises(EquivalenceError, match="worst layer 2.weight"):
+    with pytest.raises(EquivalenceError, match="worst layer 2.weight") as raised:
+        compiled(torch.randn(2, 32))
+    report = raised.value.report
+    assert report.stages[-1].stage == "first call" and not report.end_to_end[0].ok
+    assert not next(lay for lay in report.layers if lay.name == "2.weight").error.ok
+    with pytest.raises(EquivalenceError, match="worst layer 2.weight"):     # not validated yet: checked again
         compiled(torch.randn(2, 32))
 
 

@@ -191,3 +191,40 @@ def test_passes_hold_passes():
                  if c.__module__ == module.__name__ and all(hasattr(c, a) for a in ("name", "after", "requires", "call",
                                                                                      "ensures"))]
         assert found, f"passes/{stem}.py defines no pass"
+
+
+def _report_writes(tree: ast.AST) -> list[str]:
+    """Statements that write into a report or one of its rows: an assignment to an attribute reached through a
+    name containing ``report`` (``c.report.notes = ...``, ``report.layers[0].runtime = ...``), or a call that
+    grows one of its lists in place (``report.notes.append(...)``)."""
+    def through_report(node: ast.AST) -> bool:
+        names = []
+        while isinstance(node, (ast.Attribute, ast.Subscript)):
+            node = node.value
+            names.append(node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", ""))
+        return any("report" in n for n in names)
+
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        found += [ast.unparse(t) for t in targets if isinstance(t, (ast.Attribute, ast.Subscript)) and through_report(t)]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "append", "extend", "insert", "update") and through_report(node.func.value):
+            found.append(ast.unparse(node.func))
+    return found
+
+
+def test_no_compile_stage_writes_the_report():
+    """The compiler and everything below it hand back frozen `StageResult`s; the report is built from them
+    (`Report.built`), so no module there writes into a report."""
+    below_edge = [p for p in SOURCES if (_module_name(p).split(".") + [""])[1] in ("compiler", "planning", "capture", "passes",
+                                                                          "runtimes")]
+    assert len(below_edge) > 20
+    writes = {str(p.relative_to(ROOT)): w for p in below_edge if (w := _report_writes(ast.parse(p.read_text())))}
+    assert not writes, writes
+
+
+def test_the_report_write_check_sees_a_write():
+    assert _report_writes(ast.parse("c.report.notes.append('x')\nreport.layers[0].runtime = 'y'\n")) == [
+        "report.layers[0].runtime", "c.report.notes.append"]

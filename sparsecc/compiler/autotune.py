@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsecc.core.inputs import Call
 from sparsecc.core.layers import CondensedLayer
-from sparsecc.core.report import Report
+from sparsecc.core.report import LayerChange
 from sparsecc.runtimes import tuning
 
 
@@ -21,24 +21,23 @@ def _condensed(module: nn.Module) -> list[CondensedLayer]:
     return [m for m in module.modules() if isinstance(m, CondensedLayer)]
 
 
-def autotune(module: nn.Module, inputs: Call, report: Report) -> None:
-    """Make every condensed layer's choice for the example inputs and record it in ``report``."""
+def autotune(module: nn.Module, inputs: Call) -> tuple[tuple[str, LayerChange], ...]:
+    """Make every condensed layer's choice for the example inputs; returns them per layer (`choices`)."""
     with torch.no_grad():
         inputs(module)
-    record(module, report)
+    return choices(module)
 
 
-def record(module: nn.Module, report: Report) -> None:
-    """Write the choices ``module``'s layers have made so far (every token bucket and thread count) into
-    ``report``: the choices column, and ``+dense`` after the runtime of a layer that runs dense somewhere."""
-    by_name = {entry.name: entry for entry in report.layers}
+def choices(module: nn.Module) -> tuple[tuple[str, LayerChange], ...]:
+    """The choices ``module``'s layers have made so far (every token bucket and thread count), per layer: the
+    report's choices column, and ``+dense`` after the runtime of a layer that runs dense somewhere."""
+    changes = []
     for layer in _condensed(module):
-        entry = by_name.get(layer.weight_fqn)
-        choices = sorted(layer.choices().values(), key=lambda c: (c.threads, c.tokens))
-        if entry is None or not choices:
-            continue
-        entry.choice = "; ".join(c.describe() for c in choices)
-        entry.runtime = entry.runtime.removesuffix("+dense") + ("+dense" if any(c.dense for c in choices) else "")
+        made = sorted(layer.choices().values(), key=lambda c: (c.threads, c.tokens))
+        if made:
+            changes.append((layer.weight_fqn, LayerChange(choice="; ".join(c.describe() for c in made),
+                                                          runs_dense=any(c.dense for c in made))))
+    return tuple(changes)
 
 
 def stream_if_large(module: nn.Module) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -18,12 +19,12 @@ from sparsecc.compiler.validation import Validation, input_sets, run_validation
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Call
 from sparsecc.core.layers import dense_semantics
-from sparsecc.core.report import Report
+from sparsecc.core.report import LayerChange, Report, StageResult
 
 InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
 
 
-__all__ = ["CompiledModel", "spec_of", "validate_into"]
+__all__ = ["CompiledModel", "spec_of", "validation_result"]
 
 
 def spec_of(inputs: Any) -> InputSpec:
@@ -42,12 +43,13 @@ class CompiledModel(nn.Module):
     Like ``torch.compile``'s wrapper, it forwards what it does not have to the model it wraps: the user's
     model class's attributes and methods (``config``, ``generate``) run on the condensed layers."""
 
-    def __init__(self, module: nn.Module, report: Report, pending: Optional[Prepared],
+    def __init__(self, module: nn.Module, results: Sequence[StageResult], pending: Optional[Prepared],
                  spec: Optional[InputSpec], shell: Optional[nn.Module] = None, keywords: bool = False,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.module = module
-        self.report = report
+        self.__dict__["_results"] = tuple(results)    # the compile stages' results; later ones appended
+        self.__dict__["_report"] = None
         self._pending = pending     # what the first call is validated against, when compile had no inputs
         self._spec = spec
         # The model's class around the same condensed layers, when ``module`` is a graph: where attributes and
@@ -55,6 +57,27 @@ class CompiledModel(nn.Module):
         self.__dict__["_shell"] = shell
         self._keywords = keywords   # the spec came from a call with keyword inputs (no positional example)
         self._dtype = dtype         # the dtype ``precision=`` runs the model in (None: its own)
+
+    @property
+    def report(self) -> Report:
+        """What sparsecc found and did, built from the compile stages' results and any added since (first-call
+        validation, `record_choices`)."""
+        if self.__dict__["_report"] is None:
+            self.__dict__["_report"] = Report.built(self.__dict__["_results"])
+        return self.__dict__["_report"]
+
+    def add_result(self, result: StageResult) -> None:
+        """Append a stage's result (the report is rebuilt on its next read)."""
+        self.__dict__["_results"] += (result,)
+        self.__dict__["_report"] = None
+
+    def record_choices(self) -> None:
+        """Add the sparse-or-dense choices the layers have made so far (every token count and thread count
+        called since compile) to the report."""
+        from sparsecc.compiler.autotune import choices
+
+        made = choices(self.module)
+        self.add_result(StageResult("choices", f"{len(made)} layer(s) chose", changes=made))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -139,8 +162,12 @@ class CompiledModel(nn.Module):
         dtype = self.__dict__.get("_dtype")
         if self._pending is not None:
             self.__dict__["_example"] = call
-            validate_into(self.report, self._pending, self.module if dtype is None else AtPrecision(self.module, dtype),
-                          input_sets(call), None if dtype is None else PRECISION_TOLERANCE)
+            result, check = validation_result(
+                self._pending, self.module if dtype is None else AtPrecision(self.module, dtype), input_sets(call),
+                None if dtype is None else PRECISION_TOLERANCE)
+            self.add_result(replace(result, stage="first call"))
+            if not check.ok:        # the next call validates again
+                raise EquivalenceError(check.message(), self.report)
             self._pending = None
         if not finite:
             with dense_semantics():
@@ -149,20 +176,16 @@ class CompiledModel(nn.Module):
         return precision_call(nn.Module.__call__, dtype, self.module, *args, **kwargs)
 
 
-def validate_into(report: Report, prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],
-                   tolerance: Optional[float] = None, work: Optional[Prepared] = None) -> Validation:
+def validation_result(prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],
+                      tolerance: Optional[float] = None, work: Optional[Prepared] = None
+                      ) -> tuple[StageResult, Validation]:
     """Validate ``module`` against the user's model as run, its layers against ``work``'s weights (the
-    narrowed copy, when there is one), and record the result in ``report``."""
+    narrowed copy, when there is one): the check, and the stage result the report takes from it."""
     work = work or prepared
-    result = run_validation(prepared.user, module, input_sets, work.layers, tolerance, work.reference,
-                            rebuilt=prepared.reference)
-    by_name = {lay.name: lay for lay in report.layers}
-    for fqn, stat in result.layers.items():
-        by_name[fqn].error = stat
-    for fqn, n in result.positions.items():
-        by_name[fqn].positions = n
-    report.end_to_end = result.end_to_end
-    report.validated = True
-    if not result.ok:
-        raise EquivalenceError(result.message(), report)
-    return result
+    check = run_validation(prepared.user, module, input_sets, work.layers, tolerance, work.reference,
+                           rebuilt=prepared.reference)
+    changes = {fqn: LayerChange(error=stat) for fqn, stat in check.layers.items()}
+    for fqn, n in check.positions.items():
+        changes[fqn] = replace(changes.get(fqn, LayerChange()), positions=n)
+    summary = "; ".join(map(str, check.end_to_end))
+    return StageResult("validate", summary, changes=tuple(changes.items()), end_to_end=tuple(check.end_to_end)), check

@@ -2,10 +2,12 @@
 
 masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> precision -> tune -> engine -> validate
 
-Each stage reads and extends the `Compilation` and returns a one-line summary, or None when it did not apply
-(no example inputs to narrow with, no traced graph to fold, ...); `run` times each one and keeps its outcome in
-the report (`Report.stages`), next to the typed results the stages leave there (`Report.narrowed`,
-`Report.folded`, `Report.rewrites`, per-layer rows). Graph stages run their passes with the `PassManager`.
+Each stage builds on the `Compilation` (the working model, its decisions, its captured graph) and returns a
+frozen `StageResult`: a one-line summary (None when it did not apply: no example inputs to narrow with,
+nothing to fold), what it learnt per layer and its notes. `run` times each one and appends it to
+``Compilation.results``; the report is built from those results (`Report.built`), never written by a stage.
+How condensed layers enter the model is chosen once, at capture: rewriting the captured graph with the
+`PassManager`'s passes (`GraphRoute`), or swapping modules of a copy when no graph was captured (`SwapRoute`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 from torch import fx, nn
@@ -28,11 +30,11 @@ from sparsecc.capture.graph import Captured, capture, exported_graph
 from sparsecc.capture.masks import Prepared, prepare, structural_copy
 from sparsecc.compiler import precision as _precision
 from sparsecc.compiler.autotune import autotune, disable, stream_if_large
-from sparsecc.compiler.compiled import validate_into
+from sparsecc.compiler.compiled import validation_result
 from sparsecc.compiler.validation import TOLERANCE, input_sets
-from sparsecc.core.errors import InputError
+from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Arrangement, Call
-from sparsecc.core.report import Report, StageOutcome
+from sparsecc.core.report import LayerChange, Report, StageResult
 from sparsecc.passes.fold import FoldBatchNorm, fold_in_place
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
@@ -69,7 +71,8 @@ class Options:
 
 @dataclass
 class Compilation:
-    """The state the stages pass along."""
+    """The state the stages pass along: the working model and what was decided about it. What the stages
+    found goes in ``results``, one frozen `StageResult` each, and nowhere else."""
 
     model: nn.Module
     masks: Optional[Mapping[str, Any]]
@@ -79,27 +82,45 @@ class Compilation:
     work: Optional[Prepared] = None           # what is condensed: the narrowed copy when narrowing removed channels
     narrowing: Optional[Narrowing] = None
     decisions: dict[str, Decision] = field(default_factory=dict)
-    report: Optional[Report] = None
     captured: Optional[Captured] = None
+    route: Optional["Route"] = None           # how condensed layers enter the model (chosen at capture)
     module: Optional[nn.Module] = None
     tolerance: Optional[float] = None
     passes: tuple[str, ...] = ()              # the graph passes that have run, in order
+    folded: tuple[str, ...] = ()              # the BatchNorms folded (the model shell makes them identities)
+    results: list[StageResult] = field(default_factory=list)
+
+    @property
+    def report(self) -> Report:
+        """The report of the stages so far, built from their results."""
+        return Report.built(self.results)
 
 
-def masks(c: Compilation) -> str:
+def masks(c: Compilation) -> StageResult:
     c.prepared = c.work = prepare(c.model, c.masks)
     sources = sorted({str(layer.source) for layer in c.prepared.layers.values()})
-    return f"{len(c.prepared.layers)} weights; masks from {', '.join(sources) or 'nothing'}"
+    notes = ("model was in train mode: compiled an eval() copy",) if c.prepared.was_training else ()
+    if c.prepared.linearized:
+        names = c.prepared.linearized
+        notes += (f"{len(names)} transposed-weight linear(s) (transformers Conv1D) analysed and condensed as "
+                  f"nn.Linear: {', '.join(names[:4])}" + (", ..." if len(names) > 4 else ""),)
+    return StageResult("masks", f"{len(c.prepared.layers)} weights; masks from {', '.join(sources) or 'nothing'}",
+                       notes=notes)
 
 
-def narrow_stage(c: Compilation) -> Optional[str]:
+def narrow_stage(c: Compilation) -> StageResult:
     if not c.options.narrow:
-        return None
-    c.narrowing = narrow(c.prepared, c.inputs)
-    if c.narrowing.removals:      # else the unchanged copy is dropped: a model's worth of memory
-        c.work = Prepared(c.narrowing.model, c.narrowing.layers, c.prepared.was_training)
-    return (f"{len(c.narrowing.removals)} producer(s) narrowed, {len(c.narrowing.skipped)} left "
-            f"(graph from {c.narrowing.graph})")
+        return StageResult("narrow", None)
+    n = c.narrowing = narrow(c.prepared, c.inputs)
+    if n.removals:      # else the unchanged copy is dropped: a model's worth of memory
+        c.work = Prepared(n.model, n.layers, c.prepared.was_training)
+    notes = [f"narrowed {r}" for r in n.removals] or ["narrow: no channel removed"]
+    if n.graph != "torch.fx":
+        notes.append(f"narrowing read the graph from {n.graph}")
+    notes += [f"not narrowed {p}: {why}" for p, why in n.skipped.items()
+              if why != "no ablated or unused channels" and _has_ablated(c.prepared, p)]
+    return StageResult("narrow", f"{len(n.removals)} producer(s) narrowed, {len(n.skipped)} left (graph from "
+                                 f"{n.graph})", narrowed=tuple(n.removals), notes=tuple(notes))
 
 
 def _has_ablated(prepared: Prepared, module: str) -> bool:
@@ -114,66 +135,102 @@ def _elem_bytes(prepared: Prepared) -> int:
     return 4
 
 
-def new_report(decisions: dict[str, Decision], runtime: str, prepared: Prepared) -> Report:
-    layers = [layer_report(d, _elem_bytes(prepared)) for d in decisions.values()]
-    notes = ["model was in train mode: compiled an eval() copy"] if prepared.was_training else []
-    if prepared.linearized:
-        notes.append(f"{len(prepared.linearized)} transposed-weight linear(s) (transformers Conv1D) analysed and "
-                     f"condensed as nn.Linear: {', '.join(prepared.linearized[:4])}"
-                     + (", ..." if len(prepared.linearized) > 4 else ""))
-    return Report(layers, runtime=runtime, notes=notes)
+def planned(decisions: dict[str, Decision], runtime: str, prepared: Prepared) -> StageResult:
+    """The analysis as a stage result: a row per layer (`sparsecc.inspect` builds its report from it too)."""
+    condensable = sum(d.replacement is not None for d in decisions.values())
+    return StageResult("analyse", f"{condensable}/{len(decisions)} layers condensable", runtime=runtime,
+                       rows=tuple(layer_report(d, _elem_bytes(prepared)) for d in decisions.values()))
 
 
-def analyse(c: Compilation) -> str:
+def analyse(c: Compilation) -> StageResult:
     c.decisions = plan(c.work)
-    c.report = new_report(c.decisions, c.options.runtime, c.work)
-    if c.narrowing is not None:
-        c.report.narrowed = list(c.narrowing.removals)
-        c.report.notes += [f"narrowed {r}" for r in c.narrowing.removals] or ["narrow: no channel removed"]
-        if c.narrowing.graph != "torch.fx":
-            c.report.notes.append(f"narrowing read the graph from {c.narrowing.graph}")
-        c.report.notes += [f"not narrowed {p}: {why}" for p, why in c.narrowing.skipped.items()
-                           if why != "no ablated or unused channels" and _has_ablated(c.prepared, p)]
-    condensable = sum(d.replacement is not None for d in c.decisions.values())
-    return f"{condensable}/{len(c.decisions)} layers condensable"
+    return planned(c.decisions, c.options.runtime, c.work)
 
 
-def bind(c: Compilation) -> str:
+def bind(c: Compilation) -> StageResult:
     """Each condensed layer's runtime: the backend's, or the first in preference order that runs its op."""
-    rows = {lay.name: lay for lay in c.report.layers}
+    changes = []
     for fqn, d in c.decisions.items():
         if d.replacement is None:
             continue
         weight = c.work.reference.get_parameter(fqn)
         d.replacement.runtime, why = runtimes.for_op(c.options.op_backend, d.replacement.op, weight.dtype)
-        d.reason = "; ".join(filter(None, [d.reason, why]))
-        rows[fqn].runtime, rows[fqn].reason = d.replacement.runtime, d.reason
+        changes.append((fqn, LayerChange(runtime=d.replacement.runtime,
+                                         reason="; ".join(filter(None, [d.reason, why])))))
     used = sorted({d.replacement.runtime for d in c.decisions.values() if d.replacement is not None})
-    return f"runtimes {', '.join(used) or 'none'}"
+    return StageResult("bind", f"runtimes {', '.join(used) or 'none'}", changes=tuple(changes))
 
 
-def capture_stage(c: Compilation) -> str:
-    c.captured = capture(c.work.reference, c.inputs if c.options.has_inputs else None)
-    c.report.capture = c.captured.method
-    if c.captured.graph_module is None:
-        c.report.capture_reason = c.captured.reason
-    return c.captured.method + (f" ({c.captured.reason})" if c.captured.reason else "")
+class Route(Protocol):
+    """How the condensed layers enter the model: the one place the pipeline depends on whether a graph was
+    captured."""
+
+    def condense(self, c: Compilation) -> tuple[Mapping[str, int], set[str], str]:
+        """Sets ``c.module``; returns the rewrites per op, the layers rewritten, and why any other would not be."""
+
+    def fold(self, c: Compilation) -> Optional[tuple[list[str], str]]:
+        """Folds BatchNorms into the condensed convolutions before them in ``c.module``: the folded ones and how
+        they were found; None where it cannot tell."""
+
+    def shell(self, c: Compilation) -> Optional[nn.Module]:
+        """The user's model class around the condensed layers (see `model_shell`), or None."""
 
 
-def condense(c: Compilation) -> str:
-    if c.captured.graph_module is not None:
+class GraphRoute:
+    """The captured fx graph, rewritten by the `PassManager`'s passes."""
+
+    def condense(self, c: Compilation) -> tuple[Mapping[str, int], set[str], str]:
         manager = PassManager([CondenseModules(c.decisions), CondenseFunctionalOps(c.decisions),
                                DropUnusedWeights(c.decisions)])
         c.module = manager.run(c.captured.graph_module)
-        c.report.rewrites, applied, c.passes = manager.rewrites, manager.applied(), manager.names()
-    else:
-        c.module, c.report.rewrites, applied = swap_modules(structural_copy(c.work.reference), c.decisions)
-    for layer in c.report.layers:
-        if layer.action != "kept" and layer.name not in applied:
-            why = ("a functional linear needs a traced graph" if c.captured.graph_module is None
-                   else "not called as a module or F.linear on the parameter in the traced graph")
-            layer.keep(f"condensable but not rewritten: {why}")
-    return f"{sum(c.report.rewrites.values())} layer(s) rewritten"
+        c.passes = manager.names()
+        return manager.rewrites, manager.applied(), "not called as a module or F.linear on the parameter in the traced graph"
+
+    def fold(self, c: Compilation) -> Optional[tuple[list[str], str]]:
+        manager = PassManager([FoldBatchNorm()], ran=c.passes)
+        c.module = manager.run(c.module)
+        c.passes = manager.names()
+        return [bn for o in manager.outcomes for bn in o.applied], ""
+
+    def shell(self, c: Compilation) -> Optional[nn.Module]:
+        if c.options.on_engine or isinstance(c.work.reference, fx.GraphModule):
+            return None
+        shell, _, _ = swap_modules(_tree_copy(c.work.reference), c.decisions)
+        for name in c.folded:
+            shell.set_submodule(name, nn.Identity())
+        return shell
+
+
+class SwapRoute:
+    """No graph: the condensed layers are swapped into a copy of the model, which runs its own forward."""
+
+    def condense(self, c: Compilation) -> tuple[Mapping[str, int], set[str], str]:
+        c.module, rewrites, applied = swap_modules(structural_copy(c.work.reference), c.decisions)
+        return rewrites, applied, "a functional linear needs a traced graph"
+
+    def fold(self, c: Compilation) -> Optional[tuple[list[str], str]]:
+        graph = _exported(c)      # torch.export's graph of the same model says what feeds what
+        if graph is None:
+            return None
+        return fold_in_place(c.module, graph.graph), " (pairs read from torch.export's graph)"
+
+    def shell(self, c: Compilation) -> Optional[nn.Module]:
+        return None               # the compiled module is the model itself
+
+
+def capture_stage(c: Compilation) -> StageResult:
+    c.captured = capture(c.work.reference, c.inputs if c.options.has_inputs else None)
+    c.route = SwapRoute() if c.captured.graph_module is None else GraphRoute()
+    return StageResult("capture", c.captured.method + (f" ({c.captured.reason})" if c.captured.reason else ""),
+                       capture=(c.captured.method, c.captured.reason if c.captured.graph_module is None else ""))
+
+
+def condense(c: Compilation) -> StageResult:
+    rewrites, applied, why = c.route.condense(c)
+    missed = tuple((fqn, LayerChange(kept=f"condensable but not rewritten: {why}")) for fqn, d in c.decisions.items()
+                   if d.replacement is not None and fqn not in applied)
+    return StageResult("condense", f"{sum(rewrites.values())} layer(s) rewritten", changes=missed,
+                       rewrites=tuple(sorted(rewrites.items())))
 
 
 def _exported(c: Compilation) -> Optional[fx.GraphModule]:
@@ -184,22 +241,15 @@ def _exported(c: Compilation) -> Optional[fx.GraphModule]:
     return exported_graph(c.work.reference, c.inputs)[0] if c.options.has_inputs else None
 
 
-def fold(c: Compilation) -> Optional[str]:
-    if c.captured.graph_module is not None:
-        manager = PassManager([FoldBatchNorm()], ran=c.passes)
-        c.module = manager.run(c.module)
-        c.passes = manager.names()
-        c.report.folded = [bn for o in manager.outcomes for bn in o.applied]
-    else:       # layers swapped in place: torch.export's graph of the same model says what feeds what
-        graph = _exported(c)
-        if graph is None:
-            return None
-        c.report.folded = fold_in_place(c.module, graph.graph)
-    if c.report.folded:
-        how = "" if c.captured.graph_module is not None else " (pairs read from torch.export's graph)"
-        c.report.notes.append(f"{len(c.report.folded)} BatchNorm(s) folded into the condensed convolution before "
-                              f"them{how}: {', '.join(c.report.folded)}")
-    return f"{len(c.report.folded)} BatchNorm(s) folded"
+def fold(c: Compilation) -> StageResult:
+    found = c.route.fold(c)
+    if found is None:
+        return StageResult("fold", None)
+    folded, how = found
+    c.folded = tuple(folded)
+    notes = (f"{len(folded)} BatchNorm(s) folded into the condensed convolution before them{how}: "
+             f"{', '.join(folded)}",) if folded else ()
+    return StageResult("fold", f"{len(folded)} BatchNorm(s) folded", folded=c.folded, notes=notes)
 
 
 def at_precision(c: Compilation) -> nn.Module:
@@ -207,30 +257,31 @@ def at_precision(c: Compilation) -> nn.Module:
     return c.module if c.options.dtype is None else _precision.AtPrecision(c.module, c.options.dtype)
 
 
-def precision(c: Compilation) -> Optional[str]:
+def precision(c: Compilation) -> StageResult:
     if c.options.dtype is None:
-        return None
+        return StageResult("precision", None)
     count = _precision.convert_layers(c.module, c.options.dtype)
     c.tolerance = _precision.TOLERANCE
-    c.report.notes.append(f"precision {c.options.precision}: the {count} condensed layer(s) hold "
-                          f"{str(c.options.dtype).removeprefix('torch.')} values, the rest runs under autocast; "
-                          f"outputs validated against the float32 model at {_precision.TOLERANCE:.0e} x max |output|")
-    return f"{count} condensed layer(s) in {c.options.precision}, the rest under autocast"
+    note = (f"precision {c.options.precision}: the {count} condensed layer(s) hold "
+            f"{str(c.options.dtype).removeprefix('torch.')} values, the rest runs under autocast; outputs validated "
+            f"against the float32 model at {_precision.TOLERANCE:.0e} x max |output|")
+    return StageResult("precision", f"{count} condensed layer(s) in {c.options.precision}, the rest under autocast",
+                       notes=(note,))
 
 
-def tune(c: Compilation) -> Optional[str]:
+def tune(c: Compilation) -> StageResult:
     if not c.options.autotune:
         disable(c.module)
-        return "off: sparse kernels everywhere"
+        return StageResult("tune", "off: sparse kernels everywhere")
     cold = stream_if_large(c.module)
-    if cold:
-        c.report.notes.append("the model's tensors exceed the last-level cache: sparse-or-dense choices are "
-                              "measured with the cache flushed before each call, as the model's other layers leave it")
+    notes = ("the model's tensors exceed the last-level cache: sparse-or-dense choices are measured with the cache "
+             "flushed before each call, as the model's other layers leave it",) if cold else ()
     if not c.options.has_inputs or c.options.on_engine:
-        return None
-    autotune(at_precision(c), c.inputs, c.report)
-    dense = sum(bool(lay.choice) and "dense op" in lay.choice for lay in c.report.layers)
-    return f"{dense} layer(s) run dense at the example inputs" + (" (measured cold)" if cold else "")
+        return StageResult("tune", None, notes=notes)
+    changes = autotune(at_precision(c), c.inputs)
+    dense = sum(bool(change.runs_dense) for _, change in changes)
+    return StageResult("tune", f"{dense} layer(s) run dense at the example inputs" + (" (measured cold)" if cold else ""),
+                       changes=changes, notes=notes)
 
 
 def _load_engine(name: str, module: nn.Module, reference: nn.Module, inputs: Call,
@@ -259,27 +310,28 @@ def _load_engine(name: str, module: nn.Module, reference: nn.Module, inputs: Cal
     return runner, exported.forms
 
 
-def engine(c: Compilation) -> Optional[str]:
+def engine(c: Compilation) -> StageResult:
     if not c.options.on_engine:
-        return None
+        return StageResult("engine", None)
     from sparsecc.runtimes.onnxruntime.writer import PRECISIONS
 
     name = c.options.backend
     c.module, forms = _load_engine(name, c.module, c.prepared.user, c.inputs, c.options.runtime_options)
-    for layer in c.report.condensed:
-        layer.runtime = f"{name} ({forms.get(layer.name, 'dense')})"
-    c.report.engine = name
-    c.report.notes.append(f"{name} runs the whole exported graph: validated end to end only (its layers "
-                          f"are not observable one by one)")
+    changes = tuple((layer.name, LayerChange(runtime=f"{name} ({forms.get(layer.name, 'dense')})"))
+                    for layer in c.report.condensed)
     c.tolerance = TOLERANCE[PRECISIONS[runtimes.engine(name).EXPORT["precision"]]]
-    return f"exported to {name}"
+    return StageResult("engine", f"exported to {name}", engine=name, changes=changes,
+                       notes=(f"{name} runs the whole exported graph: validated end to end only (its layers are "
+                              f"not observable one by one)",))
 
 
-def validate(c: Compilation) -> Optional[str]:
+def validate(c: Compilation) -> StageResult:
     if not (c.options.validate and c.options.has_inputs):
-        return None
-    validate_into(c.report, c.prepared, at_precision(c), input_sets(c.inputs), c.tolerance, c.work)
-    return "; ".join(map(str, c.report.end_to_end))
+        return StageResult("validate", None)
+    result, check = validation_result(c.prepared, at_precision(c), input_sets(c.inputs), c.tolerance, c.work)
+    if not check.ok:
+        raise EquivalenceError(check.message(), Report.built([*c.results, result]))
+    return result
 
 
 def _tree_copy(module: nn.Module) -> nn.Module:
@@ -295,33 +347,26 @@ def model_shell(c: Compilation) -> Optional[nn.Module]:
     """The user's model class around the condensed layers, for the attributes and methods a captured graph does
     not carry (``num_classes``, ``forward_features``): the work copy with the same condensed modules swapped in
     (shared with the graph, not copied; the tree around them is a copy sharing every tensor) and the folded
-    BatchNorms made identities. None where the compiled
-    module is already the model itself (module swapping) or a graph by origin."""
-    if c.captured is None or c.captured.graph_module is None or c.options.on_engine \
-            or isinstance(c.work.reference, fx.GraphModule):
-        return None
-    shell, _, _ = swap_modules(_tree_copy(c.work.reference), c.decisions)
-    for name in c.report.folded:
-        shell.set_submodule(name, nn.Identity())
-    return shell
+    BatchNorms made identities. None where the compiled module is already the model itself (module swapping),
+    an engine, or a graph by origin."""
+    return c.route.shell(c) if c.route is not None else None
 
 
 #: The stages in order, by name.
-STAGES: tuple[tuple[str, Callable[[Compilation], Optional[str]]], ...] = (
+STAGES: tuple[tuple[str, Callable[[Compilation], StageResult]], ...] = (
     ("masks", masks), ("narrow", narrow_stage), ("analyse", analyse), ("bind", bind), ("capture", capture_stage),
     ("condense", condense), ("fold", fold), ("precision", precision), ("tune", tune), ("engine", engine),
     ("validate", validate))
 
 
 def run(c: Compilation) -> Compilation:
-    """Every stage in order; each outcome lands in the report (created by ``analyse``) as it completes."""
-    done: list[StageOutcome] = []
+    """Every stage in order, each result timed and appended to ``c.results`` as it completes."""
     for name, stage in STAGES:
         start = time.perf_counter()
-        summary = stage(c)
-        done.append(StageOutcome(name, summary is not None, summary or "skipped", time.perf_counter() - start))
-        line = done[-1].summary if len(done[-1].summary) <= 150 else done[-1].summary[:147] + "..."
-        progress.info("compile %s: %s (%.1f s)", name, line, done[-1].seconds)
-        if c.report is not None:
-            c.report.stages, done = c.report.stages + done, []
+        result = replace(stage(c), seconds=time.perf_counter() - start)
+        assert result.stage == name, (result.stage, name)
+        c.results.append(result)
+        line = result.outcome().summary
+        line = line if len(line) <= 150 else line[:147] + "..."
+        progress.info("compile %s: %s (%.1f s)", name, line, result.seconds)
     return c

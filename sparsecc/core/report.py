@@ -7,8 +7,8 @@ forward cost is ``density * F * (C/groups*R*S) * N*H*W`` MACs (Linear: ``density
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Optional
 
 
 @dataclass
@@ -27,8 +27,11 @@ class ErrorStat:
             ("" if self.ok else f" FAILED {self.detail}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerReport:
+    """One layer's row. Frozen: a stage that learns something about a layer says so in its `StageResult`
+    (a `LayerChange`), and the report is rebuilt from the results."""
+
     name: str
     kind: str
     shape: tuple[int, ...]
@@ -47,10 +50,10 @@ class LayerReport:
     error: Optional[ErrorStat] = None
     choice: str = ""            # the runtime's sparse-or-dense choice at the example's token counts, with timings
 
-    def keep(self, reason: str) -> None:
-        """Record that the layer runs as the original dense op after all, and why."""
-        self.action, self.runtime, self.reason = "kept", "torch", reason
-        self.bytes_condensed, self.macs_sparse = self.bytes_dense, self.macs_dense
+    def kept(self, reason: str) -> "LayerReport":
+        """This row for a layer that runs as the original dense op after all, and why."""
+        return replace(self, action="kept", runtime="torch", reason=reason, bytes_condensed=self.bytes_dense,
+                       macs_sparse=self.macs_dense)
 
     @property
     def total_macs(self) -> tuple[int, int]:
@@ -64,6 +67,58 @@ def _mib(n: int) -> str:
 
 def _g(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """What a stage learnt about one layer. Each field it sets replaces the row's; None leaves it."""
+
+    runtime: Optional[str] = None
+    reason: Optional[str] = None
+    kept: Optional[str] = None          # the layer runs as the original op after all: why
+    choice: Optional[str] = None        # the runtime's measured sparse-or-dense choices
+    runs_dense: Optional[bool] = None   # whether a choice runs the dense op (``+dense`` after the runtime)
+    error: Optional[ErrorStat] = None
+    positions: Optional[int] = None
+
+    def applied(self, row: LayerReport) -> LayerReport:
+        if self.kept is not None:
+            row = row.kept(self.kept)
+        fields = {name: getattr(self, name) for name in ("runtime", "reason", "choice", "error", "positions")
+                  if getattr(self, name) is not None}
+        row = replace(row, **fields) if fields else row
+        if self.runs_dense is not None:
+            row = replace(row, runtime=row.runtime.removesuffix("+dense") + ("+dense" if self.runs_dense else ""))
+        return row
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one stage of `sparsecc.compile` found and did, frozen once it returns. The report is built from
+    the results in stage order (`Report.built`), never written by the stages: a result is the one record of
+    its stage, and a later stage cannot rewrite an earlier one's. Report-level fields a stage leaves None are
+    another stage's; the per-layer ``changes`` apply in order, each on the row as the stages before left it."""
+
+    stage: str
+    summary: Optional[str]                          # one line; None: the stage did not apply
+    seconds: float = 0.0
+    rows: Optional[tuple[LayerReport, ...]] = None  # the layers' rows, as planned (the analysis)
+    runtime: Optional[str] = None                   # the op runtime the condensed layers were given
+    changes: tuple[tuple[str, LayerChange], ...] = ()
+    notes: tuple[str, ...] = ()
+    capture: Optional[tuple[str, str]] = None       # how the model was captured, and why not as a graph
+    rewrites: Optional[tuple[tuple[str, int], ...]] = None
+    narrowed: Optional[tuple[Any, ...]] = None      # `sparsecc.planning.narrow.Removal`s
+    folded: Optional[tuple[str, ...]] = None        # BatchNorms folded into condensed convolutions
+    engine: Optional[str] = None
+    end_to_end: Optional[tuple[ErrorStat, ...]] = None   # set by a validation: the report is then validated
+
+    @property
+    def applies(self) -> bool:
+        return self.summary is not None
+
+    def outcome(self) -> "StageOutcome":
+        return StageOutcome(self.stage, self.applies, self.summary or "skipped", self.seconds)
 
 
 @dataclass(frozen=True)
@@ -140,3 +195,31 @@ class Report:
 
     def __str__(self) -> str:
         return f"{self.table()}\n\n{self.summary()}"
+
+    @classmethod
+    def built(cls, results: Iterable[StageResult]) -> "Report":
+        """The report of a compilation: its stages' results folded in order (see `StageResult`)."""
+        report = cls([])
+        rows: dict[str, LayerReport] = {}
+        for r in results:
+            if r.rows is not None:
+                rows = {row.name: row for row in r.rows}
+            for name, change in r.changes:
+                rows[name] = change.applied(rows[name])
+            report.notes += r.notes
+            report.stages.append(r.outcome())
+            for name in ("runtime", "engine"):
+                if getattr(r, name) is not None:
+                    setattr(report, name, getattr(r, name))
+            if r.capture is not None:
+                report.capture, report.capture_reason = r.capture
+            if r.rewrites is not None:
+                report.rewrites = Counter(dict(r.rewrites))
+            if r.narrowed is not None:
+                report.narrowed = list(r.narrowed)
+            if r.folded is not None:
+                report.folded = list(r.folded)
+            if r.end_to_end is not None:
+                report.end_to_end, report.validated = list(r.end_to_end), True
+        report.layers = list(rows.values())
+        return report

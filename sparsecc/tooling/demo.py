@@ -9,7 +9,6 @@ import torchvision
 from torch import nn
 
 import sparsecc
-from sparsecc.compiler.autotune import record
 from sparsecc.core.timing import THREADS, medians
 from sparsecc.tooling import synthetic
 
@@ -62,7 +61,7 @@ def run(name: str = "vit_b_16", sparsity: float = 0.9, ablate: float = 0.05, bac
         t = medians({"dense": lambda: dense(x), "sparsecc": lambda: compiled(x)}, runs=runs)
         lines.append(f"  {n} thread(s): dense torch eager {t['dense'] * 1e3:.1f} ms, sparsecc "
                      f"({compiled.report.runtime}) {t['sparsecc'] * 1e3:.1f} ms -> {t['dense'] / t['sparsecc']:.2f}x")
-    record(compiled.module, compiled.report)
+    compiled.record_choices()
     print(compiled.report, end="\n\n")
     print(f"batch-1 latency, median of {runs} interleaved rounds:", *lines, sep="\n")
     return compiled
