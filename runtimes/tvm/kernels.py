@@ -198,8 +198,8 @@ def fanin_gemv(key: KernelKey):
         for part in loop(P):
             for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
                 # CHAINS independent accumulators hide the FMA latency a single running sum would expose.
-                acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
-                tail = T.decl_buffer((1,), DT, scope="local")
+                acc = T.decl_buffer((CHAINS, VEC), DT, scope="global")
+                tail = T.decl_buffer((1,), DT, scope="global")
                 for c in T.unroll(CHAINS):
                     acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
                 tail[0] = T.cast(0, DT)
@@ -212,8 +212,8 @@ def fanin_gemv(key: KernelKey):
                     tail[0] = tail[0] + _wide(v[r, j], VDT) * x[0, T.Cast("int32", idx[r, j])]
                 for c in T.unroll(1, CHAINS):
                     acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
-                total = ((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) + \
-                    ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])) + tail[0]
+                total = T.meta_var(((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) +
+                    ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])) + tail[0])
                 if BIAS:
                     y[0, orow[r]] = total + b[orow[r]]
                 else:
@@ -245,7 +245,7 @@ def fanin_spmm(key: KernelKey):
 
     @T.macro
     def tile(xt, v, idx, orow, b, y, r0, nrows, t0, width):
-        acc = T.decl_buffer((ROWS, width), DT, scope="local")
+        acc = T.decl_buffer((ROWS, width), DT, scope="global")
         for q in T.unroll(nrows):
             for t in T.vectorized(width):
                 acc[q, t] = T.cast(0, DT)
@@ -262,7 +262,7 @@ def fanin_spmm(key: KernelKey):
 
     @T.macro
     def chunk(xt, v, idx, orow, y, r0, nrows, t0, width, j0, nj):
-        acc = T.decl_buffer((ROWS, width), DT, scope="local")
+        acc = T.decl_buffer((ROWS, width), DT, scope="global")
         for q in T.unroll(nrows):
             for t in T.vectorized(width):
                 acc[q, t] = y[orow[r0 + q], t0 + t]
@@ -390,7 +390,7 @@ def fanin_tiled(key: KernelKey):
 
     @T.macro
     def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj):
-        acc = T.decl_buffer((ROWS_, W, L), DT, scope="local")
+        acc = T.decl_buffer((ROWS_, W, L), DT, scope="global")
         if j0 == 0:
             for q in T.unroll(nrows):
                 for u in T.unroll(W):
@@ -417,10 +417,10 @@ def fanin_tiled(key: KernelKey):
 
     @T.macro
     def slab(xt, v, idx, orow, b, y, R, K, b0, b1, v0, W):
-        chunk = K if CH == 0 else T.min(CH, K)
+        chunk = T.meta_var(K if CH == 0 else T.min(CH, K))
         for part in loop(P):
-            lo = b0 + (b1 - b0) * part // P
-            hi = b0 + (b1 - b0) * (part + 1) // P
+            lo = T.meta_var(b0 + (b1 - b0) * part // P)
+            hi = T.meta_var(b0 + (b1 - b0) * (part + 1) // P)
             for c in range((K + chunk - 1) // chunk):
                 for rb in range(lo, hi):
                     if rb * ROWS_ + ROWS_ <= R:
@@ -482,15 +482,20 @@ def mask_gemv(key: KernelKey):
     HALF = MASK_BLOCK // 2
     loop, P = key.loop(), key.parts()
 
-    @T.macro
-    def step(acc, c, xe, xo, bits, v, pos, r, blk):
-        w = T.reinterpret(f"uint32x{HALF}", T.call_llvm_pure_intrin(
+    def expanded(bits, v, pos, r, blk):
+        # The word's kept values in their lanes, as 32-bit pairs. An expression (used twice, one load after
+        # LLVM's CSE), not an assignment: TVMScript makes an assigned vector a buffer, stored to at every block.
+        return T.reinterpret(f"uint32x{HALF}", T.call_llvm_pure_intrin(
             f"int16x{MASK_BLOCK}", f"llvm.masked.expandload.v{MASK_BLOCK}i16", T.address_of(v[pos[0]]),
             _selected(T.reinterpret("uint32", bits[r, blk]), MASK_BLOCK), T.broadcast(T.int16(0), MASK_BLOCK)))
+
+    @T.macro
+    def step(acc, c, xe, xo, bits, v, pos, r, blk):
         acc[c, T.ramp(0, 1, HALF)] = acc[c, T.ramp(0, 1, HALF)] + T.reinterpret(
-            f"float32x{HALF}", T.shift_left(w, T.broadcast(T.uint32(16), HALF))) * xe[T.ramp(blk * HALF, 1, HALF)]
+            f"float32x{HALF}", T.shift_left(expanded(bits, v, pos, r, blk), T.broadcast(T.uint32(16), HALF))) * \
+            xe[T.ramp(blk * HALF, 1, HALF)]
         acc[c + CHAINS, T.ramp(0, 1, HALF)] = acc[c + CHAINS, T.ramp(0, 1, HALF)] + T.reinterpret(
-            f"float32x{HALF}", T.bitwise_and(w, T.broadcast(T.uint32(0xFFFF0000), HALF))) * \
+            f"float32x{HALF}", T.bitwise_and(expanded(bits, v, pos, r, blk), T.broadcast(T.uint32(0xFFFF0000), HALF))) * \
             xo[T.ramp(blk * HALF, 1, HALF)]
         pos[0] = pos[0] + T.Cast("int32", T.popcount(T.reinterpret("uint32", bits[r, blk])))
 
@@ -513,8 +518,8 @@ def mask_gemv(key: KernelKey):
         y = T.match_buffer(y_h, (1, OUT), "float32", align=4)
         for part in loop(P):
             for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
-                acc = T.decl_buffer((2 * CHAINS, HALF), "float32", scope="local")
-                pos = T.decl_buffer((1,), "int32", scope="local")
+                acc = T.decl_buffer((2 * CHAINS, HALF), "float32", scope="global")
+                pos = T.decl_buffer((1,), "int32", scope="global")
                 for c in T.unroll(2 * CHAINS):
                     acc[c, T.ramp(0, 1, HALF)] = T.broadcast(T.float32(0), HALF)
                 pos[0] = start[r]
@@ -525,7 +530,7 @@ def mask_gemv(key: KernelKey):
                     step(acc, 0, xe, xo, bits, v, pos, r, blk)
                 for c in T.unroll(1, 2 * CHAINS):
                     acc[0, T.ramp(0, 1, HALF)] = acc[0, T.ramp(0, 1, HALF)] + acc[c, T.ramp(0, 1, HALF)]
-                total = T.decl_buffer((1,), "float32", scope="local")
+                total = T.decl_buffer((1,), "float32", scope="global")
                 total[0] = b[orow[r]] if BIAS else T.float32(0)
                 for lane in range(HALF):
                     total[0] = total[0] + acc[0, lane]
@@ -541,7 +546,8 @@ def mask_gemv(key: KernelKey):
 def _nm_epilogue(acc, y, b, r, BIAS):
     for c in T.unroll(1, CHAINS):
         acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
-    total = ((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) + ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7]))
+    total = T.meta_var(((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) +
+                       ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])))
     if BIAS:
         y[0, r] = total + b[r]
     else:
@@ -560,20 +566,20 @@ def nm_gemv(key: KernelKey):
 
     @T.macro
     def step(acc, c, xq, v, meta, r, go):
-        word = T.reinterpret("uint32", meta[r, T.ramp(go * 4, 1, 4)])
-        nib = T.shift_right(T.broadcast(word, VEC), T.ramp(T.uint32(0), T.uint32(4), VEC))
-        x0, x1 = xq[0, T.ramp(go * VEC, 1, VEC)], xq[1, T.ramp(go * VEC, 1, VEC)]
-        x2, x3 = xq[2, T.ramp(go * VEC, 1, VEC)], xq[3, T.ramp(go * VEC, 1, VEC)]
-        one = T.broadcast(T.uint32(1), VEC)
-        zero = T.broadcast(T.uint32(0), VEC)
-        s0 = T.bitwise_and(nib, one) != zero
-        s1 = T.bitwise_and(T.shift_right(nib, one), one) != zero
-        s2 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(2), VEC)), one) != zero
-        s3 = T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(3), VEC)), one) != zero
+        word = T.meta_var(T.reinterpret("uint32", meta[r, T.ramp(go * 4, 1, 4)]))
+        nib = T.meta_var(T.shift_right(T.broadcast(word, VEC), T.ramp(T.uint32(0), T.uint32(4), VEC)))
+        x0, x1 = T.meta_var(xq[0, T.ramp(go * VEC, 1, VEC)]), T.meta_var(xq[1, T.ramp(go * VEC, 1, VEC)])
+        x2, x3 = T.meta_var(xq[2, T.ramp(go * VEC, 1, VEC)]), T.meta_var(xq[3, T.ramp(go * VEC, 1, VEC)])
+        one = T.meta_var(T.broadcast(T.uint32(1), VEC))
+        zero = T.meta_var(T.broadcast(T.uint32(0), VEC))
+        s0 = T.meta_var(T.bitwise_and(nib, one) != zero)
+        s1 = T.meta_var(T.bitwise_and(T.shift_right(nib, one), one) != zero)
+        s2 = T.meta_var(T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(2), VEC)), one) != zero)
+        s3 = T.meta_var(T.bitwise_and(T.shift_right(nib, T.broadcast(T.uint32(3), VEC)), one) != zero)
         # p0 = bits 0-1, p1 = bits 2-3: the low bit picks within a pair of inputs, the high bit between pairs.
-        first = T.Select(s1, T.Select(s0, x3, x2), T.Select(s0, x1, x0))
-        second = T.Select(s3, T.Select(s2, x3, x2), T.Select(s2, x1, x0))
-        pair = _wide(v[r, T.ramp(go * 2 * VEC, 1, 2 * VEC)], VDT, 2 * VEC)
+        first = T.meta_var(T.Select(s1, T.Select(s0, x3, x2), T.Select(s0, x1, x0)))
+        second = T.meta_var(T.Select(s3, T.Select(s2, x3, x2), T.Select(s2, x1, x0)))
+        pair = T.meta_var(_wide(v[r, T.ramp(go * 2 * VEC, 1, 2 * VEC)], VDT, 2 * VEC))
         acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + \
             T.Shuffle([pair], list(range(0, 2 * VEC, 2))) * first + \
             T.Shuffle([pair], list(range(1, 2 * VEC, 2))) * second
@@ -590,7 +596,7 @@ def nm_gemv(key: KernelKey):
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)
         for part in loop(P):
             for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
-                acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
+                acc = T.decl_buffer((CHAINS, VEC), DT, scope="global")
                 for c in T.unroll(CHAINS):
                     acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
                 for bo in range(NB // CHAINS):
@@ -617,23 +623,23 @@ def nm_gemv_avx(key: KernelKey):
 
     @T.macro
     def product(acc, c, xp, v, r, blk, ctrl):
-        first = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256", xp[T.ramp(blk * 16, 1, VEC)],
-                                        ctrl)
-        second = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256",
-                                         xp[T.ramp(blk * 16 + 8, 1, VEC)], ctrl)
-        picked = T.Shuffle([first, second], [0, 1, 10, 11, 4, 5, 14, 15])
+        first = T.meta_var(T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256", xp[T.ramp(blk * 16, 1, VEC)],
+                                        ctrl))
+        second = T.meta_var(T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.vpermilvar.ps.256",
+                                         xp[T.ramp(blk * 16 + 8, 1, VEC)], ctrl))
+        picked = T.meta_var(T.Shuffle([first, second], [0, 1, 10, 11, 4, 5, 14, 15]))
         acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + _wide(v[r, T.ramp(blk * VEC, 1, VEC)], VDT, VEC) * picked
 
     @T.macro
     def step(acc, c, xp, v, meta, r, blk):
-        bits = T.Cast("uint32", T.reinterpret("uint16", meta[r, T.ramp(blk * 2, 1, 2)]))
+        bits = T.meta_var(T.Cast("uint32", T.reinterpret("uint16", meta[r, T.ramp(blk * 2, 1, 2)])))
         product(acc, c, xp, v, r, blk,
                 T.reinterpret("int32x8", T.shift_right(T.broadcast(bits, VEC), T.ramp(T.uint32(0), T.uint32(2), VEC))))
 
     @T.macro
     def step2(acc, c, xp, v, meta, r, pair):
         # One 32-bit metadata load controls two blocks: the second block's positions are the upper 16 bits.
-        bits = T.broadcast(T.reinterpret("uint32", meta[r, T.ramp(pair * 4, 1, 4)]), VEC)
+        bits = T.meta_var(T.broadcast(T.reinterpret("uint32", meta[r, T.ramp(pair * 4, 1, 4)]), VEC))
         product(acc, c, xp, v, r, 2 * pair,
                 T.reinterpret("int32x8", T.shift_right(bits, T.ramp(T.uint32(0), T.uint32(2), VEC))))
         product(acc, c, xp, v, r, 2 * pair + 1,
@@ -649,14 +655,14 @@ def nm_gemv_avx(key: KernelKey):
         meta = T.match_buffer(m_h, (OUT, G // 2), "uint8", align=1)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
         y = T.match_buffer(y_h, (1, OUT), DT, align=4)
-        xp = T.decl_buffer((4 * G,), DT, scope="local")
+        xp = T.decl_buffer((4 * G,), DT, scope="global")
         for blk in range(NB):
             for h in T.unroll(4):
                 for e in T.vectorized(4):
                     xp[blk * 16 + h * 4 + e] = x[0, blk * 16 + (h % 2 * 2 + h // 2) * 4 + e]
         for part in loop(P):
             for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
-                acc = T.decl_buffer((CHAINS, VEC), DT, scope="local")
+                acc = T.decl_buffer((CHAINS, VEC), DT, scope="global")
                 for c in T.unroll(CHAINS):
                     acc[c, T.ramp(0, 1, VEC)] = T.broadcast(T.cast(0, DT), VEC)
                 for bo in range(NB // (2 * CHAINS)):
@@ -694,10 +700,10 @@ def transpose(key: KernelKey):
 
     @T.macro
     def block(a, b, ib, jb):
-        blk = T.decl_buffer((VEC, VEC), DT, scope="local")
+        blk = T.decl_buffer((VEC, VEC), DT, scope="global")
         for i in T.unroll(VEC):
             blk[i, T.ramp(0, 1, VEC)] = a[ib * VEC + i, T.ramp(jb * VEC, 1, VEC)]
-        cols = _transposed8([blk[i, T.ramp(0, 1, VEC)] for i in range(VEC)])
+        cols = T.meta_var(_transposed8([blk[i, T.ramp(0, 1, VEC)] for i in range(VEC)]))
         b[jb * VEC + 0, T.ramp(ib * VEC, 1, VEC)] = cols[0]
         b[jb * VEC + 1, T.ramp(ib * VEC, 1, VEC)] = cols[1]
         b[jb * VEC + 2, T.ramp(ib * VEC, 1, VEC)] = cols[2]
@@ -754,10 +760,14 @@ def _transposed(rows: list, lanes: int) -> list:
 
 
 @T.macro
-def _transpose_block(out, blk, L):
-    # ``out`` (flat, L*L) = the transpose of ``blk`` (L x L), through registers (`_transposed`)
-    out[T.ramp(0, 1, L * L)] = T.Shuffle(_transposed([blk[i, T.ramp(0, 1, L)] for i in range(L)], L),
-                                         list(range(L * L)))
+def _transpose_block(lo, hi, rows, L):
+    # ``lo`` / ``hi`` (flat, L*L/2 each): the first and last L/2 columns of the L x L block whose rows are
+    # ``rows``, through registers (`_transposed`). Two halves, not one L*L buffer: TVM puts a local buffer of
+    # 1 KiB or more on its heap workspace, where LLVM cannot keep it in registers; under 1 KiB it is a stack slot
+    # that vanishes into registers.
+    cols = T.meta_var(_transposed(rows, L))
+    lo[T.ramp(0, 1, L * L // 2)] = T.Shuffle(cols, list(range(L * L // 2)))
+    hi[T.ramp(0, 1, L * L // 2)] = T.Shuffle(cols, list(range(L * L // 2, L * L)))
 
 
 def pack(key: KernelKey):
@@ -770,16 +780,26 @@ def pack(key: KernelKey):
 
     @T.macro
     def block(a, b, M, ib, jb):
-        blk = T.decl_buffer((L, L), DT, scope="local")
-        out = T.decl_buffer((L * L,), DT, scope="local")
-        for i in T.unroll(L):
+        # The block's rows in two halves (each under TVM's 1 KiB stack limit, see `_transpose_block`); rows past
+        # the tokens are zeros.
+        top = T.decl_buffer((L // 2, L), DT, scope="global")
+        bottom = T.decl_buffer((L // 2, L), DT, scope="global")
+        for i in T.unroll(L // 2):
             if ib * L + i < M:
-                blk[i, T.ramp(0, 1, L)] = a[ib * L + i, T.ramp(jb * L, 1, L)]
+                top[i, T.ramp(0, 1, L)] = a[ib * L + i, T.ramp(jb * L, 1, L)]
             else:
-                blk[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
-        _transpose_block(out, blk, L)
-        for c in T.unroll(L):
-            b[jb * L + c, T.ramp(ib * L, 1, L)] = out[T.ramp(c * L, 1, L)]
+                top[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
+            if ib * L + L // 2 + i < M:
+                bottom[i, T.ramp(0, 1, L)] = a[ib * L + L // 2 + i, T.ramp(jb * L, 1, L)]
+            else:
+                bottom[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
+        lo = T.decl_buffer((L * L // 2,), DT, scope="global")
+        hi = T.decl_buffer((L * L // 2,), DT, scope="global")
+        _transpose_block(lo, hi, [top[i, T.ramp(0, 1, L)] for i in range(L // 2)]
+                         + [bottom[i, T.ramp(0, 1, L)] for i in range(L // 2)], L)
+        for c in T.unroll(L // 2):
+            b[jb * L + c, T.ramp(ib * L, 1, L)] = lo[T.ramp(c * L, 1, L)]
+            b[jb * L + L // 2 + c, T.ramp(ib * L, 1, L)] = hi[T.ramp(c * L, 1, L)]
 
     @T.prim_func
     def pack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
@@ -807,14 +827,14 @@ def unpack(key: KernelKey):
 
     @T.macro
     def block(a, b, M, ib, jb):
-        blk = T.decl_buffer((L, L), DT, scope="local")
-        out = T.decl_buffer((L * L,), DT, scope="local")
-        for i in T.unroll(L):
-            blk[i, T.ramp(0, 1, L)] = a[jb * L + i, T.ramp(ib * L, 1, L)]
-        _transpose_block(out, blk, L)
-        for c in T.unroll(L):
+        lo = T.decl_buffer((L * L // 2,), DT, scope="global")
+        hi = T.decl_buffer((L * L // 2,), DT, scope="global")
+        _transpose_block(lo, hi, [a[jb * L + i, T.ramp(ib * L, 1, L)] for i in range(L)], L)
+        for c in T.unroll(L // 2):
             if ib * L + c < M:
-                b[ib * L + c, T.ramp(jb * L, 1, L)] = out[T.ramp(c * L, 1, L)]
+                b[ib * L + c, T.ramp(jb * L, 1, L)] = lo[T.ramp(c * L, 1, L)]
+            if ib * L + L // 2 + c < M:
+                b[ib * L + L // 2 + c, T.ramp(jb * L, 1, L)] = hi[T.ramp(c * L, 1, L)]
 
     @T.prim_func
     def unpack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
