@@ -32,6 +32,9 @@ log = logging.getLogger("sparsecc")
 
 VERSION = 4
 RUNS = 7
+#: Seconds one choice may spend measuring: calls shorter than a few milliseconds get more rounds than `RUNS`
+#: (a one-token layer up to 60), long ones keep the minimum, so compile time stays bounded.
+BUDGET_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[
     from sparsecc.core import timing
 
     fns = {"sparse": sparse, "dense": dense}
-    times = timing.medians(fns, runs=RUNS, warmup=1, before=_flush if cold else None)
+    times = timing.medians(fns, runs=RUNS, warmup=1, before=_flush if cold else None, budget_s=BUDGET_S)
     choice = Choice(times["sparse"] > times["dense"], times["sparse"], times["dense"], tokens,
                     torch.get_num_threads(), cold, tile)
     cache.put(key, choice)
@@ -166,7 +169,7 @@ def choose_tile(cache: TuningCache, signature: tuple, tokens: int, tiles: dict[s
         return found
     from sparsecc.core import timing
 
-    times = timing.medians(tiles, runs=TILE_RUNS, warmup=1, before=_flush if cold else None)
+    times = timing.medians(tiles, runs=TILE_RUNS, warmup=1, before=_flush if cold else None, budget_s=BUDGET_S)
     best = min(times, key=times.get)
     choice = Choice(False, times[best], max(times.values()), tokens, torch.get_num_threads(), cold, best)
     cache.put(key, choice)
