@@ -319,6 +319,31 @@ def test_bf16_bitmask_one_token_form(out_f, in_f, sparsity, ablate, tokens, bias
     assert y.shape == expected.shape and y.dtype == expected.dtype
     assert_equivalent(y, expected)
     assert_equivalent(bound.sparse(x.float(), "gather").to(torch.bfloat16), expected)
+    for form in ("bitmask", "gather"):      # the bf16 input itself, split / widened inside the kernel
+        native = bound.sparse(x, form)
+        assert native.shape == expected.shape and native.dtype == torch.bfloat16
+        assert_equivalent(native, expected)
+        torch.testing.assert_close(native, bound.sparse(x.float(), form).to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_one_token_kernels_read_and_write_the_layers_dtype(dtype, tokens):
+    """A bf16 / fp16 layer's one-token call goes to the kernel in its own dtype (no float32 copy of the input
+    or output) and equals the dense op in that dtype; the layer called as a model calls it too."""
+    out_f, in_f = 48, 200
+    w, enc = _layer(out_f, in_f, 0.8, 0.1)
+    w, values = w.to(dtype), enc.values.to(dtype)
+    b = torch.randn(out_f, dtype=dtype)
+    bound = tvm_runtime.BoundLinear(values, enc.indices, enc.rows, b, out_f)
+    x = torch.randn(1, tokens, in_f, dtype=dtype)
+    assert bound.native(x)
+    expected = F.linear(x, w, b)
+    for y in (bound.sparse(x[0]).unsqueeze(0), bound(x)):
+        assert y.shape == expected.shape and y.dtype == expected.dtype
+        assert_equivalent(y, expected)
+    assert any(key[3] == dtype for key in bound.kernels), bound.kernels.keys()    # the kernel took the dtype
+    assert not bound.native(torch.randn(1, tvm_runtime.SPMM_MIN_TOKENS, in_f, dtype=dtype))   # token kernels: float32
 
 
 def test_bitmask_form_is_measured_for_bf16_only():

@@ -107,6 +107,11 @@ def _wide(value, dtype: str, lanes: int = 1):
     return T.Cast("float32" if lanes == 1 else f"float32x{lanes}", value)
 
 
+def _narrow(value, dtype: str):
+    """A float32 result stored as ``dtype`` (the rounding torch's ``.to`` does: to nearest even)."""
+    return value if dtype == "float32" else T.Cast(dtype, value)
+
+
 def _align(dtype: str) -> int:
     """Element alignment in bytes (kernels assume no more: any torch view has it)."""
     return 4 if dtype == "float32" else 2
@@ -128,12 +133,17 @@ class KernelKey:
     #: The tiled kernels' register tile and vector lanes (``tokens`` is then the padded token count).
     tile: Optional[Tile] = None
     lanes: int = VEC
+    #: The dtype of the one-token kernels' input and output (`fanin_gemv`, `mask_gemv`): float32, or the
+    #: layer's own bf16 / fp16, read and written in place of a conversion before and after the call (two torch
+    #: conversions cost 10-20 us, a tenth of a decode step's layer).
+    io: str = "float32"
 
     def name(self) -> str:
         bias = "b" if self.bias else "nb"
         par = "_par" if self.parallel else ""
         tile = f"_{self.tile.name()}" if self.tile is not None else ""
         tile += f"x{self.lanes}" if self.tile is not None or self.lanes != VEC else ""
+        tile += f"_io{self.io}" if self.io != "float32" else ""
         return f"sparsecc_{self.kind}_k{self.k}_t{self.tokens}_{self.index_dtype}_{self.dtype}_{bias}{par}{tile}"
 
     def loop(self):
@@ -166,8 +176,8 @@ def build(key: KernelKey):
 
 
 def fanin_gemv(key: KernelKey):
-    """One token: ``x [1, in]`` (callers loop over a few tokens)."""
-    K, IDX, VDT, BIAS = key.k, key.index_dtype, key.dtype, key.bias
+    """One token: ``x [1, in]`` (callers loop over a few tokens), ``x`` and ``y`` in ``key.io``."""
+    K, IDX, VDT, BIAS, IO = key.k, key.index_dtype, key.dtype, key.bias, key.io
     DT = "float32"
     NV = K // VEC                   # full vectors of the fan-in
     NC = NV // CHAINS * CHAINS      # of which handled CHAINS at a time
@@ -177,8 +187,8 @@ def fanin_gemv(key: KernelKey):
     def step(acc, c, x, v, idx, r, jo):
         # The gathered inputs are assembled lane by lane from scalar index loads: a vector index load would be
         # extracted lane by lane, competing with the inserts for the shuffle ports.
-        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + _wide(v[r, T.ramp(jo * VEC, 1, VEC)], VDT, VEC) * T.Shuffle(
-            [x[0, T.Cast("int32", idx[r, jo * VEC + lane])] for lane in range(VEC)], list(range(VEC)))
+        acc[c, T.ramp(0, 1, VEC)] = acc[c, T.ramp(0, 1, VEC)] + _wide(v[r, T.ramp(jo * VEC, 1, VEC)], VDT, VEC) * _wide(T.Shuffle(
+            [x[0, T.Cast("int32", idx[r, jo * VEC + lane])] for lane in range(VEC)], list(range(VEC))), IO, VEC)
 
     @T.prim_func
     def gemv(x_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
@@ -188,13 +198,13 @@ def fanin_gemv(key: KernelKey):
         A = T.int32()
         IN = T.int32()
         OUT = T.int32()
-        x = T.match_buffer(x_h, (1, IN), DT, align=4)
+        x = T.match_buffer(x_h, (1, IN), IO, align=_align(IO))
         v = T.match_buffer(v_h, (R, K), VDT, align=_align(VDT))
         idx = T.match_buffer(i_h, (R, K), IDX, align=2)
         orow = T.match_buffer(orow_h, (R,), "int32", align=4)
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
-        y = T.match_buffer(y_h, (1, OUT), DT, align=4)
+        y = T.match_buffer(y_h, (1, OUT), IO, align=_align(IO))
         for part in loop(P):
             for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
                 # CHAINS independent accumulators hide the FMA latency a single running sum would expose.
@@ -209,21 +219,21 @@ def fanin_gemv(key: KernelKey):
                 for jo in range(NC, NV):
                     step(acc, 0, x, v, idx, r, jo)
                 for j in range(NV * VEC, K):
-                    tail[0] = tail[0] + _wide(v[r, j], VDT) * x[0, T.Cast("int32", idx[r, j])]
+                    tail[0] = tail[0] + _wide(v[r, j], VDT) * _wide(x[0, T.Cast("int32", idx[r, j])], IO)
                 for c in T.unroll(1, CHAINS):
                     acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
                 total = T.meta_var(((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) +
                     ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])) + tail[0])
                 if BIAS:
-                    y[0, orow[r]] = total + b[orow[r]]
+                    y[0, orow[r]] = _narrow(total + b[orow[r]], IO)
                 else:
-                    y[0, orow[r]] = total
+                    y[0, orow[r]] = _narrow(total, IO)
         if b0 == 0:
             for a in range(A):
                 if BIAS:
-                    y[0, arow[a]] = b[arow[a]]
+                    y[0, arow[a]] = _narrow(b[arow[a]], IO)
                 else:
-                    y[0, arow[a]] = T.cast(0, DT)
+                    y[0, arow[a]] = T.cast(0, IO)
 
     return gemv
 
@@ -476,11 +486,29 @@ def mask_gemv(key: KernelKey):
     (``xo``) positions once per call. No gather: the gather kernel's lane inserts (one per value on one
     shuffle port) bounded it at about a value per cycle; this reads 2.25 bytes per kept value plus 1/8 byte
     per input (70% sparsity: 0.8 bytes per input, dense bf16 2). ``key.k`` is the padded input width (a
-    multiple of 32), ``key.dtype`` "bfloat16"."""
-    IN, BIAS = key.k, key.bias
+    multiple of 32), ``key.dtype`` "bfloat16". With ``key.io`` "bfloat16" the output is bf16 and ``xe`` and
+    ``xo`` are both the bf16 input read as 32-bit pairs (the caller passes it twice): the even input is a pair's
+    low half shifted up, the odd one its high half, the same trick as for the values, so no call splits or
+    widens the input first."""
+    IN, BIAS, IO = key.k, key.bias, key.io
     NB = IN // MASK_BLOCK
     HALF = MASK_BLOCK // 2
+    PAIRS = IO == "bfloat16"
+    XDT = "int32" if PAIRS else "float32"       # torch has no uint32 views
     loop, P = key.loop(), key.parts()
+
+    def even(xe, blk):
+        if PAIRS:
+            return T.reinterpret(f"float32x{HALF}", T.shift_left(
+                T.reinterpret(f"uint32x{HALF}", xe[T.ramp(blk * HALF, 1, HALF)]), T.broadcast(T.uint32(16), HALF)))
+        return xe[T.ramp(blk * HALF, 1, HALF)]
+
+    def odd(xo, blk):
+        if PAIRS:
+            return T.reinterpret(f"float32x{HALF}", T.bitwise_and(
+                T.reinterpret(f"uint32x{HALF}", xo[T.ramp(blk * HALF, 1, HALF)]),
+                T.broadcast(T.uint32(0xFFFF0000), HALF)))
+        return xo[T.ramp(blk * HALF, 1, HALF)]
 
     def expanded(bits, v, pos, r, blk):
         # The word's kept values in their lanes, as 32-bit pairs. An expression (used twice, one load after
@@ -493,10 +521,10 @@ def mask_gemv(key: KernelKey):
     def step(acc, c, xe, xo, bits, v, pos, r, blk):
         acc[c, T.ramp(0, 1, HALF)] = acc[c, T.ramp(0, 1, HALF)] + T.reinterpret(
             f"float32x{HALF}", T.shift_left(expanded(bits, v, pos, r, blk), T.broadcast(T.uint32(16), HALF))) * \
-            xe[T.ramp(blk * HALF, 1, HALF)]
+            even(xe, blk)
         acc[c + CHAINS, T.ramp(0, 1, HALF)] = acc[c + CHAINS, T.ramp(0, 1, HALF)] + T.reinterpret(
             f"float32x{HALF}", T.bitwise_and(expanded(bits, v, pos, r, blk), T.broadcast(T.uint32(0xFFFF0000), HALF))) * \
-            xo[T.ramp(blk * HALF, 1, HALF)]
+            odd(xo, blk)
         pos[0] = pos[0] + T.Cast("int32", T.popcount(T.reinterpret("uint32", bits[r, blk])))
 
     @T.prim_func
@@ -507,15 +535,15 @@ def mask_gemv(key: KernelKey):
         NV = T.int32()
         A = T.int32()
         OUT = T.int32()
-        xe = T.match_buffer(xe_h, (IN // 2,), "float32", align=4)
-        xo = T.match_buffer(xo_h, (IN // 2,), "float32", align=4)
+        xe = T.match_buffer(xe_h, (IN // 2,), XDT, align=4)
+        xo = T.match_buffer(xo_h, (IN // 2,), XDT, align=4)
         bits = T.match_buffer(m_h, (R, NB), "int32", align=4)     # the words' bits (torch has no uint32 math)
         v = T.match_buffer(v_h, (NV,), "int16", align=2)
         start = T.match_buffer(s_h, (R,), "int32", align=4)
         orow = T.match_buffer(orow_h, (R,), "int32", align=4)
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
         b = T.match_buffer(b_h, (OUT,), "float32", align=4)
-        y = T.match_buffer(y_h, (1, OUT), "float32", align=4)
+        y = T.match_buffer(y_h, (1, OUT), IO, align=_align(IO))
         for part in loop(P):
             for r in range(b0 + (b1 - b0) * part // P, b0 + (b1 - b0) * (part + 1) // P):
                 acc = T.decl_buffer((2 * CHAINS, HALF), "float32", scope="global")
@@ -534,10 +562,10 @@ def mask_gemv(key: KernelKey):
                 total[0] = b[orow[r]] if BIAS else T.float32(0)
                 for lane in range(HALF):
                     total[0] = total[0] + acc[0, lane]
-                y[0, orow[r]] = total[0]
+                y[0, orow[r]] = _narrow(total[0], IO)
         if b0 == 0:
             for a in range(A):
-                y[0, arow[a]] = b[arow[a]] if BIAS else T.float32(0)
+                y[0, arow[a]] = _narrow(b[arow[a]] if BIAS else T.float32(0), IO)
 
     return gemv
 

@@ -118,14 +118,15 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool, tile=None,
-            dtype: torch.dtype = torch.float32) -> Callable:
-    """The compiled kernel of ``kind``; ``dtype`` is its values' dtype (inputs and outputs are float32)."""
+            dtype: torch.dtype = torch.float32, io: torch.dtype = torch.float32) -> Callable:
+    """The compiled kernel of ``kind``; ``dtype`` is its values' dtype, ``io`` its input's and output's (float32
+    but for the one-token kernels of bf16 / fp16 layers)."""
     import tvm
 
     from sparsecc.runtimes.tvm import kernels as tvm_kernels
 
     key = tvm_kernels.KernelKey(kind, k, tokens, _name(index_dtype), _name(dtype), bias,
-                                tile=tile, lanes=lanes() if tile is not None else tvm_kernels.VEC)
+                                tile=tile, lanes=lanes() if tile is not None else tvm_kernels.VEC, io=_name(io))
     return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
 
 
@@ -215,6 +216,13 @@ class _Tuned:
         """The register tiles the sparse kernel of this call can take (none: it has no tile)."""
         return ()
 
+    def native(self, x: Tensor) -> bool:
+        """Whether the sparse kernel of this call takes ``x`` in its own dtype (else float32)."""
+        return False
+
+    def _kernel_input(self, x: Tensor) -> Tensor:
+        return x if x.dtype == torch.float32 or self.native(x) else x.float()
+
     def tokens(self, x: Tensor) -> int:
         raise NotImplementedError
 
@@ -256,8 +264,8 @@ class _Tuned:
 
     def _sparse(self, x: Tensor, key: tuple[int, int]) -> Tensor:
         """The sparse kernel (its measured tile) on ``x`` in the layer's dtype: widened to float32 and back
-        where it is not."""
-        wide = x if x.dtype == torch.float32 else x.float()
+        where the kernel does not take that dtype itself (`native`)."""
+        wide = self._kernel_input(x)
         y = self.sparse(wide, self.tile_for(wide, key))
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -271,8 +279,7 @@ class _Tuned:
         if self.tune:
             choice = self.choices.get(key)
             if choice is None:
-                wide = x if x.dtype == torch.float32 else x.float()
-                tile = self.tile_for(wide, key)
+                tile = self.tile_for(self._kernel_input(x), key)
                 choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens,
                                                            lambda: self._sparse(x, key), lambda: self.dense(x),
                                                            tuning.streaming(self.values),
@@ -309,10 +316,10 @@ class _Bound(_Tuned):
         import tvm_ffi
 
         self.args = tuple(tvm_ffi.from_dlpack(t) for t in (self.values, self.indices, self.orow, self.arow, self.bias))
-        self.kernels: dict[tuple[str, int], Callable] = {}
+        self.kernels: dict[tuple, Callable] = {}
 
-    def kernel(self, kind: str, tokens: int, tile=None) -> Callable:
-        fn = self.kernels.get((kind, tokens, tile))
+    def kernel(self, kind: str, tokens: int, tile=None, io: torch.dtype = torch.float32) -> Callable:
+        fn = self.kernels.get((kind, tokens, tile, io))
         if fn is None:
             from sparsecc.runtimes.tvm import kernels as tvm_kernels
 
@@ -320,8 +327,8 @@ class _Bound(_Tuned):
             k = self.values.shape[1]
             if tile is not None and k > tvm_kernels.STATIC_K:
                 k = 0                   # the tiled kernel for any fan-in (`fanin_tiled`)
-            fn = self.kernels[(kind, tokens, tile)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile,
-                                                              self.values.dtype)
+            fn = self.kernels[(kind, tokens, tile, io)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile,
+                                                                  self.values.dtype, io)
         return fn
 
     def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None) -> None:
@@ -329,8 +336,9 @@ class _Bound(_Tuned):
         from sparsecc.runtimes.tvm.kernels import blocks
 
         rows = self.values.shape[0]
-        parallel.run(self.kernel(kind, tokens, tile), blocks(kind, rows, tile), rows * self.values.shape[1] * tokens,
-                     x, *(self.args if args is None else args), y)
+        parallel.run(self.kernel(kind, tokens, tile, x.dtype if kind == "gemv" else torch.float32),
+                     blocks(kind, rows, tile), rows * self.values.shape[1] * tokens, x,
+                     *(self.args if args is None else args), y)
 
     def tiles(self, x: Tensor) -> tuple:
         from sparsecc.runtimes.tvm import kernels as tvm_kernels
@@ -360,10 +368,15 @@ class BoundLinear(_Bound):
             return self.FORMS if self.values.dtype == torch.bfloat16 and expands() else ()
         return super().tiles(x)
 
+    def native(self, x: Tensor) -> bool:
+        # The one-token kernels read a bf16 / fp16 input and write the layer's dtype themselves.
+        return x.dtype in (torch.bfloat16, torch.float16) and self.tokens(x) < SPMM_MIN_TOKENS
+
     def _bitmask(self, in_features: int) -> tuple:
         """The layer as `kernels.mask_gemv` reads it, built on first use: per row a 32-bit word per 32
         inputs (padded) and the kept values in input order (duplicate indices summed, as the gather kernel
-        does), each row's first value's position, and the compiled kernel."""
+        does), each row's first value's position, and the compiled kernel by input dtype (float32 halves or
+        the bf16 input itself)."""
         found = self.__dict__.get("_mask_form")
         if found is None or found[0] != in_features:
             import tvm_ffi
@@ -380,21 +393,27 @@ class BoundLinear(_Bound):
             start = (counts.cumsum(0) - counts).to(torch.int32)
             words = (present.view(rows, -1, block).to(torch.int64) << torch.arange(block)).sum(-1)
             words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
-            kernel = _kernel("mask_gemv", width, 1, torch.int32, self.has_bias, dtype=torch.bfloat16)
+            kernels = {io: _kernel("mask_gemv", width, 1, torch.int32, self.has_bias, dtype=torch.bfloat16, io=io)
+                       for io in (torch.float32, torch.bfloat16)}
             args = tuple(tvm_ffi.from_dlpack(t) for t in (words, packed, start, self.orow, self.arow, self.bias))
-            found = self.__dict__["_mask_form"] = (in_features, width, kernel, args, (words, packed, start))
+            found = self.__dict__["_mask_form"] = (in_features, width, kernels, args, (words, packed, start))
         return found
 
     def _gemv(self, x1: Tensor, y1: Tensor, form) -> None:
-        """One token (``x1 [1, in]`` float32) into ``y1 [1, out]`` in the chosen one-token form."""
+        """One token (``x1 [1, in]``, float32 or the layer's dtype) into ``y1 [1, out]`` (the same dtype) in the
+        chosen one-token form."""
         if form != "bitmask":
             self.run("gemv", 1, x1, y1)
             return
-        in_features, width, kernel, args, _ = self._bitmask(x1.shape[-1])
+        in_features, width, kernels, args, _ = self._bitmask(x1.shape[-1])
         xp = x1[0] if width == in_features else torch.nn.functional.pad(x1[0], (0, width - in_features))
         rows = self.values.shape[0]
-        halves = xp.view(-1, 2).t().contiguous()       # even and odd inputs, one copy
-        parallel.run(kernel, rows, rows * width // 4, halves[0], halves[1], *args, y1)
+        if x1.dtype == torch.bfloat16:      # the kernel splits the bf16 pairs itself
+            pairs = xp.contiguous().view(torch.int32)
+            parallel.run(kernels[torch.bfloat16], rows, rows * width // 4, pairs, pairs, *args, y1)
+            return
+        halves = xp.float().view(-1, 2).t().contiguous()       # even and odd inputs, one copy
+        parallel.run(kernels[torch.float32], rows, rows * width // 4, halves[0], halves[1], *args, y1)
 
     def signature(self, x: Tensor) -> tuple:
         return ("linear", self.out, x.shape[-1], *self.values.shape, self.indices.dtype, self.has_bias)
@@ -408,10 +427,10 @@ class BoundLinear(_Bound):
         return F.linear(x, self._dense_weight, self.bias_or_none)
 
     def sparse(self, x: Tensor, tile=None) -> Tensor:
-        if x.dim() == 2 and x.shape[0] == 1:    # batch-1 fast path: this call's overhead is the kernel's order
+        if x.numel() == x.shape[-1]:    # one token, any leading shape (a decode step's [1, 1, in]): the fast path
             y = x.new_empty(1, self.out)
-            self._gemv(x, y, tile)
-            return y
+            self._gemv(x.view(1, -1), y, tile)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if x2.shape[0] >= SPMM_MIN_TOKENS:
             # Transposed views would save the copies here but slow the LayerNorms and attention after them
