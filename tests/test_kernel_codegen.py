@@ -19,6 +19,8 @@ KEYS = [
     (K.KernelKey("gemv", 77, 1, "int16", "float32", True), set()),
     (K.KernelKey("gemv", 77, 1, "int16", "bfloat16", False, parallel=True), set()),
     (K.KernelKey("mask_gemv", 768, 1, "int32", "bfloat16", True), set()),
+    (K.KernelKey("mask_gemv", 768, 1, "int32", "bfloat16", False, io="bfloat16"), set()),
+    (K.KernelKey("mask_gemv", 768, 1, "int32", "float16", True, io="float16"), set()),
     (K.KernelKey("nm_gemv", 192, 1, "int16", "float32", True), set()),
     (K.KernelKey("nm_gemv_avx", 192, 1, "int16", "bfloat16", False), {"xp"}),
     (K.KernelKey("tiled", 0, 208, "int16", "float32", True, tile=TILE, lanes=16), set()),

@@ -305,25 +305,27 @@ def test_nm_kernel_choice_by_shape():
 ])
 @pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_bitmask_one_token_form(out_f, in_f, sparsity, ablate, tokens, bias):
-    """The bit-mask one-token kernel (bf16 values expanded from their mask words, even and odd inputs apart)
-    against the dense bf16 op, forced whatever the measurement would pick (LLVM emulates the expanding load on
-    CPUs without AVX512_VBMI2, so it is checked everywhere)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bitmask_one_token_form(out_f, in_f, sparsity, ablate, tokens, bias, dtype):
+    """The bit-mask one-token kernel (bf16 values expanded from their mask words, even and odd inputs apart;
+    fp16 values converted as the word's two halves) against the dense op in the layer's dtype, forced whatever
+    the measurement would pick (LLVM emulates the expanding load on CPUs without AVX512_VBMI2, so it is checked
+    everywhere); from a float32 input and from the layer's own dtype."""
     w, enc = _layer(out_f, in_f, sparsity, ablate)
-    w, values = w.to(torch.bfloat16), enc.values.to(torch.bfloat16)
-    b = torch.randn(out_f, dtype=torch.bfloat16) if bias else None
+    w, values = w.to(dtype), enc.values.to(dtype)
+    b = torch.randn(out_f, dtype=dtype) if bias else None
     bound = tvm_runtime.BoundLinear(values, enc.indices, enc.rows, b, out_f)
-    x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
-    y = bound.sparse(x.float(), "bitmask").to(torch.bfloat16)
+    x = torch.randn(tokens, in_f, dtype=dtype)
+    y = bound.sparse(x.float(), "bitmask").to(dtype)
     expected = F.linear(x, w, b)
     assert y.shape == expected.shape and y.dtype == expected.dtype
     assert_equivalent(y, expected)
-    assert_equivalent(bound.sparse(x.float(), "gather").to(torch.bfloat16), expected)
-    for form in ("bitmask", "gather"):      # the bf16 input itself, split / widened inside the kernel
+    assert_equivalent(bound.sparse(x.float(), "gather").to(dtype), expected)
+    for form in ("bitmask", "gather"):      # the input in its own dtype, split / widened inside the kernel
         native = bound.sparse(x, form)
-        assert native.shape == expected.shape and native.dtype == torch.bfloat16
+        assert native.shape == expected.shape and native.dtype == dtype
         assert_equivalent(native, expected)
-        torch.testing.assert_close(native, bound.sparse(x.float(), form).to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(native, bound.sparse(x.float(), form).to(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -346,11 +348,12 @@ def test_one_token_kernels_read_and_write_the_layers_dtype(dtype, tokens):
     assert not bound.native(torch.randn(1, tvm_runtime.SPMM_MIN_TOKENS, in_f, dtype=dtype))   # token kernels: float32
 
 
-def test_bitmask_form_is_measured_for_bf16_only():
+def test_bitmask_form_is_measured_for_16_bit_values_only():
     _, enc = _layer(16, 64, 0.75, 0.0)
     x = torch.randn(1, 64)
     fp32 = tvm_runtime.BoundLinear(enc.values, enc.indices, enc.rows, None, 16)
     bf16 = tvm_runtime.BoundLinear(enc.values.to(torch.bfloat16), enc.indices, enc.rows, None, 16)
+    fp16 = tvm_runtime.BoundLinear(enc.values.to(torch.float16), enc.indices, enc.rows, None, 16)
     assert fp32.tiles(x) == ()
-    assert bf16.tiles(x) == (("gather", "bitmask") if tvm_runtime.expands() else ())
+    assert bf16.tiles(x) == fp16.tiles(x) == (("gather", "bitmask") if tvm_runtime.expands() else ())
     assert bf16.tiles(torch.randn(20, 64)) != ("gather", "bitmask")      # many tokens: register tiles

@@ -114,7 +114,7 @@ def _narrow(value, dtype: str):
 
 def _align(dtype: str) -> int:
     """Element alignment in bytes (kernels assume no more: any torch view has it)."""
-    return 4 if dtype == "float32" else 2
+    return 2 if dtype in ("bfloat16", "float16", "int16") else 4
 
 
 @dataclass(frozen=True)
@@ -489,21 +489,46 @@ def mask_gemv(key: KernelKey):
     multiple of 32), ``key.dtype`` "bfloat16". With ``key.io`` "bfloat16" the output is bf16 and ``xe`` and
     ``xo`` are both the bf16 input read as 32-bit pairs (the caller passes it twice): the even input is a pair's
     low half shifted up, the odd one its high half, the same trick as for the values, so no call splits or
-    widens the input first."""
-    IN, BIAS, IO = key.k, key.bias, key.io
+    widens the input first.
+
+    ``key.dtype`` "float16": an fp16 is no half of a float32, so the expanded word is converted (``vcvtph2ps``,
+    F16C) as its first and last 16 lanes, against the input's first and last 16 of the 32 (``xe`` and ``xo`` are
+    then both the input itself, float32 or, with ``key.io`` "float16", fp16 widened in the kernel)."""
+    IN, BIAS, IO, VDT = key.k, key.bias, key.io, key.dtype
     NB = IN // MASK_BLOCK
     HALF = MASK_BLOCK // 2
     PAIRS = IO == "bfloat16"
-    XDT = "int32" if PAIRS else "float32"       # torch has no uint32 views
+    HALVES = VDT == "float16"
+    XDT = "int32" if PAIRS else IO       # torch has no uint32 views
+    XN = IN if HALVES else IN // 2
     loop, P = key.loop(), key.parts()
 
+    def lower(w):
+        # the first 16 of the word's 32 values, as float32
+        if HALVES:
+            return T.Cast(f"float32x{HALF}", T.Shuffle([T.reinterpret(f"float16x{MASK_BLOCK}", w)], list(range(HALF))))
+        return T.reinterpret(f"float32x{HALF}", T.shift_left(T.reinterpret(f"uint32x{HALF}", w),
+                                                              T.broadcast(T.uint32(16), HALF)))
+
+    def upper(w):
+        if HALVES:
+            return T.Cast(f"float32x{HALF}", T.Shuffle([T.reinterpret(f"float16x{MASK_BLOCK}", w)],
+                                                       list(range(HALF, MASK_BLOCK))))
+        return T.reinterpret(f"float32x{HALF}", T.bitwise_and(T.reinterpret(f"uint32x{HALF}", w),
+                                                               T.broadcast(T.uint32(0xFFFF0000), HALF)))
+
     def even(xe, blk):
+        # the inputs the lower values multiply: even positions (bf16 pairs), or the word's first 16 (fp16)
+        if HALVES:
+            return _wide(xe[T.ramp(blk * MASK_BLOCK, 1, HALF)], IO, HALF)
         if PAIRS:
             return T.reinterpret(f"float32x{HALF}", T.shift_left(
                 T.reinterpret(f"uint32x{HALF}", xe[T.ramp(blk * HALF, 1, HALF)]), T.broadcast(T.uint32(16), HALF)))
         return xe[T.ramp(blk * HALF, 1, HALF)]
 
     def odd(xo, blk):
+        if HALVES:
+            return _wide(xo[T.ramp(blk * MASK_BLOCK + HALF, 1, HALF)], IO, HALF)
         if PAIRS:
             return T.reinterpret(f"float32x{HALF}", T.bitwise_and(
                 T.reinterpret(f"uint32x{HALF}", xo[T.ramp(blk * HALF, 1, HALF)]),
@@ -511,20 +536,17 @@ def mask_gemv(key: KernelKey):
         return xo[T.ramp(blk * HALF, 1, HALF)]
 
     def expanded(bits, v, pos, r, blk):
-        # The word's kept values in their lanes, as 32-bit pairs. An expression (used twice, one load after
+        # The word's kept values in their lanes (16-bit each). An expression (used twice, one load after
         # LLVM's CSE), not an assignment: TVMScript makes an assigned vector a buffer, stored to at every block.
-        return T.reinterpret(f"uint32x{HALF}", T.call_llvm_pure_intrin(
+        return T.call_llvm_pure_intrin(
             f"int16x{MASK_BLOCK}", f"llvm.masked.expandload.v{MASK_BLOCK}i16", T.address_of(v[pos[0]]),
-            _selected(T.reinterpret("uint32", bits[r, blk]), MASK_BLOCK), T.broadcast(T.int16(0), MASK_BLOCK)))
+            _selected(T.reinterpret("uint32", bits[r, blk]), MASK_BLOCK), T.broadcast(T.int16(0), MASK_BLOCK))
 
     @T.macro
     def step(acc, c, xe, xo, bits, v, pos, r, blk):
-        acc[c, T.ramp(0, 1, HALF)] = acc[c, T.ramp(0, 1, HALF)] + T.reinterpret(
-            f"float32x{HALF}", T.shift_left(expanded(bits, v, pos, r, blk), T.broadcast(T.uint32(16), HALF))) * \
-            even(xe, blk)
-        acc[c + CHAINS, T.ramp(0, 1, HALF)] = acc[c + CHAINS, T.ramp(0, 1, HALF)] + T.reinterpret(
-            f"float32x{HALF}", T.bitwise_and(expanded(bits, v, pos, r, blk), T.broadcast(T.uint32(0xFFFF0000), HALF))) * \
-            odd(xo, blk)
+        acc[c, T.ramp(0, 1, HALF)] = acc[c, T.ramp(0, 1, HALF)] + lower(expanded(bits, v, pos, r, blk)) * even(xe, blk)
+        acc[c + CHAINS, T.ramp(0, 1, HALF)] = acc[c + CHAINS, T.ramp(0, 1, HALF)] + \
+            upper(expanded(bits, v, pos, r, blk)) * odd(xo, blk)
         pos[0] = pos[0] + T.Cast("int32", T.popcount(T.reinterpret("uint32", bits[r, blk])))
 
     @T.prim_func
@@ -535,8 +557,8 @@ def mask_gemv(key: KernelKey):
         NV = T.int32()
         A = T.int32()
         OUT = T.int32()
-        xe = T.match_buffer(xe_h, (IN // 2,), XDT, align=4)
-        xo = T.match_buffer(xo_h, (IN // 2,), XDT, align=4)
+        xe = T.match_buffer(xe_h, (XN,), XDT, align=_align(XDT))
+        xo = T.match_buffer(xo_h, (XN,), XDT, align=_align(XDT))
         bits = T.match_buffer(m_h, (R, NB), "int32", align=4)     # the words' bits (torch has no uint32 math)
         v = T.match_buffer(v_h, (NV,), "int16", align=2)
         start = T.match_buffer(s_h, (R,), "int32", align=4)

@@ -357,7 +357,7 @@ class _Bound(_Tuned):
 
 class BoundLinear(_Bound):
     #: The one-token forms measured against each other where there is a choice: the gather kernel on values
-    #: and indices, and the bit-mask kernel (`kernels.mask_gemv`, bf16 layers on AVX512_VBMI2 CPUs).
+    #: and indices, and the bit-mask kernel (`kernels.mask_gemv`, bf16 and fp16 layers on AVX512_VBMI2 CPUs).
     FORMS = ("gather", "bitmask")
 
     def tokens(self, x: Tensor) -> int:
@@ -365,7 +365,7 @@ class BoundLinear(_Bound):
 
     def tiles(self, x: Tensor) -> tuple:
         if self.tokens(x) < SPMM_MIN_TOKENS:
-            return self.FORMS if self.values.dtype == torch.bfloat16 and expands() else ()
+            return self.FORMS if self.values.dtype in (torch.bfloat16, torch.float16) and expands() else ()
         return super().tiles(x)
 
     def native(self, x: Tensor) -> bool:
@@ -388,13 +388,13 @@ class BoundLinear(_Bound):
             rows, idx = self.values.shape[0], self.indices.long()
             kept = torch.zeros(rows, width).scatter_add_(1, idx, self.values.float())
             present = torch.zeros(rows, width, dtype=torch.bool).scatter_(1, idx, True)
-            packed = kept.to(torch.bfloat16)[present].view(torch.int16).contiguous()
+            packed = kept.to(self.values.dtype)[present].view(torch.int16).contiguous()
             counts = present.sum(1)
             start = (counts.cumsum(0) - counts).to(torch.int32)
             words = (present.view(rows, -1, block).to(torch.int64) << torch.arange(block)).sum(-1)
             words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
-            kernels = {io: _kernel("mask_gemv", width, 1, torch.int32, self.has_bias, dtype=torch.bfloat16, io=io)
-                       for io in (torch.float32, torch.bfloat16)}
+            kernels = {io: _kernel("mask_gemv", width, 1, torch.int32, self.has_bias, dtype=self.values.dtype, io=io)
+                       for io in (torch.float32, self.values.dtype)}
             args = tuple(tvm_ffi.from_dlpack(t) for t in (words, packed, start, self.orow, self.arow, self.bias))
             found = self.__dict__["_mask_form"] = (in_features, width, kernels, args, (words, packed, start))
         return found
@@ -408,12 +408,15 @@ class BoundLinear(_Bound):
         in_features, width, kernels, args, _ = self._bitmask(x1.shape[-1])
         xp = x1[0] if width == in_features else torch.nn.functional.pad(x1[0], (0, width - in_features))
         rows = self.values.shape[0]
-        if x1.dtype == torch.bfloat16:      # the kernel splits the bf16 pairs itself
+        if self.values.dtype == torch.float16:     # the kernel reads each word's inputs as two halves
+            xp = xp.contiguous()
+            parallel.run(kernels[x1.dtype], rows, rows * width // 4, xp, xp, *args, y1)
+        elif x1.dtype == torch.bfloat16:           # the kernel splits the bf16 pairs itself
             pairs = xp.contiguous().view(torch.int32)
             parallel.run(kernels[torch.bfloat16], rows, rows * width // 4, pairs, pairs, *args, y1)
-            return
-        halves = xp.float().view(-1, 2).t().contiguous()       # even and odd inputs, one copy
-        parallel.run(kernels[torch.float32], rows, rows * width // 4, halves[0], halves[1], *args, y1)
+        else:
+            halves = xp.float().view(-1, 2).t().contiguous()       # even and odd inputs, one copy
+            parallel.run(kernels[torch.float32], rows, rows * width // 4, halves[0], halves[1], *args, y1)
 
     def signature(self, x: Tensor) -> tuple:
         return ("linear", self.out, x.shape[-1], *self.values.shape, self.indices.dtype, self.has_bias)
