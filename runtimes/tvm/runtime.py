@@ -28,6 +28,8 @@ NAME = "tvm"
 #: Values are kept in the layer's dtype; the kernels compute in float32 (bf16 / fp16 inputs are widened on the
 #: way in, outputs narrowed on the way out), and the dense op they are measured against runs in the layer's dtype.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The 16-bit dtypes whose one-token kernels read and write them in place of float32.
+HALF = DTYPES[1:]
 #: From this many tokens on, the token kernel beats one GEMV per token (3072->768 at 90%, 1 thread: one GEMV
 #: per token 193 / 400 / 835 us at 2 / 4 / 8 tokens, the token kernel 211 / 224 / 285 us).
 SPMM_MIN_TOKENS = 3
@@ -336,7 +338,7 @@ class _Bound(_Tuned):
         from sparsecc.runtimes.tvm.kernels import blocks
 
         rows = self.values.shape[0]
-        parallel.run(self.kernel(kind, tokens, tile, x.dtype if kind == "gemv" else torch.float32),
+        parallel.run(self.kernel(kind, tokens, tile, x.dtype),    # float32 but for a native one-token call
                      blocks(kind, rows, tile), rows * self.values.shape[1] * tokens, x,
                      *(self.args if args is None else args), y)
 
@@ -365,18 +367,18 @@ class BoundLinear(_Bound):
 
     def tiles(self, x: Tensor) -> tuple:
         if self.tokens(x) < SPMM_MIN_TOKENS:
-            return self.FORMS if self.values.dtype in (torch.bfloat16, torch.float16) and expands() else ()
+            return self.FORMS if self.values.dtype in HALF and expands() else ()
         return super().tiles(x)
 
     def native(self, x: Tensor) -> bool:
         # The one-token kernels read a bf16 / fp16 input and write the layer's dtype themselves.
-        return x.dtype in (torch.bfloat16, torch.float16) and self.tokens(x) < SPMM_MIN_TOKENS
+        return x.dtype in HALF and self.tokens(x) < SPMM_MIN_TOKENS
 
     def _bitmask(self, in_features: int) -> tuple:
         """The layer as `kernels.mask_gemv` reads it, built on first use: per row a 32-bit word per 32
         inputs (padded) and the kept values in input order (duplicate indices summed, as the gather kernel
-        does), each row's first value's position, and the compiled kernel by input dtype (float32 halves or
-        the bf16 input itself)."""
+        does), each row's first value's position, and the compiled kernel by input dtype (float32, or the
+        layer's own bf16 / fp16)."""
         found = self.__dict__.get("_mask_form")
         if found is None or found[0] != in_features:
             import tvm_ffi
