@@ -25,10 +25,15 @@ KEYS = [
     (K.KernelKey("nm_gemv_avx", 192, 1, "int16", "bfloat16", False), {"xp"}),
     (K.KernelKey("tiled", 0, 208, "int16", "float32", True, tile=TILE, lanes=16), set()),
     (K.KernelKey("tiled", 6, 64, "int16", "float32", False, tile=K.Tile(1, 4, 0), lanes=8), set()),
+    (K.KernelKey("tiled", 0, 224, "int16", "bfloat16", True, tile=TILE, lanes=16, io="bfloat16"), set()),
+    (K.KernelKey("tiled", 0, 224, "int16", "float16", False, tile=TILE, lanes=16, io="float16"), set()),
     (K.KernelKey("tiled_flat", 0, 208, "int32", "float32", True, tile=TILE, lanes=16), set()),
     (K.KernelKey("spmm", 77, 197, "int16", "float32", True), set()),
     (K.KernelKey("pack", 0, 0, "int32", "float32", False, lanes=16), set()),
     (K.KernelKey("unpack", 0, 0, "int32", "float32", False, lanes=16), set()),
+    (K.KernelKey("pack16", 0, 0, "int32", "float32", False, lanes=16, io="bfloat16"), set()),
+    (K.KernelKey("pack16", 0, 0, "int32", "float32", False, lanes=8, io="float16"), set()),
+    (K.KernelKey("unpack", 0, 0, "int32", "float32", False, lanes=16, io="bfloat16"), set()),
     (K.KernelKey("transpose", 0, 0, "int32", "float32", False), set()),
 ]
 

@@ -287,6 +287,26 @@ def test_nm_linear(in_f, tokens, bias):
     assert_equivalent(y, F.linear(x, w * mask, b))
 
 
+@pytest.mark.parametrize("tokens", [1, 11])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nm_linear_in_16_bit(tokens, dtype):
+    """A bf16 / fp16 2:4 layer against the dense op in its dtype: the 2:4 kernel at one token, the fan-in path
+    with its 16-bit input (no float32 copy) at many."""
+    from sparsecc.tooling.synthetic import nm_mask
+
+    w = torch.randn(20, 64)
+    mask = nm_mask(w)
+    values, metadata = formats.encode_nm(w * mask, mask)
+    bound = tvm_runtime.BoundNM(values.to(dtype), metadata, torch.randn(20).to(dtype), 64)
+    bound.tune = False
+    x = torch.randn(tokens, 64).to(dtype)
+    assert bound.native(x) == (tokens >= tvm_runtime.SPMM_MIN_TOKENS)
+    y = bound(x)
+    expected = F.linear(x, (w * mask).to(dtype), bound.bias_or_none)
+    assert y.shape == expected.shape and y.dtype == dtype
+    assert_equivalent(y, expected)
+
+
 def test_nm_kernel_choice_by_shape():
     from tvm.target import codegen
 
@@ -345,7 +365,81 @@ def test_one_token_kernels_read_and_write_the_layers_dtype(dtype, tokens):
         assert y.shape == expected.shape and y.dtype == expected.dtype
         assert_equivalent(y, expected)
     assert any(key[3] == dtype for key in bound.kernels), bound.kernels.keys()    # the kernel took the dtype
-    assert not bound.native(torch.randn(1, tvm_runtime.SPMM_MIN_TOKENS, in_f, dtype=dtype))   # token kernels: float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 16), (7, 9), (33, 40), (197, 768), (64, 17), (200, 3)])
+def test_16_bit_pack_and_narrowing_unpack_are_exact(dtype, shape):
+    """A bf16 / fp16 input goes tokens-last in 16 bits: bf16 as words of tokens ``i`` and ``i + lanes`` of each
+    block of two vectors, fp16 as plain tokens-last fp16, padding tokens zero, ragged features and tokens on
+    both sides; the unpack rounds the float32 output to the dtype as ``.to`` does."""
+    tokens, n = shape
+    width = tvm_runtime.lanes()
+    x = torch.randn(tokens, n).to(dtype)
+    xt = tvm_runtime.to_tokens_last(x, width)
+    padded = -(-tokens // (2 * width)) * 2 * width
+    assert xt.shape == (n, padded // 2) and xt.dtype == torch.int32
+    full = torch.zeros(n, padded, dtype=dtype)
+    full[:, :tokens] = x.t()
+    if dtype == torch.bfloat16:
+        blocks = full.view(torch.int16).to(torch.int32).view(n, -1, 2, width) & 0xFFFF
+        expected = blocks[:, :, 0] | (blocks[:, :, 1] << 16)
+        assert torch.equal(xt, expected.reshape(n, -1))
+    else:
+        assert torch.equal(xt.view(dtype), full)
+    y = torch.randn(n, padded) * 100
+    back = tvm_runtime.from_tokens_last(y, tokens, dtype)
+    assert back.shape == (tokens, n) and back.dtype == dtype
+    torch.testing.assert_close(back, y[:, :tokens].t().to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("out_f,in_f,sparsity,ablate", [
+    (64, 128, 0.9, 0.1),
+    (40, 100, 0.5, 0.0),       # in_features not a multiple of the lanes: the pack's scalar tail
+    (47, 300, 0.7, 0.1),       # two K chunks plus a tail, a row remainder
+])
+@pytest.mark.parametrize("tokens", [3, 20, 37, 70])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_many_tokens_read_the_layers_16_bit_dtype(out_f, in_f, sparsity, ablate, tokens, dtype):
+    """A bf16 / fp16 layer's many-token call packs its input in 16 bits and reads it in the kernel (bf16: two
+    token vectors per 64-byte load, split by a shift and a mask; fp16: widened by F16C): every candidate tile
+    (pairs of vectors for bf16, odd counts rounded down) equals the dense op in that dtype, and the float32
+    path bit for bit; the layer calls it that way."""
+    w, enc = _layer(out_f, in_f, sparsity, ablate)
+    w, values = w.to(dtype), enc.values.to(dtype)
+    b = torch.randn(out_f, dtype=dtype)
+    bound = tvm_runtime.BoundLinear(values, enc.indices, enc.rows, b, out_f)
+    x = torch.randn(tokens, in_f).to(dtype)
+    assert bound.native(x)
+    expected = F.linear(x, w, b)
+    tiles = bound.tiles(x)
+    assert tiles and (dtype != torch.bfloat16 or all(t.vectors % 2 == 0 for t in tiles)), tiles
+    for tile in tiles:
+        y = bound.sparse(x, tile)
+        assert y.shape == expected.shape and y.dtype == dtype
+        assert_equivalent(y, expected)
+        torch.testing.assert_close(y, bound.sparse(x.float(), tile).to(dtype), rtol=0, atol=0)
+    bound.tune = False
+    y = bound(x.unsqueeze(0))
+    assert y.shape == (1, *expected.shape) and y.dtype == dtype
+    assert_equivalent(y[0], expected)
+    assert any(key[0] == "tiled" and key[3] == dtype for key in bound.kernels), bound.kernels.keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_many_token_path_at_8_lanes(dtype, monkeypatch):
+    """The same path at AVX2's 8 lanes (what an AVX2 CPU runs; the host runs it too): pack, tiles and unpack."""
+    monkeypatch.setattr(tvm_runtime, "lanes", lambda: 8)
+    w, enc = _layer(40, 100, 0.7, 0.1)
+    w, values = w.to(dtype), enc.values.to(dtype)
+    bound = tvm_runtime.BoundLinear(values, enc.indices, enc.rows, None, 40)
+    x = torch.randn(37, 100).to(dtype)
+    expected = F.linear(x, w)
+    for tile in bound.tiles(x):
+        y = bound.sparse(x, tile)
+        assert y.shape == expected.shape and y.dtype == dtype
+        assert_equivalent(y, expected)
+        torch.testing.assert_close(y, bound.sparse(x.float(), tile).to(dtype), rtol=0, atol=0)
 
 
 def test_bitmask_form_is_measured_for_16_bit_values_only():

@@ -75,14 +75,17 @@ TILES = (Tile(2, 4, 32), Tile(2, 4, 16), Tile(3, 3, 32), Tile(2, 5, 16), Tile(1,
          Tile(2, 6, 16), Tile(1, 4, 32))
 
 
-def candidates(k: int, tokens: int, width: int) -> tuple[Tile, ...]:
+def candidates(k: int, tokens: int, width: int, pairs: bool = False) -> tuple[Tile, ...]:
     """The distinct tiles of `TILES` for fan-in ``k`` and ``tokens`` (padded) tokens of ``width`` lanes: a chunk
-    of the whole fan-in or more is no chunk, and tiles that cut the tokens alike (`token_tiles`) are one."""
+    of the whole fan-in or more is no chunk, and tiles that cut the tokens alike (`token_tiles`) are one.
+    ``pairs``: the kernel reads token vectors two at a time (a bf16 input, `fanin_tiled`), so a tile's vectors
+    are an even number (odd ones round down, to 2 at least)."""
+    step = 2 if pairs else 1
     seen: dict[tuple, Tile] = {}
     for tile in TILES:
         chunk = tile.chunk if 0 < tile.chunk < k else 0
-        runs = token_tiles(tokens, width, tile.vectors)
-        vectors = max(w for w, _, _ in runs)
+        runs = token_tiles(tokens, width * step, max(1, tile.vectors // step))
+        vectors = max(w for w, _, _ in runs) * step
         seen.setdefault((tile.rows, tuple(runs), chunk), Tile(tile.rows, vectors, chunk))
     return tuple(seen.values())
 
@@ -99,6 +102,14 @@ def padded(tokens: int, width: int) -> int:
     return -(-tokens // width) * width
 
 
+#: The many-token input layouts of 16-bit inputs (`pack16`, `fanin_tiled`): pairs of tokens in 32-bit words,
+#: ``2 * lanes`` tokens per row of words. bf16 "split": word ``i`` holds token ``i`` (low half) and token
+#: ``i + lanes`` (high half), so one 64-byte load gives two float32 vectors in token order by a shift and a mask
+#: (a bf16 is the upper half of its float32). fp16 "adjacent": words hold tokens ``2i, 2i + 1``, i.e. plain
+#: tokens-last fp16, which F16C widens a vector at a time.
+PAIRING = {"bfloat16": "split", "float16": "adjacent"}
+
+
 def _wide(value, dtype: str, lanes: int = 1):
     """``value`` (a load from a values buffer of ``dtype``) as float32: the kernels keep values in the model's
     dtype (bf16 / fp16 halve the bytes a one-token call streams) and compute in float32."""
@@ -107,9 +118,11 @@ def _wide(value, dtype: str, lanes: int = 1):
     return T.Cast("float32" if lanes == 1 else f"float32x{lanes}", value)
 
 
-def _narrow(value, dtype: str):
+def _narrow(value, dtype: str, lanes: int = 1):
     """A float32 result stored as ``dtype`` (the rounding torch's ``.to`` does: to nearest even)."""
-    return value if dtype == "float32" else T.Cast(dtype, value)
+    if dtype == "float32":
+        return value
+    return T.Cast(dtype if lanes == 1 else f"{dtype}x{lanes}", value)
 
 
 def _align(dtype: str) -> int:
@@ -135,7 +148,9 @@ class KernelKey:
     lanes: int = VEC
     #: The dtype of the one-token kernels' input and output (`fanin_gemv`, `mask_gemv`): float32, or the
     #: layer's own bf16 / fp16, read and written in place of a conversion before and after the call (two torch
-    #: conversions cost 10-20 us, a tenth of a decode step's layer).
+    #: conversions cost 10-20 us, a tenth of a decode step's layer). For the tiled kernel, its input's dtype
+    #: (bf16 / fp16 tokens-last in `PAIRING` layout: half the bytes a float32 input moves); for `pack16` and
+    #: `unpack`, the dtype of the tokens-first tensor they read or write.
     io: str = "float32"
 
     def name(self) -> str:
@@ -171,7 +186,7 @@ def build(key: KernelKey):
     builder = {"gemv": fanin_gemv, "spmm": fanin_spmm, "spmm_kb": fanin_spmm, "spmm_flat": fanin_spmm,
                "tiled": fanin_tiled, "tiled_flat": fanin_tiled, "nm_gemv": nm_gemv,
                "nm_gemv_avx": nm_gemv_avx, "mask_gemv": mask_gemv, "transpose": transpose, "pack": pack,
-               "unpack": unpack}[key.kind]
+               "pack16": pack16, "unpack": unpack}[key.kind]
     return builder(key).with_attr("global_symbol", key.name())
 
 
@@ -393,37 +408,56 @@ def fanin_tiled(key: KernelKey):
     FLAT = key.kind == "tiled_flat"
     ROWS_, CH = TL.rows, TL.chunk
     K = KS if KS else tvm.tirx.Var("K", "int32")
-    assert NTP % L == 0, (NTP, L)
-    runs = token_tiles(NTP, L, TL.vectors) + [(1, 0, 0)]      # a second, empty run when all widths are equal
+    # A bf16 input is read as 32-bit words (`PAIRING` "split"): one load per two token vectors (a "unit" of U
+    # vectors), each an accumulator of its own; fp16 and float32 inputs one vector per load.
+    SPLIT = PAIRING.get(key.io) == "split"
+    U = 2 if SPLIT else 1
+    XDT = "int32" if SPLIT else key.io
+    ROW = NTP // U                    # elements of ``xt`` per input row
+    assert NTP % (L * U) == 0 and not (SPLIT and FLAT), (NTP, L, key.io, key.kind)
+    runs = token_tiles(NTP, L * U, max(1, TL.vectors // U)) + [(1, 0, 0)]   # a second, empty run when all equal
     (W0, S0, N0), (W1, S1, N1) = runs[0], runs[1]
     loop, P = key.loop(), key.parts()
 
+    def term(value, xt, index, u, half, t):
+        # one product of the tile: the value times input lane ``t`` of the unit's ``half``-th vector
+        if SPLIT:
+            word = xt[index * ROW + u * L + t]
+            bits = T.shift_left(word, 16) if half == 0 else T.bitwise_and(word, T.int32(-65536))
+            return _wide(value, VDT) * T.reinterpret(DT, bits)
+        if FLAT:
+            return _wide(value, VDT) * _wide(xt[index + u * L + t], XDT)
+        return _wide(value, VDT) * _wide(xt[index * NTP + u * L + t], XDT)
+
     @T.macro
     def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj):
-        acc = T.decl_buffer((ROWS_, W, L), DT, scope="global")
+        # ``v0`` and ``W``: the first unit and the unit count; accumulator ``[q, u * U + h]`` holds the tokens
+        # of unit ``u``'s ``h``-th vector, stored at ``((v0 + u) * U + h) * L`` in ``y``.
+        acc = T.decl_buffer((ROWS_, W * U, L), DT, scope="global")
         if j0 == 0:
             for q in T.unroll(nrows):
-                for u in T.unroll(W):
+                for u in T.unroll(W * U):
                     for t in T.vectorized(L):
                         acc[q, u, t] = b[orow[r0 + q]] if BIAS else T.cast(0, DT)
         else:
             for q in T.unroll(nrows):
-                for u in T.unroll(W):
+                for u in T.unroll(W * U):
                     for t in T.vectorized(L):
-                        acc[q, u, t] = y[orow[r0 + q], (v0 + u) * L + t]
+                        acc[q, u, t] = y[orow[r0 + q], (v0 * U + u) * L + t]
         for j in range(nj):
             for q in T.unroll(nrows):
                 for u in T.unroll(W):
                     for t in T.vectorized(L):
-                        if FLAT:
-                            acc[q, u, t] = acc[q, u, t] + _wide(v[r0 + q, j0 + j], VDT) * xt[idx[r0 + q, j0 + j] + (v0 + u) * L + t]
-                        else:
-                            acc[q, u, t] = acc[q, u, t] + _wide(v[r0 + q, j0 + j], VDT) * \
-                                xt[T.Cast("int32", idx[r0 + q, j0 + j]) * NTP + (v0 + u) * L + t]
+                        acc[q, u * U, t] = acc[q, u * U, t] + term(
+                            v[r0 + q, j0 + j], xt, T.Cast("int32", idx[r0 + q, j0 + j]), v0 + u, 0, t)
+                    if SPLIT:
+                        for t in T.vectorized(L):
+                            acc[q, u * U + 1, t] = acc[q, u * U + 1, t] + term(
+                                v[r0 + q, j0 + j], xt, T.Cast("int32", idx[r0 + q, j0 + j]), v0 + u, 1, t)
         for q in T.unroll(nrows):
-            for u in T.unroll(W):
+            for u in T.unroll(W * U):
                 for t in T.vectorized(L):
-                    y[orow[r0 + q], (v0 + u) * L + t] = acc[q, u, t]
+                    y[orow[r0 + q], (v0 * U + u) * L + t] = acc[q, u, t]
 
     @T.macro
     def slab(xt, v, idx, orow, b, y, R, K, b0, b1, v0, W):
@@ -448,7 +482,7 @@ def fanin_tiled(key: KernelKey):
         A = T.int32()
         XN = T.int32()
         OUT = T.int32()
-        xt = T.match_buffer(xt_h, (XN,), DT, align=4)
+        xt = T.match_buffer(xt_h, (XN,), XDT, align=_align(XDT))
         v = T.match_buffer(v_h, (R, K), VDT, align=_align(VDT))
         idx = T.match_buffer(i_h, (R, K), IDX, align=2)
         orow = T.match_buffer(orow_h, (R,), "int32", align=4)
@@ -870,10 +904,81 @@ def pack(key: KernelKey):
     return pack_
 
 
+def pack16(key: KernelKey):
+    """``x [M, N]`` (tokens x features, bf16 or fp16 read as int16) to ``xt [N, MP / 2]`` 32-bit words, each two
+    tokens of a feature in the `PAIRING` layout of ``key.io`` (tokens from ``M`` on zero): the tiled kernel's
+    16-bit input, half the bytes of a float32 one and no widening pass before it. Per block of ``2 * lanes``
+    tokens x ``lanes`` features, the words of each token pair (zero-extended, the second token shifted into
+    the high half) are the rows of a ``lanes x lanes`` block of 32-bit words, transposed in registers as in
+    `pack`. The block range is over feature blocks; features past the last whole block are done by the call
+    with ``b0 == 0``."""
+    L, SPLIT = key.lanes, PAIRING[key.io] == "split"
+
+    def first(i):           # the token in the low half of a block's word ``i``
+        return i if SPLIT else 2 * i
+
+    def second(i):          # the token in its high half
+        return i + L if SPLIT else 2 * i + 1
+
+    def wide(v, lanes: int = L):
+        return T.Cast("int32" if lanes == 1 else f"int32x{lanes}",
+                      T.reinterpret("uint16" if lanes == 1 else f"uint16x{lanes}", v))
+
+    @T.macro
+    def fill(buf, i, a, M, t0, t1, jb):
+        if t1 < M:
+            buf[i, T.ramp(0, 1, L)] = T.bitwise_or(wide(a[t0, T.ramp(jb * L, 1, L)]), T.shift_left(
+                wide(a[t1, T.ramp(jb * L, 1, L)]), T.broadcast(T.int32(16), L)))
+        else:
+            if t0 < M:
+                buf[i, T.ramp(0, 1, L)] = wide(a[t0, T.ramp(jb * L, 1, L)])
+            else:
+                buf[i, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
+
+    @T.macro
+    def block(a, b, M, ib, jb):
+        top = T.decl_buffer((L // 2, L), "int32", scope="global")
+        bottom = T.decl_buffer((L // 2, L), "int32", scope="global")
+        for i in T.unroll(L // 2):
+            fill(top, i, a, M, ib * 2 * L + first(i), ib * 2 * L + second(i), jb)
+            fill(bottom, i, a, M, ib * 2 * L + first(i + L // 2), ib * 2 * L + second(i + L // 2), jb)
+        lo = T.decl_buffer((L * L // 2,), "int32", scope="global")
+        hi = T.decl_buffer((L * L // 2,), "int32", scope="global")
+        _transpose_block(lo, hi, [top[i, T.ramp(0, 1, L)] for i in range(L // 2)]
+                         + [bottom[i, T.ramp(0, 1, L)] for i in range(L // 2)], L)
+        for c in T.unroll(L // 2):
+            b[jb * L + c, T.ramp(ib * L, 1, L)] = lo[T.ramp(c * L, 1, L)]
+            b[jb * L + L // 2 + c, T.ramp(ib * L, 1, L)] = hi[T.ramp(c * L, 1, L)]
+
+    @T.prim_func
+    def pack16_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int32()
+        N = T.int32()
+        MW = T.int32()
+        a = T.match_buffer(a_h, (M, N), "int16", align=2)
+        b = T.match_buffer(b_h, (N, MW), "int32", align=4)
+        for ib in range(MW // L):
+            for jb in range(b0, b1):
+                block(a, b, M, ib, jb)
+        if b0 == 0:
+            for j in range(N // L * L, N):
+                for w in range(MW):
+                    b[j, w] = T.bitwise_or(
+                        T.if_then_else(w // L * 2 * L + first(w % L) < M,
+                                       wide(a[T.min(w // L * 2 * L + first(w % L), M - 1), j], 1), 0),
+                        T.shift_left(T.if_then_else(w // L * 2 * L + second(w % L) < M,
+                                                    wide(a[T.min(w // L * 2 * L + second(w % L), M - 1), j], 1), 0),
+                                     16))
+
+    return pack16_
+
+
 def unpack(key: KernelKey):
     """``y [N, MP]`` (features x padded tokens) to ``out [M, N]``: the first ``M`` tokens, transposed back in
-    ``lanes x lanes`` blocks. The block range is over feature blocks, as in `pack`."""
-    DT, L = key.dtype, key.lanes
+    ``lanes x lanes`` blocks, stored in ``key.io`` (a bf16 / fp16 layer's output rounded here, not in a pass of
+    its own). The block range is over feature blocks, as in `pack`."""
+    DT, L, IO = key.dtype, key.lanes, key.io
 
     @T.macro
     def block(a, b, M, ib, jb):
@@ -882,9 +987,9 @@ def unpack(key: KernelKey):
         _transpose_block(lo, hi, [a[jb * L + i, T.ramp(ib * L, 1, L)] for i in range(L)], L)
         for c in T.unroll(L // 2):
             if ib * L + c < M:
-                b[ib * L + c, T.ramp(jb * L, 1, L)] = lo[T.ramp(c * L, 1, L)]
+                b[ib * L + c, T.ramp(jb * L, 1, L)] = _narrow(lo[T.ramp(c * L, 1, L)], IO, L)
             if ib * L + L // 2 + c < M:
-                b[ib * L + L // 2 + c, T.ramp(jb * L, 1, L)] = hi[T.ramp(c * L, 1, L)]
+                b[ib * L + L // 2 + c, T.ramp(jb * L, 1, L)] = _narrow(hi[T.ramp(c * L, 1, L)], IO, L)
 
     @T.prim_func
     def unpack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
@@ -893,13 +998,13 @@ def unpack(key: KernelKey):
         N = T.int32()
         MP = T.int32()
         a = T.match_buffer(a_h, (N, MP), DT, align=4)
-        b = T.match_buffer(b_h, (M, N), DT, align=4)
+        b = T.match_buffer(b_h, (M, N), IO, align=_align(IO))
         for ib in range((M + L - 1) // L):
             for jb in range(b0, b1):
                 block(a, b, M, ib, jb)
         if b0 == 0:
             for j in range(N // L * L, N):
                 for i in range(M):
-                    b[i, j] = a[j, i]
+                    b[i, j] = _narrow(a[j, i], IO)
 
     return unpack_

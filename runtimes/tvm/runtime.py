@@ -133,12 +133,12 @@ def _kernel(kind: str, k: int, tokens: int, index_dtype: torch.dtype, bias: bool
 
 
 @functools.cache
-def _layout_kernel(kind: str, width: int) -> Callable:
+def _layout_kernel(kind: str, width: int, io: torch.dtype = torch.float32) -> Callable:
     import tvm
 
     from sparsecc.runtimes.tvm import kernels as tvm_kernels
 
-    key = tvm_kernels.KernelKey(kind, 0, 0, "int32", "float32", False, lanes=width)
+    key = tvm_kernels.KernelKey(kind, 0, 0, "int32", "float32", False, lanes=width, io=_name(io))
     return kernel_cache().get(key.name(), lambda: tvm.IRModule({key.name(): tvm_kernels.build(key)}))
 
 
@@ -159,21 +159,27 @@ def scratch(slot: str, rows: int, cols: int) -> Tensor:
 
 def to_tokens_last(x: Tensor, width: int) -> Tensor:
     """``[tokens, in]`` (contiguous) to the tiled kernel's ``[in, tokens_padded]``, padding columns zero, in
-    this thread's scratch buffer."""
+    this thread's scratch buffer. A bf16 / fp16 ``x`` stays 16-bit (`tokens_padded` then a multiple of two
+    vectors): as ``[in, tokens_padded / 2]`` 32-bit words in the `kernels.PAIRING` layout of its dtype."""
     from sparsecc.runtimes.tvm.kernels import padded
 
     tokens, n = x.shape
+    if x.dtype in HALF:
+        xt = scratch("tokens_last_in16", n, padded(tokens, 2 * width) // 2).view(torch.int32)
+        parallel.run(_layout_kernel("pack16", width, x.dtype), n // width, 2 * xt.numel(), x.view(torch.int16), xt)
+        return xt
     xt = scratch("tokens_last_in", n, padded(tokens, width))
     # A moved float costs about what a multiply-add does: its element count is its work.
     parallel.run(_layout_kernel("pack", width), n // width, xt.numel(), x, xt)
     return xt
 
 
-def from_tokens_last(y: Tensor, tokens: int) -> Tensor:
-    """The first ``tokens`` columns of the tiled kernel's ``[out, tokens_padded]`` as ``[tokens, out]``."""
-    out = y.new_empty(tokens, y.shape[0])
+def from_tokens_last(y: Tensor, tokens: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The first ``tokens`` columns of the tiled kernel's ``[out, tokens_padded]`` as ``[tokens, out]`` in
+    ``dtype`` (rounded from float32 in the same pass)."""
+    out = y.new_empty(tokens, y.shape[0], dtype=dtype)
     width = lanes()
-    parallel.run(_layout_kernel("unpack", width), y.shape[0] // width, out.numel(), y, out)
+    parallel.run(_layout_kernel("unpack", width, dtype), y.shape[0] // width, out.numel(), y, out)
     return out
 
 
@@ -333,12 +339,15 @@ class _Bound(_Tuned):
                                                                   self.values.dtype, io)
         return fn
 
-    def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None) -> None:
-        """One kernel call, its rows split over torch's threads (row blocks for the token kernels)."""
+    def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None,
+            io: Optional[torch.dtype] = None) -> None:
+        """One kernel call, its rows split over torch's threads (row blocks for the token kernels). ``io``: the
+        dtype the kernel reads ``x`` as (default ``x``'s: float32 but for native one-token calls; a bf16 / fp16
+        tokens-last input comes as 32-bit words)."""
         from sparsecc.runtimes.tvm.kernels import blocks
 
         rows = self.values.shape[0]
-        parallel.run(self.kernel(kind, tokens, tile, x.dtype),    # float32 but for a native one-token call
+        parallel.run(self.kernel(kind, tokens, tile, io or x.dtype),
                      blocks(kind, rows, tile), rows * self.values.shape[1] * tokens, x,
                      *(self.args if args is None else args), y)
 
@@ -348,12 +357,17 @@ class _Bound(_Tuned):
         tokens = self.tokens(x)
         if tokens < SPMM_MIN_TOKENS:
             return ()
-        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes()), lanes())
+        half = x.dtype in HALF      # a 16-bit input: token vectors in pairs, padded to two vectors
+        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes() * (1 + half)),
+                                      lanes(), pairs=half and tvm_kernels.PAIRING[_name(x.dtype)] == "split")
 
-    def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None) -> Tensor:
-        """``[out, tokens_padded]`` from ``xt = [in, tokens_padded]`` by the tiled kernel (into ``y``, if given)."""
-        y = xt.new_empty(self.out, xt.shape[1]) if y is None else y
-        self.run("tiled", xt.shape[1], xt.view(-1), y, tile=tile)
+    def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None, io: torch.dtype = torch.float32) -> Tensor:
+        """``[out, tokens_padded]`` (float32) from ``xt = [in, tokens_padded]`` by the tiled kernel (into ``y``, if
+        given); a bf16 / fp16 ``xt`` (``io``) as `to_tokens_last` packs it: ``[in, tokens_padded / 2]`` words."""
+        padded = xt.shape[1] * (2 if io in HALF else 1)
+        y = xt.new_empty(self.out, padded, dtype=torch.float32) if y is None else y
+        self.run("tiled", padded, xt.view(-1) if io not in HALF or io == torch.bfloat16 else xt.view(io).view(-1),
+                 y, tile=tile, io=io)
         return y
 
 
@@ -371,8 +385,9 @@ class BoundLinear(_Bound):
         return super().tiles(x)
 
     def native(self, x: Tensor) -> bool:
-        # The one-token kernels read a bf16 / fp16 input and write the layer's dtype themselves.
-        return x.dtype in HALF and self.tokens(x) < SPMM_MIN_TOKENS
+        # The one-token kernels read a bf16 / fp16 input and write the layer's dtype themselves; the many-token
+        # path packs it 16-bit (`to_tokens_last`) and rounds its output in the unpack.
+        return x.dtype in HALF
 
     def _bitmask(self, in_features: int) -> tuple:
         """The layer as `kernels.mask_gemv` reads it, built on first use: per row a 32-bit word per 32
@@ -442,7 +457,9 @@ class BoundLinear(_Bound):
             # (measured on ViT-B/16): outputs stay contiguous.
             tile = tile or self.tile_for(x2, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
             xt = to_tokens_last(x2, lanes())
-            y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, xt.shape[1])), x2.shape[0])
+            padded = xt.shape[1] * (2 if x2.dtype in HALF else 1)
+            y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, padded), x2.dtype),
+                                 x2.shape[0], x2.dtype)
         else:
             tokens = x2.shape[0]
             y = x2.new_empty(tokens, self.out)
@@ -615,6 +632,10 @@ class BoundNM(_Tuned):
 
     def tiles(self, x: Tensor) -> tuple:
         return self.fanin.tiles(x) if self._on_fanin(self.tokens(x)) else ()
+
+    def native(self, x: Tensor) -> bool:
+        # the fan-in path takes a bf16 / fp16 input as it is (`BoundLinear.native`); the 2:4 kernels float32
+        return self._on_fanin(self.tokens(x)) and self.fanin.native(x)
 
     def sparse(self, x: Tensor, tile=None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
