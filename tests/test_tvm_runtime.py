@@ -398,7 +398,7 @@ def test_16_bit_pack_and_narrowing_unpack_are_exact(dtype, shape):
     (40, 100, 0.5, 0.0),       # in_features not a multiple of the lanes: the pack's scalar tail
     (47, 300, 0.7, 0.1),       # two K chunks plus a tail, a row remainder
 ])
-@pytest.mark.parametrize("tokens", [3, 20, 37, 70])
+@pytest.mark.parametrize("tokens", [5, 70])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_many_tokens_read_the_layers_16_bit_dtype(out_f, in_f, sparsity, ablate, tokens, dtype):
     """A bf16 / fp16 layer's many-token call packs its input in 16 bits and reads it in the kernel (bf16: two

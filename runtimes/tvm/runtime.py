@@ -30,6 +30,8 @@ NAME = "tvm"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: The 16-bit dtypes whose one-token kernels read and write them in place of float32.
 HALF = DTYPES[1:]
+#: Ops whose bound kernels chain (`BoundLinear.chain`): fc1 -> activation -> fc2 with the intermediate tokens-last.
+CHAINS = ("condensed_linear",)
 #: From this many tokens on, the token kernel beats one GEMV per token (3072->768 at 90%, 1 thread: one GEMV
 #: per token 193 / 400 / 835 us at 2 / 4 / 8 tokens, the token kernel 211 / 224 / 285 us).
 SPMM_MIN_TOKENS = 3
@@ -466,6 +468,48 @@ class BoundLinear(_Bound):
             for t in range(tokens):
                 self._gemv(x2[t:t + 1], y[t:t + 1], tile)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
+
+
+    def _chosen_tile(self, key: tuple[int, int]):
+        """This layer's measured tile for ``key`` when its measured choice there is the sparse tiled kernel
+        (or it measures nothing); None when it runs dense there or has not been called at that bucket yet."""
+        tile = self._tiles.get(key)
+        if tile is None or isinstance(tile, str):
+            return None
+        if self.tune:
+            choice = self.choices.get(key)
+            if choice is None or choice.dense:
+                return None
+        return tile
+
+    def chain(self, then: "BoundLinear", acts: list[Callable[[Tensor], object]], x: Tensor,
+              observe: bool = False) -> Optional[tuple[Tensor, Optional[tuple[Tensor, Tensor]]]]:
+        """``then(acts(self(x)))`` for elementwise ``acts`` (in place), the intermediate kept tokens-last: one
+        transpose in, one out, none between (`sparsecc.core.chain`). None where either layer would not run
+        its tiled kernel on this call (float32 only, `SPMM_MIN_TOKENS` tokens or more, both layers' measured
+        choices sparse and their tiles known: a bucket's first call runs the layers one by one, which measures
+        them). ``then`` takes this layer's output width (the caller checks). ``observe``: also return the
+        intermediate before and after ``acts``, tokens-first, for the layers' hooks."""
+        if type(then) is not BoundLinear or x.dtype != torch.float32 or self.values.dtype != torch.float32 \
+                or then.values.dtype != torch.float32 or then.values.shape[0] == 0 or self.values.shape[0] == 0:
+            return None
+        x = _contiguous(x, torch.float32)
+        tokens = x.numel() // x.shape[-1]
+        if tokens < SPMM_MIN_TOKENS:
+            return None
+        key = (tuning.bucket(tokens), torch.get_num_threads())
+        first, second = self._chosen_tile(key), then._chosen_tile(key)
+        if first is None or second is None:
+            return None
+        xt = to_tokens_last(x.view(-1, x.shape[-1]), lanes())
+        mid = self.tiled(xt, first, scratch("chain_between", self.out, xt.shape[1]))
+        lead = x.shape[:-1]
+        before = from_tokens_last(mid, tokens).view(*lead, self.out) if observe else None
+        for act in acts:
+            act(mid)          # elementwise: the layout (and the padding tokens, never read back) do not matter
+        after = from_tokens_last(mid, tokens).view(*lead, self.out) if observe else None
+        y = from_tokens_last(then.tiled(mid, second, scratch("tokens_last_out", then.out, mid.shape[1])), tokens)
+        return y.view(*lead, then.out), ((before, after) if observe else None)
 
 
 class BoundConv2d(_Bound):

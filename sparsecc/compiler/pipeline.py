@@ -1,6 +1,6 @@
 """`sparsecc.compile` as a pipeline of named stages over one `Compilation`:
 
-masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> precision -> tune -> engine -> validate
+masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> chain -> precision -> tune -> engine -> validate
 
 Each stage builds on the `Compilation` (the working model, its decisions, its captured graph) and returns a
 frozen `StageResult`: a one-line summary (None when it did not apply: no example inputs to narrow with,
@@ -35,6 +35,7 @@ from sparsecc.compiler.validation import TOLERANCE, input_sets
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Arrangement, Call
 from sparsecc.core.report import LayerChange, Report, StageResult
+from sparsecc.passes.chain import ChainLinears
 from sparsecc.passes.fold import FoldBatchNorm, fold_in_place
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
@@ -172,6 +173,10 @@ class Route(Protocol):
         """Folds BatchNorms into the condensed convolutions before them in ``c.module``: the folded ones and how
         they were found; None where it cannot tell."""
 
+    def chain(self, c: Compilation) -> Optional[list[str]]:
+        """Chains Linear pairs of ``c.module`` (`sparsecc.passes.chain`): the chained pairs; None where it cannot
+        tell what feeds what."""
+
     def shell(self, c: Compilation) -> Optional[nn.Module]:
         """The user's model class around the condensed layers (see `model_shell`), or None."""
 
@@ -191,6 +196,12 @@ class GraphRoute:
         c.module = manager.run(c.module)
         c.passes = manager.names()
         return [bn for o in manager.outcomes for bn in o.applied], ""
+
+    def chain(self, c: Compilation) -> Optional[list[str]]:
+        manager = PassManager([ChainLinears()], ran=c.passes)
+        c.module = manager.run(c.module)
+        c.passes = manager.names()
+        return [pair for o in manager.outcomes for pair in o.applied]
 
     def shell(self, c: Compilation) -> Optional[nn.Module]:
         if c.options.on_engine or isinstance(c.work.reference, fx.GraphModule):
@@ -213,6 +224,9 @@ class SwapRoute:
         if graph is None:
             return None
         return fold_in_place(c.module, graph.graph), " (pairs read from torch.export's graph)"
+
+    def chain(self, c: Compilation) -> Optional[list[str]]:
+        return None               # the model's own forward calls its layers: nothing to chain them in
 
     def shell(self, c: Compilation) -> Optional[nn.Module]:
         return None               # the compiled module is the model itself
@@ -250,6 +264,15 @@ def fold(c: Compilation) -> StageResult:
     notes = (f"{len(folded)} BatchNorm(s) folded into the condensed convolution before them{how}: "
              f"{', '.join(folded)}",) if folded else ()
     return StageResult("fold", f"{len(folded)} BatchNorm(s) folded", folded=c.folded, notes=notes)
+
+
+def chain(c: Compilation) -> StageResult:
+    pairs = None if c.options.on_engine else c.route.chain(c)
+    if pairs is None:
+        return StageResult("chain", None)
+    notes = (f"{len(pairs)} Linear pair(s) chained (the intermediate stays in the runtime's layout where both "
+             f"layers run its many-token kernel): {', '.join(pairs)}",) if pairs else ()
+    return StageResult("chain", f"{len(pairs)} Linear pair(s) chained", notes=notes)
 
 
 def at_precision(c: Compilation) -> nn.Module:
@@ -355,7 +378,8 @@ def model_shell(c: Compilation) -> Optional[nn.Module]:
 #: The stages in order, by name.
 STAGES: tuple[tuple[str, Callable[[Compilation], StageResult]], ...] = (
     ("masks", masks), ("narrow", narrow_stage), ("analyse", analyse), ("bind", bind), ("capture", capture_stage),
-    ("condense", condense), ("fold", fold), ("precision", precision), ("tune", tune), ("engine", engine),
+    ("condense", condense), ("fold", fold), ("chain", chain), ("precision", precision), ("tune", tune),
+    ("engine", engine),
     ("validate", validate))
 
 

@@ -158,12 +158,29 @@ class CondensedLayer(nn.Module):
         if torch.compiler.is_compiling() or type(x) is not Tensor or (x.requires_grad and torch.is_grad_enabled()):
             # the registered op (its pattern defines it) carries the backward
             return getattr(torch.ops.sparsecc, self.op)(x, *self._constants(), self.runtime)
+        return self._bound_kernel(values)(x)
+
+    def _bound_kernel(self, values: Tensor) -> Callable[[Tensor], Tensor]:
         bound = self.__dict__.get("_bound")
         if bound is None or bound[0] is not values or bound[1] != self.runtime:
             # Rebound when buffers are replaced (.to(), load_state_dict) or the runtime changes.
             bound = self.__dict__["_bound"] = (values, self.runtime,
                                                get_runtime(self.runtime).bind(self.op, *self._constants()))
-        return bound[2](x)
+        return bound[2]
+
+    def chain_bound(self, x: Tensor, width: Optional[int] = None) -> Optional[Callable[[Tensor], Tensor]]:
+        """The runtime's bound kernel when a call on ``x`` would run it eagerly as it is; None where `forward`
+        would cast, refuse, trace or run densely. ``width``: the size of the call's input along the layer's
+        axis when ``x`` stands for it but is not it (`sparsecc.core.chain`: the layer after fc1 is asked with
+        fc1's input and fc1's output width)."""
+        values = self._buffers["values"]
+        width = x.shape[self._axis] if width is None and x.dim() >= self._dims else width
+        if x.dtype != values.dtype or x.dim() < self._dims or width != self.in_size or _SEMANTICS.dense \
+                or not x.numel() \
+                or torch.compiler.is_compiling() or type(x) is not Tensor \
+                or (x.requires_grad and torch.is_grad_enabled()) or self.out_scale is not None:
+            return None
+        return self._bound_kernel(values)
 
     def choices(self) -> dict:
         """The runtime's sparse-or-dense choices for this layer so far, by (token bucket, threads)."""

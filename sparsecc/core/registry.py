@@ -82,6 +82,9 @@ class Runtime:
     dtypes: frozenset[torch.dtype]
     kernels: Mapping[str, Callable]      # a live view for runtimes that read the pattern table
     binder: Optional[Callable] = None
+    #: Ops whose bound kernels run two layers with elementwise ops between as one call (`sparsecc.core.chain`;
+    #: a runtime module's optional ``CHAINS``).
+    chains: frozenset[str] = frozenset()
 
     def bind(self, op: str, *constants) -> Callable:
         """``op`` with everything but its input fixed."""
@@ -123,7 +126,8 @@ def get_runtime(name: str) -> Runtime:
     if why is not None:
         raise RuntimeUnavailableError(why)
     module = _module(name, RUNTIMES, OpRuntime)
-    return Runtime(module.NAME, frozenset(module.DTYPES), module.KERNELS, getattr(module, "bind", None))
+    return Runtime(module.NAME, frozenset(module.DTYPES), module.KERNELS, getattr(module, "bind", None),
+                   frozenset(getattr(module, "CHAINS", ())))
 
 
 def for_op(backend: str, op: str, dtype: torch.dtype) -> tuple[str, str]:
