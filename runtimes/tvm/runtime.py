@@ -368,8 +368,8 @@ class _Bound(_Tuned):
         given); a bf16 / fp16 ``xt`` (``io``) as `to_tokens_last` packs it: ``[in, tokens_padded / 2]`` words."""
         padded = xt.shape[1] * (2 if io in HALF else 1)
         y = xt.new_empty(self.out, padded, dtype=torch.float32) if y is None else y
-        self.run("tiled", padded, xt.view(-1) if io not in HALF or io == torch.bfloat16 else xt.view(io).view(-1),
-                 y, tile=tile, io=io)
+        flat = xt.view(io).view(-1) if io == torch.float16 else xt.view(-1)     # bf16: read as its 32-bit words
+        self.run("tiled", padded, flat, y, tile=tile, io=io)
         return y
 
 
@@ -468,7 +468,6 @@ class BoundLinear(_Bound):
             for t in range(tokens):
                 self._gemv(x2[t:t + 1], y[t:t + 1], tile)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
-
 
     def _chosen_tile(self, key: tuple[int, int]):
         """This layer's measured tile for ``key`` when its measured choice there is the sparse tiled kernel
