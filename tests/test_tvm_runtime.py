@@ -370,23 +370,26 @@ def test_one_token_kernels_read_and_write_the_layers_dtype(dtype, tokens):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 16), (7, 9), (33, 40), (197, 768), (64, 17), (200, 3)])
 def test_16_bit_pack_and_narrowing_unpack_are_exact(dtype, shape):
-    """A bf16 / fp16 input goes tokens-last in 16 bits: bf16 as words of tokens ``i`` and ``i + lanes`` of each
-    block of two vectors, fp16 as plain tokens-last fp16, padding tokens zero, ragged features and tokens on
-    both sides; the unpack rounds the float32 output to the dtype as ``.to`` does."""
+    """A bf16 input goes tokens-last in 16 bits, as words of tokens ``i`` and ``i + lanes`` of each block of two
+    vectors; an fp16 one is widened to float32 tokens-last in the same pass; padding tokens zero, ragged features
+    and tokens on both sides. The unpack rounds the float32 output to the dtype as ``.to`` does."""
     tokens, n = shape
     width = tvm_runtime.lanes()
     x = torch.randn(tokens, n).to(dtype)
     xt = tvm_runtime.to_tokens_last(x, width)
-    padded = -(-tokens // (2 * width)) * 2 * width
-    assert xt.shape == (n, padded // 2) and xt.dtype == torch.int32
-    full = torch.zeros(n, padded, dtype=dtype)
-    full[:, :tokens] = x.t()
     if dtype == torch.bfloat16:
+        padded = -(-tokens // (2 * width)) * 2 * width
+        assert xt.shape == (n, padded // 2) and xt.dtype == torch.int32
+        full = torch.zeros(n, padded, dtype=dtype)
+        full[:, :tokens] = x.t()
         blocks = full.view(torch.int16).to(torch.int32).view(n, -1, 2, width) & 0xFFFF
         expected = blocks[:, :, 0] | (blocks[:, :, 1] << 16)
         assert torch.equal(xt, expected.reshape(n, -1))
     else:
-        assert torch.equal(xt.view(dtype), full)
+        padded = -(-tokens // width) * width
+        assert xt.shape == (n, padded) and xt.dtype == torch.float32
+        torch.testing.assert_close(xt[:, :tokens], x.t().float(), rtol=0, atol=0)
+        assert not xt[:, tokens:].any()
     y = torch.randn(n, padded) * 100
     back = tvm_runtime.from_tokens_last(y, tokens, dtype)
     assert back.shape == (tokens, n) and back.dtype == dtype
@@ -401,10 +404,10 @@ def test_16_bit_pack_and_narrowing_unpack_are_exact(dtype, shape):
 @pytest.mark.parametrize("tokens", [5, 70])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_many_tokens_read_the_layers_16_bit_dtype(out_f, in_f, sparsity, ablate, tokens, dtype):
-    """A bf16 / fp16 layer's many-token call packs its input in 16 bits and reads it in the kernel (bf16: two
-    token vectors per 64-byte load, split by a shift and a mask; fp16: widened by F16C): every candidate tile
-    (pairs of vectors for bf16, odd counts rounded down) equals the dense op in that dtype, and the float32
-    path bit for bit; the layer calls it that way."""
+    """A bf16 / fp16 layer's many-token call takes its input as it is (bf16 packed in 16 bits, two token vectors
+    per 64-byte load split by a shift and a mask in the kernel; fp16 widened by the pack) and rounds its output
+    in the unpack: every candidate tile (pairs of vectors for bf16, odd counts rounded down) equals the dense op
+    in that dtype, and the float32 path bit for bit; the layer calls it that way."""
     w, enc = _layer(out_f, in_f, sparsity, ablate)
     w, values = w.to(dtype), enc.values.to(dtype)
     b = torch.randn(out_f, dtype=dtype)
@@ -423,7 +426,8 @@ def test_many_tokens_read_the_layers_16_bit_dtype(out_f, in_f, sparsity, ablate,
     y = bound(x.unsqueeze(0))
     assert y.shape == (1, *expected.shape) and y.dtype == dtype
     assert_equivalent(y[0], expected)
-    assert any(key[0] == "tiled" and key[3] == dtype for key in bound.kernels), bound.kernels.keys()
+    assert any(key[0] == "tiled" and key[3] == (dtype if dtype == torch.bfloat16 else torch.float32)
+               for key in bound.kernels), bound.kernels.keys()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -78,7 +78,7 @@ TILES = (Tile(2, 4, 32), Tile(2, 4, 16), Tile(3, 3, 32), Tile(2, 5, 16), Tile(1,
 def candidates(k: int, tokens: int, width: int, pairs: bool = False) -> tuple[Tile, ...]:
     """The distinct tiles of `TILES` for fan-in ``k`` and ``tokens`` (padded) tokens of ``width`` lanes: a chunk
     of the whole fan-in or more is no chunk, and tiles that cut the tokens alike (`token_tiles`) are one.
-    ``pairs``: the kernel reads token vectors two at a time (a bf16 input, `fanin_tiled`), so a tile's vectors
+    ``pairs``: the kernel reads token vectors two at a time (a bf16 input, `SPLIT_DTYPE`), so a tile's vectors
     are an even number (odd ones round down, to 2 at least)."""
     step = 2 if pairs else 1
     seen: dict[tuple, Tile] = {}
@@ -102,12 +102,13 @@ def padded(tokens: int, width: int) -> int:
     return -(-tokens // width) * width
 
 
-#: The many-token input layouts of 16-bit inputs (`pack16`, `fanin_tiled`): pairs of tokens in 32-bit words,
-#: ``2 * lanes`` tokens per row of words. bf16 "split": word ``i`` holds token ``i`` (low half) and token
-#: ``i + lanes`` (high half), so one 64-byte load gives two float32 vectors in token order by a shift and a mask
-#: (a bf16 is the upper half of its float32). fp16 "adjacent": words hold tokens ``2i, 2i + 1``, i.e. plain
-#: tokens-last fp16, which F16C widens a vector at a time.
-PAIRING = {"bfloat16": "split", "float16": "adjacent"}
+#: The many-token input layout of a bf16 input (`pack16`, `fanin_tiled`): two tokens per 32-bit word, ``2 *
+#: lanes`` tokens per row of words, word ``i`` holding token ``i`` (low half) and token ``i + lanes`` (high
+#: half), so one 64-byte load gives two float32 vectors in token order by a shift and a mask (a bf16 is the
+#: upper half of its float32). An fp16 input is widened by the float32 `pack` instead: F16C's conversion per
+#: vector in the tiled kernel competes with its multiply-adds for the same ports (measured on ViT-B/16's
+#: Linears at 197 tokens: 0.92-1.00x the float32 kernel).
+SPLIT_DTYPE = "bfloat16"
 
 
 def _wide(value, dtype: str, lanes: int = 1):
@@ -149,8 +150,8 @@ class KernelKey:
     #: The dtype of the one-token kernels' input and output (`fanin_gemv`, `mask_gemv`): float32, or the
     #: layer's own bf16 / fp16, read and written in place of a conversion before and after the call (two torch
     #: conversions cost 10-20 us, a tenth of a decode step's layer). For the tiled kernel, its input's dtype
-    #: (bf16 / fp16 tokens-last in `PAIRING` layout: half the bytes a float32 input moves); for `pack16` and
-    #: `unpack`, the dtype of the tokens-first tensor they read or write.
+    #: (float32, or bf16 tokens-last in the `SPLIT_DTYPE` layout: half the bytes a float32 input moves); for
+    #: `pack`, `pack16` and `unpack`, the dtype of the tokens-first tensor they read or write.
     io: str = "float32"
 
     def name(self) -> str:
@@ -408,11 +409,12 @@ def fanin_tiled(key: KernelKey):
     FLAT = key.kind == "tiled_flat"
     ROWS_, CH = TL.rows, TL.chunk
     K = KS if KS else tvm.tirx.Var("K", "int32")
-    # A bf16 input is read as 32-bit words (`PAIRING` "split"): one load per two token vectors (a "unit" of U
-    # vectors), each an accumulator of its own; fp16 and float32 inputs one vector per load.
-    SPLIT = PAIRING.get(key.io) == "split"
+    # A bf16 input is read as 32-bit words (`SPLIT_DTYPE`): one load per two token vectors (a "unit" of U
+    # vectors), each an accumulator of its own; a float32 input one vector per load.
+    SPLIT = key.io == SPLIT_DTYPE
+    assert SPLIT or key.io == "float32", key.io
     U = 2 if SPLIT else 1
-    XDT = "int32" if SPLIT else key.io
+    XDT = "int32" if SPLIT else "float32"
     ROW = NTP // U                    # elements of ``xt`` per input row
     assert NTP % (L * U) == 0 and not (SPLIT and FLAT), (NTP, L, key.io, key.kind)
     runs = token_tiles(NTP, L * U, max(1, TL.vectors // U)) + [(1, 0, 0)]   # a second, empty run when all equal
@@ -426,8 +428,8 @@ def fanin_tiled(key: KernelKey):
             bits = T.shift_left(word, 16) if half == 0 else T.bitwise_and(word, T.int32(-65536))
             return _wide(value, VDT) * T.reinterpret(DT, bits)
         if FLAT:
-            return _wide(value, VDT) * _wide(xt[index + u * L + t], XDT)
-        return _wide(value, VDT) * _wide(xt[index * NTP + u * L + t], XDT)
+            return _wide(value, VDT) * xt[index + u * L + t]
+        return _wide(value, VDT) * xt[index * NTP + u * L + t]
 
     @T.macro
     def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj):
@@ -856,11 +858,11 @@ def _transpose_block(lo, hi, rows, L):
 
 def pack(key: KernelKey):
     """``x [M, N]`` (tokens x features) to ``xt [N, MP]`` (features x padded tokens), columns from ``M`` on
-    zero: the tiled kernel's input. Blocks of ``lanes x lanes`` (with 16 lanes every load and store is a whole
-    cache line), the transposed block written through a local buffer (TVMScript stores take no Python list
-    index). The block range is over feature blocks; features past the last whole block are copied by the call
-    with ``b0 == 0``."""
-    DT, L = key.dtype, key.lanes
+    zero: the tiled kernel's float32 input (``x`` in ``key.io``: an fp16 ``x`` is widened on the way). Blocks of
+    ``lanes x lanes`` (with 16 lanes every load and store is a whole cache line), the transposed block written
+    through a local buffer (TVMScript stores take no Python list index). The block range is over feature
+    blocks; features past the last whole block are copied by the call with ``b0 == 0``."""
+    DT, L, IO = key.dtype, key.lanes, key.io
 
     @T.macro
     def block(a, b, M, ib, jb):
@@ -870,11 +872,11 @@ def pack(key: KernelKey):
         bottom = T.decl_buffer((L // 2, L), DT, scope="global")
         for i in T.unroll(L // 2):
             if ib * L + i < M:
-                top[i, T.ramp(0, 1, L)] = a[ib * L + i, T.ramp(jb * L, 1, L)]
+                top[i, T.ramp(0, 1, L)] = _wide(a[ib * L + i, T.ramp(jb * L, 1, L)], IO, L)
             else:
                 top[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
             if ib * L + L // 2 + i < M:
-                bottom[i, T.ramp(0, 1, L)] = a[ib * L + L // 2 + i, T.ramp(jb * L, 1, L)]
+                bottom[i, T.ramp(0, 1, L)] = _wide(a[ib * L + L // 2 + i, T.ramp(jb * L, 1, L)], IO, L)
             else:
                 bottom[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
         lo = T.decl_buffer((L * L // 2,), DT, scope="global")
@@ -891,7 +893,7 @@ def pack(key: KernelKey):
         M = T.int32()
         N = T.int32()
         MP = T.int32()
-        a = T.match_buffer(a_h, (M, N), DT, align=4)
+        a = T.match_buffer(a_h, (M, N), IO, align=_align(IO))
         b = T.match_buffer(b_h, (N, MP), DT, align=4)
         for ib in range(MP // L):
             for jb in range(b0, b1):
@@ -899,26 +901,26 @@ def pack(key: KernelKey):
         if b0 == 0:
             for j in range(N // L * L, N):
                 for i in range(MP):
-                    b[j, i] = a[i, j] if i < M else T.cast(0, DT)
+                    b[j, i] = _wide(a[T.min(i, M - 1), j], IO) if i < M else T.cast(0, DT)
 
     return pack_
 
 
 def pack16(key: KernelKey):
-    """``x [M, N]`` (tokens x features, bf16 or fp16 read as int16) to ``xt [N, MP / 2]`` 32-bit words, each two
-    tokens of a feature in the `PAIRING` layout of ``key.io`` (tokens from ``M`` on zero): the tiled kernel's
-    16-bit input, half the bytes of a float32 one and no widening pass before it. Per block of ``2 * lanes``
-    tokens x ``lanes`` features, the words of each token pair (zero-extended, the second token shifted into
-    the high half) are the rows of a ``lanes x lanes`` block of 32-bit words, transposed in registers as in
-    `pack`. The block range is over feature blocks; features past the last whole block are done by the call
-    with ``b0 == 0``."""
-    L, SPLIT = key.lanes, PAIRING[key.io] == "split"
+    """``x [M, N]`` (tokens x features, bf16 read as int16) to ``xt [N, MP / 2]`` 32-bit words, each two tokens
+    of a feature in the `SPLIT_DTYPE` layout (tokens from ``M`` on zero): the tiled kernel's bf16 input, half
+    the bytes of a float32 one and no widening pass before it. Per block of ``2 * lanes`` tokens x ``lanes``
+    features, the words of each token pair (zero-extended, the second token shifted into the high half) are
+    the rows of a ``lanes x lanes`` block of 32-bit words, transposed in registers as in `pack`. The block
+    range is over feature blocks; features past the last whole block are done by the call with ``b0 == 0``."""
+    L = key.lanes
+    assert key.io == SPLIT_DTYPE, key.io
 
     def first(i):           # the token in the low half of a block's word ``i``
-        return i if SPLIT else 2 * i
+        return i
 
     def second(i):          # the token in its high half
-        return i + L if SPLIT else 2 * i + 1
+        return i + L
 
     def wide(v, lanes: int = L):
         return T.Cast("int32" if lanes == 1 else f"int32x{lanes}",

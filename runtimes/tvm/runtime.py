@@ -161,18 +161,19 @@ def scratch(slot: str, rows: int, cols: int) -> Tensor:
 
 def to_tokens_last(x: Tensor, width: int) -> Tensor:
     """``[tokens, in]`` (contiguous) to the tiled kernel's ``[in, tokens_padded]``, padding columns zero, in
-    this thread's scratch buffer. A bf16 / fp16 ``x`` stays 16-bit (`tokens_padded` then a multiple of two
-    vectors): as ``[in, tokens_padded / 2]`` 32-bit words in the `kernels.PAIRING` layout of its dtype."""
+    this thread's scratch buffer. A bf16 ``x`` stays 16-bit (`tokens_padded` then a multiple of two vectors):
+    ``[in, tokens_padded / 2]`` 32-bit words in the `kernels.SPLIT_DTYPE` layout; an fp16 one is widened to
+    float32 in the same pass."""
     from sparsecc.runtimes.tvm.kernels import padded
 
     tokens, n = x.shape
-    if x.dtype in HALF:
+    if x.dtype == torch.bfloat16:
         xt = scratch("tokens_last_in16", n, padded(tokens, 2 * width) // 2).view(torch.int32)
         parallel.run(_layout_kernel("pack16", width, x.dtype), n // width, 2 * xt.numel(), x.view(torch.int16), xt)
         return xt
     xt = scratch("tokens_last_in", n, padded(tokens, width))
     # A moved float costs about what a multiply-add does: its element count is its work.
-    parallel.run(_layout_kernel("pack", width), n // width, xt.numel(), x, xt)
+    parallel.run(_layout_kernel("pack", width, x.dtype), n // width, xt.numel(), x, xt)
     return xt
 
 
@@ -359,17 +360,17 @@ class _Bound(_Tuned):
         tokens = self.tokens(x)
         if tokens < SPMM_MIN_TOKENS:
             return ()
-        half = x.dtype in HALF      # a 16-bit input: token vectors in pairs, padded to two vectors
-        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes() * (1 + half)),
-                                      lanes(), pairs=half and tvm_kernels.PAIRING[_name(x.dtype)] == "split")
+        pairs = x.dtype == torch.bfloat16     # token vectors read in pairs, padded to two vectors
+        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes() * (1 + pairs)),
+                                      lanes(), pairs=pairs)
 
     def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None, io: torch.dtype = torch.float32) -> Tensor:
         """``[out, tokens_padded]`` (float32) from ``xt = [in, tokens_padded]`` by the tiled kernel (into ``y``, if
-        given); a bf16 / fp16 ``xt`` (``io``) as `to_tokens_last` packs it: ``[in, tokens_padded / 2]`` words."""
-        padded = xt.shape[1] * (2 if io in HALF else 1)
+        given); a bf16 ``xt`` (``io``) as `to_tokens_last` packs it: ``[in, tokens_padded / 2]`` words."""
+        io = io if io == torch.bfloat16 else torch.float32
+        padded = xt.shape[1] * (2 if io == torch.bfloat16 else 1)
         y = xt.new_empty(self.out, padded, dtype=torch.float32) if y is None else y
-        flat = xt.view(io).view(-1) if io == torch.float16 else xt.view(-1)     # bf16: read as its 32-bit words
-        self.run("tiled", padded, flat, y, tile=tile, io=io)
+        self.run("tiled", padded, xt.view(-1), y, tile=tile, io=io)
         return y
 
 
@@ -388,7 +389,7 @@ class BoundLinear(_Bound):
 
     def native(self, x: Tensor) -> bool:
         # The one-token kernels read a bf16 / fp16 input and write the layer's dtype themselves; the many-token
-        # path packs it 16-bit (`to_tokens_last`) and rounds its output in the unpack.
+        # path packs it (bf16 as 16-bit words, fp16 widened: `to_tokens_last`) and rounds its output in the unpack.
         return x.dtype in HALF
 
     def _bitmask(self, in_features: int) -> tuple:
@@ -459,7 +460,7 @@ class BoundLinear(_Bound):
             # (measured on ViT-B/16): outputs stay contiguous.
             tile = tile or self.tile_for(x2, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
             xt = to_tokens_last(x2, lanes())
-            padded = xt.shape[1] * (2 if x2.dtype in HALF else 1)
+            padded = xt.shape[1] * (2 if x2.dtype == torch.bfloat16 else 1)
             y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, padded), x2.dtype),
                                  x2.shape[0], x2.dtype)
         else:
