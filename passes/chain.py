@@ -6,7 +6,9 @@ kernels chain (`Runtime.chains`) is a pair rewritten.
 
 Left alone: a layer called more than once, an intermediate with another user (a residual, a hook point the
 graph reads), an activation with extra arguments or in training mode (Dropout), layers whose widths do not
-meet, and any layer not on a chaining runtime."""
+meet, and any layer not on a chaining runtime. The activation modules stay in the graph's hands: `chained`
+calls them itself whenever it runs the layers apart, and checks at each call that they still are what they
+were (a Dropout put back in training mode runs as a Dropout)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def _layer(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> Optional[Conden
 
 
 def _activation(gm: fx.GraphModule, node: fx.Node, source: fx.Node, calls: Counter) -> Optional[str]:
-    """The elementwise op a node applies to ``source`` alone, by `ACTIVATIONS` name, or None."""
+    """The elementwise op a node applies to ``source`` alone, by `ACTIVATIONS` name, or None. A module's name
+    is what it is now (eval); the chain holds the module and reads its kind again at each call."""
     if not node.args or node.args[0] is not source or any(isinstance(a, fx.Node) for a in node.args[1:]) \
             or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
         return None
@@ -54,7 +57,7 @@ def _activation(gm: fx.GraphModule, node: fx.Node, source: fx.Node, calls: Count
 
 
 def chains(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node], list[str], fx.Node]]:
-    """(first layer, activation nodes, their names, second layer) of every chain in ``gm``'s graph."""
+    """(first layer, activation nodes, their kinds, second layer) of every chain in ``gm``'s graph."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     found = []
     for node in gm.graph.nodes:
@@ -105,8 +108,11 @@ class ChainLinears:
         done: list[str] = []
         for first, between, names, last in chains(gm):
             with graph.inserting_before(last):
+                # modules by reference (their kind is read at call time), traced function calls by name
+                acts = tuple(graph.get_attr(n.target) if n.op == "call_module" else name
+                             for n, name in zip(between, names))
                 call = graph.call_function(chained, (first.args[0], graph.get_attr(first.target),
-                                                     graph.get_attr(last.target), tuple(names)))
+                                                     graph.get_attr(last.target), acts))
             last.replace_all_uses_with(call)
             for node in (last, *reversed(between), first):
                 graph.erase_node(node)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import sparsecc
-from sparsecc.core.chain import chained
+from sparsecc.core.chain import chained, module_activation
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.runtimes import unavailable
 from sparsecc.tooling.synthetic import attach_with_prune, fanin_mask
@@ -62,6 +62,11 @@ def _chain_calls(compiled) -> list[fx.Node]:
     return [n for n in compiled.module.graph.nodes if n.op == "call_function" and n.target is chained]
 
 
+def _act_names(compiled, call: fx.Node) -> tuple:
+    return tuple(module_activation(compiled.module.get_submodule(a.target)) if isinstance(a, fx.Node) else a
+                 for a in call.args[3])
+
+
 def _check(compiled, model, x):
     with torch.no_grad():
         actual, expected = compiled(x), model(x)
@@ -96,7 +101,7 @@ def test_mlp_block_chains_and_runs_chained(act, names, spy):
     _masks(model)
     compiled = sparsecc.compile(model, (torch.randn(1, 40, 48),), autotune=False)
     (call,) = _chain_calls(compiled)
-    assert call.args[3] == names and [a.target for a in call.args[1:3]] == ["fc1", "fc2"]
+    assert _act_names(compiled, call) == names and [a.target for a in call.args[1:3]] == ["fc1", "fc2"]
     assert any("1 Linear pair(s) chained" in n and "fc1 -> fc2" in n for n in compiled.report.notes)
     # the layers stay at their paths: the same state dict as the model compiled where nothing chains
     apart = sparsecc.compile(model, (torch.randn(1, 40, 48),), backend="reference")
@@ -119,7 +124,7 @@ def test_chained_call_equals_the_layers_called_one_by_one():
     x = torch.randn(1, 70, 48)
     with torch.no_grad():
         alone = fc2(F.gelu(fc1(x)))
-        together = chained(x, fc1, fc2, ("gelu", "identity"))
+        together = chained(x, fc1, fc2, ("gelu", compiled.module.drop))
         dense = F.linear(F.gelu(F.linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
         user = model.fc2(F.gelu(model.fc1(x)))
     assert together.shape == alone.shape == (1, 70, 48) and together.dtype == alone.dtype
@@ -166,7 +171,7 @@ def test_functional_activation_chains():
     _masks(model)
     compiled = sparsecc.compile(model, (torch.randn(1, 40, 48),), autotune=False)
     (call,) = _chain_calls(compiled)
-    assert call.args[3] == ("gelu_tanh",)
+    assert _act_names(compiled, call) == ("gelu_tanh",)
     _check(compiled, model, torch.randn(2, 40, 48))
 
 
@@ -251,3 +256,22 @@ def test_chained_model_exports_and_saves(tmp_path):
         actual, expected = loaded(x), model(x)
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dropout_back_in_training_mode_runs_the_pair_apart(spy):
+    """The chain holds the modules between its layers: one put in training mode is run as itself."""
+    torch.manual_seed(0)
+    model = Block().eval()
+    _masks(model)
+    compiled = sparsecc.compile(model, (torch.randn(1, 40, 48),), autotune=False)
+    assert _chain_calls(compiled)
+    compiled.module.drop.p = 1.0
+    compiled.module.drop.train()
+    spy.clear()
+    x = torch.randn(1, 40, 48)
+    with torch.no_grad():
+        y = compiled(x)
+        expected = x + compiled.module.fc2.bias      # everything fc1 gave was dropped
+    assert not spy
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+    torch.testing.assert_close(y, expected.expand_as(y), rtol=1e-6, atol=1e-6)

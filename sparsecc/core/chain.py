@@ -8,8 +8,10 @@ only to feed an activation that does not care about the layout. A chain applies 
 tokens-last intermediate and hands it to fc2 as it is.
 
 The graph keeps both layers at their paths (state dict, report and exports see the same modules): the pass
-(`sparsecc.passes.chain`) replaces the three-or-more call nodes by one call of `chained` on the layers
-themselves, which falls back to calling them one by one whenever the runtime cannot chain them (another
+(`sparsecc.passes.chain`) replaces the three-or-more call nodes by one call of `chained` on the layers and
+the activation modules themselves, which falls back to calling them one by one whenever the runtime cannot
+chain them or an activation cannot run in place as it stands (a Dropout back in training mode, a module with
+hooks of its own; another
 runtime, tracing, a gradient, a token count or dtype the runtime does not chain, a layer whose measured
 choice is its dense op). Forward hooks on the layers still see each layer's own input and output: the chain
 then also writes the intermediate out before and after the activation, and calls the hooks with them, so
@@ -18,7 +20,7 @@ validation checks both layers on exactly what the chained call computed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,11 +77,34 @@ def function_activation(fn: Callable, args: tuple, kwargs: dict) -> Optional[str
             torch.sigmoid: "sigmoid"}.get(fn)
 
 
-def _unchained(x: Tensor, first: nn.Module, second: nn.Module, acts: tuple[str, ...]) -> Tensor:
-    h = first(x)
-    for name in acts:
-        h = ACTIVATIONS[name].apply(h)
-    return second(h)
+#: What a chain applies between its layers: an `ACTIVATIONS` name (a traced function call) or the module the
+#: graph called (its kind read at call time: a Dropout put back in training mode is no identity).
+Act = Union[str, nn.Module]
+
+
+def _apply(acts: Sequence[Act], h: Tensor) -> Tensor:
+    for act in acts:
+        h = act(h) if isinstance(act, nn.Module) else ACTIVATIONS[act].apply(h)
+    return h
+
+
+def _names(acts: Sequence[Act]) -> Optional[list[str]]:
+    """The `ACTIVATIONS` names of ``acts`` as they stand, or None if one cannot run in place now (a module in
+    training mode, a module with hooks of its own)."""
+    names = []
+    for act in acts:
+        if isinstance(act, nn.Module):
+            if act._forward_hooks or act._forward_pre_hooks:
+                return None
+            act = module_activation(act)
+            if act is None:
+                return None
+        names.append(act)
+    return names
+
+
+def _unchained(x: Tensor, first: nn.Module, second: nn.Module, acts: Sequence[Act]) -> Tensor:
+    return second(_apply(acts, first(x)))
 
 
 def _plain_hooks(module: nn.Module) -> bool:
@@ -87,12 +112,13 @@ def _plain_hooks(module: nn.Module) -> bool:
     return not (module._forward_pre_hooks or module._forward_hooks_with_kwargs)
 
 
-def chained(x: Tensor, first: nn.Module, second: nn.Module, acts: tuple[str, ...]) -> Tensor:
+def chained(x: Tensor, first: nn.Module, second: nn.Module, acts: tuple[Act, ...]) -> Tensor:
     """``second(acts(first(x)))``, with the intermediate kept in the runtime's layout where it can be (see the
     module docstring); called by the graph the chain pass rewrote."""
     from sparsecc.core.layers import CondensedLayer
 
-    if not (isinstance(first, CondensedLayer) and isinstance(second, CondensedLayer)) \
+    names = _names(acts)
+    if names is None or not (isinstance(first, CondensedLayer) and isinstance(second, CondensedLayer)) \
             or not (_plain_hooks(first) and _plain_hooks(second)) \
             or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return _unchained(x, first, second, acts)
@@ -101,7 +127,7 @@ def chained(x: Tensor, first: nn.Module, second: nn.Module, acts: tuple[str, ...
     if bound is None or then is None or not hasattr(bound, "chain"):
         return _unchained(x, first, second, acts)
     observe = bool(first._forward_hooks or second._forward_hooks)
-    done = bound.chain(then, [ACTIVATIONS[name].in_place for name in acts], x, observe)
+    done = bound.chain(then, [ACTIVATIONS[name].in_place for name in names], x, observe)
     if done is None:
         return _unchained(x, first, second, acts)
     y, between = done
@@ -114,9 +140,7 @@ def chained(x: Tensor, first: nn.Module, second: nn.Module, acts: tuple[str, ...
         if out is not None:           # a hook that changes fc1's output (as torch lets it): the rest runs on it
             result, replaced = out, True
     if replaced:
-        for name in acts:
-            result = ACTIVATIONS[name].apply(result)
-        return second(result)
+        return second(_apply(acts, result))
     for hook in list(second._forward_hooks.values()):
         replaced = hook(second, (after,), y)
         if replaced is not None:
