@@ -217,6 +217,7 @@ class _Tuned:
 
     def __init__(self, values: Tensor) -> None:
         self.values = values
+        self.live = values.shape[0] > 0       # some row is not ablated
         self.tune = tuning.enabled(values)
         self.choices: dict[tuple[int, int], tuning.Choice] = {}
         self.tile_choices: dict[tuple[int, int], tuning.Choice] = {}
@@ -281,9 +282,11 @@ class _Tuned:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        # Every call of a layer runs this: a layer whose choice is the dense op pays a dict lookup, no more.
-        x = _contiguous(x, self.values.dtype)
-        if self.values.shape[0] == 0:
+        # Every call of a layer runs this: a layer whose choice is the dense op pays a dict lookup, no more (a
+        # few microseconds of Python per call are a percent of an LLM prefill: checks are inline).
+        if x.dtype != self.values.dtype or not x.is_cpu or not x.is_contiguous():
+            x = _contiguous(x, self.values.dtype)
+        if not self.live:
             return self.constant(x)
         tokens = self.tokens(x)
         key = (tuning.bucket(tokens), torch.get_num_threads())

@@ -158,6 +158,9 @@ class CondensedLayer(nn.Module):
         if torch.compiler.is_compiling() or type(x) is not Tensor or (x.requires_grad and torch.is_grad_enabled()):
             # the registered op (its pattern defines it) carries the backward
             return getattr(torch.ops.sparsecc, self.op)(x, *self._constants(), self.runtime)
+        bound = self.__dict__.get("_bound")
+        if bound is not None and bound[0] is values and bound[1] is self.runtime:
+            return bound[2](x)
         return self._bound_kernel(values)(x)
 
     def _bound_kernel(self, values: Tensor) -> Callable[[Tensor], Tensor]:
