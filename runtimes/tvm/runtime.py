@@ -159,6 +159,26 @@ def scratch(slot: str, rows: int, cols: int) -> Tensor:
     return buf[:rows * cols].view(rows, cols)
 
 
+def zeroed(slot: tuple, size: int) -> Tensor:
+    """A float32 buffer of this thread's, all zeros when first made and kept for ``slot``: for inputs whose
+    every call writes the same positions (a convolution's input planes inside their zero padding, columns before
+    their padding tokens), so the positions never written stay zero without a fill per call (a fresh zeroed
+    tensor per call was a pass over the buffer plus its page faults). One per slot and thread; inputs of ever new
+    sizes (images of any size) start over after `ZEROED_SLOTS` slots rather than grow without bound."""
+    buffers = _scratch.__dict__.setdefault("zeroed", {})
+    key = (*slot, size)
+    buf = buffers.get(key)
+    if buf is None:
+        if len(buffers) >= ZEROED_SLOTS:
+            buffers.clear()
+        buf = buffers[key] = torch.zeros(size)
+    return buf
+
+
+#: How many `zeroed` buffers a thread keeps (a ResNet-50 has about a dozen distinct convolution input shapes).
+ZEROED_SLOTS = 64
+
+
 def to_tokens_last(x: Tensor, width: int) -> Tensor:
     """``[tokens, in]`` (contiguous) to the tiled kernel's ``[in, tokens_padded]``, padding columns zero, in
     this thread's scratch buffer. A bf16 ``x`` stays 16-bit (`tokens_padded` then a multiple of two vectors):
@@ -552,9 +572,10 @@ class BoundConv2d(_Bound):
         # vectors; the input carries enough trailing zeros for the last taps of the last (padding) token.
         tokens = padded(oh * wp, lanes())
         extra = self.dilation[1] * (self.kernel_size[1] - 1) + tokens - oh * wp
-        flat = sample.new_zeros(c * (h + 2 * ph) * wp + extra)
-        flat[:c * (h + 2 * ph) * wp].view(c, h + 2 * ph, wp)[:, ph:ph + h, pw:pw + w] = sample
-        y = sample.new_empty(self.out, tokens)
+        # Only the planes' interior is written: the padding (and the trailing zeros) stay zero from the first call.
+        flat = zeroed(("conv_planes", c, h, w, ph, pw), c * (h + 2 * ph) * wp + extra)
+        flat[:c * (h + 2 * ph) * wp].view(c, h + 2 * ph, wp)[:, ph:ph + h, pw:pw + w].copy_(sample)
+        y = scratch("conv_out", self.out, tokens)
         self.run("tiled_flat", tokens, flat, y, (self.values, self._offsets(h, w), self.orow, self.arow, self.bias),
                  tile)
         return y[:, :oh * wp].view(self.out, oh, wp)[:, :, :ow].contiguous()
@@ -608,11 +629,13 @@ class BoundConv2d(_Bound):
                 sample = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
             if tokens == oh * ow:       # whole vectors already (56x56, 28x28): the columns as they are
                 cols = sample.reshape(-1, tokens).contiguous()
-            else:
-                cols = sample.new_zeros(sample.shape[0], tokens)
-                cols[:, :oh * ow] = sample.reshape(-1, oh * ow)
-            y = self.tiled(cols, tile)
-            outs.append((y if tokens == oh * ow else y[:, :oh * ow].contiguous()).view(self.out, oh, ow))
+                y = self.tiled(cols, tile)
+            else:                       # the padding tokens' columns stay zero from the first call
+                rows = sample.shape[0]
+                cols = zeroed(("conv_columns", rows, oh * ow), rows * tokens).view(rows, tokens)
+                cols[:, :oh * ow].copy_(sample.reshape(-1, oh * ow))
+                y = self.tiled(cols, tile, scratch("conv_out", self.out, tokens))[:, :oh * ow].contiguous()
+            outs.append(y.view(self.out, oh, ow))
         y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
         return y[0] if unbatched else y
 
