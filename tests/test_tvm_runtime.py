@@ -169,6 +169,32 @@ def test_condensed_conv2d(cin, cout, k, stride, padding, dilation, groups, hw, b
     assert_equivalent(y, F.conv2d(x, w * mask, conv.bias.detach(), stride, padding, dilation, groups))
 
 
+@pytest.mark.parametrize("slots", [64, 1])
+def test_reused_zero_buffers_stay_zero_where_no_call_writes(slots, monkeypatch):
+    """The direct 3x3 path's padded planes and the 1x1 path's padding-token columns live in per-thread buffers
+    kept zero outside what each call writes: calls after the first (other inputs, another layer of the same
+    shape, inputs of other sizes, and a cap of one buffer that starts over) equal the dense op every time."""
+    monkeypatch.setattr(tvm_runtime, "ZEROED_SLOTS", slots)
+    layers = []
+    for cin, cout, k, padding in ((8, 16, 3, 1), (8, 16, 3, 1), (16, 8, 1, 0)):
+        conv = torch.nn.Conv2d(cin, cout, k, 1, padding)
+        w = conv.weight.detach()
+        mask = fanin_mask(w, 0.7)
+        enc = formats.encode_fanin((w * mask).reshape(cout, -1), mask.reshape(cout, -1),
+                                   int(mask.reshape(cout, -1).sum(1).max()))
+        bound = tvm_runtime.BoundConv2d(enc.values, enc.indices, enc.rows, conv.bias.detach(), cout, [k, k], [1, 1],
+                                        [padding] * 2, [1, 1], 1, cin)
+        bound.tune = False
+        layers.append((bound, w * mask, conv.bias.detach(), padding, cin))
+    for hw in ((7, 7), (7, 7), (9, 6), (7, 7)):
+        for bound, w, b, padding, cin in layers:
+            x = torch.randn(1, cin, *hw) * 10
+            y = bound(x)
+            expected = F.conv2d(x, w, b, 1, padding)
+            assert y.shape == expected.shape and y.dtype == expected.dtype
+            assert_equivalent(y, expected)
+
+
 def test_four_threads_share_one_compiled_model():
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 10)).eval()
     masks = {"0.weight": fanin_mask(model[0].weight, 0.9), "2.weight": fanin_mask(model[2].weight, 0.8)}
