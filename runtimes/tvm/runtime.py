@@ -3,8 +3,9 @@ disk (`cache`), called on torch tensors without copies where the layout allows.
 
 Per call it picks the kernel by token count: one token at a time below `SPMM_MIN_TOKENS` (gather-bound GEMV), the tiled
 token kernel above (vectorised over tokens, its register tile measured per layer shape on this machine among
-`kernels.TILES`), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: float32 only, any
-strides or alignment (copied to a contiguous tensor when needed; kernels assume element alignment only). Each kernel
+`kernels.TILES`), or the layer's dense op where `tuning` measured it faster. Inputs are guarded: the layer's dtype
+(float32, bf16 or fp16), any strides or alignment (copied to a contiguous tensor when needed; kernels assume element
+alignment only). Each kernel
 call is split into row blocks over PyTorch's own threads (`parallel`), as many as ``torch.get_num_threads()`` says at
 that call; concurrent callers share compiled kernels read-only."""
 

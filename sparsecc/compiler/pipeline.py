@@ -379,8 +379,7 @@ def model_shell(c: Compilation) -> Optional[nn.Module]:
 STAGES: tuple[tuple[str, Callable[[Compilation], StageResult]], ...] = (
     ("masks", masks), ("narrow", narrow_stage), ("analyse", analyse), ("bind", bind), ("capture", capture_stage),
     ("condense", condense), ("fold", fold), ("chain", chain), ("precision", precision), ("tune", tune),
-    ("engine", engine),
-    ("validate", validate))
+    ("engine", engine), ("validate", validate))
 
 
 def run(c: Compilation) -> Compilation:

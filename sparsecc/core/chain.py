@@ -10,12 +10,11 @@ tokens-last intermediate and hands it to fc2 as it is.
 The graph keeps both layers at their paths (state dict, report and exports see the same modules): the pass
 (`sparsecc.passes.chain`) replaces the three-or-more call nodes by one call of `chained` on the layers and
 the activation modules themselves, which falls back to calling them one by one whenever the runtime cannot
-chain them or an activation cannot run in place as it stands (a Dropout back in training mode, a module with
-hooks of its own; another
-runtime, tracing, a gradient, a token count or dtype the runtime does not chain, a layer whose measured
-choice is its dense op). Forward hooks on the layers still see each layer's own input and output: the chain
-then also writes the intermediate out before and after the activation, and calls the hooks with them, so
-validation checks both layers on exactly what the chained call computed."""
+chain them (another runtime, tracing, a gradient, a token count or dtype the runtime does not chain, a layer
+whose measured choice is its dense op) or an activation cannot run in place as it stands (a Dropout back in
+training mode, a module with hooks of its own). Forward hooks on the layers still see each layer's own input
+and output: the chain then also writes the intermediate out before and after the activation, and calls the
+hooks with them, so validation checks both layers on exactly what the chained call computed."""
 
 from __future__ import annotations
 
@@ -142,7 +141,7 @@ def chained(x: Tensor, first: nn.Module, second: nn.Module, acts: tuple[Act, ...
     if replaced:
         return second(_apply(acts, result))
     for hook in list(second._forward_hooks.values()):
-        replaced = hook(second, (after,), y)
-        if replaced is not None:
-            y = replaced
+        out = hook(second, (after,), y)
+        if out is not None:
+            y = out
     return y
