@@ -58,6 +58,16 @@ def _masks(model, sparsity=0.85):
     return masks
 
 
+def _block(**options):
+    """The masked `Block` and its compiled form (sparse kernels everywhere), checked to hold a chain."""
+    torch.manual_seed(0)
+    model = Block().eval()
+    _masks(model)
+    compiled = sparsecc.compile(model, (torch.randn(1, 40, 48),), autotune=False, **options)
+    assert _chain_calls(compiled)
+    return model, compiled
+
+
 def _chain_calls(compiled) -> list[fx.Node]:
     return [n for n in compiled.module.graph.nodes if n.op == "call_function" and n.target is chained]
 
@@ -136,10 +146,7 @@ def test_chained_call_equals_the_layers_called_one_by_one():
 def test_hooks_see_each_layers_own_input_and_output(spy):
     """Validation's hooks on a chained pair: fc1's output before the activation, fc2's input after it, each
     equal to its dense op; a hook that replaces fc1's output changes the result as torch's hooks do."""
-    torch.manual_seed(0)
-    model = Block().eval()
-    _masks(model)
-    compiled = sparsecc.compile(model, (torch.randn(1, 40, 48),), autotune=False, narrow=False)
+    _, compiled = _block(narrow=False)
     fc1, fc2 = compiled.module.fc1, compiled.module.fc2
     seen = {}
     handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0].clone(), o.clone())))
@@ -244,11 +251,7 @@ def test_bf16_precision_runs_the_pair_apart(spy):
 
 
 def test_chained_model_exports_and_saves(tmp_path):
-    torch.manual_seed(0)
-    model = Block().eval()
-    _masks(model)
-    compiled = sparsecc.compile(model, (torch.randn(1, 40, 48),), autotune=False)
-    assert _chain_calls(compiled)
+    model, compiled = _block()
     x = torch.randn(1, 40, 48)
     path = sparsecc.save(compiled, tmp_path / "m.pt2")
     loaded = sparsecc.load(path)
@@ -260,11 +263,7 @@ def test_chained_model_exports_and_saves(tmp_path):
 
 def test_a_dropout_back_in_training_mode_runs_the_pair_apart(spy):
     """The chain holds the modules between its layers: one put in training mode is run as itself."""
-    torch.manual_seed(0)
-    model = Block().eval()
-    _masks(model)
-    compiled = sparsecc.compile(model, (torch.randn(1, 40, 48),), autotune=False)
-    assert _chain_calls(compiled)
+    _, compiled = _block()
     compiled.module.drop.p = 1.0
     compiled.module.drop.train()
     spy.clear()

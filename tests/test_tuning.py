@@ -254,20 +254,23 @@ def test_measured_choice_against_the_dense_op_in_the_models_dtype(monkeypatch, t
 
 
 
-def test_short_calls_get_more_rounds_within_the_budget():
+def test_short_calls_get_more_rounds_within_the_budget(monkeypatch):
     """`timing.medians` with a budget: calls much shorter than the budget get more rounds than asked (up to
-    ``max_runs``); calls as long as the budget keep the minimum."""
-    import time as _time
+    ``max_runs``); calls as long as the budget keep the minimum. The calls take their time on a clock of the
+    test's own (a loaded machine would otherwise decide how many rounds fit)."""
+    import types
 
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     calls = {"fast": 0, "slow": 0}
 
     def counted(name, seconds):
         def fn():
             calls[name] += 1
-            _time.sleep(seconds)
+            now[0] += seconds
         return fn
 
-    timing.medians({"fast": counted("fast", 0.0)}, runs=5, warmup=1, budget_s=0.05, max_runs=40)
+    timing.medians({"fast": counted("fast", 1e-4)}, runs=5, warmup=1, budget_s=0.05, max_runs=40)
     assert calls["fast"] == 1 + 40
     timing.medians({"slow": counted("slow", 0.02)}, runs=5, warmup=1, budget_s=0.01, max_runs=40)
     assert calls["slow"] == 1 + 5

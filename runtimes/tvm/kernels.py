@@ -856,6 +856,19 @@ def _transpose_block(lo, hi, rows, L):
     hi[T.ramp(0, 1, L * L // 2)] = T.Shuffle(cols, list(range(L * L // 2, L * L)))
 
 
+
+@T.macro
+def _store_transposed(b, top, bottom, ib, jb, L, DT):
+    # The ``L x L`` block whose rows are ``top``'s and then ``bottom``'s (``L / 2`` rows each), transposed in
+    # registers (`_transpose_block`) and stored as rows ``jb * L ...`` of ``b``, columns ``ib * L ...``.
+    lo = T.decl_buffer((L * L // 2,), DT, scope="global")
+    hi = T.decl_buffer((L * L // 2,), DT, scope="global")
+    _transpose_block(lo, hi, [top[i, T.ramp(0, 1, L)] for i in range(L // 2)]
+                     + [bottom[i, T.ramp(0, 1, L)] for i in range(L // 2)], L)
+    for c in T.unroll(L // 2):
+        b[jb * L + c, T.ramp(ib * L, 1, L)] = lo[T.ramp(c * L, 1, L)]
+        b[jb * L + L // 2 + c, T.ramp(ib * L, 1, L)] = hi[T.ramp(c * L, 1, L)]
+
 def pack(key: KernelKey):
     """``x [M, N]`` (tokens x features) to ``xt [N, MP]`` (features x padded tokens), columns from ``M`` on
     zero: the tiled kernel's float32 input (``x`` in ``key.io``: an fp16 ``x`` is widened on the way). Blocks of
@@ -879,13 +892,7 @@ def pack(key: KernelKey):
                 bottom[i, T.ramp(0, 1, L)] = _wide(a[ib * L + L // 2 + i, T.ramp(jb * L, 1, L)], IO, L)
             else:
                 bottom[i, T.ramp(0, 1, L)] = T.broadcast(T.cast(0, DT), L)
-        lo = T.decl_buffer((L * L // 2,), DT, scope="global")
-        hi = T.decl_buffer((L * L // 2,), DT, scope="global")
-        _transpose_block(lo, hi, [top[i, T.ramp(0, 1, L)] for i in range(L // 2)]
-                         + [bottom[i, T.ramp(0, 1, L)] for i in range(L // 2)], L)
-        for c in T.unroll(L // 2):
-            b[jb * L + c, T.ramp(ib * L, 1, L)] = lo[T.ramp(c * L, 1, L)]
-            b[jb * L + L // 2 + c, T.ramp(ib * L, 1, L)] = hi[T.ramp(c * L, 1, L)]
+        _store_transposed(b, top, bottom, ib, jb, L, DT)
 
     @T.prim_func
     def pack_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
@@ -944,13 +951,7 @@ def pack16(key: KernelKey):
         for i in T.unroll(L // 2):
             fill(top, i, a, M, ib * 2 * L + first(i), ib * 2 * L + second(i), jb)
             fill(bottom, i, a, M, ib * 2 * L + first(i + L // 2), ib * 2 * L + second(i + L // 2), jb)
-        lo = T.decl_buffer((L * L // 2,), "int32", scope="global")
-        hi = T.decl_buffer((L * L // 2,), "int32", scope="global")
-        _transpose_block(lo, hi, [top[i, T.ramp(0, 1, L)] for i in range(L // 2)]
-                         + [bottom[i, T.ramp(0, 1, L)] for i in range(L // 2)], L)
-        for c in T.unroll(L // 2):
-            b[jb * L + c, T.ramp(ib * L, 1, L)] = lo[T.ramp(c * L, 1, L)]
-            b[jb * L + L // 2 + c, T.ramp(ib * L, 1, L)] = hi[T.ramp(c * L, 1, L)]
+        _store_transposed(b, top, bottom, ib, jb, L, "int32")
 
     @T.prim_func
     def pack16_(a_h: T.handle, b0: T.int32, b1: T.int32, b_h: T.handle):
