@@ -139,6 +139,10 @@ def test_chained_call_equals_the_layers_called_one_by_one():
         user = model.fc2(F.gelu(model.fc1(x)))
     assert together.shape == alone.shape == (1, 70, 48) and together.dtype == alone.dtype
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
+    strided = torch.randn(48, 70).t().unsqueeze(0)          # non-contiguous: copied as a layer would
+    with torch.no_grad():
+        torch.testing.assert_close(chained(strided, fc1, fc2, ("gelu", compiled.module.drop)),
+                                   fc2(F.gelu(fc1(strided))), rtol=0, atol=0)
     assert_equivalent(together, dense)
     assert_equivalent(together, user)
 
@@ -262,15 +266,16 @@ def test_chained_model_exports_and_saves(tmp_path):
 
 
 def test_a_dropout_back_in_training_mode_runs_the_pair_apart(spy):
-    """The chain holds the modules between its layers: one put in training mode is run as itself."""
-    _, compiled = _block()
-    compiled.module.drop.p = 1.0
-    compiled.module.drop.train()
+    """The chain holds the modules between its layers: one put in training mode is run as itself, as the
+    user's model runs its own (p = 1: everything fc1 gave is dropped)."""
+    model, compiled = _block(narrow=False)
+    for drop in (compiled.module.drop, model.drop):
+        drop.p = 1.0
+        drop.train()
     spy.clear()
     x = torch.randn(1, 40, 48)
     with torch.no_grad():
-        y = compiled(x)
-        expected = x + compiled.module.fc2.bias      # everything fc1 gave was dropped
+        y, expected = compiled(x), model(x)
     assert not spy
     assert y.shape == expected.shape and y.dtype == expected.dtype
-    torch.testing.assert_close(y, expected.expand_as(y), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)

@@ -923,12 +923,6 @@ def pack16(key: KernelKey):
     L = key.lanes
     assert key.io == SPLIT_DTYPE, key.io
 
-    def first(i):           # the token in the low half of a block's word ``i``
-        return i
-
-    def second(i):          # the token in its high half
-        return i + L
-
     def wide(v, lanes: int = L):
         return T.Cast("int32" if lanes == 1 else f"int32x{lanes}",
                       T.reinterpret("uint16" if lanes == 1 else f"uint16x{lanes}", v))
@@ -949,8 +943,9 @@ def pack16(key: KernelKey):
         top = T.decl_buffer((L // 2, L), "int32", scope="global")
         bottom = T.decl_buffer((L // 2, L), "int32", scope="global")
         for i in T.unroll(L // 2):
-            fill(top, i, a, M, ib * 2 * L + first(i), ib * 2 * L + second(i), jb)
-            fill(bottom, i, a, M, ib * 2 * L + first(i + L // 2), ib * 2 * L + second(i + L // 2), jb)
+            # word i of the block: token i in its low half, token i + L in its high half
+            fill(top, i, a, M, ib * 2 * L + i, ib * 2 * L + L + i, jb)
+            fill(bottom, i, a, M, ib * 2 * L + L // 2 + i, ib * 2 * L + L + L // 2 + i, jb)
         _store_transposed(b, top, bottom, ib, jb, L, "int32")
 
     @T.prim_func
@@ -967,12 +962,11 @@ def pack16(key: KernelKey):
         if b0 == 0:
             for j in range(N // L * L, N):
                 for w in range(MW):
+                    lo = T.meta_var(w // L * 2 * L + w % L)      # the word's two tokens
+                    hi = T.meta_var(lo + L)
                     b[j, w] = T.bitwise_or(
-                        T.if_then_else(w // L * 2 * L + first(w % L) < M,
-                                       wide(a[T.min(w // L * 2 * L + first(w % L), M - 1), j], 1), 0),
-                        T.shift_left(T.if_then_else(w // L * 2 * L + second(w % L) < M,
-                                                    wide(a[T.min(w // L * 2 * L + second(w % L), M - 1), j], 1), 0),
-                                     16))
+                        T.if_then_else(lo < M, wide(a[T.min(lo, M - 1), j], 1), 0),
+                        T.shift_left(T.if_then_else(hi < M, wide(a[T.min(hi, M - 1), j], 1), 0), 16))
 
     return pack16_
 

@@ -198,6 +198,11 @@ def to_tokens_last(x: Tensor, width: int) -> Tensor:
     return xt
 
 
+def padded_tokens(xt: Tensor) -> int:
+    """The padded token count of a `to_tokens_last` result (a bf16 one holds two tokens per 32-bit word)."""
+    return xt.shape[1] * (2 if xt.dtype == torch.int32 else 1)
+
+
 def from_tokens_last(y: Tensor, tokens: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """The first ``tokens`` columns of the tiled kernel's ``[out, tokens_padded]`` as ``[tokens, out]`` in
     ``dtype`` (rounded from float32 in the same pass)."""
@@ -388,13 +393,12 @@ class _Bound(_Tuned):
         return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes() * (1 + pairs)),
                                       lanes(), pairs=pairs)
 
-    def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None, io: torch.dtype = torch.float32) -> Tensor:
+    def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None) -> Tensor:
         """``[out, tokens_padded]`` (float32) from ``xt = [in, tokens_padded]`` by the tiled kernel (into ``y``, if
-        given); a bf16 ``xt`` (``io``) as `to_tokens_last` packs it: ``[in, tokens_padded / 2]`` words."""
-        io = io if io == torch.bfloat16 else torch.float32
-        padded = xt.shape[1] * (2 if io == torch.bfloat16 else 1)
-        y = xt.new_empty(self.out, padded, dtype=torch.float32) if y is None else y
-        self.run("tiled", padded, xt.view(-1), y, tile=tile, io=io)
+        given); ``xt`` as `to_tokens_last` packs it (a bf16 input as ``[in, tokens_padded / 2]`` 32-bit words)."""
+        io = torch.bfloat16 if xt.dtype == torch.int32 else torch.float32
+        y = xt.new_empty(self.out, padded_tokens(xt), dtype=torch.float32) if y is None else y
+        self.run("tiled", y.shape[1], xt.view(-1), y, tile=tile, io=io)
         return y
 
 
@@ -484,8 +488,7 @@ class BoundLinear(_Bound):
             # (measured on ViT-B/16): outputs stay contiguous.
             tile = tile or self.tile_for(x2, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
             xt = to_tokens_last(x2, lanes())
-            padded = xt.shape[1] * (2 if x2.dtype == torch.bfloat16 else 1)
-            y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, padded), x2.dtype),
+            y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, padded_tokens(xt))),
                                  x2.shape[0], x2.dtype)
         else:
             tokens = x2.shape[0]

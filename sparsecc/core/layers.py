@@ -159,8 +159,8 @@ class CondensedLayer(nn.Module):
             # the registered op (its pattern defines it) carries the backward
             return getattr(torch.ops.sparsecc, self.op)(x, *self._constants(), self.runtime)
         bound = self.__dict__.get("_bound")
-        if bound is not None and bound[0] is values and bound[1] is self.runtime:
-            return bound[2](x)
+        if bound is not None and bound[0] is values and bound[1] is self.runtime:   # `_bound_kernel`, inline:
+            return bound[2](x)                                                       # a method call per call
         return self._bound_kernel(values)(x)
 
     def _bound_kernel(self, values: Tensor) -> Callable[[Tensor], Tensor]:
