@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
+from sparsecc.core import reductions
 from sparsecc.core.errors import MaskError, SparseccWarning, WeightError
 
 log = logging.getLogger("sparsecc")
@@ -239,12 +240,14 @@ def _as_bool_mask(fqn: str, mask: torch.Tensor, weight_shape: torch.Size) -> tor
                         f"pass a mask of the weight's shape")
     if mask.dtype == torch.bool:
         return mask.detach().cpu()
-    bad = (mask != 0) & (mask != 1)
-    if bool(bad.any()):
+    mask = mask.detach()
+    kept = mask != 0
+    if not torch.equal(mask, kept.to(mask.dtype)):     # one compare pass: what other than 0/1 is there?
+        bad = kept & (mask != 1)
         example = mask[bad].flatten()[0].item()
         raise MaskError(f"{fqn}: mask holds values other than 0 and 1 (e.g. {example}); pass a boolean mask "
                         f"(mask != 0) or a 0/1 tensor")
-    return (mask != 0).detach().cpu()
+    return kept.cpu()
 
 
 def structural_copy(model: nn.Module) -> nn.Module:
@@ -316,7 +319,7 @@ def prepare(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None
                     mask, source = (weight != 0).cpu(), "zeros"
             bias = getattr(mod, bias_attr, None) if bias_attr else None
             for tensor, what in ((weight, "weight"), (bias, "bias")):
-                if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                if tensor is not None and not reductions.all_finite(tensor):
                     count = int((~torch.isfinite(tensor)).sum())
                     raise WeightError(f"{module_fqn or '<root>'}: {what} holds {count} NaN/Inf value(s); "
                                       f"fix the checkpoint (or the training run) before compiling")

@@ -32,6 +32,7 @@ from sparsecc.compiler import precision as _precision
 from sparsecc.compiler.autotune import autotune, disable, stream_if_large
 from sparsecc.compiler.compiled import validation_result
 from sparsecc.compiler.validation import TOLERANCE, input_sets
+from sparsecc.core import reductions
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Arrangement, Call
 from sparsecc.core.report import LayerChange, Report, StageResult
@@ -127,7 +128,7 @@ def narrow_stage(c: Compilation) -> StageResult:
 def _has_ablated(prepared: Prepared, module: str) -> bool:
     """Whether a layer (or ``"<model>"``) had neurons that narrowing could have removed: notes name only those."""
     layer = prepared.layers.get(f"{module}.weight")
-    return layer is None or not bool(layer.mask.reshape(layer.mask.shape[0], -1).any(1).all())
+    return layer is None or not reductions.all_set(reductions.live_rows(layer.mask))
 
 
 def _elem_bytes(prepared: Prepared) -> int:

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sparsecc.core import reductions
+
 INT16_LIMIT = 32767
 
 
@@ -30,7 +32,7 @@ class FanIn:
 
 def encode_fanin(weight2d: Tensor, mask2d: Tensor, k: int) -> FanIn:
     """Condense the rows of ``mask2d`` that have ``k`` non-zeros; all-zero rows are dropped."""
-    counts = mask2d.sum(dim=1)
+    counts = reductions.row_counts(mask2d)
     live = counts > 0
     if bool(((counts != k) & live).any()):
         raise ValueError(f"mask is not constant fan-in {k}")

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sparsecc.core import patterns
+from sparsecc.core import patterns, reductions
 from sparsecc.core.structures import Dense, Structure, Unstructured
 
 log = logging.getLogger("sparsecc")
@@ -28,7 +28,7 @@ class Analysis:
 
 
 def dense(fqn: str, mask: torch.Tensor) -> Optional[Structure]:
-    return Dense() if bool(mask.all()) else None
+    return Dense() if reductions.all_set(mask) else None
 
 
 def analysers() -> tuple[Callable[[str, torch.Tensor], Optional[Structure]], ...]:
@@ -45,7 +45,7 @@ def _why_unstructured(mask: torch.Tensor) -> str:
 
 def analyse(fqn: str, mask: torch.Tensor) -> Analysis:
     """The structure of one weight mask, with the reason when it will be left alone."""
-    density = float(mask.float().mean()) if mask.numel() else 1.0
+    density = reductions.density(mask)
     for analyser in analysers():
         structure = analyser(fqn, mask)
         if structure is not None:

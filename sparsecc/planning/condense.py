@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from sparsecc.capture.masks import Layer, Prepared
-from sparsecc.core import patterns
+from sparsecc.core import patterns, reductions
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.core.patterns import NotCondensable, Source
 from sparsecc.core.report import LayerReport
@@ -69,7 +69,7 @@ def layer_report(decision: Decision, elem_bytes: int) -> LayerReport:
     bias_bytes = shape[0] * elem_bytes if layer.bias else 0
     dense_bytes = shape[0] * fan_in * elem_bytes + bias_bytes
     condensed = sum(b.numel() * b.element_size() for b in rep.buffers()) if rep is not None else dense_bytes
-    nnz = int(layer.mask.sum())
+    nnz = reductions.count(layer.mask)
     ablated = getattr(analysis.structure, "ablated", ())
     return LayerReport(
         name=layer.fqn, kind=layer.kind, shape=shape, structure=str(analysis.structure), density=analysis.density,

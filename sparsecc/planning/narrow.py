@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sparsecc.capture.graph import Tracer, concrete_defaults, exported_graph
 from sparsecc.capture.masks import Layer, Prepared, structural_copy
-from sparsecc.core import patterns
+from sparsecc.core import patterns, reductions
 from sparsecc.core.compare import compare, flatten
 from sparsecc.core.errors import PassError
 from sparsecc.core.inputs import Call
@@ -228,15 +228,14 @@ def _even_fan_in(mask: Tensor, weight: Tensor) -> Tensor:
     """Rows below the largest remaining fan-in get explicit entries on inputs they do not use (weight 0 there,
     so nothing changes): a constant fan-in mask stays constant fan-in. Ablated rows stay empty."""
     rows = mask.reshape(mask.shape[0], -1)
-    counts = rows.sum(1)
+    counts = reductions.row_counts(rows)
     k = int(counts.max()) if rows.numel() else 0
     if k == 0 or bool(((counts == k) | (counts == 0)).all()) or k == rows.shape[1]:
         return mask
-    out = rows.clone()
-    zero = (weight.detach().reshape(rows.shape) == 0)
-    for r in torch.nonzero((counts > 0) & (counts < k)).flatten().tolist():
-        free = torch.nonzero(~rows[r] & zero[r]).flatten()[: k - int(counts[r])]
-        out[r, free] = True
+    need = torch.where(counts > 0, k - counts, 0)
+    free = ~rows & (weight.detach().reshape(rows.shape) == 0)
+    # The first `need` free positions of each row (by its running count of free positions).
+    out = rows | (free & (free.cumsum(1, dtype=torch.int32) <= need[:, None]))
     return out.reshape(mask.shape)
 
 
@@ -297,8 +296,9 @@ def _narrow_pair(model: nn.Module, layers: dict[str, Layer], node: fx.Node, weig
             return why
         consumer = model.get_submodule(chain.consumer)
         c_layer = layers[f"{chain.consumer}.weight"]
-        cw = c_layer.mask if c_layer.kind == "linear" else c_layer.mask.any((2, 3))
-        unused = ~cw.reshape(cw.shape[0], -1, chain.spatial).any(2).any(0)
+        cw = c_layer.mask.reshape(c_layer.mask.shape[0], -1, chain.spatial) if c_layer.kind == "linear" \
+            else c_layer.mask      # [rows, channels, positions per channel...]
+        unused = ~reductions.used_inputs(cw)
         constant = _constants(producer, chain, model)
         pads = isinstance(consumer, nn.Conv2d) and (consumer.padding != "valid" if isinstance(consumer.padding, str)
                                                      else any(consumer.padding))
@@ -324,8 +324,7 @@ def _narrow_pair(model: nn.Module, layers: dict[str, Layer], node: fx.Node, weig
 
 
 def _ablated(layers: dict[str, Layer], producer: str) -> Tensor:
-    mask = layers[f"{producer}.weight"].mask
-    return ~mask.reshape(mask.shape[0], -1).any(1)
+    return ~reductions.live_rows(layers[f"{producer}.weight"].mask)
 
 
 def _pair_problem(model: nn.Module, layers: dict[str, Layer], name: str, producer: nn.Module, chain: _Chain,

@@ -9,20 +9,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sparsecc.core import reductions
 from sparsecc.core.patterns import fanin
 from sparsecc.core.patterns.base import Pattern
 from sparsecc.core.structures import ChannelStructured, Structure
 
 
 def detect(fqn: str, mask: Tensor) -> Optional[Structure]:
-    per_channel = mask.transpose(0, 1).reshape(mask.shape[1], -1).any(dim=1)
-    if bool(per_channel.all()):
+    per_channel = reductions.used_inputs(mask)
+    if reductions.all_set(per_channel):
         return None
     ablated = fanin.ablated(mask)
     live = torch.ones(mask.shape[0], dtype=torch.bool)
     live[list(ablated)] = False
     kept = mask[live][:, per_channel]
-    if kept.numel() == 0 or not bool(kept.all()):
+    if kept.numel() == 0 or not reductions.all_set(kept):
         return None
     return ChannelStructured(tuple(int(c) for c in torch.nonzero(per_channel).flatten()), ablated)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsecc.core import formats
+from sparsecc.core import formats, reductions
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.core.ops import conv_out_size, kernel, own, save_constants
 from sparsecc.core.patterns.base import NotCondensable, Op, Pattern, Source
@@ -41,11 +41,11 @@ def _rows(mask: Tensor) -> Tensor:
 
 def ablated(mask: Tensor) -> tuple[int, ...]:
     """The all-zero rows (filters) of ``mask``."""
-    return tuple(int(r) for r in torch.nonzero(~_rows(mask).any(dim=1)).flatten())
+    return tuple(torch.nonzero(~reductions.live_rows(mask)).flatten().tolist())
 
 
 def detect(fqn: str, mask: Tensor) -> Optional[Structure]:
-    counts = _rows(mask).sum(dim=1)
+    counts = reductions.row_counts(mask)
     live = counts[counts > 0]
     if live.numel() and bool((live == live[0]).all()):
         return ConstantFanIn(int(live[0]), ablated(mask))
@@ -280,7 +280,7 @@ def encode(src: Source, k: int) -> formats.FanIn:
 
 def fan_in(src: Source) -> int:
     """The constant fan-in of the layer's live rows (any pattern whose masks have one: 2:4 convolutions too)."""
-    counts = src.layer.mask.reshape(src.layer.mask.shape[0], -1).sum(dim=1)
+    counts = reductions.row_counts(src.layer.mask)
     live = counts[counts > 0]
     if live.numel() and not bool((live == live[0]).all()):
         raise NotCondensable(f"2:4 but fan-in varies from {int(live.min())} to {int(live.max())} per filter; "

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsecc.core import formats
+from sparsecc.core import formats, reductions
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.core.ops import kernel, own, save_constants
 from sparsecc.core.patterns import fanin
@@ -30,14 +30,16 @@ def groups_along_k(mask: Tensor, m: int) -> Optional[Tensor]:
     k_last = mask if mask.dim() == 2 else mask.permute(0, 2, 3, 1)
     if k_last.shape[-1] % m:
         return None
-    return k_last.reshape(*k_last.shape[:-1], -1, m).sum(dim=-1)
+    return k_last.reshape(*k_last.shape[:-1], -1, m).sum(dim=-1, dtype=torch.int32)
 
 
 def detect(fqn: str, mask: Tensor) -> Optional[Structure]:
-    counts = groups_along_k(mask, 4)
-    if counts is None or mask.float().mean() < MIN_DENSITY:
+    if reductions.density(mask) < MIN_DENSITY:
         return None
-    return NM(2, 4, axis=1) if bool((counts <= 2).all()) else None
+    counts = groups_along_k(mask, 4)
+    if counts is None:
+        return None
+    return NM(2, 4, axis=1) if reductions.all_set(counts <= 2) else None
 
 
 def explain(mask: Tensor) -> str:
