@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger("sparsecc")
 
-VERSION = 6         # 6: bf16 / fp16 many-token calls read 16-bit inputs (faster: earlier choices re-measured)
+VERSION = 7         # 7: the dense op in its fastest form (packed oneDNN weights): earlier choices re-measured
 RUNS = 7
 #: Seconds one choice may spend measuring: calls shorter than a few milliseconds get more rounds than `RUNS`
 #: (a one-token layer up to 60), long ones keep the minimum, so compile time stays bounded.
@@ -48,12 +48,14 @@ class Choice:
     threads: int
     cold: bool = False          # measured with the cache flushed before each call
     tile: str = ""              # the sparse kernel's register tile (`kernels.Tile.name`), "" if it has none
+    dense_form: str = ""        # the dense op's form (`sparsecc.runtimes.dense`), "" where it has one form
 
     def describe(self) -> str:
         path = "dense op" if self.dense else "sparse kernel"
         tile = f" (tile {self.tile})" if self.tile else ""
+        form = f" ({self.dense_form})" if self.dense_form else ""
         return (f"{path} at {self.tokens} token(s), {self.threads} thread(s){', cold cache' if self.cold else ''}: "
-                f"sparse{tile} {self.sparse_s * 1e6:,.0f} us vs dense {self.dense_s * 1e6:,.0f} us")
+                f"sparse{tile} {self.sparse_s * 1e6:,.0f} us vs dense{form} {self.dense_s * 1e6:,.0f} us")
 
 
 def bucket(tokens: int) -> int:
@@ -137,10 +139,11 @@ def _key(signature: tuple, tokens: int, cold: bool, **extra) -> dict:
 
 
 def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[], Any],
-           dense: Callable[[], Any], cold: bool = False, tile: str = "") -> Choice:
+           dense: Callable[[], Any], cold: bool = False, tile: str = "", dense_form: str = "") -> Choice:
     """The cached choice for this layer shape, token bucket and thread count, or one measured now (``cold``:
-    with the cache flushed before each call). ``tile`` names the sparse kernel's tile (part of the key)."""
-    key = _key(signature, tokens, cold, tile=tile)
+    with the cache flushed before each call). ``tile`` names the sparse kernel's tile and ``dense_form`` the
+    dense op's form (both part of the key)."""
+    key = _key(signature, tokens, cold, tile=tile, **({"dense_form": dense_form} if dense_form else {}))
     found = cache.get(key)
     if found is not None:
         return found
@@ -149,7 +152,7 @@ def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[
     fns = {"sparse": sparse, "dense": dense}
     times = timing.medians(fns, runs=RUNS, warmup=1, before=_flush if cold else None, budget_s=BUDGET_S)
     choice = Choice(times["sparse"] > times["dense"], times["sparse"], times["dense"], tokens,
-                    torch.get_num_threads(), cold, tile)
+                    torch.get_num_threads(), cold, tile, dense_form)
     cache.put(key, choice)
     return choice
 
@@ -160,9 +163,10 @@ TILE_RUNS = 5
 
 def choose_tile(cache: TuningCache, signature: tuple, tokens: int, tiles: dict[str, Callable[[], Any]],
                 cold: bool = False) -> Choice:
-    """The fastest of the sparse kernel's candidate tiles (by name) for this layer shape, token bucket and
-    thread count: cached, or measured now (interleaved medians). The choice's ``sparse_s`` is the winner's
-    time, ``dense_s`` the slowest candidate's (the spread the search bought)."""
+    """The fastest of named candidates (the sparse kernel's register tiles, the dense op's forms) for this layer
+    shape, token bucket and thread count: cached, or measured now (interleaved medians). The choice's ``tile``
+    is the winner's name, ``sparse_s`` its time, ``dense_s`` the slowest candidate's (the spread the search
+    bought)."""
     key = _key(signature, tokens, cold, tiles=sorted(tiles))
     found = cache.get(key)
     if found is not None:

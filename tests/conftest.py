@@ -61,8 +61,9 @@ def _sparse_kernels(request, monkeypatch):
         return
     from sparsecc.runtimes import tuning
 
-    monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="":
-                        tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, tile))
+    monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="",
+                        dense_form="": tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, tile,
+                                                     dense_form))
     monkeypatch.setattr(tuning, "choose_tile", lambda cache, signature, tokens, tiles, cold=False: tuning.Choice(
         False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, next(iter(tiles))))
 

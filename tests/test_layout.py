@@ -99,7 +99,7 @@ def test_functions_outside_the_tvmscript_kernels_are_at_most_60_lines():
 #: ``edge`` is the modules at the root of ``sparsecc/`` (the public functions: api, exports, serialize, ...).
 LAYERS = ("core", "capture", "planning", "passes", "runtimes", "compiler", "edge", "tooling")
 #: What backends share, at the root of ``runtimes/``; everything else there is one folder per backend.
-SHARED_RUNTIME_MODULES = {"__init__", "binding", "cpu", "exporting", "signature", "tuning"}
+SHARED_RUNTIME_MODULES = {"__init__", "binding", "cpu", "dense", "exporting", "signature", "tuning"}
 #: The only imports between backend folders: the ONNX writer (TensorRT and Triton build from its file), the
 #: onnxruntime session (Triton's repository is checked in it) and the TensorRT engine builder (Triton's plan).
 BACKEND_BASES = {"sparsecc.runtimes.onnxruntime.writer", "sparsecc.runtimes.onnxruntime.engine",

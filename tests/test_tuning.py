@@ -12,7 +12,7 @@ from torch import nn
 
 import sparsecc
 from sparsecc.core import timing
-from sparsecc.runtimes import tuning, unavailable
+from sparsecc.runtimes import dense, tuning, unavailable
 from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 from tests.conftest import assert_equivalent
 
@@ -45,13 +45,27 @@ def _model(structure="fanin"):
 
 
 def _spy(compiled):
-    """The paths (``"sparse"`` / ``"dense"``) the model's one condensed layer runs, in call order (a
-    measurement's calls included)."""
+    """The paths (``"sparse"`` / ``"dense"``) the model's one condensed layer runs, in call order. The TVM
+    binding keeps one route per token bucket (its calls from then on are logged by the path its measured
+    choice took); the reference one calls its ``sparse`` / ``dense`` methods (a measurement's calls logged
+    too)."""
     from sparsecc.core.layers import CondensedLayer
 
     layer = next(m for m in compiled.modules() if isinstance(m, CondensedLayer))
     bound = layer.__dict__["_bound"][2]
     log = []
+    if hasattr(bound, "routes"):
+        route = bound._route
+
+        def logged_route(x, key):
+            fn = route(x, key)
+            path = "dense" if key in bound.choices and bound.choices[key].dense else "sparse"
+            logged = bound.routes[key] = lambda x: (log.append(path), fn(x))[1]
+            return logged
+
+        bound._route = logged_route
+        bound.routes.clear()         # routed again (from the measured choices) through the spy
+        return layer, log
     for path in ("sparse", "dense"):
         original = getattr(bound, path)
 
@@ -72,7 +86,7 @@ def test_sparse_at_few_tokens_dense_at_many(monkeypatch, tmp_path, structure):
     compiled = sparsecc.compile(model, (torch.randn(1, 64),), backend="tvm")
     entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
     threads = torch.get_num_threads()
-    assert entry.choice == f"sparse kernel at 1 token(s), {threads} thread(s): sparse 100 us vs dense 200 us"
+    assert entry.choice == f"sparse kernel at 1 token(s), {threads} thread(s): sparse 100 us vs dense (plain) 200 us"
     assert entry.runtime == "tvm"
     assert "measured choice" in str(compiled.report)
     layer, log = _spy(compiled)
@@ -171,9 +185,13 @@ def test_real_measurement_on_a_2to4_layer_at_many_tokens(monkeypatch, tmp_path):
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert_equivalent(out, expected)
     entries = [json.loads(e.read_text()) for e in tmp_path.glob("tuning/*.json")]
-    # one tile search (its key lists the candidate tiles), one sparse-or-dense choice on the chosen tile
-    assert sorted('"tiles"' in e["key"] for e in entries) == [False, True]
+    # one tile search and one dense-form search (their keys list the candidates), one sparse-or-dense choice
+    # on the chosen tile and form
+    assert sorted('"tiles"' in e["key"] for e in entries) == [False, True, True]
+    assert sum("dense forms" in e["key"] for e in entries) == 1
     assert choice.tile and f"(tile {choice.tile})" in compiled.report.layers[0].choice
+    assert choice.dense_form in dense.PACKED or choice.dense_form == dense.PLAIN
+    assert f"dense ({choice.dense_form})" in compiled.report.layers[0].choice
 
 
 def test_choices_survive_a_restart_and_are_measured_again_on_another_cpu(monkeypatch, tmp_path):
@@ -200,15 +218,17 @@ def test_choices_survive_a_restart_and_are_measured_again_on_another_cpu(monkeyp
         tvm_runtime.forget_caches()       # what a new process starts from
         return sparsecc.compile(model, (x,), backend="tvm")
 
+    # the searches: the sparse kernel's tiles, and the dense op's forms where this torch packs float32
+    per_compile = 2 if dense.packs(torch.float32) else 1
     first = compile_fresh()
-    assert len(calls) == 1 and len(searches) == 1
+    assert len(calls) == 1 and len(searches) == per_compile
     assert tvm_runtime.tuning_cache().fingerprint["cpu"] == cpu.model()
     again = compile_fresh()
-    assert len(calls) == 1 and len(searches) == 1           # read from disk
+    assert len(calls) == 1 and len(searches) == per_compile           # read from disk
     assert again.report.layers[0].choice == first.report.layers[0].choice
     monkeypatch.setattr(cpu, "identity", lambda: {"cpu": "Another CPU", "isa": "avx2 fma"})
     other = compile_fresh()
-    assert len(calls) == 2 and len(searches) == 2           # another CPU: measured again
+    assert len(calls) == 2 and len(searches) == 2 * per_compile       # another CPU: measured again
     assert tvm_runtime.tuning_cache().fingerprint["cpu"] == "Another CPU"
     out, expected = other(x), model(x)
     assert out.shape == expected.shape and out.dtype == expected.dtype
@@ -236,7 +256,7 @@ def test_measured_choice_against_the_dense_op_in_the_models_dtype(monkeypatch, t
     assert entry.runtime == backend
     # bf16 TVM layers also measure the bit-mask form against the gather one: the report names the winner.
     assert re.fullmatch(rf"sparse kernel at 1 token\(s\), {torch.get_num_threads()} thread\(s\): "
-                        r"sparse( \(tile (gather|bitmask)\))? 100 us vs dense 200 us", entry.choice), entry.choice
+                        r"sparse( \(tile (gather|bitmask)\))? 100 us vs dense( \(plain\))? 200 us", entry.choice), entry.choice
     layer, log = _spy(compiled)
     for tokens, path in ((1, "sparse"), (20, "dense"), (1, "sparse")):
         x = torch.randn(tokens, 64, dtype=dtype)

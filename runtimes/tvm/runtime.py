@@ -22,7 +22,7 @@ from torch import Tensor
 
 from sparsecc.core import formats, ops, patterns as _patterns
 from sparsecc.core.errors import InputError
-from sparsecc.runtimes import cpu, tuning
+from sparsecc.runtimes import cpu, dense as _dense, tuning
 from sparsecc.runtimes.tvm import parallel
 
 NAME = "tvm"
@@ -236,10 +236,11 @@ def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel
 class _Tuned:
     """A bound layer that runs its sparse kernel or its dense op (on the dense weight, decoded on first use),
     whichever `tuning` measured faster for this call's token bucket and torch's thread count. ``sparse`` takes
-    and returns float32 (the kernels' arithmetic); ``dense`` runs in the layer's dtype, so a bf16 layer on an
-    AMX CPU is measured against oneDNN's bf16 GEMM, and never runs slower than it. Where the call's
-    sparse kernel takes a register tile (`tiles`), the tile is measured first among the candidates, whether or
-    not the dense op is compared (``autotune=False`` still runs the best tile)."""
+    and returns float32 (the kernels' arithmetic); the dense op runs in the layer's dtype, so a bf16 layer on
+    an AMX CPU is measured against oneDNN's bf16 GEMM, and never runs slower than it. Both sides are measured
+    in their best form first: the sparse kernel's register tile among its candidates (`tiles`; ``autotune=False``
+    still runs the best tile), the dense op's form among plain and packed (`sparsecc.runtimes.dense`).
+    What a bucket runs is kept as one callable (``routes``): a call pays a dict lookup, no more."""
 
     def __init__(self, values: Tensor) -> None:
         self.values = values
@@ -247,8 +248,10 @@ class _Tuned:
         self.tune = tuning.enabled(values)
         self.choices: dict[tuple[int, int], tuning.Choice] = {}
         self.tile_choices: dict[tuple[int, int], tuning.Choice] = {}
+        self.form_choices: dict[tuple[int, int], tuning.Choice] = {}
         self._tiles: dict[tuple[int, int], object] = {}     # the chosen tiles, parsed once
-        self._dense_weight: Optional[Tensor] = None
+        self.routes: dict[tuple[int, int], Callable[[Tensor], Tensor]] = {}
+        self._dense_forms: Optional[_dense.DenseForms] = None
 
     def tiles(self, x: Tensor) -> tuple:
         """The register tiles the sparse kernel of this call can take (none: it has no tile)."""
@@ -271,7 +274,13 @@ class _Tuned:
         """What the speed of both paths depends on, besides the token count and thread count."""
         raise NotImplementedError
 
-    def dense(self, x: Tensor) -> Tensor:
+    def dense_forms(self, x: Tensor) -> _dense.DenseForms:
+        """The layer's dense op by form, built on first use from a call's input (`_make_dense_forms`)."""
+        if self._dense_forms is None:
+            self._dense_forms = self._make_dense_forms(x)
+        return self._dense_forms
+
+    def _make_dense_forms(self, x: Tensor) -> _dense.DenseForms:
         raise NotImplementedError
 
     def sparse(self, x: Tensor, tile=None) -> Tensor:
@@ -308,25 +317,44 @@ class _Tuned:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        # Every call of a layer runs this: a layer whose choice is the dense op pays a dict lookup, no more (a
-        # few microseconds of Python per call are a percent of an LLM prefill: checks are inline).
+        # Every call of a layer runs this, and Python between two oneDNN calls costs them more than its own
+        # time (measured: 4 us of Python before a bf16 GEMM slowed it by 11 us): checks are inline, the
+        # bucket's route is one lookup.
         if x.dtype != self.values.dtype or not x.is_cpu or not x.is_contiguous():
             x = _contiguous(x, self.values.dtype)
         if not self.live:
             return self.constant(x)
-        tokens = self.tokens(x)
-        key = (tuning.bucket(tokens), torch.get_num_threads())
-        if self.tune:
-            choice = self.choices.get(key)
-            if choice is None:
-                tile = self.tile_for(self._kernel_input(x), key)
-                choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens,
-                                                           lambda: self._sparse(x, key), lambda: self.dense(x),
-                                                           tuning.streaming(self.values),
-                                                           _label(tile) if tile is not None else "")
-            if choice.dense:
-                return self.dense(x)
-        return self._sparse(x, key)
+        key = (tuning.bucket(self.tokens(x)), torch.get_num_threads())
+        route = self.routes.get(key)
+        if route is None:
+            route = self._route(x, key)
+        return route(x)
+
+    def _route(self, x: Tensor, key: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+        """What calls in ``key``'s bucket run, measured on this first one: the sparse kernel (its best tile), or
+        the dense op's fastest form where that measured faster (``autotune=False``: the sparse kernel)."""
+        sparse = functools.partial(self._sparse, key=key)
+        if not self.tune:
+            self.routes[key] = sparse
+            return sparse
+        tokens, cold = self.tokens(x), tuning.streaming(self.values)
+        tile = self.tile_for(self._kernel_input(x), key)
+        forms = self.dense_forms(x)
+        names = forms.candidates(x, tokens)
+        if len(names) > 1:
+            self.form_choices[key] = found = tuning.choose_tile(
+                tuning_cache(), (*self._signature(x), "dense forms"), tokens,
+                {n: functools.partial(forms.form(n, x), x) for n in names}, cold)
+            form = found.tile
+        else:
+            form = names[0]
+        dense = forms.form(form, x)
+        choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens, lambda: sparse(x),
+                                                   lambda: dense(x), cold, _label(tile) if tile is not None else "",
+                                                   dense_form=form)
+        route = self.routes[key] = dense if choice.dense else sparse
+        forms.keep({c.dense_form or _dense.PLAIN for c in self.choices.values() if c.dense})
+        return route
 
 
 class _Bound(_Tuned):
@@ -472,10 +500,10 @@ class BoundLinear(_Bound):
     def constant(self, x: Tensor) -> Tensor:
         return _constant(x, self.bias_or_none, (*x.shape[:-1], self.out), -1)
 
-    def dense(self, x: Tensor) -> Tensor:
-        if self._dense_weight is None:
-            self._dense_weight = formats.decode_fanin(self.values, self.indices, self.rows, self.out, x.shape[-1])
-        return F.linear(x, self._dense_weight, self.bias_or_none)
+    def _make_dense_forms(self, x: Tensor) -> _dense.DenseForms:
+        in_features = x.shape[-1]
+        return _dense.LinearForms(lambda: formats.decode_fanin(self.values, self.indices, self.rows, self.out,
+                                                               in_features), self.bias_or_none)
 
     def sparse(self, x: Tensor, tile=None) -> Tensor:
         if x.numel() == x.shape[-1]:    # one token, any leading shape (a decode step's [1, 1, in]): the fast path
@@ -604,14 +632,12 @@ class BoundConv2d(_Bound):
     def constant(self, x: Tensor) -> Tensor:
         return _constant(x, self.bias_or_none, (*x.shape[:-3], self.out, *self._out_size(x)), x.dim() - 3)
 
-    def dense(self, x: Tensor) -> Tensor:
-        if self._dense_weight is None:
-            kh, kw = self.kernel_size
-            fan_in = self.in_channels // self.groups * kh * kw
-            flat = formats.decode_fanin(self.values, self.original_indices, self.rows, self.out, fan_in)
-            self._dense_weight = flat.view(self.out, self.in_channels // self.groups, kh, kw)
-        return F.conv2d(x, self._dense_weight, self.bias_or_none, self.stride, self.padding, self.dilation,
-                        self.groups)
+    def _make_dense_forms(self, x: Tensor) -> _dense.DenseForms:
+        kh, kw = self.kernel_size
+        fan_in = self.in_channels // self.groups * kh * kw
+        decode = lambda: formats.decode_fanin(self.values, self.original_indices, self.rows, self.out,  # noqa: E731
+                                              fan_in).view(self.out, self.in_channels // self.groups, kh, kw)
+        return _dense.ConvForms(decode, self.bias_or_none, self.stride, self.padding, self.dilation, self.groups)
 
     def sparse(self, x: Tensor, tile=None) -> Tensor:
         from sparsecc.runtimes.tvm.kernels import padded
@@ -695,11 +721,9 @@ class BoundNM(_Tuned):
     def constant(self, x: Tensor) -> Tensor:
         return x.new_zeros(*x.shape[:-1], 0)
 
-    def dense(self, x: Tensor) -> Tensor:
-        if self._dense_weight is None:
-            indices = formats.nm_indices(self.metadata, self.in_features)
-            self._dense_weight = formats.decode_fanin(self.values, indices, None, self.out, self.in_features)
-        return F.linear(x, self._dense_weight, self.bias_or_none)
+    def _make_dense_forms(self, x: Tensor) -> _dense.DenseForms:
+        return _dense.LinearForms(lambda: formats.decode_fanin(self.values, formats.nm_indices(
+            self.metadata, self.in_features), None, self.out, self.in_features), self.bias_or_none)
 
     def _on_fanin(self, tokens: int) -> bool:
         return self.direct is None or tokens >= SPMM_MIN_TOKENS

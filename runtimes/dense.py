@@ -1,0 +1,159 @@
+"""The dense op a condensed layer falls back to, in the fastest form this CPU has for it.
+
+`F.linear` on a CPU hands oneDNN the weight in torch's layout, and oneDNN lays it out again for its kernel on
+every call. Laid out once (`torch.ops.mkldnn._reorder_linear_weight`, run by ``_linear_pointwise``), the same
+GEMM measured (Xeon with AMX, 768-2048 wide, one call's median) 1.3-1.8x faster in bf16 at 1-197 tokens,
+bit-identical; 1.02-1.3x in fp32 and fp16 at 32-197 tokens, and 0.4-0.8x at one token, where F.linear's own
+path wins. The layout also depends on a batch hint (1 or 32 tokens: up to 1.25x either way, by dtype and token
+count). No form wins everywhere, so each call's forms are candidates measured per layer shape, token bucket and
+thread count (`tuning.choose_tile`, like the sparse kernel's tiles), and the dense op a layer is compared
+against, and runs where it wins, is the fastest of them. That keeps "never slower than dense" against the user's
+own `nn.Linear`, and makes a layer that runs dense by choice faster than it where packing pays.
+
+Each packed form is a copy of the weight (oneDNN's opaque tensor: never saved, rebuilt on first use in a new
+process); `DenseForms.keep` drops those no choice runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("sparsecc")
+
+PLAIN = "plain"
+#: Packed Linear forms by the batch hint oneDNN lays the weight out for; a call is offered the one nearest its
+#: token count.
+PACKED = {"packed1": 1, "packed32": 32}
+#: The packed convolution (laid out for the shape of the call that built it; oneDNN re-lays it for another).
+PACKED_CONV = "packed"
+_PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU run packed Linears and convolutions in ``dtype`` and get torch's answer
+    (checked once on small layers: a CPU without bf16 in oneDNN, or a torch without mkldnn, runs the plain
+    forms only)."""
+    if dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, b, x = (torch.randn(*shape, generator=g).to(dtype) for shape in ((24, 40), (24,), (3, 40)))
+        torch.testing.assert_close(_packed_linear(w, b, 1)(x), F.linear(x, w, b), rtol=1e-2, atol=1e-2)
+        w, x = (torch.randn(*shape, generator=g).to(dtype) for shape in ((24, 8, 3, 3), (1, 8, 6, 5)))
+        torch.testing.assert_close(_packed_conv(w, b, (1, 1), (1, 1), (1, 1), 1, x)(x), F.conv2d(x, w, b, 1, 1),
+                                   rtol=1e-2, atol=1e-2)
+        return True
+    except Exception as exc:  # noqa: BLE001 - no packed form here: the plain op is what runs
+        log.info("sparsecc: no packed dense ops in %s here (%s: %s)", dtype, type(exc).__name__, exc)
+        return False
+
+
+def _packed_linear(weight: Tensor, bias: Optional[Tensor], hint: int) -> Callable[[Tensor], Tensor]:
+    op, packed = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight(weight, hint)
+    return lambda x: op(x, packed, bias, "none", [], "")
+
+
+def _packed_conv(weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
+                 x: Tensor) -> Callable[[Tensor], Tensor]:
+    """oneDNN writes channels-last: the form returns torch's layout (the copy is part of what is measured)."""
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    shape = list(x.shape) if x.dim() == 4 else [1, *x.shape]
+    op = torch.ops.mkldnn._convolution_pointwise
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, shape)
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            return op(x.unsqueeze(0), packed, bias, padding, stride, dilation, groups, "none", [], "")[0].contiguous()
+        return op(x, packed, bias, padding, stride, dilation, groups, "none", [], "").contiguous()
+    return run
+
+
+class DenseForms:
+    """One layer's dense op by form name, each built on first use. ``weight`` decodes the dense weight (called
+    when a form needs it); ``plain`` runs the op as torch does on it; subclasses add the packed forms."""
+
+    def __init__(self, weight: Callable[[], Tensor], bias: Optional[Tensor],
+                 plain: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]) -> None:
+        self._decode, self.bias, self._plain = weight, bias, plain
+        self._weight: Optional[Tensor] = None
+        self._forms: dict[str, Callable[[Tensor], Tensor]] = {}
+
+    def weight(self) -> Tensor:
+        if self._weight is None:
+            self._weight = self._decode()
+        return self._weight
+
+    def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
+        """The forms a call on ``x`` (``tokens`` tokens) is measured over."""
+        return (PLAIN,)
+
+    def form(self, name: str, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """The form ``name``, built for calls like ``x`` on first use."""
+        fn = self._forms.get(name)
+        if fn is None:
+            weight = self.weight()
+            if name == PLAIN:
+                plain, bias = self._plain, self.bias
+                fn = lambda x: plain(x, weight, bias)  # noqa: E731
+            else:
+                fn = self._packed(name, weight, x)
+            self._forms[name] = fn
+        return fn
+
+    def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
+        raise KeyError(name)
+
+    def keep(self, names: set[str]) -> None:
+        """Drop the forms not in ``names`` (and the decoded weight, when only packed forms are left: each is a
+        copy of the layer's weight)."""
+        for name in [n for n in self._forms if n not in names]:
+            del self._forms[name]
+        if PLAIN not in self._forms:
+            self._weight = None
+
+    def held(self) -> tuple[str, ...]:
+        return tuple(sorted(self._forms))
+
+
+def _packable(x: Tensor) -> bool:
+    return x.device.type == "cpu" and packs(x.dtype)
+
+
+class LinearForms(DenseForms):
+    """``F.linear``, and oneDNN's Linear on a packed weight for the batch hint nearest the call's tokens (one
+    token or few: 1; more: 32)."""
+
+    def __init__(self, weight: Callable[[], Tensor], bias: Optional[Tensor]) -> None:
+        super().__init__(weight, bias, F.linear)
+
+    def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
+        return (PLAIN, "packed1" if tokens <= 4 else "packed32") if _packable(x) else (PLAIN,)
+
+    def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
+        return _packed_linear(weight, self.bias, PACKED[name])
+
+
+class ConvForms(DenseForms):
+    """``F.conv2d`` with the layer's geometry, and oneDNN's convolution on a weight packed for the first call's
+    input shape (batched or not)."""
+
+    def __init__(self, weight: Callable[[], Tensor], bias: Optional[Tensor], stride, padding, dilation,
+                 groups: int) -> None:
+        super().__init__(weight, bias, functools.partial(F.conv2d, stride=stride, padding=padding,
+                                                         dilation=dilation, groups=groups))
+        self.geometry = (stride, padding, dilation, groups)
+
+    def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
+        return (PLAIN, PACKED_CONV) if _packable(x) and x.dim() in (3, 4) else (PLAIN,)
+
+    def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
+        if name != PACKED_CONV:
+            raise KeyError(name)
+        return _packed_conv(weight, self.bias, *self.geometry, x)

@@ -1,0 +1,135 @@
+"""The dense op's forms (`sparsecc.runtimes.dense`): every form computes torch's op, in every dtype and input
+layout; a layer that runs dense by choice runs the form its measurement picked, reports it, and still equals the
+user's model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as prune
+from torch import nn
+
+import sparsecc
+from sparsecc.core import timing
+from sparsecc.runtimes import dense, unavailable
+from sparsecc.tooling.synthetic import fanin_mask
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
+       torch.float16: dict(rtol=2e-3, atol=5e-3)}
+
+
+def _check(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, **TOL[want.dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_forms_compute_f_linear(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 40, generator=g) * 0.2).to(dtype)
+    b = torch.randn(48, generator=g).to(dtype)
+    forms = dense.LinearForms(lambda: w, b)
+    inputs = [torch.randn(40, generator=g), torch.randn(1, 40, generator=g), torch.randn(3, 7, 40, generator=g),
+              torch.randn(40, 5, generator=g).t(), torch.randn(0, 40)]
+    names = {name for x in inputs for tokens in (1, 37) for name in forms.candidates(x.to(dtype), tokens)}
+    if dense.packs(dtype):
+        assert names == {dense.PLAIN, *dense.PACKED}
+    else:        # no packed Linear in this dtype on this CPU / torch: the plain op only
+        assert names == {dense.PLAIN}
+    for name in sorted(names):
+        for x in inputs:
+            x = x.to(dtype)
+            _check(forms.form(name, x)(x), F.linear(x, w, b))
+    assert forms.held() == tuple(sorted(names))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", [((1, 1), (1, 1), (1, 1), 1), ((2, 2), (0, 1), (1, 1), 1),
+                                      ((1, 1), (2, 2), (2, 2), 1), ((1, 1), (1, 1), (1, 1), 2)], ids=str)
+def test_conv_forms_compute_f_conv2d(dtype, geometry):
+    stride, padding, dilation, groups = geometry
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(16, 8 // groups, 3, 3, generator=g) * 0.2).to(dtype)
+    b = torch.randn(16, generator=g).to(dtype)
+    forms = dense.ConvForms(lambda: w, b, stride, padding, dilation, groups)
+    first = torch.randn(1, 8, 11, 9, generator=g).to(dtype)
+    names = forms.candidates(first, 99)
+    assert names == ((dense.PLAIN, dense.PACKED_CONV) if dense.packs(dtype) else (dense.PLAIN,))
+    for name in names:
+        fn = forms.form(name, first)           # built for the first call's shape, right on others
+        for x in (first, torch.randn(2, 8, 11, 9, generator=g), torch.randn(8, 6, 13, generator=g),
+                  torch.randn(1, 8, 12, 10, generator=g).transpose(2, 3)):
+            x = x.to(dtype)
+            _check(fn(x), F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+
+def test_keep_drops_unused_forms_and_the_decoded_weight():
+    decoded = []
+    w = torch.randn(8, 4)
+
+    def decode():
+        decoded.append(1)
+        return w
+
+    forms = dense.LinearForms(decode, None)
+    x = torch.randn(2, 4)
+    names = [dense.PLAIN, *dense.PACKED] if dense.packs(torch.float32) else [dense.PLAIN]
+    for name in names:
+        forms.form(name, x)
+    assert forms.held() == tuple(sorted(names)) and len(decoded) == 1
+    forms.keep({names[-1]})
+    assert forms.held() == (names[-1],)
+    if names[-1] != dense.PLAIN:
+        assert forms._weight is None           # only packed forms left: the decoded copy is gone
+        forms.form(dense.PLAIN, x)             # decoded again when a form needs it
+        assert len(decoded) == 2
+    _check(forms.form(dense.PLAIN, x)(x), F.linear(x, w))
+
+
+def test_no_packed_form_where_the_dtype_has_none():
+    assert not dense.packs(torch.float64) and not dense.packs(torch.int32)
+    forms = dense.LinearForms(lambda: torch.randn(3, 2, dtype=torch.float64), None)
+    assert forms.candidates(torch.randn(5, 2, dtype=torch.float64), 5) == (dense.PLAIN,)
+
+
+@pytest.mark.measured_choice
+@pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
+@pytest.mark.skipif(not dense.packs(torch.bfloat16), reason="this torch / CPU has no packed bf16 Linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_layer_dense_by_choice_runs_the_measured_form(monkeypatch, tmp_path, dtype):
+    """A stand-in clock: the dense op beats the sparse kernel, and the packed form beats the plain one. The
+    layer then runs the packed form (its report says so), and the model still equals the user's."""
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
+
+    def medians(fns, **kwargs):
+        if "dense" in fns:
+            fns["dense"]()
+            return {"sparse": 3e-4, "dense": 2e-4}
+        return {name: 2e-4 if name == dense.PLAIN else 1e-4 for name in fns}     # a form or tile search
+
+    monkeypatch.setattr(timing, "medians", medians)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 8)).eval().to(dtype)
+    prune.custom_from_mask(model[0], "weight", fanin_mask(model[0].weight, 0.75, 0.1))
+    x = torch.randn(2, 20, 64, dtype=dtype)
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
+    assert entry.runtime == "tvm+dense" and "dense (packed32)" in entry.choice, entry.choice
+    layer = compiled.module.get_submodule("0")
+    bound = layer.__dict__["_bound"][2]
+    (key,) = [k for k, c in bound.choices.items() if c.dense]
+    assert bound.choices[key].dense_form == "packed32"
+    assert bound.dense_forms(x).held() == ("packed32",)      # the plain form measured, then dropped
+    for shape in ((2, 20, 64), (3, 20, 64)):               # both in the 64-token bucket
+        x = torch.randn(*shape, dtype=dtype)
+        out, expected = compiled(x), model(x)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+    with torch.no_grad():
+        masked = sparsecc.masked_reference(model)(x)
+    torch.testing.assert_close(out, masked, **TOL[dtype])
