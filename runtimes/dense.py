@@ -4,10 +4,10 @@
 every call. Laid out once (`torch.ops.mkldnn._reorder_linear_weight`, run by ``_linear_pointwise``), the same
 GEMM measured (Xeon with AMX, 768-2048 wide, one call's median) 1.3-1.8x faster in bf16 at 1-197 tokens,
 bit-identical; 1.02-1.3x in fp32 and fp16 at 32-197 tokens, and 0.4-0.8x at one token, where F.linear's own
-path wins. The layout also depends on a batch hint (1 or 32 tokens: up to 1.25x either way, by dtype and token
-count). No form wins everywhere, so each call's forms are candidates measured per layer shape, token bucket and
+path wins. No form wins everywhere, so a call's forms are candidates measured per layer shape, token bucket and
 thread count (`tuning.choose_tile`, like the sparse kernel's tiles), and the dense op a layer is compared
-against, and runs where it wins, is the fastest of them. That keeps "never slower than dense" against the user's
+against, and runs where it wins, is the fastest of them. Decode-sized calls keep the plain form
+(`PLAIN_UP_TO`). That keeps "never slower than dense" against the user's
 own `nn.Linear`, and makes a layer that runs dense by choice faster than it where packing pays.
 
 Each packed form is a copy of the weight (oneDNN's opaque tensor: never saved, rebuilt on first use in a new
@@ -27,11 +27,14 @@ from torch import Tensor
 log = logging.getLogger("sparsecc")
 
 PLAIN = "plain"
-#: Packed Linear forms by the batch hint oneDNN lays the weight out for; a call is offered the one nearest its
-#: token count.
-PACKED = {"packed1": 1, "packed32": 32}
-#: The packed convolution (laid out for the shape of the call that built it; oneDNN re-lays it for another).
-PACKED_CONV = "packed"
+#: The packed Linear form, laid out for 32 tokens (a hint of 1 measured the same at one token, up to 1.25x
+#: slower at 197).
+PACKED = "packed"
+#: Calls of this many tokens or fewer (decode steps) are offered the plain form only. Measured warm, a packed
+#: weight of a one-token call sits in L2 and beats the sparse kernel; in the model it does not (each layer's
+#: weight leaves L2 before its next call), and a second copy of every weight crowds the last-level cache: a bf16
+#: decoder's decode speed-up fell from 1.42x to 1.17x (2:4, one thread) when one-token calls took packed forms.
+PLAIN_UP_TO = 4
 _PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -45,7 +48,7 @@ def packs(dtype: torch.dtype) -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         w, b, x = (torch.randn(*shape, generator=g).to(dtype) for shape in ((24, 40), (24,), (3, 40)))
-        torch.testing.assert_close(_packed_linear(w, b, 1)(x), F.linear(x, w, b), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(_packed_linear(w, b)(x), F.linear(x, w, b), rtol=1e-2, atol=1e-2)
         w, x = (torch.randn(*shape, generator=g).to(dtype) for shape in ((24, 8, 3, 3), (1, 8, 6, 5)))
         torch.testing.assert_close(_packed_conv(w, b, (1, 1), (1, 1), (1, 1), 1, x)(x), F.conv2d(x, w, b, 1, 1),
                                    rtol=1e-2, atol=1e-2)
@@ -55,8 +58,8 @@ def packs(dtype: torch.dtype) -> bool:
         return False
 
 
-def _packed_linear(weight: Tensor, bias: Optional[Tensor], hint: int) -> Callable[[Tensor], Tensor]:
-    op, packed = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight(weight, hint)
+def _packed_linear(weight: Tensor, bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
+    op, packed = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight(weight, 32)
     return lambda x: op(x, packed, bias, "none", [], "")
 
 
@@ -127,22 +130,23 @@ def _packable(x: Tensor) -> bool:
 
 
 class LinearForms(DenseForms):
-    """``F.linear``, and oneDNN's Linear on a packed weight for the batch hint nearest the call's tokens (one
-    token or few: 1; more: 32)."""
+    """``F.linear``, and oneDNN's Linear on a packed weight for calls of more than `PLAIN_UP_TO` tokens."""
 
     def __init__(self, weight: Callable[[], Tensor], bias: Optional[Tensor]) -> None:
         super().__init__(weight, bias, F.linear)
 
     def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
-        return (PLAIN, "packed1" if tokens <= 4 else "packed32") if _packable(x) else (PLAIN,)
+        return (PLAIN, PACKED) if tokens > PLAIN_UP_TO and _packable(x) else (PLAIN,)
 
     def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
-        return _packed_linear(weight, self.bias, PACKED[name])
+        if name != PACKED:
+            raise KeyError(name)
+        return _packed_linear(weight, self.bias)
 
 
 class ConvForms(DenseForms):
     """``F.conv2d`` with the layer's geometry, and oneDNN's convolution on a weight packed for the first call's
-    input shape (batched or not)."""
+    input shape (oneDNN lays it out again for another shape: still right, slower)."""
 
     def __init__(self, weight: Callable[[], Tensor], bias: Optional[Tensor], stride, padding, dilation,
                  groups: int) -> None:
@@ -151,9 +155,9 @@ class ConvForms(DenseForms):
         self.geometry = (stride, padding, dilation, groups)
 
     def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
-        return (PLAIN, PACKED_CONV) if _packable(x) and x.dim() in (3, 4) else (PLAIN,)
+        return (PLAIN, PACKED) if _packable(x) and x.dim() in (3, 4) else (PLAIN,)
 
     def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
-        if name != PACKED_CONV:
+        if name != PACKED:
             raise KeyError(name)
         return _packed_conv(weight, self.bias, *self.geometry, x)

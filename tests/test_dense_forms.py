@@ -35,9 +35,11 @@ def test_linear_forms_compute_f_linear(dtype):
     forms = dense.LinearForms(lambda: w, b)
     inputs = [torch.randn(40, generator=g), torch.randn(1, 40, generator=g), torch.randn(3, 7, 40, generator=g),
               torch.randn(40, 5, generator=g).t(), torch.randn(0, 40)]
-    names = {name for x in inputs for tokens in (1, 37) for name in forms.candidates(x.to(dtype), tokens)}
+    for x in inputs:      # decode-sized calls: the plain op only
+        assert forms.candidates(x.to(dtype), dense.PLAIN_UP_TO) == (dense.PLAIN,)
+    names = {name for x in inputs for name in forms.candidates(x.to(dtype), dense.PLAIN_UP_TO + 1)}
     if dense.packs(dtype):
-        assert names == {dense.PLAIN, *dense.PACKED}
+        assert names == {dense.PLAIN, dense.PACKED}
     else:        # no packed Linear in this dtype on this CPU / torch: the plain op only
         assert names == {dense.PLAIN}
     for name in sorted(names):
@@ -58,7 +60,7 @@ def test_conv_forms_compute_f_conv2d(dtype, geometry):
     forms = dense.ConvForms(lambda: w, b, stride, padding, dilation, groups)
     first = torch.randn(1, 8, 11, 9, generator=g).to(dtype)
     names = forms.candidates(first, 99)
-    assert names == ((dense.PLAIN, dense.PACKED_CONV) if dense.packs(dtype) else (dense.PLAIN,))
+    assert names == ((dense.PLAIN, dense.PACKED) if dense.packs(dtype) else (dense.PLAIN,))
     for name in names:
         fn = forms.form(name, first)           # built for the first call's shape, right on others
         for x in (first, torch.randn(2, 8, 11, 9, generator=g), torch.randn(8, 6, 13, generator=g),
@@ -77,7 +79,7 @@ def test_keep_drops_unused_forms_and_the_decoded_weight():
 
     forms = dense.LinearForms(decode, None)
     x = torch.randn(2, 4)
-    names = [dense.PLAIN, *dense.PACKED] if dense.packs(torch.float32) else [dense.PLAIN]
+    names = [dense.PLAIN, dense.PACKED] if dense.packs(torch.float32) else [dense.PLAIN]
     for name in names:
         forms.form(name, x)
     assert forms.held() == tuple(sorted(names)) and len(decoded) == 1
@@ -119,12 +121,12 @@ def test_a_layer_dense_by_choice_runs_the_measured_form(monkeypatch, tmp_path, d
     x = torch.randn(2, 20, 64, dtype=dtype)
     compiled = sparsecc.compile(model, (x,), backend="tvm")
     entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
-    assert entry.runtime == "tvm+dense" and "dense (packed32)" in entry.choice, entry.choice
+    assert entry.runtime == "tvm+dense" and "dense (packed)" in entry.choice, entry.choice
     layer = compiled.module.get_submodule("0")
     bound = layer.__dict__["_bound"][2]
     (key,) = [k for k, c in bound.choices.items() if c.dense]
-    assert bound.choices[key].dense_form == "packed32"
-    assert bound.dense_forms(x).held() == ("packed32",)      # the plain form measured, then dropped
+    assert bound.choices[key].dense_form == dense.PACKED
+    assert bound.dense_forms(x).held() == (dense.PACKED,)      # the plain form measured, then dropped
     for shape in ((2, 20, 64), (3, 20, 64)):               # both in the 64-token bucket
         x = torch.randn(*shape, dtype=dtype)
         out, expected = compiled(x), model(x)

@@ -190,7 +190,7 @@ def test_real_measurement_on_a_2to4_layer_at_many_tokens(monkeypatch, tmp_path):
     assert sorted('"tiles"' in e["key"] for e in entries) == [False, True, True]
     assert sum("dense forms" in e["key"] for e in entries) == 1
     assert choice.tile and f"(tile {choice.tile})" in compiled.report.layers[0].choice
-    assert choice.dense_form in dense.PACKED or choice.dense_form == dense.PLAIN
+    assert choice.dense_form in (dense.PACKED, dense.PLAIN)
     assert f"dense ({choice.dense_form})" in compiled.report.layers[0].choice
 
 
