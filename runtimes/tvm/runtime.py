@@ -344,15 +344,16 @@ class _Tuned:
         if len(names) > 1:
             self.form_choices[key] = found = tuning.choose_tile(
                 tuning_cache(), (*self._signature(x), "dense forms"), tokens,
-                {n: functools.partial(forms.form(n, x), x) for n in names}, cold)
+                {n: (lambda n=n: forms.form(n, x)(x)) for n in names}, cold)      # built in the warm-up call
             form = found.tile
         else:
             form = names[0]
-        dense = forms.form(form, x)
+        # Forms are built (decoded, packed) only where they are measured or run: choices read from the cache
+        # that run the sparse kernel build nothing.
         choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens, lambda: sparse(x),
-                                                   lambda: dense(x), cold, _label(tile) if tile is not None else "",
-                                                   dense_form=form)
-        route = self.routes[key] = dense if choice.dense else sparse
+                                                   lambda: forms.form(form, x)(x), cold,
+                                                   _label(tile) if tile is not None else "", dense_form=form)
+        route = self.routes[key] = forms.form(form, x) if choice.dense else sparse
         forms.keep({c.dense_form or _dense.PLAIN for c in self.choices.values() if c.dense})
         return route
 
