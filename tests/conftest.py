@@ -62,10 +62,11 @@ def _sparse_kernels(request, monkeypatch):
     from sparsecc.runtimes import tuning
 
     monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="",
-                        dense_form="": tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, tile,
-                                                     dense_form))
-    monkeypatch.setattr(tuning, "choose_tile", lambda cache, signature, tokens, tiles, cold=False: tuning.Choice(
-        False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, next(iter(tiles))))
+                        dense_form="", l2_cold=False: tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(),
+                                                                    cold, tile, dense_form, l2_cold))
+    monkeypatch.setattr(tuning, "choose_tile", lambda cache, signature, tokens, tiles, cold=False, l2_cold=False:
+                        tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(), cold, next(iter(tiles)),
+                                      l2_cold=l2_cold))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -294,3 +294,45 @@ def test_short_calls_get_more_rounds_within_the_budget(monkeypatch):
     assert calls["fast"] == 1 + 40
     timing.medians({"slow": counted("slow", 0.02)}, runs=5, warmup=1, budget_s=0.01, max_runs=40)
     assert calls["slow"] == 1 + 5
+
+
+def test_decode_sized_calls_of_models_beyond_l2_are_measured_with_l2_flushed(monkeypatch, tmp_path):
+    """A model larger than one core's L2 (but not than the last-level cache): its one-token calls are measured
+    with L2 flushed before every timed call (the tile search, the dense forms and the sparse-or-dense choice),
+    its many-token calls warm; the report says which."""
+    from sparsecc.compiler import autotune
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tvm_runtime, "_tuning", None)
+    monkeypatch.setattr(tuning, "l2_bytes", lambda: 1024)
+    befores = []
+    real = timing.medians
+
+    def medians(fns, **kwargs):
+        befores.append((sorted(fns), kwargs.get("before")))
+        return real(fns, **kwargs)
+
+    monkeypatch.setattr(timing, "medians", medians)
+    model = _model()
+    compiled = sparsecc.compile(model, (torch.randn(1, 64),), backend="tvm")
+    layer = compiled.module.get_submodule("0")
+    values = layer._buffers["values"]
+    assert not tuning.streaming(values) and tuning.l2_cold(values, 1) and not tuning.l2_cold(values, 5)
+    assert befores and all(before is tuning._flush_l2 for _, before in befores), befores
+    (choice,) = layer.choices().values()
+    assert choice.l2_cold and not choice.cold and ", L2 flushed:" in choice.describe()
+    entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
+    assert "L2 flushed" in entry.choice
+    befores.clear()
+    x = torch.randn(9, 64)                       # many tokens: measured warm
+    out, expected = compiled(x), model(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    assert befores and all(before is None for _, before in befores), befores
+    assert not layer.choices()[(16, torch.get_num_threads())].l2_cold
+    # a model beyond the last-level cache is measured cold instead, at every token count
+    monkeypatch.setattr(tuning, "llc_bytes", lambda: 2048)
+    assert autotune.stream_if_large(compiled.module)
+    assert tuning.streaming(values) and not tuning.l2_cold(values, 1)
+    tvm_runtime.forget_caches()

@@ -83,7 +83,8 @@ class Tuned:
         if choice is None:
             choice = self.choices[key] = tuning.choose(tuning_cache(), self.signature(x), tokens,
                                                        lambda: self.sparse(x), lambda: self.dense(x),
-                                                       tuning.streaming(self.constants[0]))
+                                                       tuning.streaming(self.constants[0]),
+                                                       l2_cold=tuning.l2_cold(self.constants[0], tokens))
         return self.dense(x) if choice.dense else self.sparse(x)
 
 

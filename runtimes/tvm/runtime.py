@@ -303,7 +303,8 @@ class _Tuned:
                 return None
             choice = self.tile_choices[key] = tuning.choose_tile(
                 tuning_cache(), self._signature(x), self.tokens(x),
-                {_label(t): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values))
+                {_label(t): functools.partial(self.sparse, x, t) for t in tiles}, tuning.streaming(self.values),
+                tuning.l2_cold(self.values, self.tokens(x)))
         from sparsecc.runtimes.tvm.kernels import Tile
 
         tile = self._tiles[key] = choice.tile if choice.tile in BoundLinear.FORMS else Tile.parse(choice.tile)
@@ -338,13 +339,14 @@ class _Tuned:
             self.routes[key] = sparse
             return sparse
         tokens, cold = self.tokens(x), tuning.streaming(self.values)
+        l2_cold = tuning.l2_cold(self.values, tokens)
         tile = self.tile_for(self._kernel_input(x), key)
         forms = self.dense_forms(x)
         names = forms.candidates(x, tokens)
         if len(names) > 1:
             self.form_choices[key] = found = tuning.choose_tile(
                 tuning_cache(), (*self._signature(x), "dense forms"), tokens,
-                {n: (lambda n=n: forms.form(n, x)(x)) for n in names}, cold)      # built in the warm-up call
+                {n: (lambda n=n: forms.form(n, x)(x)) for n in names}, cold, l2_cold)   # built in the warm-up
             form = found.tile
         else:
             form = names[0]
@@ -352,7 +354,8 @@ class _Tuned:
         # that run the sparse kernel build nothing.
         choice = self.choices[key] = tuning.choose(tuning_cache(), self._signature(x), tokens, lambda: sparse(x),
                                                    lambda: forms.form(form, x)(x), cold,
-                                                   _label(tile) if tile is not None else "", dense_form=form)
+                                                   _label(tile) if tile is not None else "", dense_form=form,
+                                                   l2_cold=l2_cold)
         route = self.routes[key] = forms.form(form, x) if choice.dense else sparse
         forms.keep({c.dense_form or _dense.PLAIN for c in self.choices.values() if c.dense})
         return route

@@ -42,13 +42,18 @@ def choices(module: nn.Module) -> tuple[tuple[str, LayerChange], ...]:
 
 def stream_if_large(module: nn.Module) -> bool:
     """Mark every condensed layer of ``module`` for cold measurement when the module's tensors exceed the
-    last-level cache (each layer's weights then come from memory at every call); returns whether they do."""
-    held = {id(t): t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
-    if sum(held.values()) <= tuning.llc_bytes():
-        return False
-    for layer in _condensed(module):
-        tuning.stream(layer._buffers["values"])
-    return True
+    last-level cache (each layer's weights then come from memory at every call), and for L2-cold measurement of
+    decode-sized calls when they exceed one core's L2 (`tuning.beyond_l2`); returns whether they exceed the
+    last-level cache."""
+    held = sum({id(t): t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]}.values())
+    if held > tuning.llc_bytes():
+        for layer in _condensed(module):
+            tuning.stream(layer._buffers["values"])
+        return True
+    if held > tuning.l2_bytes():
+        for layer in _condensed(module):
+            tuning.beyond_l2(layer._buffers["values"])
+    return False
 
 
 def disable(module: nn.Module) -> None:
