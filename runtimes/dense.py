@@ -4,11 +4,12 @@
 every call. Laid out once (`torch.ops.mkldnn._reorder_linear_weight`, run by ``_linear_pointwise``), the same
 GEMM measured (Xeon with AMX, 768-2048 wide, one call's median) 1.3-1.8x faster in bf16 at 1-197 tokens,
 bit-identical; 1.02-1.3x in fp32 and fp16 at 32-197 tokens, and 0.4-0.8x at one token, where F.linear's own
-path wins. No form wins everywhere, so a call's forms are candidates measured per layer shape, token bucket and
-thread count (`tuning.choose_tile`, like the sparse kernel's tiles), and the dense op a layer is compared
-against, and runs where it wins, is the fastest of them. Decode-sized calls keep the plain form
-(`PLAIN_UP_TO`). That keeps "never slower than dense" against the user's
-own `nn.Linear`, and makes a layer that runs dense by choice faster than it where packing pays.
+path wins. In a model the fp32 gain did not hold, so only bf16 layers have packed forms (`_PACKABLE`). Where
+they do, a call's forms are candidates measured per layer shape, token bucket and thread count
+(`tuning.choose_tile`, like the sparse kernel's tiles), and the dense op a layer is compared against, and runs
+where it wins, is the fastest of them; decode-sized calls keep the plain form (`PLAIN_UP_TO`). That keeps
+"never slower than dense" against the user's own `nn.Linear`, and makes a layer that runs dense by choice
+faster than it where packing pays.
 
 Each packed form is a copy of the weight (oneDNN's opaque tensor: never saved, rebuilt on first use in a new
 process); `DenseForms.keep` drops those no choice runs.
@@ -35,7 +36,11 @@ PACKED = "packed"
 #: weight leaves L2 before its next call), and a second copy of every weight crowds the last-level cache: a bf16
 #: decoder's decode speed-up fell from 1.42x to 1.17x (2:4, one thread) when one-token calls took packed forms.
 PLAIN_UP_TO = 4
-_PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
+#: Dtypes offered the packed forms. fp32 and fp16 packed Linears measured 1.02-1.3x torch's op alone (32-197
+#: tokens) but lost in a model: all-MiniLM-L6-v2 at 2:4 in fp32 (16 and 128 tokens, its layers dense by choice)
+#: ran 0.93-0.95x dense with packed forms chosen, 0.95-0.97x with torch's op in their place (same process,
+#: interleaved). bf16's gain (1.3-1.8x alone, AMX) holds in models: a bf16 decoder's prefill 0.98x -> 1.07x.
+_PACKABLE = (torch.bfloat16,)
 
 
 @functools.cache

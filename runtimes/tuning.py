@@ -30,16 +30,20 @@ import torch
 
 log = logging.getLogger("sparsecc")
 
-VERSION = 8         # 8: dense forms (packed oneDNN weights), decode-sized calls L2-cold, `DENSE_MARGIN`
+VERSION = 9         # 9: dense forms (packed bf16 weights), decode-sized calls L2-cold, the near-tie margins
 RUNS = 7
 #: Seconds one choice may spend measuring: calls shorter than a few milliseconds get more rounds than `RUNS`
 #: (a one-token layer up to 60), long ones keep the minimum, so compile time stays bounded.
 BUDGET_S = 0.02
-#: The dense op runs only where it measured this much faster: a near-tie goes to the sparse kernel, whose smaller
-#: tensors leave more of the cache to the rest of the model (which one layer's measurement cannot see). A bf16
-#: decoder at 2:4 whose k/v projections measured 147 us dense vs 149 us sparse decoded at 1.23-1.26x dense with
-#: them dense, 1.33-1.36x with them sparse (one thread, interleaved, same process).
+#: A measured winner must win by this much, else the call runs what wins near-ties in a model, which one
+#: layer's measurement cannot see. Decode-sized calls (up to `L2_COLD_TOKENS` tokens): the sparse kernel, whose
+#: smaller tensors leave the cache to the rest of the model (a bf16 decoder at 2:4 whose k/v projections
+#: measured 147 us dense vs 149 us sparse decoded at 1.23-1.26x dense with them dense, 1.33-1.36x sparse).
 DENSE_MARGIN = 0.05
+#: Many-token calls: the dense op (no pack and unpack around it, torch's own threads). all-MiniLM-L6-v2 at 2:4
+#: in fp32, whose 6-12 sparse choices measured 1-7.5% faster than dense alone, ran 0.86-0.95x dense with them,
+#: 0.96-0.98x with those layers dense (16 and 128 tokens, 1 and 2 threads, same process, interleaved).
+SPARSE_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,9 @@ def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[
 
     fns = {"sparse": sparse, "dense": dense}
     times = timing.medians(fns, runs=RUNS, warmup=1, before=_before(cold, l2_cold), budget_s=BUDGET_S)
-    choice = Choice(times["sparse"] > times["dense"] * (1 + DENSE_MARGIN), times["sparse"], times["dense"], tokens,
+    dense_wins = times["sparse"] > times["dense"] * (1 + DENSE_MARGIN) if tokens <= L2_COLD_TOKENS else \
+        times["sparse"] * (1 + SPARSE_MARGIN) > times["dense"]
+    choice = Choice(dense_wins, times["sparse"], times["dense"], tokens,
                     torch.get_num_threads(), cold, tile, dense_form, l2_cold and not cold)
     cache.put(key, choice)
     return choice
