@@ -120,8 +120,10 @@ class TuningCache:
             log.warning("sparsecc tuning cache: not written (%s)", exc)
 
 
+@functools.cache
 def _cache_sizes() -> dict[int, int]:
-    """Bytes per cache level of CPU 0 (Linux sysfs; data and unified caches), empty where it cannot be read."""
+    """Bytes per cache level of CPU 0 (Linux sysfs; data and unified caches), empty where it cannot be read.
+    Read once: the flushes ask for it before every timed call."""
     sizes: dict[int, int] = {}
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
