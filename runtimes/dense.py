@@ -28,13 +28,13 @@ from torch import Tensor
 log = logging.getLogger("sparsecc")
 
 PLAIN = "plain"
-#: The packed Linear form, laid out for 32 tokens (a hint of 1 measured the same at one token, up to 1.25x
-#: slower at 197).
+#: The packed Linear form, laid out for 32 tokens (a hint of 1 measured the same at one token and 1.2-1.3x
+#: slower at 32-197 tokens).
 PACKED = "packed"
 #: Calls of this many tokens or fewer (decode steps) are offered the plain form only. Measured warm, a packed
 #: weight of a one-token call sits in L2 and beats the sparse kernel; in the model it does not (each layer's
 #: weight leaves L2 before its next call), and a second copy of every weight crowds the last-level cache: a bf16
-#: decoder's decode speed-up fell from 1.42x to 1.17x (2:4, one thread) when one-token calls took packed forms.
+#: decoder at 2:4 decoded at 1.17x dense with one-token calls on packed forms, 1.35x without (one thread).
 PLAIN_UP_TO = 4
 #: Dtypes offered the packed forms. fp32 and fp16 packed Linears measured 1.02-1.3x torch's op alone (32-197
 #: tokens) but lost in a model: all-MiniLM-L6-v2 at 2:4 in fp32 (16 and 128 tokens, its layers dense by choice)
