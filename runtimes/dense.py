@@ -7,7 +7,7 @@ bit-identical; 1.02-1.3x in fp32 and fp16 at 32-197 tokens, and 0.4-0.8x at one 
 path wins. In a model the fp32 gain did not hold, so only bf16 layers have packed forms (`_PACKABLE`). Where
 they do, a call's forms are candidates measured per layer shape, token bucket and thread count
 (`tuning.choose_tile`, like the sparse kernel's tiles), and the dense op a layer is compared against, and runs
-where it wins, is the fastest of them; decode-sized calls keep the plain form (`PLAIN_UP_TO`). That keeps
+where it wins, is the fastest of them; decode-sized calls keep the plain form (`tuning.DECODE_TOKENS`). That keeps
 "never slower than dense" against the user's own `nn.Linear`, and makes a layer that runs dense by choice
 faster than it where packing pays.
 
@@ -25,17 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsecc.runtimes import tuning
+
 log = logging.getLogger("sparsecc")
 
 PLAIN = "plain"
 #: The packed Linear form, laid out for 32 tokens (a hint of 1 measured the same at one token and 1.2-1.3x
 #: slower at 32-197 tokens).
 PACKED = "packed"
-#: Calls of this many tokens or fewer (decode steps) are offered the plain form only. Measured warm, a packed
+#: Decode-sized calls (`tuning.DECODE_TOKENS`) are offered the plain form only. Measured warm, a packed
 #: weight of a one-token call sits in L2 and beats the sparse kernel; in the model it does not (each layer's
 #: weight leaves L2 before its next call), and a second copy of every weight crowds the last-level cache: a bf16
 #: decoder at 2:4 decoded at 1.17x dense with one-token calls on packed forms, 1.35x without (one thread).
-PLAIN_UP_TO = 4
 #: Dtypes offered the packed forms. fp32 and fp16 packed Linears measured 1.02-1.3x torch's op alone (32-197
 #: tokens) but lost in a model: all-MiniLM-L6-v2 at 2:4 in fp32 (16 and 128 tokens, its layers dense by choice)
 #: ran 0.93-0.95x dense with packed forms chosen, 0.95-0.97x with torch's op in their place (same process,
@@ -135,13 +136,13 @@ def _packable(x: Tensor) -> bool:
 
 
 class LinearForms(DenseForms):
-    """``F.linear``, and oneDNN's Linear on a packed weight for calls of more than `PLAIN_UP_TO` tokens."""
+    """``F.linear``, and oneDNN's Linear on a packed weight for calls of more than `tuning.DECODE_TOKENS` tokens."""
 
     def __init__(self, weight: Callable[[], Tensor], bias: Optional[Tensor]) -> None:
         super().__init__(weight, bias, F.linear)
 
     def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
-        return (PLAIN, PACKED) if tokens > PLAIN_UP_TO and _packable(x) else (PLAIN,)
+        return (PLAIN, PACKED) if tokens > tuning.DECODE_TOKENS and _packable(x) else (PLAIN,)
 
     def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
         if name != PACKED:

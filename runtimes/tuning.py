@@ -35,8 +35,12 @@ RUNS = 7
 #: Seconds one choice may spend measuring: calls shorter than a few milliseconds get more rounds than `RUNS`
 #: (a one-token layer up to 60), long ones keep the minimum, so compile time stays bounded.
 BUDGET_S = 0.02
+#: Calls of up to this many tokens are decode-sized: measured with L2 flushed where the model exceeds it
+#: (`beyond_l2`), near-ties to the sparse kernel (`DENSE_MARGIN`), and the dense op in torch's own form
+#: (`sparsecc.runtimes.dense`).
+DECODE_TOKENS = 4
 #: A measured winner must win by this much, else the call runs what wins near-ties in a model, which one
-#: layer's measurement cannot see. Decode-sized calls (up to `L2_COLD_TOKENS` tokens): the sparse kernel, whose
+#: layer's measurement cannot see. Decode-sized calls (up to `DECODE_TOKENS` tokens): the sparse kernel, whose
 #: smaller tensors leave the cache to the rest of the model (a bf16 decoder at 2:4 whose k/v projections
 #: measured 147 us dense vs 149 us sparse decoded at 1.23-1.26x dense with them dense, 1.33-1.36x sparse).
 DENSE_MARGIN = 0.05
@@ -163,11 +167,6 @@ def _flush_l2() -> None:
     _flush_buffer(2 * l2_bytes() * torch.get_num_threads()).sum()
 
 
-#: Calls of up to this many tokens (decode steps) of a layer whose model exceeds L2 are measured with L2
-#: flushed (`beyond_l2`).
-L2_COLD_TOKENS = 4
-
-
 def _before(cold: bool, l2_cold: bool) -> Optional[Callable[[], None]]:
     return _flush if cold else _flush_l2 if l2_cold else None
 
@@ -192,7 +191,7 @@ def choose(cache: TuningCache, signature: tuple, tokens: int, sparse: Callable[[
 
     fns = {"sparse": sparse, "dense": dense}
     times = timing.medians(fns, runs=RUNS, warmup=1, before=_before(cold, l2_cold), budget_s=BUDGET_S)
-    dense_wins = times["sparse"] > times["dense"] * (1 + DENSE_MARGIN) if tokens <= L2_COLD_TOKENS else \
+    dense_wins = times["sparse"] > times["dense"] * (1 + DENSE_MARGIN) if tokens <= DECODE_TOKENS else \
         times["sparse"] * (1 + SPARSE_MARGIN) > times["dense"]
     choice = Choice(dense_wins, times["sparse"], times["dense"], tokens,
                     torch.get_num_threads(), cold, tile, dense_form, l2_cold and not cold)
@@ -244,7 +243,7 @@ def beyond_l2(values: torch.Tensor) -> None:
 def l2_cold(values: torch.Tensor, tokens: int) -> bool:
     """Whether a call of ``tokens`` tokens on this layer is measured with L2 flushed (not when it is measured
     cold already)."""
-    return tokens <= L2_COLD_TOKENS and values.__dict__.get("_sparsecc_l2_cold", False) and not streaming(values)
+    return tokens <= DECODE_TOKENS and values.__dict__.get("_sparsecc_l2_cold", False) and not streaming(values)
 
 
 def disable(values: torch.Tensor) -> None:

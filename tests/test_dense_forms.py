@@ -12,7 +12,7 @@ from torch import nn
 
 import sparsecc
 from sparsecc.core import timing
-from sparsecc.runtimes import dense, unavailable
+from sparsecc.runtimes import dense, tuning, unavailable
 from sparsecc.tooling.synthetic import fanin_mask
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -36,8 +36,8 @@ def test_linear_forms_compute_f_linear(dtype):
     inputs = [torch.randn(40, generator=g), torch.randn(1, 40, generator=g), torch.randn(3, 7, 40, generator=g),
               torch.randn(40, 5, generator=g).t(), torch.randn(0, 40)]
     for x in inputs:      # decode-sized calls: the plain op only
-        assert forms.candidates(x.to(dtype), dense.PLAIN_UP_TO) == (dense.PLAIN,)
-    names = {name for x in inputs for name in forms.candidates(x.to(dtype), dense.PLAIN_UP_TO + 1)}
+        assert forms.candidates(x.to(dtype), tuning.DECODE_TOKENS) == (dense.PLAIN,)
+    names = {name for x in inputs for name in forms.candidates(x.to(dtype), tuning.DECODE_TOKENS + 1)}
     if dense.packs(dtype):
         assert names == {dense.PLAIN, dense.PACKED}
     else:        # no packed Linear in this dtype on this CPU / torch: the plain op only

@@ -248,7 +248,6 @@ class _Tuned:
         self.tune = tuning.enabled(values)
         self.choices: dict[tuple[int, int], tuning.Choice] = {}
         self.tile_choices: dict[tuple[int, int], tuning.Choice] = {}
-        self.form_choices: dict[tuple[int, int], tuning.Choice] = {}
         self._tiles: dict[tuple[int, int], object] = {}     # the chosen tiles, parsed once
         self.routes: dict[tuple[int, int], Callable[[Tensor], Tensor]] = {}
         self._dense_forms: Optional[_dense.DenseForms] = None
@@ -344,10 +343,9 @@ class _Tuned:
         forms = self.dense_forms(x)
         names = forms.candidates(x, tokens)
         if len(names) > 1:
-            self.form_choices[key] = found = tuning.choose_tile(
+            form = tuning.choose_tile(
                 tuning_cache(), (*self._signature(x), "dense forms"), tokens,
-                {n: (lambda n=n: forms.form(n, x)(x)) for n in names}, cold, l2_cold)   # built in the warm-up
-            form = found.tile
+                {n: (lambda n=n: forms.form(n, x)(x)) for n in names}, cold, l2_cold).tile   # built in the warm-up
         else:
             form = names[0]
         # Forms are built (decoded, packed) only where they are measured or run: choices read from the cache

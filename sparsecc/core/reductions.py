@@ -18,11 +18,6 @@ def _bytes(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
 
 
-def any_set(mask: Tensor) -> bool:
-    """``bool(mask.any())``."""
-    return mask.numel() > 0 and bool(_bytes(mask).amax())
-
-
 def all_set(mask: Tensor) -> bool:
     """``bool(mask.all())`` (True for an empty mask, as torch says)."""
     return mask.numel() == 0 or bool(_bytes(mask).amin())
