@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger("sparsecc")
 
-VERSION = 9         # 9: dense forms (packed bf16 weights), decode-sized calls L2-cold, the near-tie margins
+VERSION = 10        # 10: strided convolutions on phase planes; 9: dense forms, L2-cold decode, near-tie margins
 RUNS = 7
 #: Seconds one choice may spend measuring: calls shorter than a few milliseconds get more rounds than `RUNS`
 #: (a one-token layer up to 60), long ones keep the minimum, so compile time stays bounded.

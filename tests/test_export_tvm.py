@@ -73,8 +73,11 @@ def test_two_four_linears(tmp_path, in_f, tokens, kernels):
 @pytest.mark.parametrize("conv,hw,kernel", [
     (dict(kernel_size=3, padding=1), 9, "spmm_flat"),                     # stride 1: taps read the padded input
     (dict(kernel_size=3, padding=2, dilation=2), 8, "spmm_flat"),
-    (dict(kernel_size=3, stride=2, padding=1), 9, "spmm"),                # strided: im2col taps
-    (dict(kernel_size=(1, 3), stride=(2, 1), padding=(0, 1)), 7, "spmm"),
+    (dict(kernel_size=3, stride=2, padding=1), 9, "spmm_flat"),           # strided: taps read phase planes
+    (dict(kernel_size=(1, 3), stride=(2, 1), padding=(0, 1)), 7, "spmm_flat"),
+    (dict(kernel_size=7, stride=2, padding=3), 11, "spmm_flat"),          # a stem
+    (dict(kernel_size=3, stride=(2, 3), padding=(1, 0), dilation=2), 12, "spmm_flat"),
+    (dict(kernel_size=3, stride=4, padding=1), 13, "spmm"),               # 16 phase planes: im2col taps
     (dict(kernel_size=1, stride=2), 9, "spmm"),                           # pointwise reads the input itself
     (dict(kernel_size=2, stride=2), 9, "spmm"),                           # patches: im2col is a transpose
     (dict(kernel_size=3, padding=1, groups=2), 6, "spmm"),

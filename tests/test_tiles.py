@@ -45,16 +45,19 @@ def test_linear_every_tile(lanes, tokens, bias):
         assert_equivalent(bound.sparse(x, tile), expected)
 
 
-@pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2, padding=1)], ids=["direct", "unfold"])
+@pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2, padding=1), dict(stride=2, padding=1, groups=2)],
+                         ids=["direct", "phase-planes", "unfold"])
 def test_conv_every_tile(lanes, conv):
-    w = torch.randn(12, 6, 3, 3)
+    groups = conv.get("groups", 1)
+    w = torch.randn(12, 6 // groups, 3, 3)
     mask = fanin_mask(w, 0.8, 0.1)
     enc = formats.encode_fanin((w * mask).view(12, -1), mask.view(12, -1), int(mask.view(12, -1).sum(1).max()))
     b = torch.randn(12)
     params = dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1])
-    params.update({name: [value, value] for name, value in conv.items()})
+    params.update({name: [value, value] for name, value in conv.items() if name != "groups"})
     bound = tvm_runtime.BoundConv2d(enc.values, enc.indices, enc.rows, b, 12, [3, 3], params["stride"],
-                                    params["padding"], params["dilation"], 1, 6)
+                                    params["padding"], params["dilation"], groups, 6)
+    assert bound.direct == (groups == 1)
     x = torch.randn(1, 6, 9, 11)
     expected = F.conv2d(x, w * mask, b, **conv)
     for tile in _tiles(enc.values.shape[1], bound.tokens(x), lanes):

@@ -155,7 +155,10 @@ def test_wrong_dtype_is_a_clear_error():
 
 @pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,groups,hw", [
     (8, 16, 3, 1, 1, 1, 1, (9, 11)), (16, 32, 1, 1, 0, 1, 1, (7, 7)), (16, 8, 1, 2, 0, 1, 1, (8, 8)),
-    (8, 16, 3, 2, 1, 1, 2, (10, 10)), (12, 12, 3, 1, 1, 1, 12, (6, 5)), (4, 8, 5, 1, 2, 2, 1, (12, 12))])
+    (8, 16, 3, 2, 1, 1, 2, (10, 10)), (12, 12, 3, 1, 1, 1, 12, (6, 5)), (4, 8, 5, 1, 2, 2, 1, (12, 12)),
+    # strided, on phase planes: odd sizes, a 7x7 stem, stride 3 without padding, stride with dilation
+    (8, 16, 3, 2, 1, 1, 1, (9, 11)), (3, 16, 7, 2, 3, 1, 1, (15, 16)), (6, 8, 3, 3, 0, 1, 1, (13, 10)),
+    (6, 8, 3, 2, 2, 2, 1, (11, 12)), (8, 8, 2, 2, 0, 1, 1, (8, 9))])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_condensed_conv2d(cin, cout, k, stride, padding, dilation, groups, hw, batch):
     conv = torch.nn.Conv2d(cin, cout, k, stride, padding, dilation, groups)
@@ -169,6 +172,26 @@ def test_condensed_conv2d(cin, cout, k, stride, padding, dilation, groups, hw, b
     assert_equivalent(y, F.conv2d(x, w * mask, conv.bias.detach(), stride, padding, dilation, groups))
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation,hw", [
+    ((3, 3), (2, 1), (1, 0), (1, 1), (9, 8)), ((1, 3), (2, 2), (0, 1), (1, 1), (7, 7)),
+    ((5, 3), (1, 2), (2, 1), (1, 2), (9, 9)), ((5, 3), (3, 2), (0, 2), (1, 1), (13, 10))])
+def test_condensed_conv2d_uneven_geometry(kernel, stride, padding, dilation, hw):
+    """Strides, paddings and dilations that differ between rows and columns: each phase plane's interior,
+    offsets and trailing zeros are per axis."""
+    conv = torch.nn.Conv2d(6, 10, kernel, stride, padding, dilation)
+    w = conv.weight.detach()
+    mask = fanin_mask(w, 0.7)
+    rows = mask.reshape(10, -1)
+    enc = formats.encode_fanin((w * mask).reshape(10, -1), rows, int(rows.sum(1).max()))
+    bound = tvm_runtime.BoundConv2d(enc.values, enc.indices, enc.rows, conv.bias.detach(), 10, list(kernel),
+                                    list(stride), list(padding), list(dilation), 1, 6)
+    assert bound.direct
+    bound.tune = False
+    for seed in range(2):
+        x = torch.randn(1, 6, *hw, generator=torch.Generator().manual_seed(seed))
+        assert_equivalent(bound(x), F.conv2d(x, w * mask, conv.bias.detach(), stride, padding, dilation))
+
+
 @pytest.mark.parametrize("slots", [64, 1])
 def test_reused_zero_buffers_stay_zero_where_no_call_writes(slots, monkeypatch):
     """The direct 3x3 path's padded planes and the 1x1 path's padding-token columns live in per-thread buffers
@@ -176,21 +199,22 @@ def test_reused_zero_buffers_stay_zero_where_no_call_writes(slots, monkeypatch):
     shape, inputs of other sizes, and a cap of one buffer that starts over) equal the dense op every time."""
     monkeypatch.setattr(tvm_runtime, "ZEROED_SLOTS", slots)
     layers = []
-    for cin, cout, k, padding in ((8, 16, 3, 1), (8, 16, 3, 1), (16, 8, 1, 0)):
-        conv = torch.nn.Conv2d(cin, cout, k, 1, padding)
+    # A stride-2 layer on the same input as a stride-1 one: its phase planes are another buffer.
+    for cin, cout, k, padding, stride in ((8, 16, 3, 1, 1), (8, 16, 3, 1, 1), (16, 8, 1, 0, 1), (8, 16, 3, 1, 2)):
+        conv = torch.nn.Conv2d(cin, cout, k, stride, padding)
         w = conv.weight.detach()
         mask = fanin_mask(w, 0.7)
         enc = formats.encode_fanin((w * mask).reshape(cout, -1), mask.reshape(cout, -1),
                                    int(mask.reshape(cout, -1).sum(1).max()))
-        bound = tvm_runtime.BoundConv2d(enc.values, enc.indices, enc.rows, conv.bias.detach(), cout, [k, k], [1, 1],
-                                        [padding] * 2, [1, 1], 1, cin)
+        bound = tvm_runtime.BoundConv2d(enc.values, enc.indices, enc.rows, conv.bias.detach(), cout, [k, k],
+                                        [stride] * 2, [padding] * 2, [1, 1], 1, cin)
         bound.tune = False
-        layers.append((bound, w * mask, conv.bias.detach(), padding, cin))
+        layers.append((bound, w * mask, conv.bias.detach(), padding, cin, stride))
     for hw in ((7, 7), (7, 7), (9, 6), (7, 7)):
-        for bound, w, b, padding, cin in layers:
+        for bound, w, b, padding, cin, stride in layers:
             x = torch.randn(1, cin, *hw) * 10
             y = bound(x)
-            expected = F.conv2d(x, w, b, 1, padding)
+            expected = F.conv2d(x, w, b, stride, padding)
             assert y.shape == expected.shape and y.dtype == expected.dtype
             assert_equivalent(y, expected)
 

@@ -234,19 +234,22 @@ def _conv_sample(ctx: _Converter, builder: Any, sample: Any, chw: tuple[int, int
     constants = [_const(bound.values), None, _const(bound.orow), _const(bound.arow), _const(bound.bias)]
     k = bound.values.shape[1]
     if bound.direct:
-        # Zero-padded planes flattened, plus the trailing zeros the last row's taps read; outputs over the
-        # padded width, the extra columns sliced off.
-        wp = w + 2 * pw
-        extra = dw * (kw - 1)
-        padded = builder.emit(relax.op.nn.pad(sample, [0, 0, ph, ph, pw, pw]))
-        flat = builder.emit(relax.op.reshape(padded, (c * (h + 2 * ph) * wp,)))
-        if extra:
+        # Zero-padded phase planes flattened (stride 1: the padded planes), plus the trailing zeros the last
+        # row's taps read; outputs over the planes' width, the extra columns sliced off.
+        hq, wq = bound._phases(h, w)
+        padded = builder.emit(relax.op.nn.pad(sample, [0, 0, ph, hq * sh - h - ph, pw, wq * sw - w - pw]))
+        if (sh, sw) != (1, 1):
+            phases = builder.emit(relax.op.reshape(padded, (c, hq, sh, wq, sw)))
+            padded = builder.emit(relax.op.permute_dims(phases, [0, 2, 4, 1, 3]))
+        flat = builder.emit(relax.op.reshape(padded, (c * sh * sw * hq * wq,)))
+        extra = dh * (kh - 1) // sh * wq + dw * (kw - 1) // sw + oh * wq - hq * wq
+        if extra > 0:
             flat = builder.emit(relax.op.nn.pad(flat, [0, extra]))
         constants[1] = _const(bound._offsets(h, w))
-        y = ctx.call(builder, _key("spmm_flat", k, oh * wp, torch.int32, bound.has_bias), [flat, *constants],
-                     (bound.out, oh * wp), bound.values.shape[0])
-        y = builder.emit(relax.op.reshape(y, (bound.out, oh, wp)))
-        return builder.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[ow])) if wp != ow else y
+        y = ctx.call(builder, _key("spmm_flat", k, oh * wq, torch.int32, bound.has_bias), [flat, *constants],
+                     (bound.out, oh * wq), bound.values.shape[0])
+        y = builder.emit(relax.op.reshape(y, (bound.out, oh, wq)))
+        return builder.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[ow])) if wq != ow else y
     if bound.pointwise:
         if (sh, sw) != (1, 1):
             sample = builder.emit(relax.op.strided_slice(sample, axes=[1, 2], begin=[0, 0],

@@ -1,6 +1,7 @@
 """`sparsecc.compile` as a pipeline of named stages over one `Compilation`:
 
-masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> chain -> precision -> tune -> engine -> validate
+masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> chain -> layouts -> precision -> tune -> engine
+-> validate
 
 Each stage builds on the `Compilation` (the working model, its decisions, its captured graph) and returns a
 frozen `StageResult`: a one-line summary (None when it did not apply: no example inputs to narrow with,
@@ -276,6 +277,20 @@ def chain(c: Compilation) -> StageResult:
     return StageResult("chain", f"{len(pairs)} Linear pair(s) chained", notes=notes)
 
 
+def layouts(c: Compilation) -> StageResult:
+    """Dense modules the model keeps that have a faster exact form here (`sparsecc.runtimes.dense.MEASURED`)."""
+    if c.options.on_engine or not c.options.autotune:     # engines export the model; untuned runs measure nothing
+        return StageResult("layouts", None)
+    from sparsecc.runtimes.dense import measure_layouts
+
+    swapped = measure_layouts(c.module)
+    if not swapped:
+        return StageResult("layouts", "nothing to measure")
+    note = (f"{len(swapped)} max pool(s) run the layout measured fastest per input shape (torch's, or through a "
+            f"channels-last copy; the same values): {', '.join(swapped[:4])}" + (", ..." if len(swapped) > 4 else ""))
+    return StageResult("layouts", f"{len(swapped)} pool(s) in their measured layout", notes=(note,))
+
+
 def at_precision(c: Compilation) -> nn.Module:
     """The compiled module as its calls run it: under autocast where ``precision=`` asks for another dtype."""
     return c.module if c.options.dtype is None else _precision.AtPrecision(c.module, c.options.dtype)
@@ -379,7 +394,8 @@ def model_shell(c: Compilation) -> Optional[nn.Module]:
 #: The stages in order, by name.
 STAGES: tuple[tuple[str, Callable[[Compilation], StageResult]], ...] = (
     ("masks", masks), ("narrow", narrow_stage), ("analyse", analyse), ("bind", bind), ("capture", capture_stage),
-    ("condense", condense), ("fold", fold), ("chain", chain), ("precision", precision), ("tune", tune),
+    ("condense", condense), ("fold", fold), ("chain", chain), ("layouts", layouts),
+    ("precision", precision), ("tune", tune),
     ("engine", engine), ("validate", validate))
 
 

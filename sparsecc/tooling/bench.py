@@ -172,6 +172,7 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
                 structure: str = "fanin", openvino: bool = False) -> ModelRow:
     """One model at one thread count. Compile times are cold (fresh kernel and tuning caches: kernels compiled,
     every layer's choice measured) and warm (both from disk, as in a new process)."""
+    from sparsecc.runtimes import dense as dense_ops
     from sparsecc.runtimes.tvm import runtime as tvm_runtime
     from sparsecc.tooling.demo import sparse_model
 
@@ -180,10 +181,12 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
     x = torch.randn(1, 3, 224, 224)
     os.environ["SPARSECC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsecc-bench-")
     tvm_runtime.forget_caches()
+    dense_ops.forget_caches()
     start = time.perf_counter()
     compiled = sparsecc.compile(model, (x,))
     cold = time.perf_counter() - start
     tvm_runtime.forget_caches()     # as in a new process: everything comes from disk
+    dense_ops.forget_caches()
     start = time.perf_counter()
     compiled = sparsecc.compile(model, (x,))
     warm = time.perf_counter() - start
