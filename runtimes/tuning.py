@@ -63,9 +63,11 @@ class Choice:
     tile: str = ""              # the sparse kernel's register tile (`kernels.Tile.name`), "" if it has none
     dense_form: str = ""        # the dense op's form (`sparsecc.runtimes.dense`), "" where it has one form
     l2_cold: bool = False       # measured with L2 flushed before each call (`beyond_l2`)
+    whole_model: bool = False   # dense although the layer's sparse kernel won: the model ran faster all dense
 
     def describe(self) -> str:
-        path = "dense op" if self.dense else "sparse kernel"
+        path = "dense op (whole model faster dense)" if self.whole_model else "dense op" if self.dense \
+            else "sparse kernel"
         tile = f" (tile {self.tile})" if self.tile else ""
         form = f" ({self.dense_form})" if self.dense_form else ""
         flushed = ", cold cache" if self.cold else ", L2 flushed" if self.l2_cold else ""

@@ -54,12 +54,15 @@ def _give_memory_back():
 @pytest.fixture(autouse=True)
 def _sparse_kernels(request, monkeypatch):
     """Tests of the kernels must run the kernels: the runtime's measured sparse-or-dense choice (which may pick
-    the dense op on a busy machine) is pinned to sparse, and the tile search to the first candidate tile (a
-    search compiles every candidate; `tests/test_tiles.py` runs them all), except in tests marked
-    ``measured_choice``."""
+    the dense op on a busy machine) is pinned to sparse, the whole-model check (`autotune.never_slower`) keeps
+    it, and the tile search takes the first candidate tile (a search compiles every candidate;
+    `tests/test_tiles.py` runs them all), except in tests marked ``measured_choice``."""
     if request.node.get_closest_marker("measured_choice"):
         return
+    from sparsecc.compiler import autotune
     from sparsecc.runtimes import tuning
+
+    monkeypatch.setattr(autotune, "never_slower", lambda module, inputs: None)
 
     monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="",
                         dense_form="", l2_cold=False: tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(),

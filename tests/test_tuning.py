@@ -27,6 +27,10 @@ def _clock(monkeypatch, sparse_faster_up_to: int):
     def medians(fns, **kwargs):
         if "dense" not in fns:         # the tile search: any tile will do
             return {name: 1e-4 for name in fns}
+        if "chosen" in fns:            # the whole-model check: the layers' choices stand
+            fns["dense"]()
+            fns["chosen"]()
+            return {"chosen": 1e-4, "dense": 2e-4}
         out = fns["dense"]()
         tokens = out.numel() // out.shape[-1] if out.dim() else 1
         calls.append(tokens)
@@ -312,7 +316,8 @@ def test_decode_sized_calls_of_models_beyond_l2_are_measured_with_l2_flushed(mon
     real = timing.medians
 
     def medians(fns, **kwargs):
-        befores.append((sorted(fns), kwargs.get("before")))
+        if "chosen" not in fns:        # a layer's measurements (not the whole-model check, which runs warm)
+            befores.append((sorted(fns), kwargs.get("before")))
         return real(fns, **kwargs)
 
     monkeypatch.setattr(timing, "medians", medians)
@@ -349,3 +354,108 @@ def test_near_ties_go_where_they_win_in_a_model(monkeypatch, tmp_path, tokens, s
     monkeypatch.setattr(timing, "medians", lambda fns, **kwargs: {"sparse": sparse_s, "dense": 1e-4})
     choice = tuning.choose(_cache(tmp_path), ("sig",), tokens, lambda: None, lambda: None)
     assert choice.dense is dense and choice.sparse_s == sparse_s and choice.dense_s == 1e-4
+
+
+def _mlp(tokens: int = 40):
+    """fc1 -> GELU -> fc2, both sparse (the chain pass chains them), called on ``tokens`` tokens."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
+    for layer in (model[0], model[2]):
+        prune.custom_from_mask(layer, "weight", fanin_mask(layer.weight, 0.75))
+    return model, torch.randn(tokens, 64)
+
+
+def _whole_model_clock(monkeypatch, dense_faster: bool):
+    """Layers alone: the sparse kernel wins (any tile). The whole model: dense wins or loses, as asked; both
+    ways are run, so the switch between them is exercised."""
+    seen = []
+
+    def medians(fns, **kwargs):
+        if "chosen" in fns:
+            for fn in fns.values():
+                fn()
+            seen.append(sorted(fns))
+            return {"chosen": 2e-3, "dense": 1e-3 if dense_faster else 3e-3}
+        if "dense" in fns:
+            fns["dense"]()
+            fns["sparse"]()
+            return {"sparse": 1e-4, "dense": 3e-4}
+        return {name: 1e-4 for name in fns}
+
+    monkeypatch.setattr(timing, "medians", medians)
+    return seen
+
+
+def _bounds(compiled):
+    from sparsecc.core.layers import CondensedLayer
+
+    return [m.__dict__["_bound"][2] for m in compiled.module.modules() if isinstance(m, CondensedLayer)]
+
+
+@pytest.mark.parametrize("dense_faster", [True, False])
+def test_the_whole_model_runs_dense_where_its_sparse_choices_lose_together(monkeypatch, tmp_path, dense_faster):
+    """Each layer's sparse kernel won alone; the whole model is timed with those choices and all dense, and
+    keeps the faster: every such layer's choice says so, the report's note gives both times, the chained MLP
+    path steps aside, and the model equals the user's either way."""
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tvm_runtime, "_tuning", None)
+    seen = _whole_model_clock(monkeypatch, dense_faster)
+    model, x = _mlp()
+    chained = []
+    real_chain = tvm_runtime.BoundLinear.chain
+
+    def spy_chain(self, *args, **kwargs):
+        out = real_chain(self, *args, **kwargs)
+        chained.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tvm_runtime.BoundLinear, "chain", spy_chain)
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    assert seen == [["chosen", "dense"]]
+    bounds = _bounds(compiled)
+    assert len(bounds) == 2
+    key = (tuning.bucket(x.shape[0]), torch.get_num_threads())
+    for bound in bounds:
+        choice = bound.choices[key]
+        assert choice.dense is dense_faster and choice.whole_model is dense_faster
+        assert bound.sparse_buckets() == ([] if dense_faster else [key])
+        assert bound.dense_forms(x).held() == ((dense.PLAIN,) if dense_faster else ())
+    (note,) = [n for n in compiled.report.notes if n.startswith("whole model")]
+    assert "2.00 ms with the layers' choices" in note
+    assert ("runs every layer dense" in note) is dense_faster and ("keeps its 2 layer(s)" in note) is not dense_faster
+    entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
+    assert ("dense op (whole model faster dense)" in entry.choice) is dense_faster, entry.choice
+    chained.clear()
+    for inputs in (x, torch.randn(33, 64)):       # the same bucket
+        out, expected = compiled(inputs), model(inputs)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        assert_equivalent(out, expected)
+        with torch.no_grad():
+            assert_equivalent(out, sparsecc.masked_reference(model)(inputs))
+    assert chained and all(c is not dense_faster for c in chained)   # chained only where both run sparse
+
+
+def test_switching_a_bucket_to_dense_and_back_restores_its_route(monkeypatch, tmp_path):
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tvm_runtime, "_tuning", None)
+    _whole_model_clock(monkeypatch, dense_faster=False)
+    model, x = _mlp()
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    bound = _bounds(compiled)[0]
+    (key,) = bound.sparse_buckets()
+    sparse_choice, sparse_route = bound.choices[key], bound.routes[key]
+    xin = torch.randn(x.shape[0], 64)
+    want = torch.nn.functional.linear(xin, bound.dense_forms(xin).weight(), bound.bias_or_none)
+    bound.run_dense(key)
+    assert bound.choices[key].dense and bound.choices[key].whole_model and bound.sparse_buckets() == []
+    assert_equivalent(bound(xin), want)
+    bound.run_dense(key, False)
+    assert bound.choices[key] == sparse_choice and bound.sparse_buckets() == [key]
+    assert bound.routes[key] is not sparse_route and bound.routes[key].keywords == sparse_route.keywords
+    assert_equivalent(bound(xin), want)
+    bound.settle()
+    assert bound.dense_forms(xin).held() == ()           # no bucket runs dense: its forms are dropped

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -251,6 +252,9 @@ class _Tuned:
         self._tiles: dict[tuple[int, int], object] = {}     # the chosen tiles, parsed once
         self.routes: dict[tuple[int, int], Callable[[Tensor], Tensor]] = {}
         self._dense_forms: Optional[_dense.DenseForms] = None
+        # Buckets whose choice is the sparse kernel: the dense form they measured against and a shapeless
+        # stand-in for their input (forms are built from the input's shape), for `run_dense`.
+        self._measured_dense: dict[tuple[int, int], tuple[str, Tensor]] = {}
 
     def tiles(self, x: Tensor) -> tuple:
         """The register tiles the sparse kernel of this call can take (none: it has no tile)."""
@@ -355,8 +359,34 @@ class _Tuned:
                                                    _label(tile) if tile is not None else "", dense_form=form,
                                                    l2_cold=l2_cold)
         route = self.routes[key] = forms.form(form, x) if choice.dense else sparse
-        forms.keep({c.dense_form or _dense.PLAIN for c in self.choices.values() if c.dense})
+        if not choice.dense:
+            self._measured_dense[key] = (form, x.new_empty(x.shape, device="meta"))
+        self.settle()
         return route
+
+    def sparse_buckets(self) -> list[tuple[int, int]]:
+        """The buckets at torch's thread count where this layer runs its sparse kernel by measured choice."""
+        threads = torch.get_num_threads()
+        return [key for key in self._measured_dense if key[1] == threads and not self.choices[key].dense]
+
+    def run_dense(self, key: tuple[int, int], dense: bool = True) -> None:
+        """Run ``key``'s bucket (one `sparse_buckets` gave) on the dense op in the form it was measured against,
+        or (``dense=False``) on the sparse kernel again: the whole-model check
+        (`sparsecc.compiler.autotune.never_slower`) times the model both ways, then keeps the faster. The choice
+        says so (``whole_model``), so the report and the chained MLP path see it; `settle` drops forms left
+        unused."""
+        choice = self.choices[key]
+        if choice.whole_model == dense:
+            return
+        form, stand_in = self._measured_dense[key]
+        self.routes[key] = self.dense_forms(stand_in).form(form, stand_in) if dense else \
+            functools.partial(self._sparse, key=key)
+        self.choices[key] = replace(choice, dense=dense, whole_model=dense)
+
+    def settle(self) -> None:
+        """Keep only the dense forms some bucket runs (each packed form is a copy of the weight)."""
+        if self._dense_forms is not None:
+            self._dense_forms.keep({c.dense_form or _dense.PLAIN for c in self.choices.values() if c.dense})
 
 
 class _Bound(_Tuned):
@@ -799,6 +829,16 @@ class LazyConv:
         if self.bound is None:
             self.bound = BoundConv2d(*self.constants, in_channels=x.shape[-3])
         return self.bound(x)
+
+    def sparse_buckets(self) -> list[tuple[int, int]]:
+        return self.bound.sparse_buckets() if self.bound is not None else []
+
+    def run_dense(self, key: tuple[int, int], dense: bool = True) -> None:
+        self.bound.run_dense(key, dense)
+
+    def settle(self) -> None:
+        if self.bound is not None:
+            self.bound.settle()
 
 
 def bound(op: str, *constants) -> Callable[[Tensor], Tensor]:

@@ -98,14 +98,17 @@ class CompiledModel(nn.Module):
 
     def _check_inputs(self, call: Call) -> Sequence[Tensor]:
         """Raise `InputError` for inputs the compiled model does not take; returns the tensor inputs."""
-        inputs = call.tree
-        spec = self._spec
-        if spec is not None and len(inputs) == len(spec):
-            for t, (dt, shape) in zip(inputs, spec):   # the common case without pytree: this runs on every call
+        spec = self.__dict__["_spec"]
+        # The common case without pytree (this runs on every call): tensors by position, then by keyword in the
+        # order pytree flattens ``call.tree`` (a dict's insertion order, laid out like the example).
+        flat = (*call.args, *call.kwargs.values()) if call.kwargs else call.args
+        if spec is not None and len(flat) == len(spec):
+            for t, (dt, shape) in zip(flat, spec):
                 if type(t) is not Tensor or t.dtype != dt or t.shape[1:] != shape or not t.is_cpu:
                     break
             else:
-                return inputs
+                return list(flat)
+        inputs = call.tree
         leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
         self._check_device(leaves)
         got = spec_of(inputs)

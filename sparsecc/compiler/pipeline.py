@@ -317,10 +317,10 @@ def tune(c: Compilation) -> StageResult:
              "flushed before each call, as the model's other layers leave it",) if cold else ()
     if not c.options.has_inputs or c.options.on_engine:
         return StageResult("tune", None, notes=notes)
-    changes = autotune(at_precision(c), c.inputs)
+    changes, whole = autotune(at_precision(c), c.inputs)
     dense = sum(bool(change.runs_dense) for _, change in changes)
     return StageResult("tune", f"{dense} layer(s) run dense at the example inputs" + (" (measured cold)" if cold else ""),
-                       changes=changes, notes=notes)
+                       changes=changes, notes=notes + ((whole,) if whole else ()))
 
 
 def _load_engine(name: str, module: nn.Module, reference: nn.Module, inputs: Call,
