@@ -102,6 +102,26 @@ def test_zero_padding_consumer_takes_only_channels_whose_constant_is_zero():
     assert result.removals == [] and "zero-pads" in result.skipped["0"]
 
 
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, ceil_mode=True)], ids=str)
+def test_max_pool_between_producer_and_consumer(pool):
+    """VGG's conv -> ReLU -> 2x2 max pool -> conv: an ablated filter's constant goes through the pool (a max of a
+    constant plane, padded with -inf, is that constant) into the next convolution's bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(8, 6, 3), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 4)).eval()
+    with torch.no_grad():
+        model[0].bias[[1, 5]] = torch.tensor([0.7, -0.3])       # one positive constant, one zeroed by the ReLU
+    masks = {"0.weight": _ablate_rows(model[0], [1, 5]), "3.weight": _ablate_rows(model[3], [2])}
+    x = torch.randn(2, 3, 14, 14)
+    result = _narrowed(model, masks, x)
+    assert [(r.before, r.after, r.folded) for r in result.removals] == [(8, 6, 2), (6, 5, 1)]
+    compiled = sparsecc.compile(model, x, masks=masks)
+    with torch.no_grad():
+        got, want = compiled(x), sparsecc.masked_reference(model, masks)(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert_equivalent(got, want)
+
+
 def test_conv_pool_flatten_linear_scales_indices():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), _bn(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),

@@ -140,11 +140,27 @@ def _is_flatten(node: fx.Node, model: nn.Module) -> bool:
             or (node.op == "call_function" and node.target in FLATTEN_FUNCTIONS))
 
 
+def _plane(chain: _Chain) -> tuple[int, ...]:
+    """The spatial size of the producer's output, from the graph's shapes (1x1 where it has none)."""
+    for node in chain.ops:
+        arg = node.args[0] if node.args else None
+        meta = getattr(arg, "meta", {})
+        shape = meta.get("tensor_meta", meta.get("val"))
+        if shape is not None and len(shape.shape) == 4:
+            return tuple(int(d) for d in shape.shape[2:])
+    return (1, 1)
+
+
 def _constants(producer: nn.Module, chain: _Chain, model: nn.Module) -> Tensor:
     """What each output channel of ``producer`` becomes at the consumer's input when its weight row is zero."""
     channels = producer.weight.shape[0]
     v = producer.bias.detach().clone() if producer.bias is not None else producer.weight.new_zeros(channels)
-    x = v.view(1, channels, 1, 1) if isinstance(producer, nn.Conv2d) else v.view(1, channels)
+    # A constant plane of the size the chain sees (a 2x2 max pool has no output for a 1x1 plane): every entry of
+    # the result is that constant after per-channel ops (a max pool pads with -inf).
+    if isinstance(producer, nn.Conv2d):
+        x = v.view(1, channels, 1, 1).expand(1, channels, *_plane(chain)).contiguous()
+    else:
+        x = v.view(1, channels)
     with torch.no_grad():
         for node in chain.ops:
             if _is_flatten(node, model):
