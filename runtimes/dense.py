@@ -75,7 +75,8 @@ def _packed_linear(weight: Tensor, bias: Optional[Tensor]) -> Callable[[Tensor],
 
 def _packed_conv(weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
                  x: Tensor) -> Callable[[Tensor], Tensor]:
-    """oneDNN writes channels-last: the form returns torch's layout (the copy is part of what is measured)."""
+    """oneDNN writes channels-last: the form returns the input's layout (for an input in torch's, the copy back
+    is part of what is measured)."""
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     shape = list(x.shape) if x.dim() == 4 else [1, *x.shape]
     op = torch.ops.mkldnn._convolution_pointwise
@@ -84,8 +85,15 @@ def _packed_conv(weight: Tensor, bias: Optional[Tensor], stride, padding, dilati
     def run(x: Tensor) -> Tensor:
         if x.dim() == 3:
             return op(x.unsqueeze(0), packed, bias, padding, stride, dilation, groups, "none", [], "")[0].contiguous()
-        return op(x, packed, bias, padding, stride, dilation, groups, "none", [], "").contiguous()
+        y = op(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
+        return y if is_channels_last(x) else y.contiguous()    # a channels-last input gets its layout back
     return run
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is a 4-D tensor in channels-last memory (and not also in torch's default layout): the
+    inputs whose convolutions answer in channels-last, as torch's own do."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class DenseForms:

@@ -67,6 +67,12 @@ def test_conv_forms_compute_f_conv2d(dtype, geometry):
                   torch.randn(1, 8, 12, 10, generator=g).transpose(2, 3)):
             x = x.to(dtype)
             _check(fn(x), F.conv2d(x, w, b, stride, padding, dilation, groups))
+        # a channels-last input (`precision="bf16"` convnets run in it): the answer in channels-last too
+        x = torch.randn(2, 8, 11, 9, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        got, want = fn(x), F.conv2d(x, w, b, stride, padding, dilation, groups)
+        assert dense.is_channels_last(got) and dense.is_channels_last(want)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **TOL[dtype])
 
 
 def test_keep_drops_unused_forms_and_the_decoded_weight():

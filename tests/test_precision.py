@@ -60,6 +60,55 @@ def test_bf16_runs_condensed_layers_in_bf16_and_returns_float32(build, shape, ba
             assert not torch.equal(actual, sparsecc.compile(model, (inputs,), validate=False)(inputs))
 
 
+def _conv_only() -> nn.Module:
+    """A convnet whose output is 4-D (a segmentation head's shape)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 8, 1)).eval()
+    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
+    return model
+
+
+def _converts(compiled) -> bool:
+    return any(n.target is precision.to_channels_last for n in compiled.module.graph.nodes)
+
+
+@pytest.mark.parametrize("build,shape", [(_cnn, (2, 3, 12, 12)), (_conv_only, (1, 3, 16, 16)), (_mlp, (5, 64))])
+def test_bf16_convnets_run_channels_last_and_answer_in_torch_layout(build, shape):
+    """A convolutional network in bf16 runs on channels-last activations (oneDNN's layout for bf16
+    convolutions); its outputs come back in torch's layout, for inputs in either layout. A network of Linears
+    is left as it is."""
+    model = build()
+    x = torch.randn(*shape)
+    compiled = sparsecc.compile(model, (x,), precision="bf16")
+    convnet = build is not _mlp
+    assert _converts(compiled) is convnet
+    assert any("channels-last memory" in n for n in compiled.report.notes) is convnet
+    assert compiled.report.validated
+    inputs = [x, torch.randn(*shape)] + ([x.contiguous(memory_format=torch.channels_last)] if convnet else [])
+    with torch.no_grad():
+        for inputs in inputs:
+            actual, expected = compiled(inputs), model(inputs)
+            assert actual.is_contiguous()
+            _assert_within_stated_tolerance(actual, expected)
+
+
+def test_channels_last_converts_four_dimensional_floating_inputs_only():
+    class Two(nn.Module):
+        def forward(self, image, features, ids):
+            return image * 2, features + 1, ids
+
+    gm = torch.fx.symbolic_trace(Two())
+    assert precision.channels_last(gm) == 3
+    image, features, ids = torch.randn(2, 3, 5, 4), torch.randn(2, 7), torch.arange(6).view(1, 1, 2, 3)
+    out = gm(image, features, ids)
+    assert out[0].is_contiguous() and out[1].is_contiguous() and out[2] is ids
+    torch.testing.assert_close(out[0], image * 2, rtol=0, atol=0)
+    torch.testing.assert_close(out[1], features + 1, rtol=0, atol=0)
+    assert precision.to_channels_last(image).is_contiguous(memory_format=torch.channels_last)
+    assert precision.to_channels_last(features) is features and precision.to_channels_last(ids) is ids
+    assert precision.convolutional(_cnn()) and not precision.convolutional(_mlp())
+
+
 def test_bf16_layers_are_checked_in_bf16():
     """Each condensed layer is validated against its dense op in bf16 (the dtype it computes in): a layer with
     wrong values fails validation even where the fp32 model's tolerance would hide it end to end."""

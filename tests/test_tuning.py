@@ -183,7 +183,9 @@ def test_real_measurement_on_a_2to4_layer_at_many_tokens(monkeypatch, tmp_path):
     x = torch.randn(1, 197, 256)
     compiled = sparsecc.compile(model, (x,), backend="tvm")
     (choice,) = compiled.module.get_submodule("0").choices().values()
-    assert choice.dense == (choice.sparse_s * (1 + tuning.SPARSE_MARGIN) > choice.dense_s)      # 197 tokens
+    # 197 tokens: dense unless sparse measured `SPARSE_MARGIN` faster, or the whole model ran faster dense
+    assert choice.dense == (choice.sparse_s * (1 + tuning.SPARSE_MARGIN) > choice.dense_s or choice.whole_model)
+    assert any("runs every layer dense" in n for n in compiled.report.notes) is choice.whole_model
     assert choice.sparse_s > 0 and choice.dense_s > 0
     assert compiled.report.layers[0].choice == choice.describe()
     out, expected = compiled(x), model(x)

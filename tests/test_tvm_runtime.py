@@ -192,6 +192,27 @@ def test_condensed_conv2d_uneven_geometry(kernel, stride, padding, dilation, hw)
         assert_equivalent(bound(x), F.conv2d(x, w * mask, conv.bias.detach(), stride, padding, dilation))
 
 
+@pytest.mark.parametrize("k,stride,padding,groups", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (1, 2, 0, 1),
+                                                     (3, 1, 1, 2), (4, 4, 0, 1)])
+def test_channels_last_inputs_get_channels_last_answers(k, stride, padding, groups):
+    """A channels-last input (a `precision="bf16"` convnet's activations) is taken as it is, on every path
+    (phase planes, 1x1, im2col), and answered in channels-last, as torch's convolution answers it."""
+    conv = torch.nn.Conv2d(8, 12, k, stride, padding, groups=groups)
+    w = conv.weight.detach()
+    mask = fanin_mask(w, 0.7)
+    rows = mask.reshape(12, -1)
+    enc = formats.encode_fanin((w * mask).reshape(12, -1), rows, int(rows.sum(1).max()))
+    bound = tvm_runtime.BoundConv2d(enc.values, enc.indices, enc.rows, conv.bias.detach(), 12, [k, k], [stride] * 2,
+                                    [padding] * 2, [1, 1], groups, 8)
+    bound.tune = False
+    for batch in (1, 2):
+        x = torch.randn(batch, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+        y, expected = bound(x), F.conv2d(x, w * mask, conv.bias.detach(), stride, padding, 1, groups)
+        assert y.shape == expected.shape and y.dtype == expected.dtype
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert_equivalent(y, expected)
+
+
 @pytest.mark.parametrize("slots", [64, 1])
 def test_reused_zero_buffers_stay_zero_where_no_call_writes(slots, monkeypatch):
     """The direct 3x3 path's padded planes and the 1x1 path's padding-token columns live in per-thread buffers

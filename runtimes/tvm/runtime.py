@@ -243,6 +243,10 @@ class _Tuned:
     still runs the best tile), the dense op's form among plain and packed (`sparsecc.runtimes.dense`).
     What a bucket runs is kept as one callable (``routes``): a call pays a dict lookup, no more."""
 
+    #: Whether calls take a channels-last input as it is (convolutions: every path reads any layout, and
+    #: answers in the input's layout)
+    channels_last = False
+
     def __init__(self, values: Tensor) -> None:
         self.values = values
         self.live = values.shape[0] > 0       # some row is not ablated
@@ -324,7 +328,8 @@ class _Tuned:
         # Every call of a layer runs this, and Python between two oneDNN calls costs them more than its own
         # time (measured: 4 us of Python before a bf16 GEMM slowed it by 11 us): checks are inline, the
         # bucket's route is one lookup.
-        if x.dtype != self.values.dtype or not x.is_cpu or not x.is_contiguous():
+        if x.dtype != self.values.dtype or not x.is_cpu or not (
+                x.is_contiguous() or self.channels_last and x.is_contiguous(memory_format=torch.channels_last)):
             x = _contiguous(x, self.values.dtype)
         if not self.live:
             return self.constant(x)
@@ -607,6 +612,8 @@ MAX_PHASES = 9
 
 
 class BoundConv2d(_Bound):
+    channels_last = True
+
     """Ungrouped convolutions run the flat token kernel on the zero-padded input (no im2col), strided ones with
     overlapping windows on its phase planes (`_phases`: a stride-2 3x3 convolution is a stride-1 2x2 one over
     four planes per channel); the others run the token kernel on ``F.unfold`` columns, 1x1 ones on the input
@@ -729,6 +736,8 @@ class BoundConv2d(_Bound):
                 y = self.tiled(cols, tile, scratch("conv_out", self.out, tokens))[:, :oh * ow].contiguous()
             outs.append(y.view(self.out, oh, ow))
         y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
+        if _dense.is_channels_last(x):      # the answer in the input's layout, as torch's convolution gives it
+            y = y.contiguous(memory_format=torch.channels_last)
         return y[0] if unbatched else y
 
 

@@ -301,11 +301,15 @@ def precision(c: Compilation) -> StageResult:
         return StageResult("precision", None)
     count = _precision.convert_layers(c.module, c.options.dtype)
     c.tolerance = _precision.TOLERANCE
-    note = (f"precision {c.options.precision}: the {count} condensed layer(s) hold "
-            f"{str(c.options.dtype).removeprefix('torch.')} values, the rest runs under autocast; outputs validated "
-            f"against the float32 model at {_precision.TOLERANCE:.0e} x max |output|")
+    notes = (f"precision {c.options.precision}: the {count} condensed layer(s) hold "
+             f"{str(c.options.dtype).removeprefix('torch.')} values, the rest runs under autocast; outputs validated "
+             f"against the float32 model at {_precision.TOLERANCE:.0e} x max |output|",)
+    if isinstance(c.module, fx.GraphModule) and _precision.convolutional(c.module):
+        _precision.channels_last(c.module)
+        notes += (f"precision {c.options.precision}, a convolutional network: 4-D inputs run in channels-last memory "
+                  f"(oneDNN's own layout for {c.options.precision} convolutions), outputs come back in torch's",)
     return StageResult("precision", f"{count} condensed layer(s) in {c.options.precision}, the rest under autocast",
-                       notes=(note,))
+                       notes=notes)
 
 
 def tune(c: Compilation) -> StageResult:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.utils._pytree as pytree
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from sparsecc.core.errors import InputError
 
@@ -59,6 +59,52 @@ def convert_layers(module: nn.Module, dtype: torch.dtype) -> int:
             layer.__dict__.pop("_dense", None)
             count += 1
     return count
+
+
+def to_channels_last(x: Any) -> Any:
+    """A 4-D floating tensor in channels-last memory (the same values); anything else as it is."""
+    if isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def to_torch_layout(x: Any) -> Any:
+    """A 4-D tensor in torch's default (contiguous) layout again; anything else as it is."""
+    if isinstance(x, Tensor) and x.dim() == 4 and not x.is_contiguous():
+        return x.contiguous()
+    return x
+
+
+def convolutional(module: nn.Module) -> bool:
+    """Whether ``module`` is a convolutional network: more 2-D convolutions (condensed or not) than Linears."""
+    from sparsecc.core.layers import CondensedLayer
+
+    convs = linears = 0
+    for m in module.modules():
+        kind = m.kind if isinstance(m, CondensedLayer) else type(m)
+        convs += kind in ("conv2d", nn.Conv2d)
+        linears += kind in ("linear", nn.Linear)
+    return convs > linears
+
+
+def channels_last(gm: fx.GraphModule) -> int:
+    """Run ``gm`` on channels-last activations: every input converted on the way in (4-D floating ones; the rest
+    pass), every output back to torch's layout on the way out. Returns how many inputs it converts.
+
+    oneDNN's bf16 convolutions (AMX) compute in channels-last: given torch's default layout they reorder their
+    input and output on every call, and torch's own ops between them (ReLU, residual adds, pools) keep whatever
+    layout they get. Measured on the Xeon (1 thread, ResNet-50 90%): dense torch bf16 2.50x dense fp32 in
+    channels-last vs 1.46x in the default layout; `precision="bf16"` 3.07x channels-last vs 2.04x."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        with gm.graph.inserting_after(placeholders[-1]):
+            converted = gm.graph.call_function(to_channels_last, (node,))
+        node.replace_all_uses_with(converted, delete_user_cb=lambda user: user is not converted)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        output.args = fx.node.map_arg(output.args, lambda n: gm.graph.call_function(to_torch_layout, (n,)))
+    gm.recompile()
+    return len(placeholders)
 
 
 @contextlib.contextmanager
