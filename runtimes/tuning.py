@@ -75,6 +75,22 @@ class Choice:
                 f"sparse{tile} {self.sparse_s * 1e6:,.0f} us vs dense{form} {self.dense_s * 1e6:,.0f} us")
 
 
+_routes_made = 0
+
+
+def routes_made() -> int:
+    """How many (layer, bucket) routes this process has settled so far: a call that moved it made choices, which
+    `sparsecc.compiler.autotune.never_slower` then checks on the whole model (``since``)."""
+    return _routes_made
+
+
+def route_made() -> int:
+    """Count one more settled route; its number."""
+    global _routes_made
+    _routes_made += 1
+    return _routes_made
+
+
 def bucket(tokens: int) -> int:
     """Token counts that share a choice: exact up to 4, then powers of two (197 and 256 share one)."""
     return tokens if tokens <= 4 else 1 << (tokens - 1).bit_length()

@@ -457,7 +457,88 @@ def test_switching_a_bucket_to_dense_and_back_restores_its_route(monkeypatch, tm
     assert_equivalent(bound(xin), want)
     bound.run_dense(key, False)
     assert bound.choices[key] == sparse_choice and bound.sparse_buckets() == [key]
-    assert bound.routes[key] is not sparse_route and bound.routes[key].keywords == sparse_route.keywords
+    assert bound.routes[key] is sparse_route
     assert_equivalent(bound(xin), want)
     bound.settle()
     assert bound.dense_forms(xin).held() == ()           # no bucket runs dense: its forms are dropped
+
+
+@pytest.mark.parametrize("dense_faster", [True, False])
+def test_the_reference_runtime_takes_the_whole_model_check_too(monkeypatch, tmp_path, dense_faster):
+    """bf16 / fp16 layers the TVM kernels do not take run on the reference runtime: its kernels are checked on
+    the whole model the same way."""
+    from sparsecc.runtimes.reference import runtime as reference
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(reference, "_tuning", None)
+    seen = _whole_model_clock(monkeypatch, dense_faster)
+    model, x = _mlp()
+    compiled = sparsecc.compile(model, (x,), backend="reference")
+    assert seen == [["chosen", "dense"]]
+    for bound in _bounds(compiled):
+        (choice,) = bound.choices.values()
+        assert choice.dense is dense_faster and choice.whole_model is dense_faster
+    dense_calls = []
+    real_dense = reference.Tuned.dense
+    monkeypatch.setattr(reference.Tuned, "dense", lambda self, x: dense_calls.append(1) or real_dense(self, x))
+    out, expected = compiled(x), model(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    assert len(dense_calls) == (2 if dense_faster else 0)
+
+
+def test_a_call_at_a_new_size_is_checked_on_the_whole_model(monkeypatch, tmp_path):
+    """compile checks the example's call size; a later call at another token count settles its layers' choices
+    one by one and is then checked the same way, on that size only (the example's stay as they were), and the
+    report says so. A call with an input that is not a tensor is not run again."""
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tvm_runtime, "_tuning", None)
+    seen = _whole_model_clock(monkeypatch, dense_faster=False)
+    model, x = _mlp(tokens=40)
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    assert seen == [["chosen", "dense"]]                   # compile: the 64-token bucket, kept sparse
+    seen.clear()
+    _whole_model_clock(monkeypatch, dense_faster=True).clear()
+    other = torch.randn(10, 64)                            # the 16-token bucket: settled now, then checked
+    out, expected = compiled(other), model(other)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    threads = torch.get_num_threads()
+    for bound in _bounds(compiled):
+        assert not bound.choices[(64, threads)].dense                       # compile's bucket untouched
+        assert bound.choices[(16, threads)].whole_model                     # the new one: dense, as timed
+    assert compiled.report.stages[-1].stage == "whole model"
+    assert "runs every layer dense" in compiled.report.notes[-1]
+    calls = len(compiled.report.stages)
+    compiled(torch.randn(12, 64))                          # the same bucket again: nothing new to check
+    assert len(compiled.report.stages) == calls
+    for bound in _bounds(compiled):
+        assert bound.sparse_buckets() == [(64, threads)]
+
+
+def test_calls_with_inputs_that_are_not_tensors_are_not_run_again(monkeypatch, tmp_path):
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 32)
+
+        def forward(self, x, scale=1.0):
+            return self.fc(x) * scale
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tvm_runtime, "_tuning", None)
+    seen = _whole_model_clock(monkeypatch, dense_faster=True)
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    prune.custom_from_mask(model.fc, "weight", fanin_mask(model.fc.weight, 0.75))
+    compiled = sparsecc.compile(model, (torch.randn(40, 64), 2.0), backend="tvm")
+    assert seen == [["chosen", "dense"]]
+    other = torch.randn(10, 64)
+    out, expected = compiled(other, 2.0), model(other, 2.0)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    assert seen == [["chosen", "dense"]]                   # not run again: ``scale`` is not a tensor

@@ -12,6 +12,7 @@ Ops whose pattern gives no ``densify`` run the reference kernel.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -59,6 +60,7 @@ class Tuned:
         self.op, self.constants = op, constants
         self.tune = op.densify is not None and tuning.enabled(constants[0])
         self.choices: dict[tuple, tuning.Choice] = {}
+        self._made: dict[tuple, int] = {}        # when each bucket's choice was settled (`tuning.route_made`)
         self._dense: Optional[Callable[[Tensor], Tensor]] = None
 
     def sparse(self, x: Tensor) -> Tensor:
@@ -85,7 +87,25 @@ class Tuned:
                                                        lambda: self.sparse(x), lambda: self.dense(x),
                                                        tuning.streaming(self.constants[0]),
                                                        l2_cold=tuning.l2_cold(self.constants[0], tokens))
+            self._made[key] = tuning.route_made()
         return self.dense(x) if choice.dense else self.sparse(x)
+
+    def sparse_buckets(self, since: int = 0) -> list[tuple]:
+        """The buckets at torch's thread count where this layer runs its reference kernel by measured choice,
+        settled after ``since`` (`tuning.routes_made`)."""
+        threads = torch.get_num_threads()
+        return [key for key, c in self.choices.items()
+                if key[1] == threads and self._made.get(key, 0) > since and not c.dense]
+
+    def run_dense(self, key: tuple, dense: bool = True) -> None:
+        """Run ``key``'s bucket on the dense op (or, ``dense=False``, the kernel again): the whole-model check
+        (`sparsecc.compiler.autotune.never_slower`)."""
+        choice = self.choices[key]
+        if choice.whole_model != dense:
+            self.choices[key] = replace(choice, dense=dense, whole_model=dense)
+
+    def settle(self) -> None:
+        """Nothing to drop: the dense weight is decoded once and kept."""
 
 
 def bind(op: str, *constants) -> Callable[[Tensor], Tensor]:

@@ -243,8 +243,8 @@ class _Tuned:
     still runs the best tile), the dense op's form among plain and packed (`sparsecc.runtimes.dense`).
     What a bucket runs is kept as one callable (``routes``): a call pays a dict lookup, no more."""
 
-    #: Whether calls take a channels-last input as it is (convolutions: every path reads any layout, and
-    #: answers in the input's layout)
+    #: Whether calls take a channels-last input as it is (convolutions: every path reads any layout and answers
+    #: in the input's layout); other inputs not in torch's layout are copied into it first.
     channels_last = False
 
     def __init__(self, values: Tensor) -> None:
@@ -256,9 +256,11 @@ class _Tuned:
         self._tiles: dict[tuple[int, int], object] = {}     # the chosen tiles, parsed once
         self.routes: dict[tuple[int, int], Callable[[Tensor], Tensor]] = {}
         self._dense_forms: Optional[_dense.DenseForms] = None
-        # Buckets whose choice is the sparse kernel: the dense form they measured against and a shapeless
-        # stand-in for their input (forms are built from the input's shape), for `run_dense`.
-        self._measured_dense: dict[tuple[int, int], tuple[str, Tensor]] = {}
+        # Buckets whose choice is the sparse kernel: the dense form they measured against, a shapeless stand-in
+        # for their input (forms are built from the input's shape) and when the route was settled
+        # (`tuning.route_made`), for `run_dense`.
+        self._measured_dense: dict[tuple[int, int], tuple[str, Tensor, int]] = {}
+        self._sparse_routes: dict[tuple[int, int], Callable[[Tensor], Tensor]] = {}   # while `run_dense` holds them
 
     def tiles(self, x: Tensor) -> tuple:
         """The register tiles the sparse kernel of this call can take (none: it has no tile)."""
@@ -365,14 +367,16 @@ class _Tuned:
                                                    l2_cold=l2_cold)
         route = self.routes[key] = forms.form(form, x) if choice.dense else sparse
         if not choice.dense:
-            self._measured_dense[key] = (form, x.new_empty(x.shape, device="meta"))
+            self._measured_dense[key] = (form, x.new_empty(x.shape, device="meta"), tuning.route_made())
         self.settle()
         return route
 
-    def sparse_buckets(self) -> list[tuple[int, int]]:
-        """The buckets at torch's thread count where this layer runs its sparse kernel by measured choice."""
+    def sparse_buckets(self, since: int = 0) -> list[tuple[int, int]]:
+        """The buckets at torch's thread count where this layer runs its sparse kernel by measured choice,
+        settled after ``since`` (`tuning.routes_made`)."""
         threads = torch.get_num_threads()
-        return [key for key in self._measured_dense if key[1] == threads and not self.choices[key].dense]
+        return [key for key, (_, _, made) in self._measured_dense.items()
+                if key[1] == threads and made > since and not self.choices[key].dense]
 
     def run_dense(self, key: tuple[int, int], dense: bool = True) -> None:
         """Run ``key``'s bucket (one `sparse_buckets` gave) on the dense op in the form it was measured against,
@@ -383,9 +387,12 @@ class _Tuned:
         choice = self.choices[key]
         if choice.whole_model == dense:
             return
-        form, stand_in = self._measured_dense[key]
-        self.routes[key] = self.dense_forms(stand_in).form(form, stand_in) if dense else \
-            functools.partial(self._sparse, key=key)
+        form, stand_in, _ = self._measured_dense[key]
+        if dense:
+            self._sparse_routes[key] = self.routes[key]
+            self.routes[key] = self.dense_forms(stand_in).form(form, stand_in)
+        else:
+            self.routes[key] = self._sparse_routes.pop(key)
         self.choices[key] = replace(choice, dense=dense, whole_model=dense)
 
     def settle(self) -> None:
@@ -612,12 +619,13 @@ MAX_PHASES = 9
 
 
 class BoundConv2d(_Bound):
-    channels_last = True
-
     """Ungrouped convolutions run the flat token kernel on the zero-padded input (no im2col), strided ones with
     overlapping windows on its phase planes (`_phases`: a stride-2 3x3 convolution is a stride-1 2x2 one over
     four planes per channel); the others run the token kernel on ``F.unfold`` columns, 1x1 ones on the input
-    itself."""
+    itself. A channels-last input is read as it is (the planes' and columns' copies take any layout) and
+    answered in channels-last."""
+
+    channels_last = True
 
     def __init__(self, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
                  out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
@@ -628,7 +636,8 @@ class BoundConv2d(_Bound):
         self.pointwise = kernel_size == [1, 1] and padding == [0, 0] and dilation == [1, 1]
         sh, sw = stride
         overlapping = sh < kernel_size[0] or sw < kernel_size[1]
-        self.direct = not self.pointwise and groups == 1 and (stride == [1, 1] or overlapping and sh * sw <= MAX_PHASES)
+        self.direct = not self.pointwise and groups == 1 and (
+            stride == [1, 1] or overlapping and sh * sw <= MAX_PHASES)
         self.offsets: dict[tuple[int, int], Tensor] = {}
         self.in_channels, self.groups, self.original_indices = in_channels, groups, indices
 
@@ -839,8 +848,8 @@ class LazyConv:
             self.bound = BoundConv2d(*self.constants, in_channels=x.shape[-3])
         return self.bound(x)
 
-    def sparse_buckets(self) -> list[tuple[int, int]]:
-        return self.bound.sparse_buckets() if self.bound is not None else []
+    def sparse_buckets(self, since: int = 0) -> list[tuple[int, int]]:
+        return self.bound.sparse_buckets(since) if self.bound is not None else []
 
     def run_dense(self, key: tuple[int, int], dense: bool = True) -> None:
         self.bound.run_dense(key, dense)

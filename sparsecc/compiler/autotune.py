@@ -31,9 +31,10 @@ def _condensed(module: nn.Module) -> list[CondensedLayer]:
 def autotune(module: nn.Module, inputs: Call) -> tuple[tuple[tuple[str, LayerChange], ...], Optional[str]]:
     """Make every condensed layer's choice for the example inputs and check them on the whole model
     (`never_slower`); returns them per layer (`choices`) and the whole-model check's note."""
+    since = tuning.routes_made()
     with torch.no_grad():
         inputs(module)
-    note = never_slower(module, inputs)
+    note = never_slower(module, inputs, since)
     return choices(module), note
 
 
@@ -42,24 +43,25 @@ def autotune(module: nn.Module, inputs: Call) -> tuple[tuple[tuple[str, LayerCha
 MODEL_MARGIN = 0.02
 
 
-def _switchable(module: nn.Module) -> list[tuple[Any, tuple[int, int]]]:
-    """(bound layer, bucket) pairs where a layer runs its sparse kernel by measured choice, on runtimes that
-    can run the dense op instead (`run_dense`)."""
+def _switchable(module: nn.Module, since: int) -> list[tuple[Any, tuple[int, int]]]:
+    """(bound layer, bucket) pairs where a layer runs its sparse kernel by a choice settled after ``since``
+    (`tuning.routes_made`), on runtimes that can run the dense op instead (`run_dense`)."""
     pairs = []
     for layer in _condensed(module):
         bound = layer.__dict__.get("_bound")
         if bound is not None and hasattr(bound[2], "run_dense"):
-            pairs += [(bound[2], key) for key in bound[2].sparse_buckets()]
+            pairs += [(bound[2], key) for key in bound[2].sparse_buckets(since)]
     return pairs
 
 
-def never_slower(module: nn.Module, inputs: Call) -> Optional[str]:
-    """Time ``module`` on ``inputs`` with its layers' measured choices and with every such layer dense
-    (interleaved medians) and keep the faster (`MODEL_MARGIN`); a note on the outcome, or None where no layer
-    runs sparse."""
+def never_slower(module: nn.Module, inputs: Call, since: int = 0) -> Optional[str]:
+    """Time ``module`` on ``inputs`` with its layers' measured choices settled after ``since`` (those the call
+    made: other call sizes keep theirs) and with every such layer dense (interleaved medians), and keep the
+    faster (`MODEL_MARGIN`); a note on the outcome, or None where no such layer runs sparse. ``inputs`` is run
+    again and again: a call that changes state it is given (a KV cache) must not come here."""
     from sparsecc.core import timing
 
-    pairs = _switchable(module)
+    pairs = _switchable(module, since)
     if not pairs:
         return None
 

@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.capture.masks import Prepared
+from sparsecc.compiler import autotune
 from sparsecc.compiler.precision import TOLERANCE as PRECISION_TOLERANCE, AtPrecision, call as precision_call
 from sparsecc.compiler.validation import Validation, input_sets, run_validation
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Call
 from sparsecc.core.layers import dense_semantics
 from sparsecc.core.report import LayerChange, Report, StageResult
+from sparsecc.runtimes import tuning
 
 InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
 
@@ -164,6 +166,7 @@ class CompiledModel(nn.Module):
             args, kwargs = call.args, call.kwargs
         call = Call(args, kwargs)
         tensors = self._check_inputs(call)
+        settled = tuning.routes_made()
         # A sum is finite only if every element is (or it overflowed: then dense semantics, still exact).
         finite = True
         for t in tensors:
@@ -184,7 +187,23 @@ class CompiledModel(nn.Module):
             with dense_semantics():
                 return precision_call(nn.Module.__call__, dtype, module, *args, **kwargs)
         # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
-        return precision_call(nn.Module.__call__, dtype, module, *args, **kwargs)
+        out = precision_call(nn.Module.__call__, dtype, module, *args, **kwargs)
+        if tuning.routes_made() != settled:      # this call settled choices: check them on the whole model
+            self._check_whole_model(call, settled)
+        return out
+
+    def _check_whole_model(self, call: Call, since: int) -> None:
+        """A call at another token count or thread count than compile's settles its layers' choices one layer at
+        a time; like compile's, they are then checked on the whole model (`autotune.never_slower`: the call run
+        again with them and with those layers dense, the faster kept) and the report gets the outcome. Only
+        calls whose every input is a tensor: running a call again must change nothing (a KV cache would
+        grow)."""
+        if not all(type(v) is Tensor for v in (*call.args, *call.kwargs.values())):
+            return
+        dtype = self.__dict__.get("_dtype")
+        note = autotune.never_slower(self.module if dtype is None else AtPrecision(self.module, dtype), call, since)
+        if note:
+            self.add_result(StageResult("whole model", note, notes=(note,)))
 
 
 def validation_result(prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],
