@@ -510,6 +510,7 @@ def test_a_call_at_a_new_size_is_checked_on_the_whole_model(monkeypatch, tmp_pat
         assert not bound.choices[(64, threads)].dense                       # compile's bucket untouched
         assert bound.choices[(16, threads)].whole_model                     # the new one: dense, as timed
     assert compiled.report.stages[-1].stage == "whole model"
+    assert compiled.report.notes[-1].startswith("whole model at a call on (10, 64),")
     assert "runs every layer dense" in compiled.report.notes[-1]
     calls = len(compiled.report.stages)
     compiled(torch.randn(12, 64))                          # the same bucket again: nothing new to check

@@ -392,7 +392,7 @@ class _Tuned:
             self._sparse_routes[key] = self.routes[key]
             self.routes[key] = self.dense_forms(stand_in).form(form, stand_in)
         else:
-            self.routes[key] = self._sparse_routes.pop(key)
+            self.routes[key] = self._sparse_routes.pop(key, None) or functools.partial(self._sparse, key=key)
         self.choices[key] = replace(choice, dense=dense, whole_model=dense)
 
     def settle(self) -> None:

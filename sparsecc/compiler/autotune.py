@@ -54,7 +54,7 @@ def _switchable(module: nn.Module, since: int) -> list[tuple[Any, tuple[int, int
     return pairs
 
 
-def never_slower(module: nn.Module, inputs: Call, since: int = 0) -> Optional[str]:
+def never_slower(module: nn.Module, inputs: Call, since: int = 0, what: str = "the example inputs") -> Optional[str]:
     """Time ``module`` on ``inputs`` with its layers' measured choices settled after ``since`` (those the call
     made: other call sizes keep theirs) and with every such layer dense (interleaved medians), and keep the
     faster (`MODEL_MARGIN`); a note on the outcome, or None where no such layer runs sparse. ``inputs`` is run
@@ -82,7 +82,7 @@ def never_slower(module: nn.Module, inputs: Call, since: int = 0) -> Optional[st
     layers = len({id(b) for b, _ in pairs})
     outcome = (f"runs every layer dense at these call sizes (its {layers} sparse choice(s) are not {MODEL_MARGIN:.0%} "
                f"faster together)") if dense else f"keeps its {layers} layer(s)' sparse choices"
-    return (f"whole model at the example inputs, {torch.get_num_threads()} thread(s): "
+    return (f"whole model at {what}, {torch.get_num_threads()} thread(s): "
             f"{times['chosen'] * 1e3:,.2f} ms with the layers' choices, {times['dense'] * 1e3:,.2f} ms with every "
             f"layer dense: {outcome}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
@@ -24,6 +25,9 @@ from sparsecc.core.report import LayerChange, Report, StageResult
 from sparsecc.runtimes import tuning
 
 InputSpec = tuple[tuple[torch.dtype, torch.Size], ...]
+#: One whole-model check at a time in this process (`CompiledModel._check_whole_model`): it switches layers'
+#: routes while it times them, and a second check in another thread would time a mixture.
+_CHECKING = threading.Lock()
 
 
 __all__ = ["CompiledModel", "spec_of", "validation_result"]
@@ -200,8 +204,16 @@ class CompiledModel(nn.Module):
         grow)."""
         if not all(type(v) is Tensor for v in (*call.args, *call.kwargs.values())):
             return
-        dtype = self.__dict__.get("_dtype")
-        note = autotune.never_slower(self.module if dtype is None else AtPrecision(self.module, dtype), call, since)
+        lock = _CHECKING
+        if not lock.acquire(blocking=False):        # another thread is checking: layers' routes are in flux
+            return
+        try:
+            dtype = self.__dict__.get("_dtype")
+            shape = ", ".join(str(tuple(v.shape)) for v in (*call.args, *call.kwargs.values()))
+            note = autotune.never_slower(self.module if dtype is None else AtPrecision(self.module, dtype), call,
+                                         since, f"a call on {shape}")
+        finally:
+            lock.release()
         if note:
             self.add_result(StageResult("whole model", note, notes=(note,)))
 
