@@ -62,7 +62,7 @@ def _sparse_kernels(request, monkeypatch):
     from sparsecc.compiler import autotune
     from sparsecc.runtimes import tuning
 
-    monkeypatch.setattr(autotune, "never_slower", lambda module, inputs, since=0: None)
+    monkeypatch.setattr(autotune, "never_slower", lambda module, inputs, since=0, what="": None)
 
     monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="",
                         dense_form="", l2_cold=False: tuning.Choice(False, 0.0, 0.0, tokens, torch.get_num_threads(),

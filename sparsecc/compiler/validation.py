@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.core.compare import _TINY, NON_FINITE, TOLERANCE, compare, flatten  # noqa: F401  (re-exported)
+from sparsecc.core.errors import InputError, SparseccError
 from sparsecc.core.inputs import Call
 from sparsecc.core.layers import CondensedLayer, record_first_calls
 from sparsecc.core.report import ErrorStat
@@ -143,6 +144,21 @@ def _check_layer(mod: CondensedLayer, weights_from: nn.Module, x: Tensor, y: Ten
     return compare(mod.weight_fqn, y, mod.dense_op()(x, w, b))
 
 
+def _users_call(reference: nn.Module, inputs: Call) -> Any:
+    """The user's model on ``inputs``; where it fails, an `InputError` saying so (the failure is the model's, not
+    sparsecc's: a model whose weights and inputs disagree in dtype after ``.to()``, say)."""
+    try:
+        return inputs(reference)
+    except SparseccError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's own forward is reported as such
+        raise InputError(f"your model itself fails on these inputs ({type(exc).__name__}: {str(exc)[:300]}): "
+                         f"sparsecc compares with the model as you run it, so it must run as called. One way this "
+                         f"happens: a model cast with .to() after torch.nn.utils.prune keeps each pruned weight in "
+                         f"its old dtype until its module runs, and nn.MultiheadAttention never runs its out_proj; "
+                         f"cast before pruning, or call prune.remove first") from exc
+
+
 def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[Any],
                    layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None,
                    weights_from: Optional[nn.Module] = None, rebuilt: Optional[nn.Module] = None) -> Validation:
@@ -168,7 +184,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
         with torch.no_grad():
             for inputs in input_sets:
                 captured.clear()
-                expected = inputs(reference)
+                expected = _users_call(reference, inputs)
                 actual = inputs(compiled)
                 exp_leaves, exp_spec, names = flatten(expected)
                 act_leaves, act_spec, _ = flatten(actual)

@@ -157,6 +157,7 @@ def cnn(rng: random.Random) -> tuple[nn.Module, tuple]:
     c = c_in = rng.choice([3, 4, 8])
     size = rng.choice([8, 11, 16])
     layers: list[nn.Module] = []
+    side = size
     for _ in range(rng.randint(1, 3)):
         c_out = rng.choice([4, 8, 16])
         conv = _conv(rng, c, c_out)
@@ -165,6 +166,11 @@ def cnn(rng: random.Random) -> tuple[nn.Module, tuple]:
             layers.append(nn.BatchNorm2d(c_out))
         layers.append(_act(rng))
         c = c_out
+        if conv.padding != "same":
+            side = (side + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    if side >= 4 and rng.random() < 0.4:        # a max pool: run in its measured layout, narrowed through
+        k = rng.choice([2, 3])
+        layers.append(nn.MaxPool2d(k, 2, padding=rng.choice([0, k // 2]), ceil_mode=rng.random() < 0.3))
     if rng.random() < 0.4:
         layers.append(Residual(rng, c))
     layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, rng.choice([5, 8, 10]))]
