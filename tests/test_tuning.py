@@ -15,6 +15,7 @@ from sparsecc.core import timing
 from sparsecc.runtimes import dense, tuning, unavailable
 from sparsecc.tooling.synthetic import fanin_mask, nm_mask
 from tests.conftest import assert_equivalent
+from tests.test_chain import spy  # noqa: F401 - a fixture: which chained calls the runtime chained
 
 pytestmark = [pytest.mark.measured_choice,
               pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")]
@@ -395,7 +396,7 @@ def _bounds(compiled):
 
 
 @pytest.mark.parametrize("dense_faster", [True, False])
-def test_the_whole_model_runs_dense_where_its_sparse_choices_lose_together(monkeypatch, tmp_path, dense_faster):
+def test_the_whole_model_runs_dense_where_its_sparse_choices_lose_together(monkeypatch, tmp_path, dense_faster, spy):
     """Each layer's sparse kernel won alone; the whole model is timed with those choices and all dense, and
     keeps the faster: every such layer's choice says so, the report's note gives both times, the chained MLP
     path steps aside, and the model equals the user's either way."""
@@ -405,15 +406,7 @@ def test_the_whole_model_runs_dense_where_its_sparse_choices_lose_together(monke
     monkeypatch.setattr(tvm_runtime, "_tuning", None)
     seen = _whole_model_clock(monkeypatch, dense_faster)
     model, x = _mlp()
-    chained = []
-    real_chain = tvm_runtime.BoundLinear.chain
-
-    def spy_chain(self, *args, **kwargs):
-        out = real_chain(self, *args, **kwargs)
-        chained.append(out is not None)
-        return out
-
-    monkeypatch.setattr(tvm_runtime.BoundLinear, "chain", spy_chain)
+    chained = spy                                   # whether each chained call ran chained
     compiled = sparsecc.compile(model, (x,), backend="tvm")
     assert seen == [["chosen", "dense"]]
     bounds = _bounds(compiled)
