@@ -185,3 +185,23 @@ def test_exporting_a_bf16_compiled_model_is_a_clear_error(tmp_path):
         assert not (tmp_path / name).exists()
     exported = sparsecc.export_onnx(model, torch.randn(2, 64), tmp_path / "fp32.onnx")   # the model itself: fp32
     assert exported.path.is_file()
+
+
+def test_bf16_casts_the_dense_layers_it_keeps_once():
+    """A dense Linear / convolution the model keeps (no mask) holds bf16 parameters in the compiled model, as
+    autocast would cast them on every call; the user's model keeps its float32 ones and the answers agree."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10)).eval()
+    synthetic.attach_with_prune(model, {"2.weight": synthetic.fanin_mask(model[2].weight, 0.75)})
+    x = torch.randn(2, 3, 6, 6)
+    compiled = sparsecc.compile(model, (x,), precision="bf16")
+    dense = [m for m in compiled.module.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    assert len(dense) == 2 and all(p.dtype == torch.bfloat16 for m in dense for p in m.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any("(2 dense Linear / convolution(s) too)" in n for n in compiled.report.notes), compiled.report.notes
+    with torch.no_grad():
+        _assert_within_stated_tolerance(compiled(x), model(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):     # what autocast computes from the float32 model
+            expected = sparsecc.masked_reference(model)(x).float()
+        torch.testing.assert_close(compiled(x), expected, rtol=2e-2, atol=2e-2)

@@ -300,10 +300,12 @@ def precision(c: Compilation) -> StageResult:
     if c.options.dtype is None:
         return StageResult("precision", None)
     count = _precision.convert_layers(c.module, c.options.dtype)
+    dense = _precision.convert_dense(c.module, c.options.dtype)
     c.tolerance = _precision.TOLERANCE
     notes = (f"precision {c.options.precision}: the {count} condensed layer(s) hold "
-             f"{str(c.options.dtype).removeprefix('torch.')} values, the rest runs under autocast; outputs validated "
-             f"against the float32 model at {_precision.TOLERANCE:.0e} x max |output|",)
+             f"{str(c.options.dtype).removeprefix('torch.')} values ({dense} dense Linear / convolution(s) too), the "
+             f"rest runs under autocast; outputs validated against the float32 model at {_precision.TOLERANCE:.0e} "
+             f"x max |output|",)
     if isinstance(c.module, fx.GraphModule) and _precision.convolutional(c.module):
         _precision.channels_last(c.module)
         notes += (f"precision {c.options.precision}, a convolutional network: 4-D inputs run in channels-last memory "
