@@ -377,28 +377,3 @@ def test_missing_runtime_is_a_clear_error_and_auto_falls_back(monkeypatch):
         assert compiled.report.runtime == "reference"
     finally:
         runtimes.get_runtime.cache_clear()
-
-
-def test_a_model_that_fails_on_its_own_inputs_is_an_input_error():
-    """The user's model is what sparsecc compares with; where it cannot run its own example (here a float16
-    cast after pruning left nn.MultiheadAttention's out_proj weight in float32: its prune hook never runs), the
-    error says so instead of a RuntimeError from inside torch."""
-    torch.manual_seed(0)
-
-    class Attend(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-
-        def forward(self, x):
-            return self.attn(x, x, x, need_weights=False)[0]
-
-    user = Attend().eval()
-    prune.custom_from_mask(user.attn.out_proj, "weight", fanin_mask(user.attn.out_proj.weight, 0.5))
-    user = user.to(torch.float16)
-    x = torch.randn(2, 5, 16, dtype=torch.float16)
-    with pytest.raises(RuntimeError):          # the model as the user runs it
-        user(x)
-    with pytest.raises(InputError, match=r"your model itself fails on these inputs \(RuntimeError: .*dtype") as exc:
-        sparsecc.compile(user, (x,))
-    assert isinstance(exc.value.__cause__, RuntimeError)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 from torch.ao.pruning.sparsifier.utils import FakeSparsity
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 import sparsecc
-from sparsecc import EquivalenceError, dynamo, swat
+from sparsecc import EquivalenceError, InputError, dynamo, swat
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
@@ -85,6 +85,33 @@ def test_regression_fused_path_on_dense_weights_is_refused_with_the_reason():
     model = swat.swatify(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), 0.5).eval()
     with pytest.raises(EquivalenceError, match="fused fast path"):
         sparsecc.compile(model, (torch.randn(2, 5, 24),), backend="reference")
+
+
+def test_regression_a_model_that_fails_on_its_own_inputs_is_an_input_error():
+    """Fuzz seed 50076 (and 50074, 50110): the user's model is what sparsecc compares with; where it cannot run its own example (here a float16
+    cast after pruning left nn.MultiheadAttention's out_proj weight in float32: its prune hook never runs), the
+    error says so instead of a RuntimeError from inside torch."""
+    torch.manual_seed(0)
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    user = Attend().eval()
+    prune.custom_from_mask(user.attn.out_proj, "weight", synthetic.fanin_mask(user.attn.out_proj.weight, 0.5))
+    user = user.to(torch.float16)
+    x = torch.randn(2, 5, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError):          # the model as the user runs it
+        user(x)
+    with pytest.raises(InputError, match=r"your model itself fails on these inputs \(RuntimeError: .*dtype") as exc:
+        sparsecc.compile(user, (x,))
+    assert isinstance(exc.value.__cause__, RuntimeError)
+    outcome = run(case(50076), "reference")          # the seed itself: refused with that reason, not a failure
+    assert outcome.status == "refused" and outcome.detail.startswith("InputError: your model itself fails"), outcome
 
 
 @pytest.mark.slow

@@ -77,9 +77,10 @@ def never_slower(module: nn.Module, inputs: Call, since: int = 0, what: str = "t
     dense = times["dense"] < times["chosen"] * (1 + MODEL_MARGIN)
     for bound, key in pairs:
         bound.run_dense(key, dense)
-    for bound in {id(b): b for b, _ in pairs}.values():
+    bounds = {id(b): b for b, _ in pairs}
+    for bound in bounds.values():
         bound.settle()
-    layers = len({id(b) for b, _ in pairs})
+    layers = len(bounds)
     outcome = (f"runs every layer dense at these call sizes (its {layers} sparse choice(s) are not {MODEL_MARGIN:.0%} "
                f"faster together)") if dense else f"keeps its {layers} layer(s)' sparse choices"
     return (f"whole model at {what}, {torch.get_num_threads()} thread(s): "
