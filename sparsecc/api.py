@@ -121,4 +121,4 @@ def validate(reference_model: nn.Module, compiled_model: nn.Module, inputs: Any,
         module = _precision.AtPrecision(module, dtype)
     return run_validation(prepared.user, module, [example_call(inputs, kwargs)], prepared.layers,
                           None if dtype is None else _precision.TOLERANCE, weights_from=prepared.reference,
-                          rebuilt=prepared.reference)
+                          rebuilt=prepared.reference, held_in=dtype)

@@ -10,6 +10,7 @@ from torch import nn
 
 import sparsecc
 from sparsecc import InputError
+from sparsecc.compiler import precision
 from sparsecc.compiler.validation import flatten
 from sparsecc.core.errors import EquivalenceError, MaskError
 from sparsecc.tooling import hf, synthetic
@@ -134,6 +135,40 @@ def test_half_precision_decoder_runs_compiled_kernels_and_decodes_like_the_user_
     want, got = hf.decode(model, prompt, 16), hf.decode(compiled, prompt, 16)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert hf.greedy_agreement(model, compiled, prompt, want, got) == ""
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_precision_decoder_keeps_its_cache_in_bf16_and_decodes_like_the_fp32_model(arch):
+    """``precision="bf16"`` on an fp32 decoder: the logits come back in float32, the KV cache it reads back
+    stays as computed, bf16 where autocast computed it (converting it would copy all of it on every step),
+    validation compares the cache by value,
+    and greedy decoding (``generate`` and one call per token) follows the user's fp32 model."""
+    torch.manual_seed(0)
+    model = llama("2:4") if arch == "llama" else gpt2()
+    if arch == "gpt2":
+        synthetic.attach_with_prune(model, synthetic.structured_masks(
+            model, "fanin", 0.7, include=lambda fqn, kind: fqn.startswith("transformer.h.")))
+    prompt = tokens(10)
+    compiled = sparsecc.compile(model, example_kwargs=dict(input_ids=prompt), precision="bf16")
+    assert compiled.report.validated
+    with torch.no_grad():
+        mine, theirs = compiled(input_ids=prompt), model(input_ids=prompt)
+    assert mine.logits.shape == theirs.logits.shape and mine.logits.dtype == theirs.logits.dtype == torch.float32
+    scale = float(theirs.logits.abs().max())
+    torch.testing.assert_close(mine.logits, theirs.logits, rtol=0.0, atol=precision.TOLERANCE * scale)
+    cache, expected = flatten(hf.cache_of(mine))[0], flatten(hf.cache_of(theirs))[0]
+    held = [(a, e) for a, e in zip(cache, expected) if isinstance(e, torch.Tensor) and e.is_floating_point()]
+    # as computed: bf16 out of the projections (values), float32 where an fp32 op followed (keys after RoPE)
+    assert held and all(e.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float32) for a, e in held)
+    assert any(a.dtype == torch.bfloat16 for a, _ in held)
+    for a, e in held:
+        assert a.shape == e.shape
+        torch.testing.assert_close(a.float(), e, rtol=0.0, atol=precision.TOLERANCE * float(e.abs().max()))
+    want, got = hf.decode(model, prompt, 12), hf.decode(compiled, prompt, 12)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert hf.greedy_agreement(model, compiled, prompt, want, got) == ""
+    generated = compiled.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(generated[:, prompt.shape[1]:], got)
 
 
 def test_greedy_agreement_refuses_a_model_that_decodes_otherwise():

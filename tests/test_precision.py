@@ -205,3 +205,43 @@ def test_bf16_casts_the_dense_layers_it_keeps_once():
         with torch.autocast("cpu", dtype=torch.bfloat16):     # what autocast computes from the float32 model
             expected = sparsecc.masked_reference(model)(x).float()
         torch.testing.assert_close(compiled(x), expected, rtol=2e-2, atol=2e-2)
+
+
+class _State:
+    """A state object the model hands back (as a Hugging Face cache is): pytree does not know it."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+class _Stateful(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        h = self.body[:4](x)
+        return self.body[4:](h), _State(h)
+
+
+def test_bf16_state_objects_stay_as_computed_and_are_validated_by_value():
+    """Outputs in float32; a state object's tensor stays bf16 (what the model would read back), compared with
+    the fp32 model's by value; checked without ``held_in``, the same run fails on its dtype."""
+    from sparsecc.compiler.validation import run_validation
+
+    model = _Stateful().eval()
+    x = torch.randn(5, 64)
+    compiled = sparsecc.compile(model, (x,), precision="bf16")
+    assert compiled.report.validated
+    with torch.no_grad():
+        (out, state), (want, want_state) = compiled(x), model(x)
+    _assert_within_stated_tolerance(out, want)
+    assert state.hidden.shape == want_state.hidden.shape
+    assert state.hidden.dtype == torch.bfloat16 and want_state.hidden.dtype == torch.float32
+    torch.testing.assert_close(state.hidden.float(), want_state.hidden, rtol=0.0,
+                               atol=precision.TOLERANCE * float(want_state.hidden.abs().max()))
+    held = sparsecc.validate(model, compiled, (x,))
+    assert held.ok and any("held in bfloat16" in s.what for s in held.end_to_end), held.end_to_end
+    strict = run_validation(model, precision.AtPrecision(compiled.module, torch.bfloat16), [(x,)],
+                            tolerance=precision.TOLERANCE, weights_from=sparsecc.masked_reference(model))
+    assert not strict.ok and "dtype torch.bfloat16 != reference torch.float32" in strict.message()

@@ -4,6 +4,8 @@ compile had no example inputs)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 import threading
@@ -93,9 +95,13 @@ class CompiledModel(nn.Module):
                 raise
             module = super().__getattr__("module")
             shell = self.__dict__.get("_shell")
-            if shell is None or hasattr(module, name):
-                return getattr(module, name)
-            return getattr(shell, name)
+            found = getattr(module, name) if shell is None or hasattr(module, name) else getattr(shell, name)
+            dtype = self.__dict__.get("_dtype")
+            if dtype is not None and inspect.ismethod(found):
+                # The model's own methods (Hugging Face's ``generate``) call its forward themselves: at
+                # ``precision=`` they run under its autocast too, outputs in the model's dtype.
+                return functools.wraps(found)(functools.partial(precision_call, found, dtype))
+            return found
 
     @property
     def _strict(self) -> bool:
@@ -182,7 +188,7 @@ class CompiledModel(nn.Module):
             self.__dict__["_example"] = call
             result, check = validation_result(
                 self._pending, self.module if dtype is None else AtPrecision(self.module, dtype), input_sets(call),
-                None if dtype is None else PRECISION_TOLERANCE)
+                None if dtype is None else PRECISION_TOLERANCE, held_in=dtype)
             self.add_result(replace(result, stage="first call"))
             if not check.ok:        # the next call validates again
                 raise EquivalenceError(check.message(), self.report)
@@ -219,13 +225,14 @@ class CompiledModel(nn.Module):
 
 
 def validation_result(prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],
-                      tolerance: Optional[float] = None, work: Optional[Prepared] = None
-                      ) -> tuple[StageResult, Validation]:
+                      tolerance: Optional[float] = None, work: Optional[Prepared] = None,
+                      held_in: Optional[torch.dtype] = None) -> tuple[StageResult, Validation]:
     """Validate ``module`` against the user's model as run, its layers against ``work``'s weights (the
-    narrowed copy, when there is one): the check, and the stage result the report takes from it."""
+    narrowed copy, when there is one): the check, and the stage result the report takes from it. ``held_in``:
+    the ``precision=`` dtype (`run_validation`)."""
     work = work or prepared
     check = run_validation(prepared.user, module, input_sets, work.layers, tolerance, work.reference,
-                           rebuilt=prepared.reference)
+                           rebuilt=prepared.reference, held_in=held_in)
     changes = {fqn: LayerChange(error=stat) for fqn, stat in check.layers.items()}
     for fqn, n in check.positions.items():
         changes[fqn] = replace(changes.get(fqn, LayerChange()), positions=n)

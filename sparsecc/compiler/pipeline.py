@@ -373,7 +373,8 @@ def engine(c: Compilation) -> StageResult:
 def validate(c: Compilation) -> StageResult:
     if not (c.options.validate and c.options.has_inputs):
         return StageResult("validate", None)
-    result, check = validation_result(c.prepared, at_precision(c), input_sets(c.inputs), c.tolerance, c.work)
+    result, check = validation_result(c.prepared, at_precision(c), input_sets(c.inputs), c.tolerance, c.work,
+                                      held_in=c.options.dtype)
     if not check.ok:
         raise EquivalenceError(check.message(), Report.built([*c.results, result]))
     return result

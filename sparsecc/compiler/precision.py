@@ -3,9 +3,11 @@
 The condensed layers hold bf16 values (half the bytes a call streams; the TVM kernels widen them to float32 in
 registers) and take their input in bf16; every other op runs under CPU autocast to bf16 (oneDNN's AMX GEMMs
 for the dense layers, float32 where autocast keeps it: softmax, norms). Floating outputs are returned in the
-model's own dtype, so callers see the same types as from the fp32 model. Validation compares with the user's
-fp32 model at `TOLERANCE` (relative to max |output|), which the report states; each condensed layer is
-checked against its dense op in bf16.
+model's own dtype, so callers see the same types as from the fp32 model; the state objects among them that
+the model reads back on its next call (a Hugging Face KV cache) stay as computed, bf16 where autocast computed
+them: converting a cache on every decode step would copy all of it, and the next step would cast it back. Validation compares with the
+user's fp32 model at `TOLERANCE` (relative to max |output|), which the report states, cache tensors by value;
+each condensed layer is checked against its dense op in bf16.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def running(dtype: Optional[torch.dtype]) -> Iterator[None]:
 
 
 def restore(outputs: Any, dtype: Optional[torch.dtype], original: torch.dtype = torch.float32) -> Any:
-    """Floating output tensors of ``dtype`` back in the model's own dtype."""
+    """Floating output tensors of ``dtype`` back in the model's own dtype (the pytree leaves: objects pytree does
+    not know, a KV cache, are left as they are)."""
     if dtype is None:
         return outputs
     return pytree.tree_map(lambda t: t.to(original) if isinstance(t, Tensor) and t.dtype == dtype else t, outputs)

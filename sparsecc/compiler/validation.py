@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from sparsecc.core.compare import _TINY, NON_FINITE, TOLERANCE, compare, flatten  # noqa: F401  (re-exported)
+from sparsecc.core.compare import _TINY, NON_FINITE, TOLERANCE, compare, flatten, flatten_output  # noqa: F401
 from sparsecc.core.errors import InputError, SparseccError
 from sparsecc.core.inputs import Call
 from sparsecc.core.layers import CondensedLayer, record_first_calls
@@ -159,15 +159,26 @@ def _users_call(reference: nn.Module, inputs: Call) -> Any:
                          f"cast before pruning, or call prune.remove first") from exc
 
 
+def _held(actual: Any, expected: Any, dtype: Optional[torch.dtype]) -> bool:
+    """Whether ``actual`` is a state tensor a ``precision=`` run keeps in ``dtype`` where the reference has a
+    wider float."""
+    return dtype is not None and isinstance(actual, Tensor) and isinstance(expected, Tensor) \
+        and actual.dtype == dtype and expected.is_floating_point() and expected.dtype != dtype
+
+
 def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[Any],
                    layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None,
-                   weights_from: Optional[nn.Module] = None, rebuilt: Optional[nn.Module] = None) -> Validation:
+                   weights_from: Optional[nn.Module] = None, rebuilt: Optional[nn.Module] = None,
+                   held_in: Optional[torch.dtype] = None) -> Validation:
     """Run both models on every input set; compare outputs and every condensed layer on its own input.
     ``reference`` is what the outputs must equal: the user's model as run. ``tolerance`` replaces the per-dtype
     one end to end (an fp16 engine checked against fp32 outputs). Layers are checked against the weights of
     ``weights_from`` (default ``reference``; the masked rebuild, or the narrowed copy when channels were
     removed, whose layers have other shapes). If the outputs differ, ``rebuilt`` (the masked rebuild) is
-    compared with ``reference`` module by module. Each input set is a `Call` or a tuple of positional inputs."""
+    compared with ``reference`` module by module. Each input set is a `Call` or a tuple of positional inputs.
+    ``held_in``: the dtype a ``precision=`` run keeps the state objects of its outputs in (a Hugging Face KV
+    cache, which its next call reads back: converting it on every decode step would copy the whole cache);
+    their tensors in that dtype are compared by value in the reference's dtype, and say so."""
     input_sets = [Call.of(inputs) for inputs in input_sets]
     weights_from = reference if weights_from is None else weights_from
     condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)}
@@ -186,14 +197,16 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
                 captured.clear()
                 expected = _users_call(reference, inputs)
                 actual = inputs(compiled)
-                exp_leaves, exp_spec, names = flatten(expected)
-                act_leaves, act_spec, _ = flatten(actual)
-                if exp_spec != act_spec:
+                want, got = flatten_output(expected), flatten_output(actual)
+                if want.structure != got.structure:
                     end_to_end[-1] = ErrorStat("output", float("inf"), float("inf"), 0.0, False,
-                                               f"output structure {act_spec} != reference {exp_spec}")
+                                               f"output structure {got.structure} != reference {want.structure}")
                     continue
-                for i, (a, e) in enumerate(zip(act_leaves, exp_leaves)):
+                names = want.names
+                for i, (a, e) in enumerate(zip(got.flat, want.flat)):
                     what = f"output {i}" + (f" ({names[i]})" if names[i] and names[i] != f"[{i}]" else "")
+                    if got.held[i] and _held(a, e, held_in):
+                        what, a = f"{what} (held in {str(held_in).removeprefix('torch.')})", a.to(e.dtype)
                     stat = compare(what, a, e, tolerance)
                     if isinstance(e, Tensor) or not stat.ok or i in end_to_end:   # equal flags and devices: quiet
                         end_to_end[i] = _merge(end_to_end.get(i), stat)

@@ -9,6 +9,7 @@ tolerance would fail on outputs that happen to be near zero, and a fixed absolut
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -31,13 +32,15 @@ NON_FINITE = "your model's output has NaN/Inf here and the compiled model's diff
 _PLAIN = (Tensor, int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, type)
 
 
-def _expand(x: Any, path: str, flat: list, names: list[str], seen: set[int]) -> Any:
-    """Append the leaves of ``x`` to ``flat`` (their paths to ``names``); returns its structure. An object pytree
-    does not know (a Hugging Face cache) is taken apart by its attributes, in name order; modules and functions
-    it holds are skipped."""
+def _expand(x: Any, path: str, flat: list, names: list[str], seen: set[int], held: list[bool],
+            inside: bool = False) -> Any:
+    """Append the leaves of ``x`` to ``flat`` (their paths to ``names``, whether an object holds them to
+    ``held``); returns its structure. An object pytree does not know (a Hugging Face cache) is taken apart by
+    its attributes, in name order; modules and functions it holds are skipped."""
     if isinstance(x, _PLAIN) or id(x) in seen or not hasattr(x, "__dict__"):
         flat.append(x)
         names.append(path)
+        held.append(inside)
         return None
     seen.add(id(x))
     structure: list[Any] = [type(x)]
@@ -45,21 +48,40 @@ def _expand(x: Any, path: str, flat: list, names: list[str], seen: set[int]) -> 
         if isinstance(value, nn.Module) or (callable(value) and not isinstance(value, type)):
             continue
         leaves, spec = pytree.tree_flatten_with_path(value)
-        structure.append((name, spec, [_expand(leaf, f"{path}.{name}{pytree.keystr(key)}", flat, names, seen)
-                                       for key, leaf in leaves]))
+        structure.append((name, spec, [_expand(leaf, f"{path}.{name}{pytree.keystr(key)}", flat, names, seen,
+                                               held, True) for key, leaf in leaves]))
     return structure
 
 
-def flatten(output: Any) -> tuple[list[Any], Any, list[str]]:
+@dataclass(frozen=True)
+class Leaves:
+    """A model output taken apart (`flatten_output`): its leaves, its structure, each leaf's path, and whether
+    each sits in an object pytree does not know (a Hugging Face cache: state the model reads back on its next
+    call, which a ``precision=`` run keeps in its own dtype)."""
+
+    flat: list[Any]
+    structure: Any
+    names: list[str]
+    held: list[bool]
+
+
+def flatten_output(output: Any) -> Leaves:
     """The leaves of a model's output, its structure and each leaf's path (``[0]``, ``.last_hidden_state``,
     ``.past_key_values.layers[0].keys``), for any nesting of tuples, lists, dicts, dataclasses pytree knows
     (transformers registers its ``ModelOutput``) and other objects (its cache classes)."""
     leaves, spec = pytree.tree_flatten_with_path(output)
     flat: list[Any] = []
     names: list[str] = []
+    held: list[bool] = []
     seen: set[int] = set()
-    structure = [_expand(leaf, pytree.keystr(key), flat, names, seen) for key, leaf in leaves]
-    return flat, (spec, structure), names
+    structure = [_expand(leaf, pytree.keystr(key), flat, names, seen, held) for key, leaf in leaves]
+    return Leaves(flat, (spec, structure), names, held)
+
+
+def flatten(output: Any) -> tuple[list[Any], Any, list[str]]:
+    """`flatten_output`'s leaves, structure and paths."""
+    leaves = flatten_output(output)
+    return leaves.flat, leaves.structure, leaves.names
 
 
 def _same(actual: Any, expected: Any) -> tuple[bool, str]:

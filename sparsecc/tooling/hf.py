@@ -138,9 +138,11 @@ def greedy_agreement(dense: nn.Module, compiled: nn.Module, prompt: Tensor, want
     their logits must agree within the validation tolerance of the model's dtype at every step, and wherever the
     compiled model's top token is another one, the dense model's margin between the two must be within twice the
     logits' difference there (a near-tie, which bf16 rounding in another summation order decides either way;
-    greedy decoding then follows another path for the rest of the sequence)."""
+    greedy decoding then follows another path for the rest of the sequence). A model compiled with
+    ``precision=`` is held to that precision's tolerance."""
     if torch.equal(want, got):
         return ""
+    from sparsecc.compiler import precision
     from sparsecc.compiler.validation import TOLERANCE
 
     seq = torch.cat([prompt, want], dim=1)
@@ -148,7 +150,9 @@ def greedy_agreement(dense: nn.Module, compiled: nn.Module, prompt: Tensor, want
     with torch.no_grad():
         expected = dense(input_ids=seq).logits[0, start:-1]
         actual = compiled(input_ids=seq).logits[0, start:-1].float()
-    tol = TOLERANCE.get(expected.dtype, 1e-4) * float(expected.abs().max())
+    at_precision = compiled.__dict__.get("_dtype")
+    tol = (precision.TOLERANCE if at_precision is not None else TOLERANCE.get(expected.dtype, 1e-4)) \
+        * float(expected.abs().max())
     expected = expected.float()
     step = int((want != got).nonzero()[0, 1])
     diff = (expected - actual).abs().amax(-1)
