@@ -148,6 +148,22 @@ def test_finite_calls_run_condensed_also_when_the_first_call_fixes_the_inputs(mo
         assert_equivalent(compiled(y), model(y))
 
 
+def test_validation_holds_all_subnormal_fp16_outputs_to_their_spacing():
+    """An fp16 layer whose outputs are all subnormal (a depthwise convolution of a randomly initialised
+    MobileNetV3) differs from torch's by one spacing (6e-8) when summed in another order: within tolerance;
+    a difference of many spacings, or any normal-range output off by more than its tolerance, is not."""
+    from sparsecc.compiler.validation import compare
+
+    spacing = torch.finfo(torch.float16).tiny * torch.finfo(torch.float16).eps
+    expected = torch.tensor([2.0, -1.0, 0.0, 1.0], dtype=torch.float16) * spacing
+    one_rounding = compare("out", expected + torch.tensor([spacing, 0, 0, -spacing], dtype=torch.float16), expected)
+    assert one_rounding.ok and one_rounding.max_abs == float(spacing)
+    assert not compare("out", expected + torch.tensor([64 * spacing, 0, 0, 0], dtype=torch.float16), expected).ok
+    normal = torch.tensor([1.0, -0.5], dtype=torch.float16)
+    assert not compare("out", normal + torch.tensor([0.02, 0.0], dtype=torch.float16), normal).ok
+    assert compare("out", normal + torch.tensor([0.005, 0.0], dtype=torch.float16), normal).ok
+
+
 def test_validation_matches_non_finite_reference_outputs_exactly():
     """NaN / Inf where the user's model gives them must be where the compiled model gives them; the finite rest
     is compared as usual, and a mismatch says the reference itself is not finite."""

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize, prune
 
 import sparsecc
 from sparsecc import EquivalenceError, InputError, dynamo, swat
-from sparsecc.core.layers import CondensedLayer
+from sparsecc.core.layers import CondensedLayer, exact_bf16
 from sparsecc.tooling import synthetic
 from tests.conftest import assert_equivalent
 from tests.fuzz import __main__ as fuzz_main
@@ -112,6 +112,56 @@ def test_regression_a_model_that_fails_on_its_own_inputs_is_an_input_error():
     assert isinstance(exc.value.__cause__, RuntimeError)
     outcome = run(case(50076), "reference")          # the seed itself: refused with that reason, not a failure
     assert outcome.status == "refused" and outcome.detail.startswith("InputError: your model itself fails"), outcome
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
+def test_regression_non_finite_inputs_reach_exactly_the_outputs_the_math_says_in_bf16(backend):
+    """Fuzz seed 71005: narrowing made a bf16 Linear 38 wide (the user's is 40); torch's bf16 Linear reads on
+    past the end of a row at that width, so a NaN in one token's input made NaN in the token before too, which
+    the user's model (40 wide) does not. Calls with non-finite inputs compute bf16 GEMMs exactly
+    (`exact_bf16`): NaN where the user's model has it, the rest within bf16 tolerance."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 8)).eval()
+    mask = synthetic.fanin_mask(model[2].weight, 0.5)
+    mask[:, [3, 5]] = False                                  # two channels of the first layer's output unused
+    prune.custom_from_mask(model[2], "weight", mask)
+    model = sparsecc.masked_reference(model).to(torch.bfloat16)
+    x = torch.randn(4, 18, 24, dtype=torch.bfloat16)
+    compiled = sparsecc.compile(model, (x,), backend=backend)
+    assert next(m for m in compiled.module.modules() if isinstance(m, CondensedLayer)).weight_shape[1] == 38
+    x[0, 12, 0] = float("nan")                               # one token's input
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.isnan(want).any(-1).nonzero().tolist() == [[0, 12]]
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), torch.isnan(got).any(-1).nonzero().tolist()
+    finite = ~torch.isnan(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=2e-2, atol=2e-2 * float(want[finite].abs().max()))
+    outcome = run(case(71005), backend)
+    assert outcome.status == "pass", outcome
+
+
+def test_exact_bf16_is_where_nan_goes_and_the_same_values_elsewhere():
+    """`exact_bf16` puts NaN where the math does (torch's bf16 Linear at some widths also puts it in the row
+    before) and gives the values torch's bf16 ops give within bf16 rounding, under bf16 autocast too."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(72, 38).bfloat16(), torch.randn(8, 38).bfloat16(), torch.randn(8).bfloat16()
+    image, kernel = torch.randn(1, 5, 12, 12).bfloat16(), torch.randn(16, 5, 3, 3).bfloat16()
+    with exact_bf16():
+        exact, conv = nn.functional.linear(x, w, b), nn.functional.conv2d(image, kernel, padding=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = nn.functional.linear(x.float(), w.float(), b.float())
+    for got, want in ((exact, nn.functional.linear(x, w, b)), (autocast, nn.functional.linear(x, w, b)),
+                      (conv, nn.functional.conv2d(image, kernel, padding=1))):
+        assert got.shape == want.shape and got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    x[12, 0] = float("nan")
+    image[0, 0, 5, 5] = float("inf")
+    with exact_bf16():
+        rows = torch.isnan(nn.functional.linear(x, w, b)).any(-1).nonzero().flatten().tolist()
+        hit = torch.isnan(nn.functional.conv2d(image, kernel, padding=1))
+    assert rows == [12]
+    assert torch.equal(hit, torch.isnan(nn.functional.conv2d(image.float(), kernel.float(), padding=1)))
 
 
 @pytest.mark.slow

@@ -159,6 +159,24 @@ def _users_call(reference: nn.Module, inputs: Call) -> Any:
                          f"cast before pruning, or call prune.remove first") from exc
 
 
+def _compare_outputs(actual: Any, expected: Any, tolerance: Optional[float], held_in: Optional[torch.dtype],
+                     end_to_end: dict[int, ErrorStat]) -> None:
+    """One call's outputs, leaf by leaf, merged into ``end_to_end`` (by leaf; -1: the structures differ)."""
+    want, got = flatten_output(expected), flatten_output(actual)
+    if want.structure != got.structure:
+        end_to_end[-1] = ErrorStat("output", float("inf"), float("inf"), 0.0, False,
+                                   f"output structure {got.structure} != reference {want.structure}")
+        return
+    names = want.names
+    for i, (a, e) in enumerate(zip(got.flat, want.flat)):
+        what = f"output {i}" + (f" ({names[i]})" if names[i] and names[i] != f"[{i}]" else "")
+        if got.held[i] and _held(a, e, held_in):
+            what, a = f"{what} (held in {str(held_in).removeprefix('torch.')})", a.to(e.dtype)
+        stat = compare(what, a, e, tolerance)
+        if isinstance(e, Tensor) or not stat.ok or i in end_to_end:   # equal flags and devices: quiet
+            end_to_end[i] = _merge(end_to_end.get(i), stat)
+
+
 def _held(actual: Any, expected: Any, dtype: Optional[torch.dtype]) -> bool:
     """Whether ``actual`` is a state tensor a ``precision=`` run keeps in ``dtype`` where the reference has a
     wider float."""
@@ -197,19 +215,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
                 captured.clear()
                 expected = _users_call(reference, inputs)
                 actual = inputs(compiled)
-                want, got = flatten_output(expected), flatten_output(actual)
-                if want.structure != got.structure:
-                    end_to_end[-1] = ErrorStat("output", float("inf"), float("inf"), 0.0, False,
-                                               f"output structure {got.structure} != reference {want.structure}")
-                    continue
-                names = want.names
-                for i, (a, e) in enumerate(zip(got.flat, want.flat)):
-                    what = f"output {i}" + (f" ({names[i]})" if names[i] and names[i] != f"[{i}]" else "")
-                    if got.held[i] and _held(a, e, held_in):
-                        what, a = f"{what} (held in {str(held_in).removeprefix('torch.')})", a.to(e.dtype)
-                    stat = compare(what, a, e, tolerance)
-                    if isinstance(e, Tensor) or not stat.ok or i in end_to_end:   # equal flags and devices: quiet
-                        end_to_end[i] = _merge(end_to_end.get(i), stat)
+                _compare_outputs(actual, expected, tolerance, held_in, end_to_end)
                 for fqn, (x, y) in captured.items():
                     per_layer[fqn] = _merge(per_layer.get(fqn), _check_layer(condensed[fqn], weights_from, x, y))
     finally:

@@ -5,6 +5,8 @@ Tolerance: ``max|compiled - reference| <= tol(dtype) * max|reference|`` per outp
 with tol = 1e-4 for fp32. A condensed kernel sums the same products as the dense GEMM in a different order,
 so its rounding error grows with the magnitude of the outputs, not of each element; an elementwise relative
 tolerance would fail on outputs that happen to be near zero, and a fixed absolute one would not scale.
+``max|reference|`` counts as at least the dtype's smallest normal number: an fp16 layer whose outputs are all
+subnormal is held to ten of their spacings, not a fraction of one.
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ def compare(what: str, actual: Any, expected: Any, tolerance: Optional[float] = 
         if not bool(finite.any()):
             return ErrorStat(what, 0.0, 0.0, 0.0, True)
         actual, expected = actual[finite], expected[finite]
-    scale = max(float(expected.detach().abs().max()), _TINY)
+    # Never below the dtype's smallest normal number: under it values are subnormal, spaced evenly (fp16: by
+    # 6e-8), so one rounding in another summation order is a large part of a tiny output.
+    scale = max(float(expected.detach().abs().max()), torch.finfo(expected.dtype).tiny, _TINY)
     max_abs = float((actual.detach().double() - expected.detach().double()).abs().max())
     tol = (tolerance if tolerance is not None else TOLERANCE.get(expected.dtype, 1e-4)) * scale
     ok = max_abs <= tol   # False for NaN

@@ -28,13 +28,44 @@ def dense_semantics() -> Iterator[None]:
     """Condensed layers compute with their dense weights inside this block. A condensed kernel never reads
     the inputs a row's pruned weights would multiply, so a NaN/Inf there would not reach the outputs it
     reaches in the masked dense model (0 * NaN is NaN): `CompiledModel` runs calls with non-finite inputs
-    in this mode."""
+    in this mode, with bf16 GEMMs and convolutions exact about where NaN and Inf go (`exact_bf16`)."""
     before = _SEMANTICS.dense
     _SEMANTICS.dense = True
     try:
-        yield
+        with exact_bf16():
+            yield
     finally:
         _SEMANTICS.dense = before
+
+
+#: The ops `exact_bf16` computes in float32.
+_GEMMS = frozenset({torch.nn.functional.linear, torch.conv1d, torch.conv2d, torch.conv3d})
+
+
+class _ExactBf16(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _GEMMS or not args or not isinstance(args[0], Tensor):
+            return func(*args, **kwargs)
+        autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        if args[0].dtype != torch.bfloat16 and not (autocast and args[0].dtype == torch.float32):
+            return func(*args, **kwargs)
+        wide = lambda t: t.float() if isinstance(t, Tensor) and t.dtype == torch.bfloat16 else t  # noqa: E731
+        with torch.autocast("cpu", enabled=False):
+            out = func(*map(wide, args), **{k: wide(v) for k, v in kwargs.items()})
+        return out.to(torch.bfloat16)
+
+
+@contextlib.contextmanager
+def exact_bf16() -> Iterator[None]:
+    """bf16 Linears and convolutions (and float32 ones under bf16 autocast) computed in float32, rounded to bf16
+    once, as oneDNN's bf16 kernels accumulate. Those kernels (torch 2.14, AMX) read on past the end of an input
+    row or window into its neighbour where the inner size is not a multiple of their block, multiplying what they
+    read there by zero: a NaN or Inf in the neighbour then makes NaN where the math has none (a Linear 38 wide:
+    the token before the one with the NaN). The same values where everything is finite; for the calls with
+    non-finite inputs (`dense_semantics`), and the checks that compare where NaN goes."""
+    with _ExactBf16():
+        yield
 
 
 class DenseView(Tensor):
