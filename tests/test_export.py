@@ -310,9 +310,30 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         raise onnx.checker.ValidationError("simulated failure")
 
     monkeypatch.setattr(onnx.checker, "check_model", broken_check)
-    with pytest.raises(onnx.checker.ValidationError):
+    with pytest.raises(sparsecc.ExportError, match="m.onnx: the ONNX checker refuses the file") as err:
         sparsecc.export_onnx(model, torch.randn(1, 64), tmp_path / "m.onnx", masks=masks)
+    assert isinstance(err.value.__cause__, onnx.checker.ValidationError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_convolutions_are_refused_with_the_way_out(tmp_path):
+    """ONNX (opset 18) has no bfloat16 Conv: the checker's refusal becomes an `ExportError` that says to export
+    in float32 (or fp16), no file is left, and the float32 model exports."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.5))
+    model = sparsecc.masked_reference(model)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(sparsecc.ExportError, match=r"no bfloat16 form.*export the model in float32"):
+        sparsecc.export_onnx(model.bfloat16(), (x.bfloat16(),), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    model = model.float()
+    exported = sparsecc.export_onnx(model, (x,), tmp_path / "m.onnx")
+    got = _run(exported.path, x)
+    with torch.no_grad():
+        want = model(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
 def test_existing_file_survives_a_failed_export(tmp_path):

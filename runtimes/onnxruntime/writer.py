@@ -134,7 +134,13 @@ def _write(onnx_program, path: Path, check: Optional[Callable[[str], None]] = No
 
     def write(tmp: str) -> None:
         onnx_program.save(tmp, external_data=False)
-        onnx.checker.check_model(tmp, full_check=True)
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            hint = (f"ONNX opset {OPSET} has no bfloat16 form of that op (nor has onnxruntime's CPU): export the "
+                    f"model in float32 (model.float(), float32 example inputs; precision='fp16' writes a "
+                    f"half-precision file)") if "bfloat16" in str(exc) else "the graph holds an op ONNX refuses"
+            raise ExportError(f"{path.name}: the ONNX checker refuses the file ({exc}); {hint}") from exc
         if check is not None:
             check(tmp)
 
