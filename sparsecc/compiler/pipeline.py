@@ -1,7 +1,7 @@
 """`sparsecc.compile` as a pipeline of named stages over one `Compilation`:
 
-masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> chain -> inplace -> layouts -> precision
--> tune -> engine -> validate
+masks -> narrow -> analyse -> bind -> capture -> condense -> fold -> chain -> layouts -> precision -> tune -> engine
+-> validate
 
 Each stage builds on the `Compilation` (the working model, its decisions, its captured graph) and returns a
 frozen `StageResult`: a one-line summary (None when it did not apply: no example inputs to narrow with,
@@ -38,7 +38,6 @@ from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Arrangement, Call
 from sparsecc.core.report import LayerChange, Report, StageResult
 from sparsecc.passes.chain import ChainLinears
-from sparsecc.passes.inplace import AddInPlace
 from sparsecc.passes.fold import FoldBatchNorm, fold_in_place
 from sparsecc.passes.manager import PassManager
 from sparsecc.passes.rewrite import CondenseFunctionalOps, CondenseModules, DropUnusedWeights, swap_modules
@@ -180,10 +179,6 @@ class Route(Protocol):
         """Chains Linear pairs of ``c.module`` (`sparsecc.passes.chain`): the chained pairs; None where it cannot
         tell what feeds what."""
 
-    def inplace(self, c: Compilation) -> Optional[list[str]]:
-        """Residual adds into the output of the layer before them (`sparsecc.passes.inplace`): those layers;
-        None where it cannot tell what feeds what."""
-
     def shell(self, c: Compilation) -> Optional[nn.Module]:
         """The user's model class around the condensed layers (see `model_shell`), or None."""
 
@@ -210,12 +205,6 @@ class GraphRoute:
         c.passes = manager.names()
         return [pair for o in manager.outcomes for pair in o.applied]
 
-    def inplace(self, c: Compilation) -> Optional[list[str]]:
-        manager = PassManager([AddInPlace()], ran=c.passes)
-        c.module = manager.run(c.module)
-        c.passes = manager.names()
-        return [layer for o in manager.outcomes for layer in o.applied]
-
     def shell(self, c: Compilation) -> Optional[nn.Module]:
         if c.options.on_engine or isinstance(c.work.reference, fx.GraphModule):
             return None
@@ -240,9 +229,6 @@ class SwapRoute:
 
     def chain(self, c: Compilation) -> Optional[list[str]]:
         return None               # the model's own forward calls its layers: nothing to chain them in
-
-    def inplace(self, c: Compilation) -> Optional[list[str]]:
-        return None               # the model's own forward adds: nothing to rewrite
 
     def shell(self, c: Compilation) -> Optional[nn.Module]:
         return None               # the compiled module is the model itself
@@ -289,16 +275,6 @@ def chain(c: Compilation) -> StageResult:
     notes = (f"{len(pairs)} Linear pair(s) chained (the intermediate stays in the runtime's layout where both "
              f"layers run its many-token kernel): {', '.join(pairs)}",) if pairs else ()
     return StageResult("chain", f"{len(pairs)} Linear pair(s) chained", notes=notes)
-
-
-def inplace(c: Compilation) -> StageResult:
-    layers = None if c.options.on_engine else c.route.inplace(c)
-    if layers is None:
-        return StageResult("inplace", None)
-    notes = (f"{len(layers)} residual add(s) write into the output of the condensed layer before them where no one "
-             f"else sees it (a fresh tensor per add costs its page faults): after {', '.join(layers[:4])}"
-             + (", ..." if len(layers) > 4 else ""),) if layers else ()
-    return StageResult("inplace", f"{len(layers)} add(s) in place", notes=notes)
 
 
 def layouts(c: Compilation) -> StageResult:
@@ -425,7 +401,7 @@ def model_shell(c: Compilation) -> Optional[nn.Module]:
 #: The stages in order, by name.
 STAGES: tuple[tuple[str, Callable[[Compilation], StageResult]], ...] = (
     ("masks", masks), ("narrow", narrow_stage), ("analyse", analyse), ("bind", bind), ("capture", capture_stage),
-    ("condense", condense), ("fold", fold), ("chain", chain), ("inplace", inplace), ("layouts", layouts),
+    ("condense", condense), ("fold", fold), ("chain", chain), ("layouts", layouts),
     ("precision", precision), ("tune", tune),
     ("engine", engine), ("validate", validate))
 
