@@ -204,12 +204,15 @@ def padded_tokens(xt: Tensor) -> int:
     return xt.shape[1] * (2 if xt.dtype == torch.int32 else 1)
 
 
-def from_tokens_last(y: Tensor, tokens: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def from_tokens_last(y: Tensor, tokens: int, dtype: torch.dtype = torch.float32,
+                     shape: Optional[tuple[int, ...]] = None) -> Tensor:
     """The first ``tokens`` columns of the tiled kernel's ``[out, tokens_padded]`` as ``[tokens, out]`` in
-    ``dtype`` (rounded from float32 in the same pass)."""
-    out = y.new_empty(tokens, y.shape[0], dtype=dtype)
+    ``dtype`` (rounded from float32 in the same pass), allocated in ``shape`` (``[..., out]``, as many tokens)
+    where given: the layer's answer as a tensor of its own, not a view of a 2-D one."""
+    out = y.new_empty(shape or (tokens, y.shape[0]), dtype=dtype)
     width = lanes()
-    parallel.run(_layout_kernel("unpack", width, dtype), y.shape[0] // width, out.numel(), y, out)
+    parallel.run(_layout_kernel("unpack", width, dtype), y.shape[0] // width, out.numel(), y,
+                 out.view(tokens, y.shape[0]))
     return out
 
 
@@ -550,24 +553,25 @@ class BoundLinear(_Bound):
                                                                in_features), self.bias_or_none)
 
     def sparse(self, x: Tensor, tile=None) -> Tensor:
+        # Outputs are allocated in their final shape: a tensor of their own, never a view.
+        shape = (*x.shape[:-1], self.out)
         if x.numel() == x.shape[-1]:    # one token, any leading shape (a decode step's [1, 1, in]): the fast path
-            y = x.new_empty(1, self.out)
-            self._gemv(x.view(1, -1), y, tile)
-            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out)
+            y = x.new_empty(shape)
+            self._gemv(x.view(1, -1), y.view(1, self.out), tile)
+            return y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if x2.shape[0] >= SPMM_MIN_TOKENS:
             # Transposed views would save the copies here but slow the LayerNorms and attention after them
             # (measured on ViT-B/16): outputs stay contiguous.
             tile = tile or self.tile_for(x2, (tuning.bucket(x2.shape[0]), torch.get_num_threads()))
             xt = to_tokens_last(x2, lanes())
-            y = from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, padded_tokens(xt))),
-                                 x2.shape[0], x2.dtype)
-        else:
-            tokens = x2.shape[0]
-            y = x2.new_empty(tokens, self.out)
-            for t in range(tokens):
-                self._gemv(x2[t:t + 1], y[t:t + 1], tile)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
+            return from_tokens_last(self.tiled(xt, tile, scratch("tokens_last_out", self.out, padded_tokens(xt))),
+                                    x2.shape[0], x2.dtype, shape)
+        y = x2.new_empty(shape)
+        flat = y.view(-1, self.out)
+        for t in range(x2.shape[0]):
+            self._gemv(x2[t:t + 1], flat[t:t + 1], tile)
+        return y
 
     def _chosen_tile(self, key: tuple[int, int]):
         """This layer's measured tile for ``key`` when its measured choice there is the sparse tiled kernel
@@ -607,8 +611,9 @@ class BoundLinear(_Bound):
         for act in acts:
             act(mid)          # elementwise: the layout (and the padding tokens, never read back) do not matter
         after = from_tokens_last(mid, tokens).view(*lead, self.out) if observe else None
-        y = from_tokens_last(then.tiled(mid, second, scratch("tokens_last_out", then.out, mid.shape[1])), tokens)
-        return y.view(*lead, then.out), ((before, after) if observe else None)
+        y = from_tokens_last(then.tiled(mid, second, scratch("tokens_last_out", then.out, mid.shape[1])), tokens,
+                             shape=(*lead, then.out))
+        return y, ((before, after) if observe else None)
 
 
 #: Strided convolutions run on phase planes (`BoundConv2d._phases`) up to this many planes per channel (a copy
@@ -661,7 +666,8 @@ class BoundConv2d(_Bound):
             self.offsets[(h, w)] = found
         return found
 
-    def _direct(self, sample: Tensor, oh: int, ow: int, tile) -> Tensor:
+    def _direct(self, sample: Tensor, oh: int, ow: int, tile, into: Tensor) -> None:
+        """One sample ``[C, H, W]`` into ``into`` ``[out, oh, ow]``, from its phase planes."""
         from sparsecc.runtimes.tvm.kernels import padded
 
         c, h, w = sample.shape
@@ -688,7 +694,7 @@ class BoundConv2d(_Bound):
         y = scratch("conv_out", self.out, tokens)
         self.run("tiled_flat", tokens, flat, y, (self.values, self._offsets(h, w), self.orow, self.arow, self.bias),
                  tile)
-        return y[:, :oh * wq].view(self.out, oh, wq)[:, :, :ow].contiguous()
+        into.copy_(y[:, :oh * wq].view(self.out, oh, wq)[:, :, :ow])
 
     def tiles(self, x: Tensor) -> tuple:
         from sparsecc.runtimes.tvm import kernels as tvm_kernels
@@ -726,25 +732,24 @@ class BoundConv2d(_Bound):
         oh, ow = self._out_size(x)
         tile = tile or self.tile_for(x, (tuning.bucket(oh * ow), torch.get_num_threads()))
         tokens = padded(oh * ow, lanes())
-        outs = []
+        # The output is allocated whole and each sample written into it (no stack of per-sample outputs).
+        y = x.new_empty(n, self.out, oh, ow)
         for i in range(n):
             if self.direct:
-                outs.append(self._direct(xb[i], oh, ow, tile))
+                self._direct(xb[i], oh, ow, tile, y[i])
                 continue
             if self.pointwise:
                 sample = xb[i, :, ::self.stride[0], ::self.stride[1]] if self.stride != [1, 1] else xb[i]
             else:
                 sample = F.unfold(xb[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
             if tokens == oh * ow:       # whole vectors already (56x56, 28x28): the columns as they are
-                cols = sample.reshape(-1, tokens).contiguous()
-                y = self.tiled(cols, tile)
+                self.tiled(sample.reshape(-1, tokens).contiguous(), tile, y[i].view(self.out, tokens))
             else:                       # the padding tokens' columns stay zero from the first call
                 rows = sample.shape[0]
                 cols = zeroed(("conv_columns", rows, oh * ow), rows * tokens).view(rows, tokens)
                 cols[:, :oh * ow].copy_(sample.reshape(-1, oh * ow))
-                y = self.tiled(cols, tile, scratch("conv_out", self.out, tokens))[:, :oh * ow].contiguous()
-            outs.append(y.view(self.out, oh, ow))
-        y = torch.stack(outs) if n > 1 else outs[0].unsqueeze(0)
+                out = self.tiled(cols, tile, scratch("conv_out", self.out, tokens))
+                y[i].copy_(out[:, :oh * ow].view(self.out, oh, ow))
         if _dense.is_channels_last(x):      # the answer in the input's layout, as torch's convolution gives it
             y = y.contiguous(memory_format=torch.channels_last)
         return y[0] if unbatched else y
