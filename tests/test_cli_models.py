@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -47,6 +48,51 @@ def test_bench_a_trained_encoder_directory(capsys):
     assert "36/37 layers condensed (36 nm_linear)" in captured.out
     assert "| BertModel from" in captured.out and "x** |" in captured.out
     assert "compile validate:" in captured.err and "timing dense vs sparsecc" in captured.err
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("bert")
+    transformers.BertModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["saved module", "keyword inputs"])
+def test_bench_of_your_model_with_peers_writes_their_rows(kind, tmp_path, bert_dir, capsys):
+    """``sparsecc bench MODEL --peers``: onnxruntime (dense, condensed) and OpenVINO (f32, its default precision)
+    on the same model and input (keyword inputs by name: a Hugging Face encoder's ``input_ids``), each output
+    checked against the dense model before it is timed; the table and OUT/model.md, .json carry every peer."""
+    if kind == "saved module":
+        torch.save(small_net(), tmp_path / "net.pt")
+        args = [str(tmp_path / "net.pt"), "--sparsify", "fanin:0.75", "--input-shape", "1,3,16,16"]
+    else:
+        args = [str(bert_dir), "--sparsify", "fanin:0.8", "--tokens", "12"]
+    out = tmp_path / "out"
+    assert cli.main(["bench", *args, "--peers", "--model-runs", "2", "--threads", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    labels = ("onnxruntime dense (fp32)", "onnxruntime condensed (fp32)", "OpenVINO f32 (fp32)", "OpenVINO default")
+    assert all(label in table for label in labels), table
+    rows = json.loads((out / "model.json").read_text())
+    assert [r["threads"] for r in rows] == [1]
+    timed = rows[0]["peers"]
+    assert {"onnxruntime dense (fp32)", "onnxruntime condensed (fp32)", "OpenVINO f32 (fp32)"} <= set(timed), rows
+    assert all(t > 0 for t in timed.values()) and rows[0]["sparse"]["call"] > 0
+    assert not any(label.startswith("onnxruntime") for label in rows[0]["peers_invalid"]), rows[0]["peers_invalid"]
+    assert (out / "model.md").read_text().startswith("CPU: ")
+
+
+def test_bench_peers_of_a_model_onnx_cannot_hold_say_why(tmp_path, gpt2_dir, capsys):
+    """A decoder answering a KV cache has no ONNX file: its peers are reported not run, with the reason, and
+    dense vs sparsecc is still timed."""
+    out = tmp_path / "out"
+    assert cli.main(["bench", str(gpt2_dir), "--sparsify", "fanin:0.8", "--tokens", "12", "--peers",
+                     "--model-runs", "2", "--threads", "1", "--out", str(out)]) == 0
+    assert "not run: no ONNX export of this model" in capsys.readouterr().out
+    (row,) = json.loads((out / "model.json").read_text())
+    assert row["sparse"]["call"] > 0 and row["dense"]["call"] > 0 and not row["peers"]
+    assert set(row["peers_invalid"]) >= {"onnxruntime dense (fp32)", "onnxruntime condensed (fp32)"}
 
 
 def test_pt2_program_is_read_with_its_layers(tmp_path, capsys):

@@ -43,6 +43,10 @@ class Timing:
     sparse: dict[str, float]
     units: dict[str, int] = field(default_factory=dict)     # phase -> tokens it produces (tokens/s columns)
     invalid: str = ""
+    #: Peers of a whole-model call (`model(..., peers=True)`), by label with their precision: median seconds, or
+    #: why there is none (unavailable, or its output is not the dense model's).
+    peers: dict[str, float] = field(default_factory=dict)
+    peers_invalid: dict[str, str] = field(default_factory=dict)
 
     def speedup(self, phase: str) -> float:
         return self.dense[phase] / self.sparse[phase]
@@ -113,20 +117,68 @@ def llm_table(rows: list[Timing]) -> str:
 
 
 def model(dense: nn.Module, compiled: nn.Module, call: Call, case: str, runs: int = 20,
-          threads: Sequence[int] = THREADS) -> list[Timing]:
-    """One call of ``dense`` vs ``compiled`` at each thread count."""
+          threads: Sequence[int] = THREADS, peers_of: Optional[nn.Module] = None) -> list[Timing]:
+    """One call of ``dense`` vs ``compiled`` at each thread count; with ``peers_of`` (the user's model, masks
+    attached), its peers too (`sparsecc.tooling.peers`: onnxruntime dense and condensed, OpenVINO f32 and its
+    default precision), each built for that thread count, its output checked against ``dense`` at the tolerance
+    of its precision before it is timed, in the same interleaved rounds."""
+    import tempfile
+    from pathlib import Path
+
+    from sparsecc.tooling import peers
+
     rows = []
     for n in threads:
         torch.set_num_threads(n)
-        t = medians({"dense": lambda: call(dense), "sparse": lambda: call(compiled)}, runs)
-        rows.append(Timing(case, n, {"call": t["dense"]}, {"call": t["sparse"]}))
+        fns = {"dense": lambda: call(dense), "sparse": lambda: call(compiled)}
+        invalid: dict[str, str] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            found = peers.peers(peers_of, call, Path(tmp), n) if peers_of is not None else []
+        if found:
+            with torch.no_grad():
+                expected = call(dense)
+            for peer in found:
+                invalid_why = peer.unavailable or _differs(peer, call, expected)
+                if invalid_why:
+                    invalid[peer.label] = invalid_why
+                else:
+                    fns[peer.label] = lambda fn=peer.fn: call(fn)
+        with torch.no_grad():
+            t = medians(fns, runs)
+        rows.append(Timing(case, n, {"call": t.pop("dense")}, {"call": t.pop("sparse")}, peers=t,
+                           peers_invalid=invalid))
     return rows
 
 
+def _differs(peer: Any, call: Call, expected: Any) -> str:
+    """Why ``peer``'s output on ``call`` does not stand for ``expected`` (its precision's tolerance), or ""."""
+    from torch.utils import _pytree as pytree
+
+    from sparsecc.core.compare import compare
+    from sparsecc.tooling import peers
+
+    with torch.no_grad():
+        got = pytree.tree_leaves(call(peer.fn))
+    want = pytree.tree_leaves(expected)
+    if len(got) != len(want):
+        return f"{len(got)} outputs, the model has {len(want)}"
+    for i, (a, e) in enumerate(zip(got, want)):
+        stat = compare(f"output {i}", a, e, peers.tolerance(peer.precision))
+        if not stat.ok:
+            return str(stat)
+    return ""
+
+
 def model_table(rows: list[Timing]) -> str:
-    lines = ["| model | threads | dense | sparsecc | speed-up |", "|---|---|---|---|---|"]
-    lines += [f"| {r.case} | {r.threads} | {r.dense['call'] * 1e3:.2f} ms | {r.sparse['call'] * 1e3:.2f} ms | "
-              f"**{r.speedup('call'):.2f}x** |" for r in rows]
+    """dense vs sparsecc per thread count, then each peer's time and speed-up over dense (or why it has none)."""
+    others = list(dict.fromkeys(p for r in rows for p in (*r.peers, *r.peers_invalid)))
+    lines = ["| model | threads | dense | sparsecc | speed-up |" + "".join(f" {p} |" for p in others),
+             "|---|---|---|---|---|" + "---|" * len(others)]
+    for r in rows:
+        cells = [f"{r.peers[p] * 1e3:.2f} ms ({r.dense['call'] / r.peers[p]:.2f}x)" if p in r.peers
+                 else f"not run: {r.peers_invalid.get(p, 'not built')}"[:120] for p in others]
+        lines.append(f"| {r.case} | {r.threads} | {r.dense['call'] * 1e3:.2f} ms | {r.sparse['call'] * 1e3:.2f} ms | "
+                     f"**{r.speedup('call'):.2f}x** |" + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
 
 

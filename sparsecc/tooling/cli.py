@@ -70,7 +70,7 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--llm / --encoder: the "
                        "model's dtype (dense runs in it too)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
-                       "latency.png go")
+                       "latency.png go (MODEL: model.md/.json; --llm / --encoder: llm-DTYPE / encoder-DTYPE.md/.json)")
     bench.add_argument("--runs", type=int, default=200, help="timed rounds per layer configuration")
     bench.add_argument("--model-runs", type=int, default=10, help="timed rounds per end-to-end model")
     bench.add_argument("--models", nargs="*", default=["vit_b_16", "resnet50"])
@@ -140,6 +140,9 @@ def _user(args: argparse.Namespace) -> Any:
 
 
 def _bench_user(args: argparse.Namespace) -> int:
+    """``sparsecc bench MODEL``: dense vs sparsecc (and ``--peers``) on stdout and in OUT/model.md (+ .json)."""
+    import json
+
     import sparsecc
     from sparsecc.core.timing import THREADS
     from sparsecc.runtimes import cpu
@@ -151,11 +154,15 @@ def _bench_user(args: argparse.Namespace) -> int:
     compiled = sparsecc.compile(loaded.model, loaded.call.args, example_kwargs=loaded.call.kwargs,
                                 precision=args.precision)
     print(compiled.report.summary())
-    log.info("timing dense vs sparsecc")
+    log.info("timing dense vs sparsecc" + (" and the peers" if args.peers else ""))
     dense = sparsecc.masked_reference(loaded.model)
     rows = bench_hf.model(dense, compiled, loaded.call, loaded.what, args.model_runs * 2,
-                          tuple(args.threads or THREADS))
-    print(bench_hf.model_table(rows))
+                          tuple(args.threads or THREADS), peers_of=loaded.model if args.peers else None)
+    table = bench_hf.model_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "model.md").write_text(f"CPU: {cpu.describe()}\n\n{table}\n")
+    (args.out / "model.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
+    print(table)
     return 0
 
 

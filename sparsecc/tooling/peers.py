@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 import sparsecc
+from sparsecc.core.errors import SparseccError
+from sparsecc.core.inputs import Arrangement, Call
+from sparsecc.runtimes import file_inputs
 
 
 @dataclass
@@ -54,9 +57,11 @@ def _precision_name(value: Any) -> str:
 
 
 class OpenVINOModule(nn.Module):
-    """An OpenVINO CPU compiled model called with torch tensors, outputs nested like the original model's."""
+    """An OpenVINO CPU compiled model called with torch tensors as the model is called (``arrangement``: keyword
+    inputs by name, as the exported file takes them), outputs nested like the original model's."""
 
-    def __init__(self, onnx_path: Path, outputs: pytree.TreeSpec, threads: int, precision: Optional[str]) -> None:
+    def __init__(self, onnx_path: Path, outputs: pytree.TreeSpec, threads: int, precision: Optional[str],
+                 input_names: Sequence[str] = (), arrangement: Optional[Arrangement] = None) -> None:
         super().__init__()
         import openvino as ov
 
@@ -66,35 +71,52 @@ class OpenVINOModule(nn.Module):
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.outputs = outputs
+        self.outputs, self.input_names, self.arrangement = outputs, list(input_names), arrangement
         #: What OpenVINO actually computes in (its default follows the CPU: bf16 with AMX / AVX512_BF16).
         self.precision = _precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = file_inputs(self.arrangement, args, kwargs, self.input_names, "OpenVINO") if self.input_names \
+            else args
         results = self.request.infer([t.detach().contiguous().numpy() for t in inputs])
         outs = [torch.from_numpy(results[o].copy()) for o in self.compiled.outputs]
         return pytree.tree_unflatten(outs, self.outputs)
 
 
-def dense_onnx(model: nn.Module, example: tuple, directory: Path) -> tuple[Path, list[str], pytree.TreeSpec]:
+def dense_onnx(model: nn.Module, example: "tuple | Call", directory: Path) -> tuple[Path, list[str], pytree.TreeSpec]:
     """The masked model exported dense (explicit zeros): the file both onnxruntime and OpenVINO read."""
-    exported = sparsecc.export_onnx(model, example, directory / "dense.onnx", mode="dense")
+    call = example if isinstance(example, Call) else Call(tuple(example))
+    exported = sparsecc.export_onnx(model, call.args, directory / "dense.onnx", mode="dense",
+                                    example_kwargs=dict(call.kwargs) or None)
     with torch.no_grad():
-        outputs = pytree.tree_structure(model(*example))
+        outputs = pytree.tree_structure(call(model))
     return exported.path, exported.input_names, outputs
 
 
-def peers(model: nn.Module, example: tuple, directory: Path, threads: int, masks: Optional[dict] = None,
+def peers(model: nn.Module, example: "tuple | Call", directory: Path, threads: int, masks: Optional[dict] = None,
           openvino: bool = True) -> list[Peer]:
-    """The peers of ``model`` (masked dense, or with ``masks=``) on ``example`` at ``threads`` threads."""
+    """The peers of ``model`` (masked dense, or with ``masks=``) on ``example`` (positional inputs, or a `Call`
+    with keyword ones) at ``threads`` threads; each is called as the model is."""
     from sparsecc.runtimes.onnxruntime import engine as ort_runtime
 
+    call = example if isinstance(example, Call) else Call(tuple(example))
     reference = sparsecc.masked_reference(model, masks) if masks else sparsecc.masked_reference(model)
-    path, names, outputs = dense_onnx(reference, example, directory)
-    found = [Peer("onnxruntime dense", "fp32", ort_runtime.load(path, names, outputs, threads=threads)),
-             Peer("onnxruntime condensed", "fp32",
-                  sparsecc.compile(model, example, masks=masks, backend="onnxruntime",
-                                   runtime_options={"threads": threads}))]
+    names_precisions = [("onnxruntime dense", "fp32"), ("onnxruntime condensed", "fp32")] + (
+        [("OpenVINO f32", "f32"), ("OpenVINO default", "default")] if openvino else [])
+    try:
+        path, names, outputs = dense_onnx(reference, call, directory)
+    except SparseccError as exc:      # no ONNX file of this model (a decoder answering a KV cache): no peer
+        why = f"no ONNX export of this model ({type(exc).__name__}: {exc})"[:300]
+        return [Peer(name, precision, unavailable=why) for name, precision in names_precisions]
+    arrangement = Arrangement.of(reference.forward, call) if call.kwargs else None
+    found = [Peer("onnxruntime dense", "fp32",
+                  ort_runtime.load(path, names, outputs, threads=threads, arrangement=arrangement))]
+    try:
+        found.append(Peer("onnxruntime condensed", "fp32", sparsecc.compile(
+            model, call.args, example_kwargs=dict(call.kwargs) or None, masks=masks, backend="onnxruntime",
+            runtime_options={"threads": threads})))
+    except SparseccError as exc:
+        found.append(Peer("onnxruntime condensed", "fp32", unavailable=f"{type(exc).__name__}: {exc}"[:300]))
     if not openvino:
         return found
     reason = openvino_unavailable()
@@ -102,7 +124,7 @@ def peers(model: nn.Module, example: tuple, directory: Path, threads: int, masks
         if reason is not None:
             found.append(Peer(name, "f32" if hint else "default", unavailable=reason))
             continue
-        module = OpenVINOModule(path, outputs, threads, hint)
+        module = OpenVINOModule(path, outputs, threads, hint, names, arrangement)
         found.append(Peer(name, module.precision, module))
     return found
 
