@@ -43,7 +43,7 @@ class Timing:
     sparse: dict[str, float]
     units: dict[str, int] = field(default_factory=dict)     # phase -> tokens it produces (tokens/s columns)
     invalid: str = ""
-    #: Peers of a whole-model call (`model(..., peers=True)`), by label with their precision: median seconds, or
+    #: Peers of a whole-model call (`model(..., peers_of=)`), by label with their precision: median seconds, or
     #: why there is none (unavailable, or its output is not the dense model's).
     peers: dict[str, float] = field(default_factory=dict)
     peers_invalid: dict[str, str] = field(default_factory=dict)
