@@ -141,8 +141,8 @@ def test_half_precision_decoder_runs_compiled_kernels_and_decodes_like_the_user_
 def test_bf16_precision_decoder_keeps_its_cache_in_bf16_and_decodes_like_the_fp32_model(arch):
     """``precision="bf16"`` on an fp32 decoder: the logits come back in float32, the KV cache it reads back
     stays as computed, bf16 where autocast computed it (converting it would copy all of it on every step),
-    validation compares the cache by value,
-    and greedy decoding (``generate`` and one call per token) follows the user's fp32 model."""
+    validation compares the cache by value, and greedy decoding (``generate`` and one call per token) follows
+    the user's fp32 model."""
     torch.manual_seed(0)
     model = llama("2:4") if arch == "llama" else gpt2()
     if arch == "gpt2":
