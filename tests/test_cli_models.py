@@ -42,8 +42,10 @@ def test_inspect_a_hugging_face_directory_with_sparsify(gpt2_dir, capsys):
     assert "loaded GPT2LMHeadModel" in captured.err and "sparsify fanin:0.8: 8 layer(s) masked" in captured.err
 
 
-def test_bench_a_trained_encoder_directory(capsys):
-    assert cli.main(["bench", str(hf.minilm_dir()), "--sparsify", "2:4", "--model-runs", "2", "--threads", "1"]) == 0
+def test_bench_a_trained_encoder_directory(tmp_path, capsys):
+    assert cli.main(["bench", str(hf.minilm_dir()), "--sparsify", "2:4", "--model-runs", "2", "--threads", "1",
+                     "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "model.md").read_text().startswith("CPU: ")
     captured = capsys.readouterr()
     assert "36/37 layers condensed (36 nm_linear)" in captured.out
     assert "| BertModel from" in captured.out and "x** |" in captured.out
