@@ -88,9 +88,9 @@ def test_regression_fused_path_on_dense_weights_is_refused_with_the_reason():
 
 
 def test_regression_a_model_that_fails_on_its_own_inputs_is_an_input_error():
-    """Fuzz seed 50076 (and 50074, 50110): the user's model is what sparsecc compares with; where it cannot run its own example (here a float16
-    cast after pruning left nn.MultiheadAttention's out_proj weight in float32: its prune hook never runs), the
-    error says so instead of a RuntimeError from inside torch."""
+    """Fuzz seed 50076 (and 50074, 50110): the user's model is what sparsecc compares with; where it cannot run
+    its own example (here a float16 cast after pruning left nn.MultiheadAttention's out_proj weight in float32:
+    its prune hook never runs), the error says so instead of a RuntimeError from inside torch."""
     torch.manual_seed(0)
 
     class Attend(nn.Module):

@@ -5,9 +5,9 @@ registers) and take their input in bf16; every other op runs under CPU autocast 
 for the dense layers, float32 where autocast keeps it: softmax, norms). Floating outputs are returned in the
 model's own dtype, so callers see the same types as from the fp32 model; the state objects among them that
 the model reads back on its next call (a Hugging Face KV cache) stay as computed, bf16 where autocast computed
-them: converting a cache on every decode step would copy all of it, and the next step would cast it back. Validation compares with the
-user's fp32 model at `TOLERANCE` (relative to max |output|), which the report states, cache tensors by value;
-each condensed layer is checked against its dense op in bf16.
+them: converting a cache on every decode step would copy all of it, and the next step would cast it back.
+Validation compares with the user's fp32 model at `TOLERANCE` (relative to max |output|), which the report
+states, cache tensors by value; each condensed layer is checked against its dense op in bf16.
 """
 
 from __future__ import annotations
