@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from sparsecc.capture.masks import prepare
 from sparsecc.compiler import pipeline, precision as _precision
+from sparsecc.compiler.precision import TOLERANCE as PRECISION_TOLERANCE
 from sparsecc.compiler.compiled import CompiledModel, spec_of
 from sparsecc.compiler.validation import Validation, run_validation
 from sparsecc.core.errors import InputError
@@ -41,7 +43,8 @@ def _options(example: Call, backend: str, validate: bool, autotune: bool,
 def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Optional[Mapping[str, Any]] = None,
             masks: Optional[Mapping[str, Tensor]] = None, backend: str = "auto", validate: bool = True,
             autotune: bool = True, runtime_options: Optional[Mapping[str, Any]] = None,
-            narrow: Optional[bool] = None, precision: str = "fp32") -> CompiledModel:
+            narrow: Optional[bool] = None, precision: str = "fp32",
+            fuse: Union[bool, Sequence[int]] = False) -> CompiledModel:
     """Condense the sparse layers of ``model`` and return a drop-in callable with a ``report``.
 
     ``example_inputs`` (a tensor or a tuple) and ``example_kwargs`` (a dict, e.g. ``input_ids=``,
@@ -72,9 +75,17 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
     values, the rest runs under CPU autocast (AMX where the CPU has it), outputs come back in float32,
     validated against the float32 model at the tolerance the report states. The default ``"fp32"`` runs the
     model in its own dtype.
+
+    ``fuse=True`` (torch's current thread count) or ``fuse=[1, 8]`` (those thread counts) also has inductor
+    compile the dense remainder of the graph for the example call (`sparsecc.compiler.fuse`: LayerNorms,
+    activations, adds and the layers that run dense by choice fused, weights laid out once), validated against
+    your model and kept where it measures faster; inference calls (grad off) like the example at those thread
+    counts run it. It pays where the dense rest dominates (bf16 on a CPU with AMX) and costs seconds of compile
+    per thread count; the report says what each fused graph measured.
     """
     inputs = example_call(example_inputs, example_kwargs)
     options = _options(inputs, backend, validate, autotune, runtime_options, narrow, model, precision)
+    fuse_threads = _fuse_threads(fuse, options)
     c = pipeline.run(pipeline.Compilation(model, masks, inputs, options))
     c.module.requires_grad_(False)    # inference: plain calls build no autograd graph (inputs may still want grads)
     validate_first_call = validate and not options.has_inputs
@@ -85,8 +96,32 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
         compiled.__dict__["_example"] = inputs     # what `save` exports with when given nothing else
         # A captured graph takes its inputs as the example passed them: keyword calls are laid out like it.
         compiled.__dict__["_arrangement"] = Arrangement.of(model.forward, inputs)
+    if fuse_threads:
+        threads = torch.get_num_threads()
+        tolerance = None if options.dtype is None else PRECISION_TOLERANCE
+        try:
+            for n in fuse_threads:
+                torch.set_num_threads(n)
+                log.info("%s", compiled.fuse(c.prepared.user, tolerance, validate))
+        finally:
+            torch.set_num_threads(threads)
     log.info("%s", c.report.summary())
     return compiled
+
+
+def _fuse_threads(fuse: Union[bool, Sequence[int]], options: pipeline.Options) -> tuple[int, ...]:
+    """The thread counts `compile`'s ``fuse=`` asks for, checked."""
+    if fuse is False or fuse is None:
+        return ()
+    if not options.has_inputs:
+        raise InputError("fuse= builds the fused graph for the example call: pass example_inputs")
+    if options.on_engine:
+        raise InputError(f"fuse= fuses the dense ops around sparsecc's layers; backend={options.backend!r} runs the "
+                         f"whole exported model in its own engine: leave fuse off")
+    counts = (torch.get_num_threads(),) if fuse is True else tuple(fuse)
+    if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+        raise InputError(f"fuse={fuse!r}: pass True (torch's thread count) or thread counts >= 1, e.g. fuse=[1, 2]")
+    return tuple(dict.fromkeys(counts))
 
 
 def inspect(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Optional[Mapping[str, Any]] = None,

@@ -17,12 +17,12 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sparsecc.capture.masks import Prepared
-from sparsecc.compiler import autotune
+from sparsecc.compiler import autotune, fuse as _fuse
 from sparsecc.compiler.precision import TOLERANCE as PRECISION_TOLERANCE, AtPrecision, call as precision_call
 from sparsecc.compiler.validation import Validation, input_sets, run_validation
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Call
-from sparsecc.core.layers import dense_semantics
+from sparsecc.core.layers import dense_semantics, in_dense_semantics
 from sparsecc.core.report import LayerChange, Report, StageResult
 from sparsecc.runtimes import tuning
 
@@ -65,6 +65,13 @@ class CompiledModel(nn.Module):
         self.__dict__["_shell"] = shell
         self._keywords = keywords   # the spec came from a call with keyword inputs (no positional example)
         self._dtype = dtype         # the dtype ``precision=`` runs the model in (None: its own)
+        # Fused graphs (`fuse`) by (threads, input shapes and strides): inductor's code, not pickled.
+        self.__dict__["_fused"] = {}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_fused"] = {}
+        return state
 
     @property
     def report(self) -> Report:
@@ -196,6 +203,11 @@ class CompiledModel(nn.Module):
         if not finite:
             with dense_semantics():
                 return precision_call(nn.Module.__call__, dtype, module, *args, **kwargs)
+        fused = state.get("_fused")
+        if fused and not torch.is_grad_enabled() and not in_dense_semantics():
+            hit = fused.get((torch.get_num_threads(), _fuse.key(tensors)))
+            if hit is not None:
+                return hit(tensors, dtype)
         # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
         out = precision_call(nn.Module.__call__, dtype, module, *args, **kwargs)
         if tuning.routes_made() != settled:      # this call settled choices: check them on the whole model
@@ -222,6 +234,66 @@ class CompiledModel(nn.Module):
             lock.release()
         if note:
             self.add_result(StageResult("whole model", note, notes=(note,)))
+
+    def fuse(self, against: nn.Module, tolerance: Optional[float], validate: bool = True) -> str:
+        """Fuse the dense remainder for the example call at torch's current thread count
+        (`sparsecc.compiler.fuse`; `compile(fuse=...)` calls this for each thread count it is given): inductor
+        compiles the graph with the layers that run dense by choice as torch's op, the fused graph is validated
+        against ``against`` (the user's model as run) at ``tolerance``, and later calls like the example (same
+        input shapes and strides, this thread count, grad off, finite inputs) run it where it measured
+        `FUSE_MARGIN` faster than the eager graph. Returns the note the report gets."""
+        from sparsecc.core import timing
+
+        threads, dtype = torch.get_num_threads(), self.__dict__.get("_dtype")
+        where = f"{threads} thread(s)"
+        example = self.__dict__.get("_example")
+        if not self._strict or example is None:
+            return self._fuse_note(f"fuse at {where}: not fused: there is no captured graph with example inputs "
+                                   f"(the layers were swapped in place, or the model runs on an engine)")
+        with torch.no_grad():
+            example(self)           # the layers' choices at this thread count, checked on the whole model
+        arrangement = self.__dict__.get("_arrangement")
+        call = arrangement.arrange(example.args, example.kwargs) if arrangement is not None else example
+        flat = (*call.args, *call.kwargs.values())
+        try:
+            order = _fuse.graph_inputs(self.module, call, flat)
+            run, dense, sparse = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads)
+        except _fuse.FuseError as exc:
+            return self._fuse_note(f"fuse at {where}: not fused: {exc}")
+        entry = _fuse.Fused(run, order, threads, dense, sparse)
+        slot = (threads, _fuse.key(flat))
+        fused = self.__dict__["_fused"]
+        fused[slot] = entry
+        checked = "not validated (validate=False)"
+        if validate:
+            sets = input_sets(example)
+            before = entry.calls
+            check = run_validation(against, self, sets, None, tolerance, held_in=dtype)
+            if not check.ok or entry.calls - before != len(sets):
+                del fused[slot]
+                why = check.message() if not check.ok else "the validation calls did not reach it"
+                return self._fuse_note(f"fuse at {where}: not kept: {why}")
+            checked = "validated: " + "; ".join(map(str, check.end_to_end))
+
+        def eager() -> None:
+            fused.pop(slot)
+            try:
+                example(self)
+            finally:
+                fused[slot] = entry
+
+        times = timing.medians({"eager": eager, "fused": lambda: example(self)}, runs=5, warmup=1, budget_s=1.0)
+        kept = times["fused"] * (1 + _fuse.FUSE_MARGIN) < times["eager"]
+        if not kept:
+            del fused[slot]
+        layers = f"{dense} layer(s) dense by choice as torch's op, {sparse} sparse kernel(s) as custom ops"
+        outcome = "kept for calls like the example" if kept else f"not kept (not {_fuse.FUSE_MARGIN:.0%} faster)"
+        return self._fuse_note(f"fuse at {where}: {times['fused'] * 1e3:,.2f} ms fused ({layers}) vs "
+                               f"{times['eager'] * 1e3:,.2f} ms eager: {outcome}; {checked}")
+
+    def _fuse_note(self, note: str) -> str:
+        self.add_result(StageResult("fuse", note, notes=(note,)))
+        return note
 
 
 def validation_result(prepared: Prepared, module: nn.Module, input_sets: Sequence[tuple],

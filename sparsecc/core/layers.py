@@ -38,6 +38,11 @@ def dense_semantics() -> Iterator[None]:
         _SEMANTICS.dense = before
 
 
+def in_dense_semantics() -> bool:
+    """Whether this thread is inside `dense_semantics` (a fused graph, which cannot follow it, steps aside)."""
+    return _SEMANTICS.dense
+
+
 #: The ops `exact_bf16` computes in float32.
 _GEMMS = frozenset({torch.nn.functional.linear, torch.conv1d, torch.conv2d, torch.conv3d})
 
