@@ -87,7 +87,8 @@ def test_model_rows_with_peers_render(monkeypatch, tmp_path):
     progress = bench.Progress(1)
     row = bench.bench_model("small", 2, progress, memory=False, threads=1, openvino=True)
     assert "sparsecc" not in row.invalid and row.times["sparsecc"] > 0
-    labels = {"onnxruntime dense (fp32)", "onnxruntime condensed (fp32)", "OpenVINO f32 (fp32)", "sparsecc (bf16)"}
+    labels = {"onnxruntime dense (fp32)", "onnxruntime condensed (fp32)", "OpenVINO f32 (fp32)", "sparsecc (bf16)",
+              "sparsecc fused (bf16)"}
     assert labels <= set(row.times)
     assert any(m.startswith("OpenVINO default (") for m in row.times)
     table = bench.peer_table([row])

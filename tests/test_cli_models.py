@@ -85,6 +85,17 @@ def test_bench_of_your_model_with_peers_writes_their_rows(kind, tmp_path, bert_d
     assert (out / "model.md").read_text().startswith("CPU: ")
 
 
+def test_bench_of_your_model_with_fuse_reports_each_thread_count(tmp_path, capsys):
+    """``sparsecc bench MODEL --fuse``: the model is compiled with ``fuse=`` at the bench's thread counts, and
+    the report printed before the table says what each fused graph measured."""
+    torch.save(small_net(), tmp_path / "net.pt")
+    args = [str(tmp_path / "net.pt"), "--sparsify", "fanin:0.75", "--input-shape", "1,3,16,16", "--fuse"]
+    assert cli.main(["bench", *args, "--model-runs", "2", "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "fuse at 1 thread(s): " in printed and " ms fused (" in printed, printed
+    assert json.loads((tmp_path / "out" / "model.json").read_text())[0]["sparse"]["call"] > 0
+
+
 def test_bench_peers_of_a_model_onnx_cannot_hold_say_why(tmp_path, gpt2_dir, capsys):
     """A decoder answering a KV cache has no ONNX file: its peers are reported not run, with the reason, and
     dense vs sparsecc is still timed."""

@@ -104,11 +104,16 @@ def test_fused_graph_of_dense_by_choice_layers_equals_the_users_model(build, sha
     assert entry.calls == served + 2
 
 
+@pytest.mark.parametrize("build,shape", [(_mlp, (5, 64)), (_cnn, (2, 3, 12, 12))])
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])
-def test_fused_graph_keeps_sparse_kernels_as_custom_ops(prec, keep_any):
-    model = _mlp()
-    x = torch.randn(5, 64)
+def test_fused_graph_keeps_sparse_kernels_as_custom_ops(build, shape, prec, keep_any):
+    """The condensed convolution answers in its input's layout (channels-last at ``precision="bf16"``): the
+    op's fake says so too, or inductor's stride check fails inside the fused graph."""
+    model = build()
+    x = torch.randn(*shape)
     compiled = sparsecc.compile(model, (x,), precision=prec, fuse=True)     # conftest pins the sparse kernels
+    [note] = _fuse_notes(compiled)
+    assert "kept for calls like the example" in note, note
     [entry] = _entries(compiled)
     assert entry.dense == 0 and entry.sparse == sum(isinstance(m, CondensedLayer) for m in compiled.modules())
     with torch.no_grad():
@@ -194,6 +199,21 @@ def test_a_fused_graph_failing_validation_is_dropped(monkeypatch, keep_any):
     compiled = sparsecc.compile(model, (x,), fuse=True)
     [note] = _fuse_notes(compiled)
     assert "not kept" in note and "output 0" in note, note
+    assert _entries(compiled) == []
+    with torch.no_grad():
+        assert_equivalent(compiled(x), model(x))
+
+
+def test_a_fused_graph_failing_to_run_is_dropped_with_the_reason(monkeypatch, keep_any):
+    def failing(*inputs):
+        raise RuntimeError("expected size 30==30, stride 1==784")
+
+    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads: (failing, 0, 3))
+    model = _mlp()
+    x = torch.randn(6, 64)
+    compiled = sparsecc.compile(model, (x,), fuse=True)
+    [note] = _fuse_notes(compiled)
+    assert "not kept: it failed to run (RuntimeError: expected size 30==30, stride 1==784)" in note, note
     assert _entries(compiled) == []
     with torch.no_grad():
         assert_equivalent(compiled(x), model(x))

@@ -265,15 +265,6 @@ class CompiledModel(nn.Module):
         fused = self.__dict__["_fused"]
         fused[slot] = entry
         checked = "not validated (validate=False)"
-        if validate:
-            sets = input_sets(example)
-            before = entry.calls
-            check = run_validation(against, self, sets, None, tolerance, held_in=dtype)
-            if not check.ok or entry.calls - before != len(sets):
-                del fused[slot]
-                why = check.message() if not check.ok else "the validation calls did not reach it"
-                return self._fuse_note(f"fuse at {where}: not kept: {why}")
-            checked = "validated: " + "; ".join(map(str, check.end_to_end))
 
         def eager() -> None:
             fused.pop(slot)
@@ -282,7 +273,22 @@ class CompiledModel(nn.Module):
             finally:
                 fused[slot] = entry
 
-        times = timing.medians({"eager": eager, "fused": lambda: example(self)}, runs=5, warmup=1, budget_s=1.0)
+        try:
+            if validate:
+                sets = input_sets(example)
+                before = entry.calls
+                check = run_validation(against, self, sets, None, tolerance, held_in=dtype)
+                if not check.ok or entry.calls - before != len(sets):
+                    del fused[slot]
+                    why = check.message() if not check.ok else "the validation calls did not reach it"
+                    return self._fuse_note(f"fuse at {where}: not kept: {why}")
+                checked = "validated: " + "; ".join(map(str, check.end_to_end))
+            times = timing.medians({"eager": eager, "fused": lambda: example(self)}, runs=5, warmup=1,
+                                   budget_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - a fused graph that fails to run is dropped, with the reason
+            fused.pop(slot, None)
+            return self._fuse_note(f"fuse at {where}: not kept: it failed to run ({type(exc).__name__}: "
+                                   f"{str(exc)[:300]})")
         kept = times["fused"] * (1 + _fuse.FUSE_MARGIN) < times["eager"]
         if not kept:
             del fused[slot]

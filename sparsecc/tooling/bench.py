@@ -199,8 +199,9 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
     tvm_library = lambda x: torch.from_numpy(library(x))  # noqa: E731
     methods = {"dense eager": dense, "sparsecc": compiled, "torch.compile sparsecc": via_dynamo,
                "TVM library": tvm_library, **{p.label: p.fn for p in others if p.fn is not None}}
-    if openvino:     # beside the peers' reduced precision: sparsecc's own (`compile(..., precision="bf16")`)
-        methods["sparsecc (bf16)"] = sparsecc.compile(model, (x,), precision="bf16")
+    if openvino:     # beside the peers' reduced precision: sparsecc's own (`compile(..., precision="bf16")`),
+        methods["sparsecc (bf16)"] = sparsecc.compile(model, (x,), precision="bf16")    # and with its rest fused
+        methods["sparsecc fused (bf16)"] = sparsecc.compile(model, (x,), precision="bf16", fuse=True)
     invalid = {p.label: p.unavailable for p in others if p.fn is None}
     errors = {}
     with torch.no_grad():

@@ -67,6 +67,8 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
                        "(90%% fan-in and 2:4) at 16 and 128 tokens")
     bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="MODEL: compile it at this "
                        "precision (`compile(precision=)`); --peers adds a bf16 sparsecc row either way")
+    bench.add_argument("--fuse", action="store_true", help="MODEL: compile with fuse= at each thread count "
+                       "(inductor fuses the dense remainder; kept where measured faster, the report says)")
     bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--llm / --encoder: the "
                        "model's dtype (dense runs in it too)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
@@ -152,7 +154,7 @@ def _bench_user(args: argparse.Namespace) -> int:
     loaded = _user(args)
     log = usermodel.progress()
     compiled = sparsecc.compile(loaded.model, loaded.call.args, example_kwargs=loaded.call.kwargs,
-                                precision=args.precision)
+                                precision=args.precision, fuse=tuple(args.threads or THREADS) if args.fuse else False)
     print(compiled.report.summary())
     log.info("timing dense vs sparsecc" + (" and the peers" if args.peers else ""))
     dense = sparsecc.masked_reference(loaded.model)

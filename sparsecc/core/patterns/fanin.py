@@ -73,7 +73,8 @@ def explain(mask: Tensor) -> str:
 @torch.library.custom_op("sparsecc::condensed_linear", mutates_args=())
 def linear_op(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor], bias: Optional[Tensor],
               out_features: int, runtime: str) -> Tensor:
-    return own(kernel(runtime, LINEAR.name)(x, values, indices, rows, bias, out_features), x, bias)
+    # contiguous, as the fake says (inductor checks a custom op's output strides against it)
+    return own(kernel(runtime, LINEAR.name)(x, values, indices, rows, bias, out_features).contiguous(), x, bias)
 
 
 @linear_op.register_fake
@@ -87,13 +88,21 @@ def conv2d_op(x: Tensor, values: Tensor, indices: Tensor, rows: Optional[Tensor]
               dilation: list[int], groups: int, runtime: str) -> Tensor:
     out = kernel(runtime, CONV2D.name)(x, values, indices, rows, bias, out_channels, kernel_size, stride, padding,
                                        dilation, groups)
-    return own(out, x, bias)
+    return own(out.contiguous(memory_format=_memory_format(x)), x, bias)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The op answers in its input's memory format, as torch's convolution does and as its fake says (inductor
+    checks a custom op's output strides against the fake's): channels-last for a 4-D channels-last input (not
+    also contiguous), torch's layout otherwise. Runtimes that compute in another layout are converted here."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @conv2d_op.register_fake
 def _(x, values, indices, rows, bias, out_channels, kernel_size, stride, padding, dilation, groups, runtime):
     h, w = (conv_out_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i]) for i in range(2))
-    return x.new_empty((*x.shape[:-3], out_channels, h, w))
+    return x.new_empty((*x.shape[:-3], out_channels, h, w)).contiguous(memory_format=_memory_format(x))
 
 
 def _linear_grad(ctx, grad: Tensor):

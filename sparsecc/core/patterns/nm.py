@@ -63,7 +63,8 @@ def explain(mask: Tensor) -> str:
 @torch.library.custom_op("sparsecc::nm_linear", mutates_args=())
 def linear_op(x: Tensor, values: Tensor, metadata: Tensor, bias: Optional[Tensor], in_features: int,
               runtime: str) -> Tensor:
-    return own(kernel(runtime, LINEAR.name)(x, values, metadata, bias, in_features), x, bias)
+    # contiguous, as the fake says (inductor checks a custom op's output strides against it)
+    return own(kernel(runtime, LINEAR.name)(x, values, metadata, bias, in_features).contiguous(), x, bias)
 
 
 @linear_op.register_fake
