@@ -96,17 +96,21 @@ def compile(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Opt
         compiled.__dict__["_example"] = inputs     # what `save` exports with when given nothing else
         # A captured graph takes its inputs as the example passed them: keyword calls are laid out like it.
         compiled.__dict__["_arrangement"] = Arrangement.of(model.forward, inputs)
-    if fuse_threads:
-        threads = torch.get_num_threads()
-        tolerance = None if options.dtype is None else PRECISION_TOLERANCE
-        try:
-            for n in fuse_threads:
-                torch.set_num_threads(n)
-                log.info("%s", compiled.fuse(c.prepared.user, tolerance, validate))
-        finally:
-            torch.set_num_threads(threads)
+    _fuse(compiled, c.prepared.user, fuse_threads, options)
     log.info("%s", c.report.summary())
     return compiled
+
+
+def _fuse(compiled: CompiledModel, user: nn.Module, counts: tuple[int, ...], options: pipeline.Options) -> None:
+    """`CompiledModel.fuse` at each thread count ``fuse=`` asked for; torch's own thread count is restored."""
+    threads = torch.get_num_threads()
+    tolerance = None if options.dtype is None else PRECISION_TOLERANCE
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            log.info("%s", compiled.fuse(user, tolerance, options.validate))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fuse_threads(fuse: Union[bool, Sequence[int]], options: pipeline.Options) -> tuple[int, ...]:

@@ -242,8 +242,6 @@ class CompiledModel(nn.Module):
         against ``against`` (the user's model as run) at ``tolerance``, and later calls like the example (same
         input shapes and strides, this thread count, grad off, finite inputs) run it where it measured
         `FUSE_MARGIN` faster than the eager graph. Returns the note the report gets."""
-        from sparsecc.core import timing
-
         threads, dtype = torch.get_num_threads(), self.__dict__.get("_dtype")
         where = f"{threads} thread(s)"
         example = self.__dict__.get("_example")
@@ -261,7 +259,16 @@ class CompiledModel(nn.Module):
         except _fuse.FuseError as exc:
             return self._fuse_note(f"fuse at {where}: not fused: {exc}")
         entry = _fuse.Fused(run, order, threads, dense, sparse)
-        slot = (threads, _fuse.key(flat))
+        outcome = self._keep_fused(entry, (threads, _fuse.key(flat)), against, tolerance, validate)
+        return self._fuse_note(f"fuse at {where}: {outcome}")
+
+    def _keep_fused(self, entry: _fuse.Fused, slot: tuple, against: nn.Module, tolerance: Optional[float],
+                    validate: bool) -> str:
+        """Serve ``slot``'s calls with ``entry`` where it validates and measures faster than the eager graph;
+        what happened, for the report."""
+        from sparsecc.core import timing
+
+        example, dtype = self.__dict__["_example"], self.__dict__.get("_dtype")
         fused = self.__dict__["_fused"]
         fused[slot] = entry
         checked = "not validated (validate=False)"
@@ -280,22 +287,21 @@ class CompiledModel(nn.Module):
                 check = run_validation(against, self, sets, None, tolerance, held_in=dtype)
                 if not check.ok or entry.calls - before != len(sets):
                     del fused[slot]
-                    why = check.message() if not check.ok else "the validation calls did not reach it"
-                    return self._fuse_note(f"fuse at {where}: not kept: {why}")
+                    return f"not kept: {check.message() if not check.ok else 'the validation calls did not reach it'}"
                 checked = "validated: " + "; ".join(map(str, check.end_to_end))
             times = timing.medians({"eager": eager, "fused": lambda: example(self)}, runs=5, warmup=1,
                                    budget_s=1.0)
         except Exception as exc:  # noqa: BLE001 - a fused graph that fails to run is dropped, with the reason
             fused.pop(slot, None)
-            return self._fuse_note(f"fuse at {where}: not kept: it failed to run ({type(exc).__name__}: "
-                                   f"{str(exc)[:300]})")
+            return f"not kept: it failed to run ({type(exc).__name__}: {str(exc)[:300]})"
         kept = times["fused"] * (1 + _fuse.FUSE_MARGIN) < times["eager"]
         if not kept:
             del fused[slot]
-        layers = f"{dense} layer(s) dense by choice as torch's op, {sparse} sparse kernel(s) as custom ops"
+        layers = f"{entry.dense} layer(s) dense by choice as torch's op, {entry.sparse} sparse kernel(s) as custom " \
+                 f"ops"
         outcome = "kept for calls like the example" if kept else f"not kept (not {_fuse.FUSE_MARGIN:.0%} faster)"
-        return self._fuse_note(f"fuse at {where}: {times['fused'] * 1e3:,.2f} ms fused ({layers}) vs "
-                               f"{times['eager'] * 1e3:,.2f} ms eager: {outcome}; {checked}")
+        return (f"{times['fused'] * 1e3:,.2f} ms fused ({layers}) vs {times['eager'] * 1e3:,.2f} ms eager: "
+                f"{outcome}; {checked}")
 
     def _fuse_note(self, note: str) -> str:
         self.add_result(StageResult("fuse", note, notes=(note,)))
