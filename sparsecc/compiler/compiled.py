@@ -248,13 +248,13 @@ class CompiledModel(nn.Module):
         if not self._strict or example is None:
             return self._fuse_note(f"fuse at {where}: not fused: there is no captured graph with example inputs "
                                    f"(the layers were swapped in place, or the model runs on an engine)")
-        with torch.no_grad():
-            example(self)           # the layers' choices at this thread count, checked on the whole model
         arrangement = self.__dict__.get("_arrangement")
         call = arrangement.arrange(example.args, example.kwargs) if arrangement is not None else example
         flat = (*call.args, *call.kwargs.values())
         try:
             order = _fuse.graph_inputs(self.module, call, flat)
+            with torch.no_grad():
+                example(self)       # the layers' choices at this thread count, checked on the whole model
             run, dense, sparse = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads)
         except _fuse.FuseError as exc:
             return self._fuse_note(f"fuse at {where}: not fused: {exc}")

@@ -66,7 +66,7 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--encoder", action="store_true", help="only the trained all-MiniLM-L6-v2 encoder "
                        "(90%% fan-in and 2:4) at 16 and 128 tokens")
     bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="MODEL: compile it at this "
-                       "precision (`compile(precision=)`); --peers adds a bf16 sparsecc row either way")
+                       "precision (`compile(precision=)`); the built-in bench's --peers adds bf16 sparsecc rows itself")
     bench.add_argument("--fuse", action="store_true", help="MODEL: compile with fuse= at each thread count "
                        "(inductor fuses the dense remainder; kept where measured faster, the report says)")
     bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--llm / --encoder: the "
