@@ -50,6 +50,21 @@ class TwoInputs(nn.Module):
         return torch.relu(self.a(left)) * torch.sigmoid(self.b(right))
 
 
+class TupleAndDefaults(nn.Module):
+    """Answers a tuple (inductor answers a list) and has parameters the example leaves at their defaults (the
+    fused graph bakes them in: timm's ViT has ``attn_mask=None``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        h = torch.relu(self.a(x))
+        if mask is not None:
+            h = h * mask
+        return self.b(h) * scale, h.sum(-1)
+
+
 @pytest.fixture
 def keep_any(monkeypatch):
     """Keep any fused graph that validates (these tests check what it computes, not its speed)."""
@@ -168,6 +183,28 @@ def test_keyword_calls_in_any_order_reach_the_fused_graph(keep_any, dense_choice
 
 
 @pytest.mark.measured_choice
+def test_tuple_outputs_and_defaulted_parameters_reach_the_fused_graph(keep_any, dense_choices):
+    torch.manual_seed(0)
+    model = TupleAndDefaults().eval()
+    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
+    x = torch.randn(5, 32)
+    compiled = sparsecc.compile(model, (x,), fuse=True)
+    [note] = _fuse_notes(compiled)
+    assert "kept for calls like the example" in note and "output 1" in note, note
+    [entry] = _entries(compiled)
+    served = entry.calls
+    with torch.no_grad():
+        for inputs in (x, torch.randn(5, 32)):
+            out, expected = compiled(inputs), model(inputs)
+            assert type(out) is tuple and len(out) == 2
+            for actual, wanted in zip(out, expected):
+                assert_equivalent(actual, wanted)
+        with pytest.raises(InputError, match="'mask' were not in the example call"):   # so baking it is safe
+            compiled(x, torch.ones(5, 64))
+    assert entry.calls == served + 2
+
+
+@pytest.mark.measured_choice
 def test_a_fused_graph_that_is_not_faster_is_not_kept(monkeypatch, dense_choices):
     monkeypatch.setattr(_fuse, "FUSE_MARGIN", 100.0)
     model = _mlp()
@@ -193,7 +230,7 @@ def test_the_measurement_decides_and_the_model_stays_right_either_way(dense_choi
 
 def test_a_fused_graph_failing_validation_is_dropped(monkeypatch, keep_any):
     wrong = lambda *inputs: torch.zeros(inputs[0].shape[0], 10)     # noqa: E731 - a graph that computes nonsense
-    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads: (wrong, 0, 3))
+    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (wrong, 0, 3))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)
@@ -208,7 +245,7 @@ def test_a_fused_graph_failing_to_run_is_dropped_with_the_reason(monkeypatch, ke
     def failing(*inputs):
         raise RuntimeError("expected size 30==30, stride 1==784")
 
-    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads: (failing, 0, 3))
+    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (failing, 0, 3))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)

@@ -252,13 +252,13 @@ class CompiledModel(nn.Module):
         call = arrangement.arrange(example.args, example.kwargs) if arrangement is not None else example
         flat = (*call.args, *call.kwargs.values())
         try:
-            order = _fuse.graph_inputs(self.module, call, flat)
+            order, defaults = _fuse.graph_inputs(self.module, call, flat)
             with torch.no_grad():
-                example(self)       # the layers' choices at this thread count, checked on the whole model
-            run, dense, sparse = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads)
+                out = example(self)     # the layers' choices at this thread count, checked on the whole model
+            run, dense, sparse = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads, defaults)
         except _fuse.FuseError as exc:
             return self._fuse_note(f"fuse at {where}: not fused: {exc}")
-        entry = _fuse.Fused(run, order, threads, dense, sparse)
+        entry = _fuse.Fused(run, order, threads, dense, sparse, spec=pytree.tree_structure(out))
         outcome = self._keep_fused(entry, (threads, _fuse.key(flat)), against, tolerance, validate)
         return self._fuse_note(f"fuse at {where}: {outcome}")
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 
 from sparsecc.compiler import precision as _precision
@@ -83,12 +84,17 @@ class Fused:
     threads: int
     dense: int          # condensed layers given to inductor as torch's dense op
     sparse: int         # condensed layers left as the sparse custom op
+    spec: Optional[pytree.TreeSpec] = None      # the eager output's structure (inductor answers tuples as lists)
     calls: int = 0      # calls served (validation checks that it ran this graph)
 
     def __call__(self, tensors: Sequence[Tensor], dtype: Optional[torch.dtype]) -> Any:
         self.calls += 1
         with _precision.running(dtype):
             out = self.run(*[tensors[i] for i in self.order])
+        if self.spec is not None:
+            leaves, spec = pytree.tree_flatten(out)
+            if spec != self.spec:
+                out = pytree.tree_unflatten(leaves, self.spec)
         return _precision.restore(out, dtype)
 
 
@@ -98,31 +104,48 @@ def key(tensors: Sequence[Tensor]) -> tuple:
     return tuple((tuple(t.shape), t.stride()) for t in tensors)
 
 
-def graph_inputs(gm: fx.GraphModule, call: Call, flat: Sequence[Any]) -> tuple[int, ...]:
+def graph_inputs(gm: fx.GraphModule, call: Call, flat: Sequence[Any]) -> tuple[tuple[int, ...], dict[str, Any]]:
     """Where each placeholder of ``gm`` finds its value among ``flat`` (the call's values as `CompiledModel`
-    flattens them); `FuseError` when a placeholder is not a tensor of the call."""
+    flattens them), and the placeholders the call leaves at their default (``attn_mask=None``), by name, with
+    that default: the fused graph bakes them in (it serves only calls like this one). `FuseError` when a
+    placeholder the call passes is not a tensor."""
     names = [*[None] * len(call.args), *call.kwargs]
-    order = []
+    order, defaults = [], {}
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         at = names.index(node.target) if node.target in names else (i if i < len(call.args) else None)
+        if at is None and node.args:
+            defaults[node.name] = node.args[0]
+            continue
         if at is None or not isinstance(flat[at], Tensor):
             raise FuseError(f"graph input {node.target!r} is not a tensor of the call (fusing takes calls of "
                             f"tensors only)")
         order.append(at)
     if len(order) != len(flat):
         raise FuseError(f"the graph takes {len(order)} input(s), the call passes {len(flat)}")
-    return tuple(order)
+    return tuple(order), defaults
 
 
-def fused_graph(gm: fx.GraphModule, inputs: Sequence[Tensor], dtype: Optional[torch.dtype],
-                threads: int) -> tuple[Callable[..., Any], int, int]:
+def _bake(graph: fx.Graph, defaults: dict[str, Any]) -> None:
+    """Replace each placeholder named in ``defaults`` by its value wherever it is used, and drop it."""
+    for node in [n for n in graph.nodes if n.op == "placeholder" and n.name in defaults]:
+        value = defaults[node.name]
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+        graph.erase_node(node)
+
+
+def fused_graph(gm: fx.GraphModule, inputs: Sequence[Tensor], dtype: Optional[torch.dtype], threads: int,
+                defaults: Optional[dict[str, Any]] = None) -> tuple[Callable[..., Any], int, int]:
     """inductor's compilation of ``gm`` (frozen weights, grad off, under ``dtype``'s autocast) with its
-    dense-by-choice condensed layers as `DenseStandIn`; also how many layers went dense and how many stay sparse.
-    `FuseError` when inductor fails."""
+    dense-by-choice condensed layers as `DenseStandIn` and the placeholders in ``defaults`` baked in (see
+    `graph_inputs`); also how many layers went dense and how many stay sparse. `FuseError` when inductor fails."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
-    copy_ = fx.GraphModule(gm, copy.deepcopy(gm.graph))      # its leaves are gm's modules
+    graph = copy.deepcopy(gm.graph)
+    _bake(graph, defaults or {})
+    copy_ = fx.GraphModule(gm, graph)      # its leaves are gm's modules
     dense = sparse = 0
     for path, layer in list(copy_.named_modules()):
         if not isinstance(layer, CondensedLayer):
