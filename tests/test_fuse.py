@@ -121,19 +121,63 @@ def test_fused_graph_of_dense_by_choice_layers_equals_the_users_model(build, sha
 
 @pytest.mark.parametrize("build,shape", [(_mlp, (5, 64)), (_cnn, (2, 3, 12, 12))])
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])
-def test_fused_graph_keeps_sparse_kernels_as_custom_ops(build, shape, prec, keep_any):
-    """The condensed convolution answers in its input's layout (channels-last at ``precision="bf16"``): the
-    op's fake says so too, or inductor's stride check fails inside the fused graph."""
+def test_fused_graph_runs_sparse_kernels_eagerly(build, shape, prec, keep_any):
+    """Each sparse layer is an opaque call inside the fused graph that runs the layer as the eager graph does;
+    its output's strides are the eager run's (a condensed convolution answers channels-last at
+    ``precision="bf16"``), or inductor's stride check fails."""
     model = build()
     x = torch.randn(*shape)
     compiled = sparsecc.compile(model, (x,), precision=prec, fuse=True)     # conftest pins the sparse kernels
     [note] = _fuse_notes(compiled)
     assert "kept for calls like the example" in note, note
     [entry] = _entries(compiled)
-    assert entry.dense == 0 and entry.sparse == sum(isinstance(m, CondensedLayer) for m in compiled.modules())
+    layers = sum(isinstance(m, CondensedLayer) for m in compiled.modules())
+    assert entry.dense == 0 and entry.sparse == layers == len(entry.eager.handles) + entry.eager.chains  # a chain: 1
     with torch.no_grad():
         _check(compiled(x), model(x), prec)
     assert entry.calls >= 1
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(64), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def test_a_chain_stays_a_chain_in_the_fused_graph(keep_any, monkeypatch):
+    """fc1 -> GELU -> fc2 runs as one eager call in the fused graph, its intermediate in the runtime's layout
+    (as the layers' custom ops, inductor would cut the chain); the registered calls go with the fused graph."""
+    from sparsecc.runtimes.tvm.runtime import BoundLinear
+
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
+    x = torch.randn(1, 40, 64)
+    compiled = sparsecc.compile(model, (x,), fuse=True)     # conftest pins the sparse kernels
+    [note] = _fuse_notes(compiled)
+    assert "kept for calls like the example" in note and "(1 chain(s) of two)" in note, note
+    [entry] = _entries(compiled)
+    assert entry.eager.chains == 1
+    chained = []
+    real = BoundLinear.chain
+    monkeypatch.setattr(BoundLinear, "chain", lambda self, *a, **k: chained.append(1) or real(self, *a, **k))
+    served = entry.calls
+    with torch.no_grad():
+        for inputs in (x, torch.randn(1, 40, 64)):
+            out = compiled(inputs)
+            assert_equivalent(out, model(inputs))
+            assert_equivalent(out, sparsecc.masked_reference(model)(inputs))
+    assert entry.calls == served + 2 and len(chained) == 2
+    handles = list(entry.eager.handles)
+    assert handles and all(h in _fuse._EAGER for h in handles)
+    del compiled, entry
+    import gc
+
+    gc.collect()
+    assert not any(h in _fuse._EAGER for h in handles)
 
 
 @pytest.mark.measured_choice
@@ -230,7 +274,7 @@ def test_the_measurement_decides_and_the_model_stays_right_either_way(dense_choi
 
 def test_a_fused_graph_failing_validation_is_dropped(monkeypatch, keep_any):
     wrong = lambda *inputs: torch.zeros(inputs[0].shape[0], 10)     # noqa: E731 - a graph that computes nonsense
-    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (wrong, 0, 3))
+    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (wrong, 0, 3, _fuse.EagerCalls()))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)
@@ -245,7 +289,7 @@ def test_a_fused_graph_failing_to_run_is_dropped_with_the_reason(monkeypatch, ke
     def failing(*inputs):
         raise RuntimeError("expected size 30==30, stride 1==784")
 
-    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (failing, 0, 3))
+    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (failing, 0, 3, _fuse.EagerCalls()))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)

@@ -26,6 +26,13 @@ def _conv_args():
             "reference")
 
 
+def _conv_channels_last_args():
+    """A channels-last input: the op answers channels-last, and its fake must say so (inductor checks an op's
+    output strides against its fake's)."""
+    x, *rest = _conv_args()
+    return (x.contiguous(memory_format=torch.channels_last), *rest)
+
+
 def _nm_args():
     w = torch.randn(10, 16)
     mask = nm_mask(w)
@@ -34,10 +41,21 @@ def _nm_args():
 
 
 @pytest.mark.parametrize("op,args", [("condensed_linear", _fanin_args), ("condensed_conv2d", _conv_args),
-                                     ("nm_linear", _nm_args)])
+                                     ("condensed_conv2d", _conv_channels_last_args), ("nm_linear", _nm_args)])
 def test_opcheck(op, args):
     torch.library.opcheck(getattr(torch.ops.sparsecc, op).default, args(),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_channels_last_convolution_answers_in_the_strides_its_fake_gives():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _conv_channels_last_args()
+    real = torch.ops.sparsecc.condensed_conv2d(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.sparsecc.condensed_conv2d(mode.from_tensor(args[0]), *args[1:])
+    assert real.is_contiguous(memory_format=torch.channels_last) and not real.is_contiguous()
+    assert (real.shape, real.stride()) == (fake.shape, fake.stride())
 
 
 def test_export_traces_a_condensed_op():

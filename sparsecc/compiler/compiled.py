@@ -255,10 +255,11 @@ class CompiledModel(nn.Module):
             order, defaults = _fuse.graph_inputs(self.module, call, flat)
             with torch.no_grad():
                 out = example(self)     # the layers' choices at this thread count, checked on the whole model
-            run, dense, sparse = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads, defaults)
+            run, dense, sparse, eager = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads,
+                                                          defaults)
         except _fuse.FuseError as exc:
             return self._fuse_note(f"fuse at {where}: not fused: {exc}")
-        entry = _fuse.Fused(run, order, threads, dense, sparse, spec=pytree.tree_structure(out))
+        entry = _fuse.Fused(run, order, threads, dense, sparse, eager, spec=pytree.tree_structure(out))
         outcome = self._keep_fused(entry, (threads, _fuse.key(flat)), against, tolerance, validate)
         return self._fuse_note(f"fuse at {where}: {outcome}")
 
@@ -284,7 +285,7 @@ class CompiledModel(nn.Module):
             if validate:
                 sets = input_sets(example)
                 before = entry.calls
-                check = run_validation(against, self, sets, None, tolerance, held_in=dtype)
+                check = run_validation(against, self, sets, None, tolerance, held_in=dtype, layer_checks=False)
                 if not check.ok or entry.calls - before != len(sets):
                     del fused[slot]
                     return f"not kept: {check.message() if not check.ok else 'the validation calls did not reach it'}"
@@ -297,8 +298,9 @@ class CompiledModel(nn.Module):
         kept = times["fused"] * (1 + _fuse.FUSE_MARGIN) < times["eager"]
         if not kept:
             del fused[slot]
-        layers = f"{entry.dense} layer(s) dense by choice as torch's op, {entry.sparse} sparse kernel(s) as custom " \
-                 f"ops"
+        chains = f" ({entry.eager.chains} chain(s) of two)" if entry.eager.chains else ""
+        layers = f"{entry.dense} layer(s) dense by choice as torch's op, {entry.sparse} sparse kernel(s) run " \
+                 f"eagerly{chains}"
         outcome = "kept for calls like the example" if kept else f"not kept (not {_fuse.FUSE_MARGIN:.0%} faster)"
         return (f"{times['fused'] * 1e3:,.2f} ms fused ({layers}) vs {times['eager'] * 1e3:,.2f} ms eager: "
                 f"{outcome}; {checked}")

@@ -9,8 +9,9 @@ bias and activation into the GEMM.
 
 So `fused_graph` hands inductor a copy of the compiled graph in which every condensed layer that runs dense by
 choice at these calls is torch's own op on its dense weight (`DenseStandIn`: inductor can pack and fuse it),
-while a layer that runs its sparse kernel stays the ``sparsecc::`` custom op (opaque to inductor, run by its
-runtime). The result serves exactly the call it was built for: the same input shapes and strides, torch's
+while a layer that runs its sparse kernel, or a chain of two (`sparsecc.core.chain`), becomes an `EagerCall`:
+one opaque op for inductor that runs it as the eager graph does (its bound kernel and measured tile, a chain's
+intermediate in the runtime's layout; as each layer's own custom op, inductor would cut the chain). The result serves exactly the call it was built for: the same input shapes and strides, torch's
 thread count at build time (inductor writes its OpenMP thread count into the code), grad mode off, finite
 inputs. Everything else runs the compiled module as before. `CompiledModel.fuse` validates the fused graph
 against the user's model and keeps it only where it measures faster than the eager graph (`FUSE_MARGIN`),
@@ -18,24 +19,29 @@ so fusing is never slower on the call it serves.
 
 Measured (Xeon with AMX, ViT-B/16 90%, ``precision="bf16"``, same process, dense fp32 = 1): eager graph 4.15x,
 fused 5.05x, OpenVINO's default 3.75x at 1 thread; 3.51x / 4.42x / 4.56x at 2. In float32, where the layers run
-their sparse kernels, the custom ops cut the graph into pieces and the fused graph lost (2.31x vs 2.69x): the
-measurement keeps the eager one.
+their sparse kernels, the rest is a small share: ViT-B/16's fused graph ties its eager one (80.2 vs 79.5 ms at 1
+thread; with each layer as its custom op it lost, 118.6 vs 108.5), ResNet-50's gains 2-4% (32.3 vs 33.7 ms).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from sparsecc.compiler import precision as _precision
 from sparsecc.core.errors import SparseccError
 from sparsecc.core.inputs import Call
 from sparsecc.core.layers import CondensedLayer
+from sparsecc.core.ops import own
 
 #: The fused graph must be this much faster than the eager graph to be kept (the machine's noise on a whole
 #: model is about this size).
@@ -83,9 +89,13 @@ class Fused:
     order: tuple[int, ...]
     threads: int
     dense: int          # condensed layers given to inductor as torch's dense op
-    sparse: int         # condensed layers left as the sparse custom op
+    sparse: int         # condensed layers run eagerly (`EagerCall`)
+    eager: "EagerCalls"
     spec: Optional[pytree.TreeSpec] = None      # the eager output's structure (inductor answers tuples as lists)
     calls: int = 0      # calls served (validation checks that it ran this graph)
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, self.eager.release)
 
     def __call__(self, tensors: Sequence[Tensor], dtype: Optional[torch.dtype]) -> Any:
         self.calls += 1
@@ -136,10 +146,12 @@ def _bake(graph: fx.Graph, defaults: dict[str, Any]) -> None:
 
 
 def fused_graph(gm: fx.GraphModule, inputs: Sequence[Tensor], dtype: Optional[torch.dtype], threads: int,
-                defaults: Optional[dict[str, Any]] = None) -> tuple[Callable[..., Any], int, int]:
+                defaults: Optional[dict[str, Any]] = None) -> tuple[Callable[..., Any], int, int, "EagerCalls"]:
     """inductor's compilation of ``gm`` (frozen weights, grad off, under ``dtype``'s autocast) with its
-    dense-by-choice condensed layers as `DenseStandIn` and the placeholders in ``defaults`` baked in (see
-    `graph_inputs`); also how many layers went dense and how many stay sparse. `FuseError` when inductor fails."""
+    dense-by-choice condensed layers as `DenseStandIn`, the others (and chains of two: `sparsecc.core.chain`)
+    as `EagerCall`, and the placeholders in ``defaults`` baked in (see `graph_inputs`); also how many layers
+    went dense and how many stay sparse, and the eager calls (which the result needs while it lives).
+    `FuseError` when inductor fails."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
@@ -155,12 +167,99 @@ def fused_graph(gm: fx.GraphModule, inputs: Sequence[Tensor], dtype: Optional[to
             dense += 1
         else:
             sparse += 1
+    eager = EagerCalls()
     try:
+        with torch.no_grad(), _precision.running(dtype):
+            eager.take(copy_, inputs)
         with torch.no_grad(), config.patch(freezing=True), _precision.running(dtype):
             run = compile_fx(copy_, list(inputs))
     except Exception as exc:  # noqa: BLE001 - any failure of inductor leaves the eager graph, with the reason
+        eager.release()
         raise FuseError(f"inductor could not compile the graph ({type(exc).__name__}: {str(exc)[:300]})") from exc
-    return run, dense, sparse
+    return run, dense, sparse, eager
+
+
+#: Live `EagerCall` targets by handle: the callable and its output's (shape, strides, dtype) for the fake.
+_EAGER: dict[int, tuple[Callable[[Tensor], Tensor], tuple]] = {}
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("sparsecc::fused_eager_call", mutates_args=())
+def eager_call(x: Tensor, handle: int) -> Tensor:
+    """Run a fused graph's sparse layer (or chain) eagerly, as the compiled graph runs it: its bound kernel,
+    its measured tile, a chain's intermediate in the runtime's layout. Only fused graphs call it, in this
+    process, for the shapes they were built for (the fake answers the shape recorded then)."""
+    return own(_EAGER[handle][0](x), x)
+
+
+@eager_call.register_fake
+def _(x, handle):
+    shape, stride, dtype = _EAGER[handle][1]
+    return x.new_empty_strided(shape, stride, dtype=dtype)
+
+
+class EagerCall(nn.Module):
+    """A node of a fused graph that inductor calls as an opaque op and that runs eagerly: a sparse layer, or a
+    chain fc1 -> activation -> fc2 whose intermediate must stay in the runtime's layout (with each layer as its
+    custom op, opaque too, the chain was lost: ViT-B/16 fp32 fused ran 10% slower than its eager graph)."""
+
+    def __init__(self, handle: int) -> None:
+        super().__init__()
+        self.handle = handle
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.sparsecc.fused_eager_call(x, self.handle)
+
+
+class EagerCalls:
+    """The `EagerCall`s of one fused graph: registered while it lives (`release` when it is dropped)."""
+
+    def __init__(self) -> None:
+        self.handles: list[int] = []
+        self.chains = 0
+
+    def take(self, gm: fx.GraphModule, inputs: Sequence[Tensor]) -> None:
+        """Turn ``gm``'s calls of sparse condensed layers and of chains of two into `EagerCall`s, each with the
+        output meta of a run on ``inputs``."""
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        from sparsecc.core.chain import chained
+
+        ShapeProp(gm).propagate(*inputs)
+        for node in list(gm.graph.nodes):
+            meta = node.meta.get("tensor_meta")
+            if not isinstance(meta, TensorMetadata) or not node.args or node.kwargs:
+                continue
+            if node.op == "call_module" and len(node.args) == 1 \
+                    and isinstance(gm.get_submodule(node.target), CondensedLayer):
+                self._replace(gm, node, gm.get_submodule(node.target), meta)
+            elif node.op == "call_function" and node.target is chained:
+                x, first, second, acts = node.args
+                layers = [gm.get_submodule(n.target) for n in (first, second)]
+                if all(isinstance(layer, CondensedLayer) for layer in layers):
+                    acts = tuple(gm.get_submodule(a.target) if isinstance(a, fx.Node) else a for a in acts)
+                    self._replace(gm, node, functools.partial(chained, first=layers[0], second=layers[1],
+                                                              acts=acts), meta, x)
+                    self.chains += 1
+        gm.graph.eliminate_dead_code()     # (gm's submodules are the compiled model's: none is deleted)
+        gm.recompile()
+
+    def _replace(self, gm: fx.GraphModule, node: fx.Node, fn: Callable[[Tensor], Tensor], meta: TensorMetadata,
+                 x: Optional[fx.Node] = None) -> None:
+        handle = next(_HANDLES)
+        _EAGER[handle] = (fn, (tuple(meta.shape), tuple(meta.stride), meta.dtype))
+        self.handles.append(handle)
+        name = f"_sparsecc_eager_{handle}"
+        gm.add_submodule(name, EagerCall(handle))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (node.args[0] if x is None else x,))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+
+    def release(self) -> None:
+        for handle in self.handles:
+            _EAGER.pop(handle, None)
+        self.handles.clear()
 
 
 def _replace(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -187,7 +187,7 @@ def _held(actual: Any, expected: Any, dtype: Optional[torch.dtype]) -> bool:
 def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequence[Any],
                    layers: Optional[dict[str, Any]] = None, tolerance: Optional[float] = None,
                    weights_from: Optional[nn.Module] = None, rebuilt: Optional[nn.Module] = None,
-                   held_in: Optional[torch.dtype] = None) -> Validation:
+                   held_in: Optional[torch.dtype] = None, layer_checks: bool = True) -> Validation:
     """Run both models on every input set; compare outputs and every condensed layer on its own input.
     ``reference`` is what the outputs must equal: the user's model as run. ``tolerance`` replaces the per-dtype
     one end to end (an fp16 engine checked against fp32 outputs). Layers are checked against the weights of
@@ -196,10 +196,13 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
     compared with ``reference`` module by module. Each input set is a `Call` or a tuple of positional inputs.
     ``held_in``: the dtype a ``precision=`` run keeps the state objects of its outputs in (a Hugging Face KV
     cache, which its next call reads back: converting it on every decode step would copy the whole cache);
-    their tensors in that dtype are compared by value in the reference's dtype, and say so."""
+    their tensors in that dtype are compared by value in the reference's dtype, and say so. ``layer_checks``:
+    False compares the outputs only (a fused graph, whose layers were each checked at compile: ``reference``'s
+    weights may be prune hooks' attributes rather than parameters there)."""
     input_sets = [Call.of(inputs) for inputs in input_sets]
     weights_from = reference if weights_from is None else weights_from
-    condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)}
+    condensed = {m.weight_fqn: m for m in compiled.modules() if isinstance(m, CondensedLayer)} if layer_checks \
+        else {}
     end_to_end: dict[int, ErrorStat] = {}
     per_layer: dict[str, ErrorStat] = {}
     positions: dict[str, int] = {}
