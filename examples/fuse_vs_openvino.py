@@ -1,6 +1,7 @@
 """A 90% SRigL-style torchvision model at ``precision="bf16"``, with and without ``fuse=``, beside dense PyTorch
 fp32 and OpenVINO's default (bf16 where the CPU has it), at 1 thread and every core: one process, interleaved
-rounds (the order reversed every other round), medians. Every output is checked against the dense model first.
+rounds (the order reversed every other round, each method's turn opened by untimed calls: `timing.SETTLE`),
+medians. Every output is checked against the dense model first.
 
     .venv/bin/python examples/fuse_vs_openvino.py vit_b_16 --precision bf16 --rounds 12
 
@@ -20,6 +21,7 @@ import torch
 
 import sparsecc
 from sparsecc.core.compare import compare
+from sparsecc.core.timing import SETTLE
 from sparsecc.runtimes import cpu
 from sparsecc.tooling import peers
 from sparsecc.tooling.demo import sparse_model
@@ -66,6 +68,8 @@ def main() -> None:
                     fn(x)
                 for i in range(args.rounds):
                     for name, fn in (list(fns.items())[::-1] if i % 2 else fns.items()):
+                        for _ in range(SETTLE):     # untimed: the previous method's thread pool winds down
+                            fn(x)
                         start = time.perf_counter()
                         fn(x)
                         samples[name].append(time.perf_counter() - start)

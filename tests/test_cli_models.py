@@ -93,6 +93,7 @@ def test_bench_of_your_model_with_fuse_reports_each_thread_count(tmp_path, capsy
     assert cli.main(["bench", *args, "--model-runs", "2", "--threads", "1", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "fuse at 1 thread(s): " in printed and " ms fused (" in printed, printed
+    assert "| model | threads | dense | sparsecc (fused) | speed-up |" in (tmp_path / "out" / "model.md").read_text()
     assert json.loads((tmp_path / "out" / "model.json").read_text())[0]["sparse"]["call"] > 0
 
 

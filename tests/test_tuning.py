@@ -305,6 +305,41 @@ def test_short_calls_get_more_rounds_within_the_budget(monkeypatch):
     assert calls["slow"] == 1 + 5
 
 
+def test_settle_calls_open_each_turn_untimed(monkeypatch):
+    """`timing.medians(settle=)`: a method's first call after another method's pays for that one's spinning
+    thread pool (here 10 s on the test's clock, 1 s otherwise); the settle calls take that cost untimed."""
+    import types
+
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    last, calls = [None], {"a": 0, "b": 0}
+
+    def method(name):
+        def fn():
+            calls[name] += 1
+            now[0] += 1.0 if last[0] == name else 10.0
+            last[0] = name
+        return fn
+
+    fns = {"a": method("a"), "b": method("b")}
+    assert timing.medians(fns, runs=4, warmup=1) == {"a": 10.0, "b": 10.0}
+    calls.update(a=0, b=0)
+    assert timing.medians(fns, runs=4, warmup=1, settle=2) == {"a": 1.0, "b": 1.0}
+    assert calls == {"a": 1 + 4 * 3, "b": 1 + 4 * 3}
+
+
+def test_onnxruntime_sessions_do_not_spin_between_runs(tmp_path):
+    """A spinning onnxruntime pool takes the cores of torch's next ops in the same process (the peers in a
+    benchmark, or a model compiled for onnxruntime called between torch ops)."""
+    from sparsecc.runtimes.onnxruntime import engine
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(nn.Linear(4, 3).eval(), (torch.randn(1, 4),), str(path), dynamo=False)
+    options = engine.session(path, threads=2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
+
+
 def test_decode_sized_calls_of_models_beyond_l2_are_measured_with_l2_flushed(monkeypatch, tmp_path):
     """A model larger than one core's L2 (but not than the last-level cache): its one-token calls are measured
     with L2 flushed before every timed call (the tile search, the dense forms and the sparse-or-dense choice),

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 import sparsecc
 from sparsecc.compiler.validation import compare
-from sparsecc.core.timing import THREADS, medians
+from sparsecc.core.timing import SETTLE, THREADS, medians
 from sparsecc.tooling import peers, synthetic
 
 #: ViT-B/16 encoder layer 11 mlp.3, the layer the SRigL paper times.
@@ -215,7 +215,7 @@ def bench_model(name: str, runs: int, progress: Progress, memory: bool, threads:
         if "sparsecc" in invalid:
             raise sparsecc.EquivalenceError(f"{name} {structure}, {threads} thread(s): {invalid['sparsecc']}")
         times = medians({m: (lambda fn=fn: fn(x)) for m, fn in methods.items() if m not in invalid}, runs=runs,
-                        warmup=2)
+                        warmup=2, settle=SETTLE)
     rss = (_rss_child(name, False, structure), _rss_child(name, True, structure)) if memory else (None, None)
     progress.step(f"{name} {structure}, {threads} thread(s)")
     choices = [m.choices() for m in compiled.module.modules() if hasattr(m, "choices")]

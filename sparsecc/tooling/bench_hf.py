@@ -22,7 +22,7 @@ from torch import nn
 
 import sparsecc
 from sparsecc.core.inputs import Call
-from sparsecc.core.timing import THREADS, medians
+from sparsecc.core.timing import SETTLE, THREADS, medians
 from sparsecc.tooling import hf, synthetic
 
 #: ``--dtype`` names -> torch dtypes: models are benchmarked in the dtype they ship in (LLMs: bf16).
@@ -144,7 +144,7 @@ def model(dense: nn.Module, compiled: nn.Module, call: Call, case: str, runs: in
                 else:
                     fns[peer.label] = lambda fn=peer.fn: call(fn)
         with torch.no_grad():
-            t = medians(fns, runs)
+            t = medians(fns, runs, settle=SETTLE if len(fns) > 2 else 0)     # peers: other thread pools
         rows.append(Timing(case, n, {"call": t.pop("dense")}, {"call": t.pop("sparse")}, peers=t,
                            peers_invalid=invalid))
     return rows
@@ -169,10 +169,11 @@ def _differs(peer: Any, call: Call, expected: Any) -> str:
     return ""
 
 
-def model_table(rows: list[Timing]) -> str:
-    """dense vs sparsecc per thread count, then each peer's time and speed-up over dense (or why it has none)."""
+def model_table(rows: list[Timing], label: str = "sparsecc") -> str:
+    """dense vs sparsecc (``label``: how it was compiled, ``sparsecc (bf16, fused)``) per thread count, then each
+    peer's time and speed-up over dense (or why it has none)."""
     others = list(dict.fromkeys(p for r in rows for p in (*r.peers, *r.peers_invalid)))
-    lines = ["| model | threads | dense | sparsecc | speed-up |" + "".join(f" {p} |" for p in others),
+    lines = [f"| model | threads | dense | {label} | speed-up |" + "".join(f" {p} |" for p in others),
              "|---|---|---|---|---|" + "---|" * len(others)]
     for r in rows:
         cells = [f"{r.peers[p] * 1e3:.2f} ms ({r.dense['call'] / r.peers[p]:.2f}x)" if p in r.peers

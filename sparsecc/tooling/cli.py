@@ -160,7 +160,8 @@ def _bench_user(args: argparse.Namespace) -> int:
     dense = sparsecc.masked_reference(loaded.model)
     rows = bench_hf.model(dense, compiled, loaded.call, loaded.what, args.model_runs * 2,
                           tuple(args.threads or THREADS), peers_of=loaded.model if args.peers else None)
-    table = bench_hf.model_table(rows)
+    how = [p for p, on in (("bf16", args.precision == "bf16"), ("fused", args.fuse)) if on]
+    table = bench_hf.model_table(rows, f"sparsecc ({', '.join(how)})" if how else "sparsecc")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model.md").write_text(f"CPU: {cpu.describe()}\n\n{table}\n")
     (args.out / "model.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
