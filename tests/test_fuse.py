@@ -274,7 +274,8 @@ def test_the_measurement_decides_and_the_model_stays_right_either_way(dense_choi
 
 def test_a_fused_graph_failing_validation_is_dropped(monkeypatch, keep_any):
     wrong = lambda *inputs: torch.zeros(inputs[0].shape[0], 10)     # noqa: E731 - a graph that computes nonsense
-    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (wrong, 0, 3, _fuse.EagerCalls()))
+    monkeypatch.setattr(_fuse, "fused_graph",
+                        lambda gm, inputs, dtype, threads, defaults: (wrong, 0, 3, _fuse.EagerCalls()))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)
@@ -289,7 +290,8 @@ def test_a_fused_graph_failing_to_run_is_dropped_with_the_reason(monkeypatch, ke
     def failing(*inputs):
         raise RuntimeError("expected size 30==30, stride 1==784")
 
-    monkeypatch.setattr(_fuse, "fused_graph", lambda gm, inputs, dtype, threads, defaults: (failing, 0, 3, _fuse.EagerCalls()))
+    monkeypatch.setattr(_fuse, "fused_graph",
+                        lambda gm, inputs, dtype, threads, defaults: (failing, 0, 3, _fuse.EagerCalls()))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)

@@ -11,11 +11,12 @@ So `fused_graph` hands inductor a copy of the compiled graph in which every cond
 choice at these calls is torch's own op on its dense weight (`DenseStandIn`: inductor can pack and fuse it),
 while a layer that runs its sparse kernel, or a chain of two (`sparsecc.core.chain`), becomes an `EagerCall`:
 one opaque op for inductor that runs it as the eager graph does (its bound kernel and measured tile, a chain's
-intermediate in the runtime's layout; as each layer's own custom op, inductor would cut the chain). The result serves exactly the call it was built for: the same input shapes and strides, torch's
-thread count at build time (inductor writes its OpenMP thread count into the code), grad mode off, finite
-inputs. Everything else runs the compiled module as before. `CompiledModel.fuse` validates the fused graph
-against the user's model and keeps it only where it measures faster than the eager graph (`FUSE_MARGIN`),
-so fusing is never slower on the call it serves.
+intermediate in the runtime's layout; as each layer's own custom op, inductor would cut the chain). The result
+serves exactly the call it was built for: the same input shapes and strides, torch's thread count at build time
+(inductor writes its OpenMP thread count into the code), grad mode off, finite inputs. Everything else runs the
+compiled module as before. `CompiledModel.fuse` validates the fused graph against the user's model and keeps it
+only where it measures faster than the eager graph (`FUSE_MARGIN`), so fusing is never slower on the call it
+serves.
 
 Measured (Xeon with AMX, ViT-B/16 90%, ``precision="bf16"``, same process, dense fp32 = 1): eager graph 4.15x,
 fused 5.05x, OpenVINO's default 3.75x at 1 thread; 3.51x / 4.42x / 4.56x at 2. In float32, where the layers run
@@ -241,8 +242,8 @@ class EagerCalls:
                     self._replace(gm, node, functools.partial(chained, first=layers[0], second=layers[1],
                                                               acts=acts), meta, x)
                     self.chains += 1
-        gm.graph.eliminate_dead_code()     # (gm's submodules are the compiled model's: none is deleted)
-        gm.recompile()
+        gm.recompile()      # (the chains' get_attr nodes stay, unused: dead-code elimination could drop a user's
+        #                      in-place call whose result is unused; gm's submodules are the compiled model's)
 
     def _replace(self, gm: fx.GraphModule, node: fx.Node, fn: Callable[[Tensor], Tensor], meta: TensorMetadata,
                  x: Optional[fx.Node] = None) -> None:
