@@ -26,6 +26,29 @@ def assert_equivalent(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
+def small_cnn() -> torch.nn.Module:
+    """conv -> BatchNorm -> ReLU -> conv -> ReLU -> pool -> Linear, 75% fan-in masks by prune hooks (seeded)."""
+    from torch import nn
+
+    from sparsecc.tooling import synthetic
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10)).eval()
+    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
+    return model
+
+
+def pruned(module: torch.nn.Module, sparsity: float = 0.75) -> torch.nn.Module:
+    """``module`` in eval mode with fan-in masks attached by prune hooks."""
+    from sparsecc.tooling import synthetic
+
+    module.eval()
+    synthetic.attach_with_prune(module, synthetic.structured_masks(module, "fanin", sparsity))
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

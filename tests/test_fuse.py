@@ -19,22 +19,13 @@ from sparsecc.compiler import fuse as _fuse, pipeline, precision
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.runtimes import tuning
 from sparsecc.tooling import synthetic
-from tests.conftest import assert_equivalent
+from tests.conftest import assert_equivalent, pruned, small_cnn
 
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.LayerNorm(128), nn.Linear(128, 64), nn.ReLU(),
                           nn.Linear(64, 10)).eval()
-    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
-    return model
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, 10)).eval()
     synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
     return model
 
@@ -98,7 +89,7 @@ def _check(actual: torch.Tensor, expected: torch.Tensor, dtype_precision: str) -
 
 
 @pytest.mark.measured_choice
-@pytest.mark.parametrize("build,shape", [(_mlp, (6, 64)), (_cnn, (2, 3, 12, 12))])
+@pytest.mark.parametrize("build,shape", [(_mlp, (6, 64)), (small_cnn, (2, 3, 12, 12))])
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])
 def test_fused_graph_of_dense_by_choice_layers_equals_the_users_model(build, shape, prec, keep_any,
                                                                       dense_choices):
@@ -119,7 +110,7 @@ def test_fused_graph_of_dense_by_choice_layers_equals_the_users_model(build, sha
     assert entry.calls == served + 2
 
 
-@pytest.mark.parametrize("build,shape", [(_mlp, (5, 64)), (_cnn, (2, 3, 12, 12))])
+@pytest.mark.parametrize("build,shape", [(_mlp, (5, 64)), (small_cnn, (2, 3, 12, 12))])
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])
 def test_fused_graph_runs_sparse_kernels_eagerly(build, shape, prec, keep_any):
     """Each sparse layer is an opaque call inside the fused graph that runs the layer as the eager graph does;
@@ -153,8 +144,7 @@ def test_a_chain_stays_a_chain_in_the_fused_graph(keep_any, monkeypatch):
     from sparsecc.runtimes.tvm.runtime import BoundLinear
 
     torch.manual_seed(0)
-    model = Mlp().eval()
-    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
+    model = pruned(Mlp())
     x = torch.randn(1, 40, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)     # conftest pins the sparse kernels
     [note] = _fuse_notes(compiled)
@@ -214,8 +204,7 @@ def test_calls_the_fused_graph_was_not_built_for_run_the_eager_graph(keep_any, d
 @pytest.mark.measured_choice
 def test_keyword_calls_in_any_order_reach_the_fused_graph(keep_any, dense_choices):
     torch.manual_seed(0)
-    model = TwoInputs().eval()
-    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
+    model = pruned(TwoInputs())
     left, right = torch.randn(4, 32), torch.randn(4, 16)
     compiled = sparsecc.compile(model, example_kwargs={"right": right, "left": left}, fuse=True)
     [entry] = _entries(compiled)
@@ -229,8 +218,7 @@ def test_keyword_calls_in_any_order_reach_the_fused_graph(keep_any, dense_choice
 @pytest.mark.measured_choice
 def test_tuple_outputs_and_defaulted_parameters_reach_the_fused_graph(keep_any, dense_choices):
     torch.manual_seed(0)
-    model = TupleAndDefaults().eval()
-    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
+    model = pruned(TupleAndDefaults())
     x = torch.randn(5, 32)
     compiled = sparsecc.compile(model, (x,), fuse=True)
     [note] = _fuse_notes(compiled)
@@ -272,31 +260,26 @@ def test_the_measurement_decides_and_the_model_stays_right_either_way(dense_choi
         assert_equivalent(compiled(x), model(x))
 
 
-def test_a_fused_graph_failing_validation_is_dropped(monkeypatch, keep_any):
-    wrong = lambda *inputs: torch.zeros(inputs[0].shape[0], 10)     # noqa: E731 - a graph that computes nonsense
+def _nonsense(*inputs):
+    return torch.zeros(inputs[0].shape[0], 10)
+
+
+def _failing(*inputs):
+    raise RuntimeError("expected size 30==30, stride 1==784")
+
+
+@pytest.mark.parametrize("graph,says", [
+    (_nonsense, "not kept: compiled model differs"),        # fails validation
+    (_failing, "not kept: it failed to run (RuntimeError: expected size 30==30, stride 1==784)"),
+])
+def test_a_fused_graph_failing_validation_or_to_run_is_dropped_with_the_reason(monkeypatch, keep_any, graph, says):
     monkeypatch.setattr(_fuse, "fused_graph",
-                        lambda gm, inputs, dtype, threads, defaults: (wrong, 0, 3, _fuse.EagerCalls()))
+                        lambda gm, inputs, dtype, threads, defaults: (graph, 0, 3, _fuse.EagerCalls()))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)
     [note] = _fuse_notes(compiled)
-    assert "not kept" in note and "output 0" in note, note
-    assert _entries(compiled) == []
-    with torch.no_grad():
-        assert_equivalent(compiled(x), model(x))
-
-
-def test_a_fused_graph_failing_to_run_is_dropped_with_the_reason(monkeypatch, keep_any):
-    def failing(*inputs):
-        raise RuntimeError("expected size 30==30, stride 1==784")
-
-    monkeypatch.setattr(_fuse, "fused_graph",
-                        lambda gm, inputs, dtype, threads, defaults: (failing, 0, 3, _fuse.EagerCalls()))
-    model = _mlp()
-    x = torch.randn(6, 64)
-    compiled = sparsecc.compile(model, (x,), fuse=True)
-    [note] = _fuse_notes(compiled)
-    assert "not kept: it failed to run (RuntimeError: expected size 30==30, stride 1==784)" in note, note
+    assert says in note, note
     assert _entries(compiled) == []
     with torch.no_grad():
         assert_equivalent(compiled(x), model(x))

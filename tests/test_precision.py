@@ -13,6 +13,7 @@ from sparsecc import InputError
 from sparsecc.compiler import precision
 from sparsecc.core.layers import CondensedLayer
 from sparsecc.tooling import synthetic
+from tests.conftest import small_cnn
 
 
 def _mlp() -> nn.Module:
@@ -23,15 +24,6 @@ def _mlp() -> nn.Module:
     return model
 
 
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, 10)).eval()
-    synthetic.attach_with_prune(model, synthetic.structured_masks(model, "fanin", 0.75))
-    return model
-
-
 def _assert_within_stated_tolerance(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape
     assert actual.dtype == expected.dtype == torch.float32
@@ -39,7 +31,7 @@ def _assert_within_stated_tolerance(actual: torch.Tensor, expected: torch.Tensor
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=precision.TOLERANCE * scale)
 
 
-@pytest.mark.parametrize("build,shape", [(_mlp, (5, 64)), (_cnn, (2, 3, 12, 12))])
+@pytest.mark.parametrize("build,shape", [(_mlp, (5, 64)), (small_cnn, (2, 3, 12, 12))])
 @pytest.mark.parametrize("backend", ["tvm", "reference"])
 def test_bf16_runs_condensed_layers_in_bf16_and_returns_float32(build, shape, backend):
     model = build()
@@ -72,7 +64,7 @@ def _converts(compiled) -> bool:
     return any(n.target is precision.to_channels_last for n in compiled.module.graph.nodes)
 
 
-@pytest.mark.parametrize("build,shape", [(_cnn, (2, 3, 12, 12)), (_conv_only, (1, 3, 16, 16)), (_mlp, (5, 64))])
+@pytest.mark.parametrize("build,shape", [(small_cnn, (2, 3, 12, 12)), (_conv_only, (1, 3, 16, 16)), (_mlp, (5, 64))])
 def test_bf16_convnets_run_channels_last_and_answer_in_torch_layout(build, shape):
     """A convolutional network in bf16 runs on channels-last activations (oneDNN's layout for bf16
     convolutions); its outputs come back in torch's layout, for inputs in either layout. A network of Linears
@@ -106,7 +98,7 @@ def test_channels_last_converts_four_dimensional_floating_inputs_only():
     torch.testing.assert_close(out[1], features + 1, rtol=0, atol=0)
     assert precision.to_channels_last(image).is_contiguous(memory_format=torch.channels_last)
     assert precision.to_channels_last(features) is features and precision.to_channels_last(ids) is ids
-    assert precision.convolutional(_cnn()) and not precision.convolutional(_mlp())
+    assert precision.convolutional(small_cnn()) and not precision.convolutional(_mlp())
 
 
 def test_bf16_layers_are_checked_in_bf16():
