@@ -31,11 +31,14 @@ def test_inspect_prints_structures(capsys):
 
 
 @pytest.mark.slow
-def test_demo_at_bf16_precision(capsys):
-    assert cli.main(["demo", "--model", "resnet18", "--runs", "2", "--threads", "1", "--precision", "bf16"]) == 0
+@pytest.mark.parametrize("fuse", [False, True])
+def test_demo_at_bf16_precision(capsys, fuse):
+    args = ["demo", "--model", "resnet18", "--runs", "2", "--threads", "1", "--precision", "bf16"]
+    assert cli.main(args + (["--fuse"] if fuse else [])) == 0
     out = capsys.readouterr().out
     assert "run in bf16" in out and "precision bf16: the " in out and "6e-02 x max |output|" in out
     assert "end to end vs your model: output 0: max abs" in out
+    assert ("fuse at 1 thread(s): " in out and " ms fused (" in out and ", fused" in out) == fuse, out
 
 
 def test_unknown_backend_is_a_clean_error(capsys):

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                       "bf16, the rest under autocast, validated against the fp32 model (default: fp32)")
     demo.add_argument("--no-autotune", action="store_true", help="run every layer's sparse kernel, even where "
                       "its dense op measures faster")
+    demo.add_argument("--fuse", action="store_true", help="also have inductor fuse the dense remainder at each "
+                      "thread count (`compile(fuse=)`; kept where measured faster, the report says)")
     export = sub.add_parser("export", help="write an SRigL-style or 2:4 sparse torchvision model as ONNX (.onnx), "
                             "as a TVM library that runs without PyTorch (.so), or into a Triton model repository")
     export.add_argument("paths", type=Path, nargs="*", metavar="[MODEL] OUT", help="your model (optional: else "
@@ -217,7 +219,7 @@ def _demo(args: argparse.Namespace) -> int:
     from sparsecc.tooling import demo
 
     demo.run(args.model, args.sparsity, args.ablate, args.backend, args.runs, args.threads, not args.no_autotune,
-             args.precision)
+             args.precision, args.fuse)
     return 0
 
 

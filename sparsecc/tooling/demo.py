@@ -42,18 +42,20 @@ def sparse_model(name: str, sparsity: float, ablate: float, seed: int = 0, struc
 
 def run(name: str = "vit_b_16", sparsity: float = 0.9, ablate: float = 0.05, backend: str = "auto",
         runs: int = 10, threads: Optional[Sequence[int]] = None, autotune: bool = True,
-        precision: str = "fp32") -> sparsecc.CompiledModel:
-    """Compile (at ``precision``, `sparsecc.compile`), validate and time ``name`` at each thread count (1 and
-    every core by default), each ratio from interleaved rounds at that count, against dense fp32 eager."""
+        precision: str = "fp32", fuse: bool = False) -> sparsecc.CompiledModel:
+    """Compile (at ``precision``, with ``fuse=`` at each thread count where ``fuse``: `sparsecc.compile`),
+    validate and time ``name`` at each thread count (1 and every core by default), each ratio from interleaved
+    rounds at that count, against dense fp32 eager."""
 
     counts = tuple(threads or THREADS)
     model = sparse_model(name, sparsity, ablate)
     x = torch.randn(1, 3, 224, 224)
     print(f"{name}: {sparsity:.0%} constant fan-in, {ablate:.0%} of neurons ablated (random weights)"
-          + (f", run in {precision}" if precision != "fp32" else "") + "\n")
+          + (f", run in {precision}" if precision != "fp32" else "") + (", fused" if fuse else "") + "\n")
     dense = sparsecc.masked_reference(model)
     torch.set_num_threads(counts[0])
-    compiled = sparsecc.compile(model, (x,), backend=backend, autotune=autotune, precision=precision)
+    compiled = sparsecc.compile(model, (x,), backend=backend, autotune=autotune, precision=precision,
+                                fuse=counts if fuse else False)
     lines = []
     for n in counts:
         # At a new thread count each layer's sparse-or-dense choice is measured on its first call (a warm-up).
