@@ -311,17 +311,58 @@ def test_fuse_at_several_thread_counts_restores_torchs(keep_any):
     assert sorted(e.threads for e in _entries(compiled)) == [1, 2]
 
 
-def test_a_model_without_a_captured_graph_is_not_fused(monkeypatch):
+@pytest.mark.parametrize("choices", [pytest.param("dense", marks=pytest.mark.measured_choice), "sparse"])
+def test_a_model_whose_layers_were_swapped_in_place_is_fused_by_torch_compile(monkeypatch, keep_any, choices):
+    """No captured graph (module swapping): torch.compile compiles a copy of the model whose layers are
+    torch's op (dense by choice) or `EagerCall`s (sparse), and serves calls like the example."""
     from sparsecc.capture.graph import Captured
 
     monkeypatch.setattr(pipeline, "capture", lambda model, inputs=None: Captured(None, "module swapping", "forced"))
+    if choices == "dense":
+        monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="",
+                            dense_form="", l2_cold=False: tuning.Choice(True, 2.0, 1.0, tokens,
+                                                                        torch.get_num_threads(), cold, tile,
+                                                                        dense_form, l2_cold))
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)
+    assert not isinstance(compiled.module, torch.fx.GraphModule)
     [note] = _fuse_notes(compiled)
-    assert "not fused: there is no captured graph" in note
+    assert "kept for calls like the example" in note, note
+    [entry] = _entries(compiled)
+    assert entry.order is None and (entry.dense, entry.sparse) == ((3, 0) if choices == "dense" else (0, 3))
+    assert len(entry.eager.handles) == entry.sparse
+    served = entry.calls
     with torch.no_grad():
-        assert_equivalent(compiled(x), model(x))
+        for inputs in (x, torch.randn(6, 64)):
+            assert_equivalent(compiled(inputs), model(inputs))
+        assert entry.calls == served + 2
+        other = torch.randn(3, 64)          # another batch: the eager model
+        assert_equivalent(compiled(other), model(other))
+    assert entry.calls == served + 2
+
+
+def test_a_hugging_face_encoder_at_bf16_is_fused_with_its_keyword_call(keep_any):
+    """BERT (layers swapped in place, keyword inputs, a ModelOutput) at ``precision="bf16"``: the fused model
+    answers the same structure and values as the user's model within the bf16 tolerance."""
+    from tests.test_huggingface import bert, tokens
+
+    model = bert()
+    ids = tokens(12)
+    call = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    compiled = sparsecc.compile(model, example_kwargs=call, precision="bf16", fuse=True)
+    [note] = _fuse_notes(compiled)
+    assert "kept for calls like the example" in note, note
+    [entry] = _entries(compiled)
+    served = entry.calls
+    with torch.no_grad():
+        out, expected = compiled(**call), model(**call)
+        assert type(out) is type(expected)
+        _check(out.last_hidden_state, expected.last_hidden_state, "bf16")
+        _check(out.pooler_output, expected.pooler_output, "bf16")
+        other = dict(input_ids=tokens(7), attention_mask=torch.ones(1, 7, dtype=torch.long))    # another length
+        _check(compiled(**other).last_hidden_state, model(**other).last_hidden_state, "bf16")
+    assert entry.calls == served + 1
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -22,7 +22,7 @@ from sparsecc.compiler.precision import TOLERANCE as PRECISION_TOLERANCE, AtPrec
 from sparsecc.compiler.validation import Validation, input_sets, run_validation
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Call
-from sparsecc.core.layers import dense_semantics, in_dense_semantics
+from sparsecc.core.layers import CondensedLayer, dense_semantics, in_dense_semantics
 from sparsecc.core.report import LayerChange, Report, StageResult
 from sparsecc.runtimes import tuning
 
@@ -205,9 +205,9 @@ class CompiledModel(nn.Module):
                 return precision_call(nn.Module.__call__, dtype, module, *args, **kwargs)
         fused = state.get("_fused")
         if fused and not torch.is_grad_enabled() and not in_dense_semantics():
-            hit = fused.get((torch.get_num_threads(), _fuse.key(tensors)))
+            hit = fused.get((torch.get_num_threads(), _fuse.key(call, tensors)))
             if hit is not None:
-                return hit(tensors, dtype)
+                return hit(call, tensors, dtype)
         # nn.Module's call (hooks included) without GraphModule's traceback wrapper: ~2 us of a batch-1 call.
         out = precision_call(nn.Module.__call__, dtype, module, *args, **kwargs)
         if tuning.routes_made() != settled:      # this call settled choices: check them on the whole model
@@ -238,30 +238,53 @@ class CompiledModel(nn.Module):
     def fuse(self, against: nn.Module, tolerance: Optional[float], validate: bool = True) -> str:
         """Fuse the dense remainder for the example call at torch's current thread count
         (`sparsecc.compiler.fuse`; `compile(fuse=...)` calls this for each thread count it is given): inductor
-        compiles the graph with the layers that run dense by choice as torch's op, the fused graph is validated
-        against ``against`` (the user's model as run) at ``tolerance``, and later calls like the example (same
-        input shapes and strides, this thread count, grad off, finite inputs) run it where it measured
-        `FUSE_MARGIN` faster than the eager graph. Returns the note the report gets."""
+        compiles the graph (or, for a model whose layers were swapped in place, torch.compile compiles the
+        model) with the layers that run dense by choice as torch's op, the fused graph is validated against
+        ``against`` (the user's model as run) at ``tolerance``, and later calls like the example (same input
+        shapes and strides, this thread count, grad off, finite inputs) run it where it measured `FUSE_MARGIN`
+        faster than the eager graph. Returns the note the report gets."""
         threads, dtype = torch.get_num_threads(), self.__dict__.get("_dtype")
         where = f"{threads} thread(s)"
         example = self.__dict__.get("_example")
-        if not self._strict or example is None:
-            return self._fuse_note(f"fuse at {where}: not fused: there is no captured graph with example inputs "
-                                   f"(the layers were swapped in place, or the model runs on an engine)")
+        if example is None or not any(isinstance(m, CondensedLayer) for m in self.module.modules()):
+            return self._fuse_note(f"fuse at {where}: not fused: no example inputs or no condensed layers (the "
+                                   f"model runs on an engine)")
         arrangement = self.__dict__.get("_arrangement")
-        call = arrangement.arrange(example.args, example.kwargs) if arrangement is not None else example
+        call = arrangement.arrange(example.args, example.kwargs) if arrangement is not None and self._strict \
+            else example
         flat = (*call.args, *call.kwargs.values())
         try:
+            run, order, counts, out = self._fused_graph(call, flat, dtype, threads)
+        except _fuse.FuseError as exc:
+            return self._fuse_note(f"fuse at {where}: not fused: {exc}")
+        entry = _fuse.Fused(run, order, threads, *counts, spec=pytree.tree_structure(out))
+        outcome = self._keep_fused(entry, (threads, _fuse.key(call, flat)), against, tolerance, validate)
+        return self._fuse_note(f"fuse at {where}: {outcome}")
+
+    def _fused_graph(self, call: Call, flat: Sequence[Any], dtype: Optional[torch.dtype], threads: int) -> tuple:
+        """The fused graph for ``call`` (`fuse.fused_graph` for a captured graph, `fuse.module_graph` for layers
+        swapped in place), its input order, (dense, sparse, eager calls) and the eager output."""
+        example = self.__dict__["_example"]
+        if self._strict:
             order, defaults = _fuse.graph_inputs(self.module, call, flat)
             with torch.no_grad():
                 out = example(self)     # the layers' choices at this thread count, checked on the whole model
-            run, dense, sparse, eager = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads,
-                                                          defaults)
-        except _fuse.FuseError as exc:
-            return self._fuse_note(f"fuse at {where}: not fused: {exc}")
-        entry = _fuse.Fused(run, order, threads, dense, sparse, eager, spec=pytree.tree_structure(out))
-        outcome = self._keep_fused(entry, (threads, _fuse.key(flat)), against, tolerance, validate)
-        return self._fuse_note(f"fuse at {where}: {outcome}")
+            run, *counts = _fuse.fused_graph(self.module, [flat[i] for i in order], dtype, threads, defaults)
+            return run, order, counts, out
+        if not all(type(v) is Tensor for v in flat):
+            raise _fuse.FuseError("the example call passes values other than tensors (fusing takes calls of tensors "
+                                  "only)")
+        outputs: dict[str, set] = {}
+        hooks = [m.register_forward_hook(lambda m, a, o, p=p: outputs.setdefault(p, set()).add(_fuse.output_meta(o)))
+                 for p, m in self.module.named_modules() if isinstance(m, CondensedLayer)]
+        try:
+            with torch.no_grad():
+                out = example(self)     # the choices, and each layer's output for its `EagerCall`
+        finally:
+            for hook in hooks:
+                hook.remove()
+        run, *counts = _fuse.module_graph(self.module, call, dtype, threads, outputs)
+        return run, None, counts, out
 
     def _keep_fused(self, entry: _fuse.Fused, slot: tuple, against: nn.Module, tolerance: Optional[float],
                     validate: bool) -> str:
