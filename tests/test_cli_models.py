@@ -52,6 +52,28 @@ def test_bench_a_trained_encoder_directory(tmp_path, capsys):
     assert "compile validate:" in captured.err and "timing dense vs sparsecc" in captured.err
 
 
+@pytest.mark.slow
+def test_bench_encoder_fused_compiles_each_length_with_fuse(monkeypatch):
+    """``sparsecc bench --encoder --fuse``: a fused model serves its example's shapes, so each length gets its
+    own compile with ``fuse=`` at the bench's thread counts, and is timed against dense."""
+    import sparsecc
+
+    fused_at, real = [], sparsecc.compile
+
+    def spy(model, *args, **kwargs):
+        compiled = real(model, *args, **kwargs)
+        if kwargs.get("fuse"):
+            fused_at.append((kwargs["example_kwargs"]["input_ids"].shape[1], kwargs["fuse"],
+                             [n for n in compiled.report.notes if n.startswith("fuse at")]))
+        return compiled
+
+    monkeypatch.setattr(sparsecc, "compile", spy)
+    rows = bench_hf.encoder(runs=2, threads=(1,), lengths=(8, 12), structures=("2:4",), fuse=True)
+    assert [(length, fuse) for length, fuse, _ in fused_at] == [(8, (1,)), (12, (1,))]
+    assert all(len(notes) == 1 and " ms fused (" in notes[0] for _, _, notes in fused_at), fused_at
+    assert len(rows) == 2 and all(r.sparse["call"] > 0 and r.dense["call"] > 0 for r in rows)
+
+
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -185,9 +185,10 @@ def model_table(rows: list[Timing], label: str = "sparsecc") -> str:
 
 def encoder(runs: int = 20, threads: Sequence[int] = THREADS, lengths: Sequence[int] = (16, 128),
             structures: Sequence[str] = ("fanin:0.9", "2:4"), log: Callable[[str], None] = lambda _: None,
-            dtype: str = "fp32") -> list[Timing]:
+            dtype: str = "fp32", fuse: bool = False) -> list[Timing]:
     """all-MiniLM-L6-v2 (trained weights, cast to ``dtype``), encoder layers sparsified by magnitude, one
-    sequence per length."""
+    sequence per length; ``fuse``: compiled for each length with ``fuse=`` at ``threads`` (a fused model serves
+    its example's shapes)."""
     from sparsecc.tooling import usermodel
 
     base, tokenizer = hf.minilm()
@@ -202,6 +203,8 @@ def encoder(runs: int = 20, threads: Sequence[int] = THREADS, lengths: Sequence[
         log(f"encoder {spec}: compiling")       # one compile serves every length (choices per token count)
         compiled = sparsecc.compile(trained, example_kwargs=batches[max(lengths)])
         for length, batch in batches.items():
+            if fuse:
+                compiled = sparsecc.compile(trained, example_kwargs=batch, fuse=tuple(threads))
             rows += model(dense, compiled, Call((), batch), f"all-MiniLM-L6-v2 {spec}, {dtype}, {length} tokens",
                           runs, threads)
     return rows

@@ -69,8 +69,9 @@ def _bench_parser(bench: argparse.ArgumentParser) -> None:
                        "(90%% fan-in and 2:4) at 16 and 128 tokens")
     bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="MODEL: compile it at this "
                        "precision (`compile(precision=)`); the built-in bench's --peers adds bf16 sparsecc rows itself")
-    bench.add_argument("--fuse", action="store_true", help="MODEL: compile with fuse= at each thread count "
-                       "(inductor fuses the dense remainder; kept where measured faster, the report says)")
+    bench.add_argument("--fuse", action="store_true", help="MODEL and --encoder: compile with fuse= at each "
+                       "thread count (inductor fuses the dense remainder; kept where measured faster, the report "
+                       "says)")
     bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--llm / --encoder: the "
                        "model's dtype (dense runs in it too)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="where results.md/.json and "
@@ -187,8 +188,9 @@ def _bench_hf(args: argparse.Namespace) -> int:
         rows = bench_hf.llm(max(3, args.model_runs // 2), threads, log=log.info, dtype=args.dtype)
         name, table = f"llm-{args.dtype}", bench_hf.llm_table(rows)
     else:
-        rows = bench_hf.encoder(args.model_runs * 2, threads, log=log.info, dtype=args.dtype)
-        name, table = f"encoder-{args.dtype}", bench_hf.model_table(rows)
+        rows = bench_hf.encoder(args.model_runs * 2, threads, log=log.info, dtype=args.dtype, fuse=args.fuse)
+        name = f"encoder-{args.dtype}" + ("-fused" if args.fuse else "")
+        table = bench_hf.model_table(rows, "sparsecc (fused)" if args.fuse else "sparsecc")
     (args.out / f"{name}.md").write_text(f"CPU: {cpu.describe()}\n\n{table}\n")
     (args.out / f"{name}.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
     print(table)
