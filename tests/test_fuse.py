@@ -312,17 +312,15 @@ def test_fuse_at_several_thread_counts_restores_torchs(keep_any):
 
 
 @pytest.mark.parametrize("choices", [pytest.param("dense", marks=pytest.mark.measured_choice), "sparse"])
-def test_a_model_whose_layers_were_swapped_in_place_is_fused_by_torch_compile(monkeypatch, keep_any, choices):
+def test_a_model_whose_layers_were_swapped_in_place_is_fused_by_torch_compile(monkeypatch, request, keep_any,
+                                                                              choices):
     """No captured graph (module swapping): torch.compile compiles a copy of the model whose layers are
     torch's op (dense by choice) or `EagerCall`s (sparse), and serves calls like the example."""
     from sparsecc.capture.graph import Captured
 
     monkeypatch.setattr(pipeline, "capture", lambda model, inputs=None: Captured(None, "module swapping", "forced"))
     if choices == "dense":
-        monkeypatch.setattr(tuning, "choose", lambda cache, signature, tokens, sparse, dense, cold=False, tile="",
-                            dense_form="", l2_cold=False: tuning.Choice(True, 2.0, 1.0, tokens,
-                                                                        torch.get_num_threads(), cold, tile,
-                                                                        dense_form, l2_cold))
+        request.getfixturevalue("dense_choices")
     model = _mlp()
     x = torch.randn(6, 64)
     compiled = sparsecc.compile(model, (x,), fuse=True)
@@ -362,6 +360,9 @@ def test_a_hugging_face_encoder_at_bf16_is_fused_with_its_keyword_call(keep_any)
         _check(out.pooler_output, expected.pooler_output, "bf16")
         other = dict(input_ids=tokens(7), attention_mask=torch.ones(1, 7, dtype=torch.long))    # another length
         _check(compiled(**other).last_hidden_state, model(**other).last_hidden_state, "bf16")
+        swapped = dict(attention_mask=call["attention_mask"], input_ids=ids)      # other keyword order: eager
+        _check(compiled(**swapped).last_hidden_state, expected.last_hidden_state, "bf16")
+        _check(compiled(ids).last_hidden_state, model(ids).last_hidden_state, "bf16")     # positional: eager
     assert entry.calls == served + 1
 
 
