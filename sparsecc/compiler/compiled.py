@@ -274,15 +274,8 @@ class CompiledModel(nn.Module):
         if not all(type(v) is Tensor for v in flat):
             raise _fuse.FuseError("the example call passes values other than tensors (fusing takes calls of tensors "
                                   "only)")
-        outputs: dict[str, set] = {}
-        hooks = [m.register_forward_hook(lambda m, a, o, p=p: outputs.setdefault(p, set()).add(_fuse.output_meta(o)))
-                 for p, m in self.module.named_modules() if isinstance(m, CondensedLayer)]
-        try:
-            with torch.no_grad():
-                out = example(self)     # the choices, and each layer's output for its `EagerCall`
-        finally:
-            for hook in hooks:
-                hook.remove()
+        # the layers' choices at this thread count, and each layer's output for its `EagerCall`
+        outputs, out = _fuse.layer_outputs(self.module, lambda: example(self))
         run, *counts = _fuse.module_graph(self.module, call, dtype, threads, outputs)
         return run, None, counts, out
 

@@ -101,6 +101,7 @@ class Fused:
     eager: "EagerCalls"
     spec: Optional[pytree.TreeSpec] = None      # the eager output's structure (inductor answers tuples as lists)
     calls: int = 0      # calls served (validation checks that it ran this graph)
+    restructure: Optional[bool] = None      # whether `run`'s answers need ``spec`` (found on the first call)
 
     def __post_init__(self) -> None:
         weakref.finalize(self, self.eager.release)
@@ -113,10 +114,10 @@ class Fused:
         else:
             with _precision.running(dtype):
                 out = self.run(*[tensors[i] for i in self.order])
-        if self.spec is not None:
-            leaves, spec = pytree.tree_flatten(out)
-            if spec != self.spec:
-                out = pytree.tree_unflatten(leaves, self.spec)
+        if self.restructure is None:
+            self.restructure = self.spec is not None and pytree.tree_structure(out) != self.spec
+        if self.restructure:
+            out = pytree.tree_unflatten(pytree.tree_leaves(out), self.spec)
         return _precision.restore(out, dtype)
 
 
@@ -222,9 +223,19 @@ def module_graph(module: nn.Module, call: Call, dtype: Optional[torch.dtype], th
     return run, dense, sparse, eager
 
 
-def output_meta(out: Tensor) -> tuple:
-    """What an `EagerCall`'s fake answers: shape, strides, dtype."""
-    return tuple(out.shape), out.stride(), out.dtype
+def layer_outputs(module: nn.Module, run: Callable[[], Any]) -> tuple[dict[str, set], Any]:
+    """``run()``'s result and, by path, the output metas (shape, strides, dtype: what an `EagerCall`'s fake
+    answers) each condensed layer of ``module`` gave during it (`module_graph` reads them)."""
+    outputs: dict[str, set] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, p=p: outputs.setdefault(p, set()).add(
+        (tuple(o.shape), o.stride(), o.dtype))) for p, m in module.named_modules() if isinstance(m, CondensedLayer)]
+    try:
+        with torch.no_grad():
+            out = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, out
 
 
 def _caller(module: nn.Module) -> Callable[..., Any]:
@@ -299,11 +310,12 @@ class EagerCalls:
                     self._replace(gm, node, functools.partial(chained, first=layers[0], second=layers[1],
                                                               acts=acts), meta, x)
                     self.chains += 1
-        gm.recompile()      # (the chains' get_attr nodes stay, unused: dead-code elimination could drop a user's
-        #                      in-place call whose result is unused; gm's submodules are the compiled model's)
+        # The chains' get_attr nodes stay, unused: dead-code elimination could also drop a user's in-place call
+        # whose result is unused (and gm's submodules are the compiled model's).
+        gm.recompile()
 
     def add(self, fn: Callable[[Tensor], Tensor], meta: tuple) -> EagerCall:
-        """An `EagerCall` of ``fn``, whose output has ``meta`` (`output_meta`)."""
+        """An `EagerCall` of ``fn``, whose output has ``meta`` (shape, strides, dtype)."""
         handle = next(_HANDLES)
         _EAGER[handle] = (fn, meta)
         self.handles.append(handle)

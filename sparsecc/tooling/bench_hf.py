@@ -201,10 +201,9 @@ def encoder(runs: int = 20, threads: Sequence[int] = THREADS, lengths: Sequence[
         dense = sparsecc.masked_reference(trained)
         batches = {n: dict(tokenizer([text], truncation=True, max_length=n, return_tensors="pt")) for n in lengths}
         log(f"encoder {spec}: compiling")       # one compile serves every length (choices per token count)
-        compiled = sparsecc.compile(trained, example_kwargs=batches[max(lengths)])
+        shared = None if fuse else sparsecc.compile(trained, example_kwargs=batches[max(lengths)])
         for length, batch in batches.items():
-            if fuse:
-                compiled = sparsecc.compile(trained, example_kwargs=batch, fuse=tuple(threads))
+            compiled = shared or sparsecc.compile(trained, example_kwargs=batch, fuse=tuple(threads))
             rows += model(dense, compiled, Call((), batch), f"all-MiniLM-L6-v2 {spec}, {dtype}, {length} tokens",
                           runs, threads)
     return rows
