@@ -226,6 +226,16 @@ def test_wrong_input_dtype_and_shape_at_call_time():
         compiled(torch.randn(1, 32), torch.randn(1, 32))
 
 
+def test_example_the_model_itself_rejects_is_a_clear_error():
+    """An example of the wrong width fails in the user's own first layer; compile says so (narrowing, the first
+    stage to run the model, would otherwise surface fx's ShapeProp trace), and the hint is about shapes, not
+    the prune-then-cast dtype trap."""
+    with pytest.raises(InputError, match=r"your model itself fails on these inputs \(RuntimeError: mat1 and mat2 "
+                                         r"shapes.*Check the example inputs' shapes") as exc:
+        sparsecc.compile(_pruned_mlp(), (torch.randn(3, 31),))
+    assert "prune.remove" not in str(exc.value)
+
+
 def test_condensed_layer_names_itself_on_bad_input():
     layer = next(m for m in sparsecc.compile(_pruned_mlp(), (torch.randn(1, 32),)).modules()
                  if isinstance(m, CondensedLinear))

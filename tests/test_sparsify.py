@@ -235,3 +235,18 @@ def test_fanin_skips_layers_with_nothing_to_remove():
     assert [lay.fqn for lay in report.layers] == ["2.weight"]
     with pytest.raises(InputError, match="no layer can take fanin"):
         sparsify(nn.Sequential(nn.Conv2d(1, 8, 1)), "fanin", sparsity=0.4)
+
+
+def test_synthetic_two_four_masks_skip_weights_without_whole_groups():
+    """A 3-channel stem (and any input width not a multiple of 4) has no 2:4 groups: the synthetic masks leave
+    it dense, as `sparsify` does, instead of failing on a reshape."""
+    from sparsecc.tooling import synthetic
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 6),
+                          nn.Linear(6, 4))
+    masks = synthetic.nm_masks(model)
+    assert sorted(masks) == ["1.weight", "3.weight"]
+    for fqn, mask in masks.items():
+        assert mask.shape == model.get_parameter(fqn).shape
+        groups = (mask.permute(0, 2, 3, 1) if mask.dim() == 4 else mask).reshape(-1, 4)
+        torch.testing.assert_close(groups.sum(-1), torch.full((groups.shape[0],), 2), rtol=0, atol=0)

@@ -32,7 +32,7 @@ from sparsecc.capture.masks import Prepared, prepare, structural_copy
 from sparsecc.compiler import precision as _precision
 from sparsecc.compiler.autotune import autotune, disable, stream_if_large
 from sparsecc.compiler.compiled import validation_result
-from sparsecc.compiler.validation import TOLERANCE, input_sets
+from sparsecc.compiler.validation import TOLERANCE, input_sets, users_call
 from sparsecc.core import reductions
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Arrangement, Call
@@ -114,7 +114,14 @@ def masks(c: Compilation) -> StageResult:
 def narrow_stage(c: Compilation) -> StageResult:
     if not c.options.narrow:
         return StageResult("narrow", None)
-    n = c.narrowing = narrow(c.prepared, c.inputs)
+    try:
+        n = c.narrowing = narrow(c.prepared, c.inputs)
+    except Exception:
+        # Narrowing is the first stage to run the model. Where the model itself fails on the example (an input
+        # of the wrong width, say), say that rather than show fx's ShapeProp trace.
+        with torch.no_grad():
+            users_call(c.prepared.user if c.prepared.user is not None else c.prepared.reference, c.inputs)
+        raise
     if n.removals:      # else the unchanged copy is dropped: a model's worth of memory
         c.work = Prepared(n.model, n.layers, c.prepared.was_training)
     notes = [f"narrowed {r}" for r in n.removals] or ["narrow: no channel removed"]

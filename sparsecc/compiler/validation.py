@@ -144,7 +144,7 @@ def _check_layer(mod: CondensedLayer, weights_from: nn.Module, x: Tensor, y: Ten
     return compare(mod.weight_fqn, y, mod.dense_op()(x, w, b))
 
 
-def _users_call(reference: nn.Module, inputs: Call) -> Any:
+def users_call(reference: nn.Module, inputs: Call) -> Any:
     """The user's model on ``inputs``; where it fails, an `InputError` saying so (the failure is the model's, not
     sparsecc's: a model whose weights and inputs disagree in dtype after ``.to()``, say)."""
     try:
@@ -152,11 +152,13 @@ def _users_call(reference: nn.Module, inputs: Call) -> Any:
     except SparseccError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the user's own forward is reported as such
-        raise InputError(f"your model itself fails on these inputs ({type(exc).__name__}: {str(exc)[:300]}): "
-                         f"sparsecc compares with the model as you run it, so it must run as called. One way this "
-                         f"happens: a model cast with .to() after torch.nn.utils.prune keeps each pruned weight in "
-                         f"its old dtype until its module runs, and nn.MultiheadAttention never runs its out_proj; "
-                         f"cast before pruning, or call prune.remove first") from exc
+        text = str(exc)
+        hint = (" One way this happens: a model cast with .to() after torch.nn.utils.prune keeps each pruned weight "
+                "in its old dtype until its module runs, and nn.MultiheadAttention never runs its out_proj; cast "
+                "before pruning, or call prune.remove first") if "dtype" in text else \
+            " Check the example inputs' shapes and dtypes against what the model's first layers take"
+        raise InputError(f"your model itself fails on these inputs ({type(exc).__name__}: {text[:300]}): "
+                         f"sparsecc compares with the model as you run it, so it must run as called.{hint}") from exc
 
 
 def _compare_outputs(actual: Any, expected: Any, tolerance: Optional[float], held_in: Optional[torch.dtype],
@@ -216,7 +218,7 @@ def run_validation(reference: nn.Module, compiled: nn.Module, input_sets: Sequen
         with torch.no_grad():
             for inputs in input_sets:
                 captured.clear()
-                expected = _users_call(reference, inputs)
+                expected = users_call(reference, inputs)
                 actual = inputs(compiled)
                 _compare_outputs(actual, expected, tolerance, held_in, end_to_end)
                 for fqn, (x, y) in captured.items():

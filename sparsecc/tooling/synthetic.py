@@ -21,7 +21,10 @@ def fanin_masks(model: nn.Module, sparsity: float = 0.9, ablate: float = 0.0, in
 
 
 def nm_masks(model: nn.Module, include: Optional[Selector] = None) -> dict[str, torch.Tensor]:
-    return user_layout(model, {fqn: nm_mask(w) for fqn, w in selected_weights(model, include).items()})
+    """2:4 masks for the selected weights whose inputs come in whole groups of 4 (an image stem's 3 channels do
+    not; NVIDIA ASP and `sparsecc.sparsify` leave those dense too)."""
+    return user_layout(model, {fqn: nm_mask(w) for fqn, w in selected_weights(model, include).items()
+                               if w.shape[1] % 4 == 0})
 
 
 def structured_masks(model: nn.Module, structure: str, sparsity: float = 0.9, ablate: float = 0.0,
