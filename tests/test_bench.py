@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sparsecc
+from sparsecc.core.compare import TOLERANCE
 from sparsecc.runtimes import cpu
 from sparsecc.tooling import bench, synthetic
 
@@ -79,6 +80,33 @@ def test_peers_agree_with_the_model_and_name_their_precision(tmp_path):
     assert [p.precision for p in found[:3]] == ["fp32", "fp32", "fp32"]
     isa = cpu.isa()
     assert found[3].precision == ("bf16" if "avx512_bf16" in isa or "amx_bf16" in isa else "fp32")
+
+
+def test_peers_of_a_half_precision_model_run_in_its_dtype(tmp_path):
+    """An fp16 model's ONNX file is fp16: onnxruntime's rows say so, take fp16 inputs (the free-axes probe too:
+    no "only the batch axis is free" warning) and agree with the model; the condensed file on onnxruntime is
+    validated at fp16's tolerance, not fp32's."""
+    import warnings
+
+    from sparsecc.tooling import peers
+
+    model = _small_cnn().half()
+    x = torch.randn(1, 3, 224, 224).half()
+    expected = sparsecc.masked_reference(model)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparsecc.SparseccWarning)
+        found = peers.peers(model, (x,), tmp_path, threads=1, openvino=False)
+    assert [(p.name, p.precision) for p in found] == [("onnxruntime dense", "fp16"), ("onnxruntime condensed", "fp16")]
+    for peer in found:
+        assert peer.fn is not None, peer.unavailable
+        out = peer.fn(x)
+        assert out.shape == expected.shape and out.dtype == expected.dtype == torch.float16
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(out, expected, rtol=0, atol=peers.tolerance(peer.precision) * scale)
+    stats = [st for st in found[1].fn.report.end_to_end if st.max_abs > 0]
+    assert stats and all(st.ok for st in stats), stats
+    relative = [st.tolerance * st.max_rel / st.max_abs for st in stats]      # tolerance over max |reference|
+    assert relative == pytest.approx([TOLERANCE[torch.float16]] * len(stats), rel=1e-3), stats
 
 
 def test_model_rows_with_peers_render(monkeypatch, tmp_path):

@@ -119,6 +119,21 @@ def test_bench_of_your_model_with_fuse_reports_each_thread_count(tmp_path, capsy
     assert json.loads((tmp_path / "out" / "model.json").read_text())[0]["sparse"]["call"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_half_precision_saved_module_gets_inputs_in_its_dtype(dtype, tmp_path, capsys):
+    """``--input-shape`` (and the input read from the first layer) is made in the model's own dtype: a saved fp16
+    or bf16 module benches as the user runs it instead of failing on a float32 input."""
+    torch.save(small_net().to(dtype), tmp_path / "net.pt")
+    for shape in (("--input-shape", "1,3,16,16"), ()):
+        loaded = usermodel.load(str(tmp_path / "net.pt"), (1, 3, 16, 16) if shape else None)
+        (x,) = loaded.call.args
+        assert x.dtype == dtype
+    args = [str(tmp_path / "net.pt"), "--sparsify", "fanin:0.75", "--input-shape", "1,3,16,16"]
+    assert cli.main(["bench", *args, "--model-runs", "2", "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+    (row,) = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert row["sparse"]["call"] > 0 and row["dense"]["call"] > 0
+
+
 def test_bench_peers_of_a_model_onnx_cannot_hold_say_why(tmp_path, gpt2_dir, capsys):
     """A decoder answering a KV cache has no ONNX file: its peers are reported not run, with the reason, and
     dense vs sparsecc is still timed."""

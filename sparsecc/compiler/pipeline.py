@@ -371,7 +371,10 @@ def engine(c: Compilation) -> StageResult:
     c.module, forms = _load_engine(name, c.module, c.prepared.user, c.inputs, c.options.runtime_options)
     changes = tuple((layer.name, LayerChange(runtime=f"{name} ({forms.get(layer.name, 'dense')})"))
                     for layer in c.report.condensed)
-    c.tolerance = TOLERANCE[PRECISIONS[runtimes.engine(name).EXPORT["precision"]]]
+    # An engine exporting in a narrower dtype than the model's is checked at that dtype's tolerance; one that keeps
+    # the model's dtype (fp32 export: a bf16 / fp16 model stays in its own) at each output dtype's own.
+    exported_in = PRECISIONS[runtimes.engine(name).EXPORT["precision"]]
+    c.tolerance = TOLERANCE[exported_in] if exported_in != torch.float32 else None
     return StageResult("engine", f"exported to {name}", engine=name, changes=changes,
                        notes=(f"{name} runs the whole exported graph: validated end to end only (its layers are "
                               f"not observable one by one)",))

@@ -101,7 +101,9 @@ def peers(model: nn.Module, example: "tuple | Call", directory: Path, threads: i
 
     call = example if isinstance(example, Call) else Call(tuple(example))
     reference = sparsecc.masked_reference(model, masks) if masks else sparsecc.masked_reference(model)
-    names_precisions = [("onnxruntime dense", "fp32"), ("onnxruntime condensed", "fp32")] + (
+    # onnxruntime runs the file in the model's own dtype (an fp16 model's ONNX file is fp16)
+    own = _precision_name(next((t.dtype for t in call.tensors() if t.is_floating_point()), torch.float32))
+    names_precisions = [("onnxruntime dense", own), ("onnxruntime condensed", own)] + (
         [("OpenVINO f32", "f32"), ("OpenVINO default", "default")] if openvino else [])
     try:
         path, names, outputs = dense_onnx(reference, call, directory)
@@ -109,14 +111,14 @@ def peers(model: nn.Module, example: "tuple | Call", directory: Path, threads: i
         why = f"no ONNX export of this model ({type(exc).__name__}: {exc})"[:300]
         return [Peer(name, precision, unavailable=why) for name, precision in names_precisions]
     arrangement = Arrangement.of(reference.forward, call) if call.kwargs else None
-    found = [Peer("onnxruntime dense", "fp32",
+    found = [Peer("onnxruntime dense", own,
                   ort_runtime.load(path, names, outputs, threads=threads, arrangement=arrangement))]
     try:
-        found.append(Peer("onnxruntime condensed", "fp32", sparsecc.compile(
+        found.append(Peer("onnxruntime condensed", own, sparsecc.compile(
             model, call.args, example_kwargs=dict(call.kwargs) or None, masks=masks, backend="onnxruntime",
             runtime_options={"threads": threads})))
     except SparseccError as exc:
-        found.append(Peer("onnxruntime condensed", "fp32", unavailable=f"{type(exc).__name__}: {exc}"[:300]))
+        found.append(Peer("onnxruntime condensed", own, unavailable=f"{type(exc).__name__}: {exc}"[:300]))
     if not openvino:
         return found
     reason = openvino_unavailable()

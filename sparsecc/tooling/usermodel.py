@@ -32,16 +32,25 @@ class Loaded:
     what: str                   # where it came from, for the progress lines
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's float inputs are made in: its first floating-point weight's (a bf16 or fp16 model
+    takes inputs of its own dtype, as the user calls it), float32 for a model with none."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def _first_layer_call(model: nn.Module, tokens: int) -> Call:
     """A batch-1 input for a model whose first layer says what it reads: token ids for an embedding, an image
-    for a convolution, features for a Linear."""
+    for a convolution, features for a Linear (in the layer's own dtype)."""
     for mod in model.modules():
         if isinstance(mod, nn.Embedding):
             return Call((torch.randint(0, mod.num_embeddings, (1, tokens)),))
         if isinstance(mod, nn.Conv2d):
-            return Call((torch.randn(1, mod.in_channels, 224, 224),))
+            return Call((torch.randn(1, mod.in_channels, 224, 224, dtype=mod.weight.dtype),))
         if isinstance(mod, nn.Linear):
-            return Call((torch.randn(1, mod.in_features),))
+            return Call((torch.randn(1, mod.in_features, dtype=mod.weight.dtype),))
     raise InputError("cannot tell this model's input from its layers: pass --input-shape (e.g. 1,3,224,224)")
 
 
@@ -78,7 +87,7 @@ def load(spec: str, input_shape: Optional[Sequence[int]] = None, tokens: int = 3
         model.eval()
         what = f"{type(model).__name__} from {path.name}"
     if input_shape:
-        call = Call((torch.randn(*input_shape),))
+        call = Call((torch.randn(*input_shape, dtype=_float_dtype(model)),))
     return Loaded(model, call or _first_layer_call(model, tokens), what)
 
 
