@@ -35,8 +35,13 @@ log = logging.getLogger("sparsecc")
 
 PLAIN = "plain"
 #: The packed Linear form, laid out for 32 tokens (a hint of 1 measured the same at one token and 1.2-1.3x
-#: slower at 32-197 tokens).
+#: slower at 32-197 tokens on the whole).
 PACKED = "packed"
+#: The packed Linear form laid out for one token: oneDNN then blocks the weight differently, and per shape that
+#: wins or loses by up to 15-45% (bf16, Xeon with AMX, `PACKED` -> this, same process: 768x768 at 32 tokens
+#: 97 -> 82 us at 1 thread and 58 -> 50 at 2; 3072 -> 768 at 197 tokens 2 threads 688 -> 633 us; 2048 -> 768 at
+#: 197 tokens 1 thread 609 -> 890). So it is a candidate beside `PACKED`, measured per layer like the others.
+PACKED_ONE = "packed1"
 #: Decode-sized calls (`tuning.DECODE_TOKENS`) are offered the plain form only. Measured warm, a packed
 #: weight of a one-token call sits in L2 and beats the sparse kernel; in the model it does not (each layer's
 #: weight leaves L2 before its next call), and a second copy of every weight crowds the last-level cache: a bf16
@@ -68,8 +73,9 @@ def packs(dtype: torch.dtype) -> bool:
         return False
 
 
-def _packed_linear(weight: Tensor, bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
-    op, packed = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+def _packed_linear(weight: Tensor, bias: Optional[Tensor], tokens: int = 32) -> Callable[[Tensor], Tensor]:
+    """oneDNN's Linear on ``weight`` laid out for calls of ``tokens`` tokens (right for any)."""
+    op, packed = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight(weight, tokens)
     return lambda x: op(x, packed, bias, "none", [], "")
 
 
@@ -148,18 +154,20 @@ def _packable(x: Tensor) -> bool:
 
 
 class LinearForms(DenseForms):
-    """``F.linear``, and oneDNN's Linear on a packed weight for calls of more than `tuning.DECODE_TOKENS` tokens."""
+    """``F.linear``, and oneDNN's Linear on a weight packed for 32 tokens or for one (`PACKED`, `PACKED_ONE`)
+    for calls of more than `tuning.DECODE_TOKENS` tokens."""
+
+    #: form name -> the token count its weight is laid out for
+    LAYOUTS = {PACKED: 32, PACKED_ONE: 1}
 
     def __init__(self, weight: Callable[[], Tensor], bias: Optional[Tensor]) -> None:
         super().__init__(weight, bias, F.linear)
 
     def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
-        return (PLAIN, PACKED) if tokens > tuning.DECODE_TOKENS and _packable(x) else (PLAIN,)
+        return (PLAIN, *self.LAYOUTS) if tokens > tuning.DECODE_TOKENS and _packable(x) else (PLAIN,)
 
     def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
-        if name != PACKED:
-            raise KeyError(name)
-        return _packed_linear(weight, self.bias)
+        return _packed_linear(weight, self.bias, self.LAYOUTS[name])
 
 
 class ConvForms(DenseForms):
