@@ -92,14 +92,16 @@ def test_peers_of_a_half_precision_model_run_in_its_dtype(tmp_path):
 
     model = _small_cnn().half()
     x = torch.randn(1, 3, 224, 224).half()
-    expected = sparsecc.masked_reference(model)(x)
+    with torch.no_grad():
+        expected = sparsecc.masked_reference(model)(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", sparsecc.SparseccWarning)
         found = peers.peers(model, (x,), tmp_path, threads=1, openvino=False)
     assert [(p.name, p.precision) for p in found] == [("onnxruntime dense", "fp16"), ("onnxruntime condensed", "fp16")]
     for peer in found:
         assert peer.fn is not None, peer.unavailable
-        out = peer.fn(x)
+        with torch.no_grad():
+            out = peer.fn(x)
         assert out.shape == expected.shape and out.dtype == expected.dtype == torch.float16
         scale = float(expected.abs().max())
         torch.testing.assert_close(out, expected, rtol=0, atol=peers.tolerance(peer.precision) * scale)

@@ -120,13 +120,12 @@ def test_bench_of_your_model_with_fuse_reports_each_thread_count(tmp_path, capsy
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_a_half_precision_saved_module_gets_inputs_in_its_dtype(dtype, tmp_path, capsys):
+def test_a_half_precision_saved_module_gets_inputs_in_its_dtype(dtype, tmp_path):
     """``--input-shape`` (and the input read from the first layer) is made in the model's own dtype: a saved fp16
     or bf16 module benches as the user runs it instead of failing on a float32 input."""
     torch.save(small_net().to(dtype), tmp_path / "net.pt")
-    for shape in (("--input-shape", "1,3,16,16"), ()):
-        loaded = usermodel.load(str(tmp_path / "net.pt"), (1, 3, 16, 16) if shape else None)
-        (x,) = loaded.call.args
+    for input_shape in ((1, 3, 16, 16), None):
+        (x,) = usermodel.load(str(tmp_path / "net.pt"), input_shape).call.args
         assert x.dtype == dtype
     args = [str(tmp_path / "net.pt"), "--sparsify", "fanin:0.75", "--input-shape", "1,3,16,16"]
     assert cli.main(["bench", *args, "--model-runs", "2", "--threads", "1", "--out", str(tmp_path / "out")]) == 0
