@@ -79,6 +79,31 @@ def test_keyword_inputs_named_and_free_in_batch_and_length(tmp_path, build, keys
     _check_runs_like_the_model(exported.path, model, list(keys), output)
 
 
+def test_a_half_precision_model_with_token_inputs_keeps_its_free_length(tmp_path):
+    """An fp16 decoder takes integer ids, so nothing in its inputs says fp16: the free-axes probe checks the file
+    at its outputs' dtype's tolerance (it used float32's, refused the length and left only the batch free)."""
+    import warnings
+
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg).eval().half()          # cast before masking: the weights stay fp16
+    synthetic.attach_with_prune(model, synthetic.structured_masks(
+        model, "fanin", 0.75, include=lambda fqn, kind: fqn.startswith("transformer.h.")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparsecc.SparseccWarning)
+        exported = sparsecc.export_onnx(model, (), tmp_path / "m.onnx", example_kwargs={"input_ids": _ids(1, 16)})
+    sess = session(exported.path, 1)
+    (value,) = sess.get_inputs()
+    assert all(isinstance(d, str) for d in value.shape), value.shape          # batch and length symbolic
+    for batch, length in ((1, 9), (3, 40)):
+        ids = _ids(batch, length)
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+        got = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
+        assert got.shape == expected.shape
+        assert got.dtype == expected.dtype == torch.float16
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-2 * float(expected.abs().max()))
+
+
 def test_positional_inputs_take_forwards_parameter_names_and_static_pins_the_length(tmp_path):
     model = _bert()
     ids = _ids(1, 16)
