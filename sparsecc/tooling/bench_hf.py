@@ -203,7 +203,8 @@ def encoder(runs: int = 20, threads: Sequence[int] = THREADS, lengths: Sequence[
         log(f"encoder {spec}: compiling")       # one compile serves every length (choices per token count)
         shared = None if fuse else sparsecc.compile(trained, example_kwargs=batches[max(lengths)])
         for length, batch in batches.items():
-            compiled = shared or sparsecc.compile(trained, example_kwargs=batch, fuse=tuple(threads))
+            compiled = shared if shared is not None else \
+                sparsecc.compile(trained, example_kwargs=batch, fuse=tuple(threads))
             rows += model(dense, compiled, Call((), batch), f"all-MiniLM-L6-v2 {spec}, {dtype}, {length} tokens",
                           runs, threads)
     return rows

@@ -144,6 +144,12 @@ def _user(args: argparse.Namespace) -> Any:
     return loaded
 
 
+def _sparsecc_label(bf16: bool, fused: bool) -> str:
+    """sparsecc's column in a bench table, naming how it was compiled: ``sparsecc (bf16, fused)``."""
+    how = [name for name, on in (("bf16", bf16), ("fused", fused)) if on]
+    return f"sparsecc ({', '.join(how)})" if how else "sparsecc"
+
+
 def _bench_user(args: argparse.Namespace) -> int:
     """``sparsecc bench MODEL``: dense vs sparsecc (and ``--peers``) on stdout and in OUT/model.md (+ .json)."""
     import json
@@ -163,8 +169,7 @@ def _bench_user(args: argparse.Namespace) -> int:
     dense = sparsecc.masked_reference(loaded.model)
     rows = bench_hf.model(dense, compiled, loaded.call, loaded.what, args.model_runs * 2,
                           tuple(args.threads or THREADS), peers_of=loaded.model if args.peers else None)
-    how = [p for p, on in (("bf16", args.precision == "bf16"), ("fused", args.fuse)) if on]
-    table = bench_hf.model_table(rows, f"sparsecc ({', '.join(how)})" if how else "sparsecc")
+    table = bench_hf.model_table(rows, _sparsecc_label(args.precision == "bf16", args.fuse))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model.md").write_text(f"CPU: {cpu.describe()}\n\n{table}\n")
     (args.out / "model.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
@@ -190,7 +195,7 @@ def _bench_hf(args: argparse.Namespace) -> int:
     else:
         rows = bench_hf.encoder(args.model_runs * 2, threads, log=log.info, dtype=args.dtype, fuse=args.fuse)
         name = f"encoder-{args.dtype}" + ("-fused" if args.fuse else "")
-        table = bench_hf.model_table(rows, "sparsecc (fused)" if args.fuse else "sparsecc")
+        table = bench_hf.model_table(rows, _sparsecc_label(False, args.fuse))
     (args.out / f"{name}.md").write_text(f"CPU: {cpu.describe()}\n\n{table}\n")
     (args.out / f"{name}.json").write_text(json.dumps(bench_hf.describe(rows), indent=1))
     print(table)

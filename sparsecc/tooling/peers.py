@@ -23,6 +23,7 @@ import sparsecc
 from sparsecc.core.errors import SparseccError
 from sparsecc.core.inputs import Arrangement, Call
 from sparsecc.runtimes import file_inputs
+from sparsecc.tooling.usermodel import float_dtype
 
 
 @dataclass
@@ -102,7 +103,7 @@ def peers(model: nn.Module, example: "tuple | Call", directory: Path, threads: i
     call = example if isinstance(example, Call) else Call(tuple(example))
     reference = sparsecc.masked_reference(model, masks) if masks else sparsecc.masked_reference(model)
     # onnxruntime runs the file in the model's own dtype (an fp16 model's ONNX file is fp16)
-    own = _precision_name(next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32))
+    own = _precision_name(float_dtype(reference))
     names_precisions = [("onnxruntime dense", own), ("onnxruntime condensed", own)] + (
         [("OpenVINO f32", "f32"), ("OpenVINO default", "default")] if openvino else [])
     try:

@@ -32,7 +32,7 @@ class Loaded:
     what: str                   # where it came from, for the progress lines
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
+def float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model's float inputs are made in: its first floating-point weight's (a bf16 or fp16 model
     takes inputs of its own dtype, as the user calls it), float32 for a model with none."""
     for t in (*model.parameters(), *model.buffers()):
@@ -87,7 +87,7 @@ def load(spec: str, input_shape: Optional[Sequence[int]] = None, tokens: int = 3
         model.eval()
         what = f"{type(model).__name__} from {path.name}"
     if input_shape:
-        call = Call((torch.randn(*input_shape, dtype=_float_dtype(model)),))
+        call = Call((torch.randn(*input_shape, dtype=float_dtype(model)),))
     return Loaded(model, call or _first_layer_call(model, tokens), what)
 
 
