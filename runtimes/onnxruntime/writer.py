@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from sparsecc.core.compare import TOLERANCE, compare
 from sparsecc.core.errors import ExportError, InputError, SparseccWarning
 from sparsecc.core.files import atomic_write
 from sparsecc.core.inputs import Call
@@ -31,6 +32,21 @@ from sparsecc.runtimes.onnxruntime import forms
 MODES = ("condensed", "dense")
 FORMULATIONS = ("auto", "gather", "rows")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def cast_to(precision: str) -> Optional[torch.dtype]:
+    """The dtype a file exported at ``precision`` takes its float inputs in, where the export casts them: fp16's.
+    None for an fp32 export, which keeps the model's own dtype (a bf16 / fp16 model's file takes that dtype): its
+    inputs go as the model takes them."""
+    dtype = PRECISIONS[precision]
+    return None if dtype == torch.float32 else dtype
+
+
+def file_tolerance(precision: str) -> Optional[float]:
+    """The output tolerance a file exported at ``precision`` is checked against the model at: the cast dtype's,
+    else None (each output's own dtype's: an fp16 model's file is fp16 end to end)."""
+    dtype = cast_to(precision)
+    return None if dtype is None else TOLERANCE[dtype]
 OPSET = 18
 
 
@@ -214,17 +230,13 @@ class _NotFree(ExportError):
 
 def _run_other_sizes(path: str, program: torch.export.ExportedProgram, call: Call, reference: Callable,
                      precision: str, sizes: list) -> None:
-    from sparsecc.core.compare import TOLERANCE, compare
     from sparsecc.runtimes.onnxruntime.engine import session
 
     sess = session(path, 1)
     names = signature.input_names(program)
     leaves, spec = pytree.tree_flatten((call.args, dict(call.kwargs)))
     slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-    # The file takes what `_write_onnx` exported: inputs cast to a non-fp32 precision, else in their own dtype (a
-    # bf16 / fp16 model's own); its outputs are checked at that precision's tolerance, else at their own dtype's.
-    dtype = PRECISIONS[precision]
-    tolerance = TOLERANCE[dtype] if dtype != torch.float32 else None
+    dtype, tolerance = cast_to(precision), file_tolerance(precision)
     for shapes in sizes:
         moved = list(leaves)
         for slot, shape in zip(slots, shapes):
@@ -232,7 +244,7 @@ def _run_other_sizes(path: str, program: torch.export.ExportedProgram, call: Cal
         args, kwargs = pytree.tree_unflatten(moved, spec)
         with torch.no_grad():
             expected = [t for t in pytree.tree_leaves(reference(*args, **kwargs)) if isinstance(t, Tensor)]
-        feeds = {n: (moved[slot].to(dtype) if moved[slot].is_floating_point() and dtype != torch.float32
+        feeds = {n: (moved[slot].to(dtype) if moved[slot].is_floating_point() and dtype is not None
                      else moved[slot]).numpy() for n, slot in zip(names, slots)}
         got = [torch.from_numpy(o) for o in sess.run(None, feeds)]
         for i, (g, e) in enumerate(zip(got, expected)):

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from sparsecc.core.errors import ExportError, InputError, RuntimeUnavailableError
 from sparsecc.core.files import atomic_write
 from sparsecc.core.inputs import Call
-from sparsecc.runtimes.onnxruntime.writer import PRECISIONS, check_arguments as check_onnx, write_onnx
+from sparsecc.runtimes.onnxruntime.writer import cast_to, check_arguments as check_onnx, file_tolerance, write_onnx
 from sparsecc.runtimes.signature import tensor_leaves
 
 FORMATS = {"onnx": ("onnxruntime_onnx", "model.onnx", ""), "tensorrt": ("tensorrt_plan", "model.plan", "_tensorrt")}
@@ -153,23 +153,25 @@ def check_in_onnxruntime(path: Path, input_names: list[str], reference: Callable
                          batches: tuple[int, ...], threads: int, precision: str) -> dict[int, float]:
     """Run the ONNX as Triton's onnxruntime backend would (same intra-op threads) at each batch size and compare
     with ``reference``; an `ExportError` names the first mismatch. Returns the max abs error per batch size."""
-    from sparsecc.core.compare import TOLERANCE, compare
+    from sparsecc.core.compare import compare
     from sparsecc.runtimes.onnxruntime.engine import session
 
     sess = session(path, threads)
+    # inputs as the file takes them, outputs checked at its precision (`cast_to`, `file_tolerance`)
+    dtype, tolerance = cast_to(precision), file_tolerance(precision)
     errors = {}
     for i, size in enumerate(batches):
         call = _batch(Call.of(inputs), size, seed=i)
         with torch.no_grad():
-            expected = [t.float() for t in pytree.tree_leaves(call(reference)) if isinstance(t, Tensor)]
-        feed = {n: a.to(PRECISIONS[precision]).numpy() if a.is_floating_point() else a.numpy()
+            expected = [t for t in pytree.tree_leaves(call(reference)) if isinstance(t, Tensor)]
+        feed = {n: a.to(dtype).numpy() if a.is_floating_point() and dtype is not None else a.numpy()
                 for n, a in zip(input_names, tensor_leaves(call))}
-        got = [torch.from_numpy(o).float() for o in sess.run(None, feed)]
+        got = [torch.from_numpy(o) for o in sess.run(None, feed)]
         unbatched = [j for j, g in enumerate(got) if g.dim() == 0 or g.shape[0] != size]
         if unbatched:
             raise ExportError(f"output {unbatched[0]} has shape {tuple(got[unbatched[0]].shape)} at batch {size}: "
                               f"Triton's batching needs the batch dimension first in every output")
-        stats = [compare(f"output {j} at batch {size}", g, e, TOLERANCE[PRECISIONS[precision]])
+        stats = [compare(f"output {j} at batch {size}", g.to(e.dtype), e, tolerance)
                  for j, (g, e) in enumerate(zip(got, expected))]
         bad = [s for s in stats if not s.ok]
         if len(got) != len(expected) or bad:

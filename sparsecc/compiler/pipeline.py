@@ -32,7 +32,7 @@ from sparsecc.capture.masks import Prepared, prepare, structural_copy
 from sparsecc.compiler import precision as _precision
 from sparsecc.compiler.autotune import autotune, disable, stream_if_large
 from sparsecc.compiler.compiled import validation_result
-from sparsecc.compiler.validation import TOLERANCE, input_sets, users_call
+from sparsecc.compiler.validation import input_sets, users_call
 from sparsecc.core import reductions
 from sparsecc.core.errors import EquivalenceError, InputError
 from sparsecc.core.inputs import Arrangement, Call
@@ -365,16 +365,13 @@ def _load_engine(name: str, module: nn.Module, reference: nn.Module, inputs: Cal
 def engine(c: Compilation) -> StageResult:
     if not c.options.on_engine:
         return StageResult("engine", None)
-    from sparsecc.runtimes.onnxruntime.writer import PRECISIONS
+    from sparsecc.runtimes.onnxruntime.writer import file_tolerance
 
     name = c.options.backend
     c.module, forms = _load_engine(name, c.module, c.prepared.user, c.inputs, c.options.runtime_options)
     changes = tuple((layer.name, LayerChange(runtime=f"{name} ({forms.get(layer.name, 'dense')})"))
                     for layer in c.report.condensed)
-    # An engine exporting in a narrower dtype than the model's is checked at that dtype's tolerance; one that keeps
-    # the model's dtype (fp32 export: a bf16 / fp16 model stays in its own) at each output dtype's own.
-    exported_in = PRECISIONS[runtimes.engine(name).EXPORT["precision"]]
-    c.tolerance = TOLERANCE[exported_in] if exported_in != torch.float32 else None
+    c.tolerance = file_tolerance(runtimes.engine(name).EXPORT["precision"])
     return StageResult("engine", f"exported to {name}", engine=name, changes=changes,
                        notes=(f"{name} runs the whole exported graph: validated end to end only (its layers are "
                               f"not observable one by one)",))
