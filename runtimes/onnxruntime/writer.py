@@ -267,6 +267,29 @@ def _settle_dims(graph: Any) -> None:
         value.shape = ir.Shape(dims)
 
 
+#: Float dtypes by their ONNX type (`_outputs_in_dtypes`).
+_ONNX_FLOATS = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16", torch.float64: "DOUBLE"}
+
+
+def _outputs_in_dtypes(graph: Any, dtypes: list[torch.dtype]) -> None:
+    """Each float output of the file in the dtype the model returns it in. torch.onnx translates a sum over fp16
+    as a Cast to float and a ReduceSum, with no Cast back: an fp16 model's ``x.sum(-1)`` came out of the file as
+    float32. Such an output gets the Cast back, appended to the graph under the output's name."""
+    import onnx_ir as ir
+
+    floats = {getattr(ir.DataType, name) for name in _ONNX_FLOATS.values()}
+    for i, (value, dtype) in enumerate(zip(list(graph.outputs), dtypes)):
+        want = getattr(ir.DataType, _ONNX_FLOATS.get(dtype, ""), None)
+        if want is None or value.dtype not in floats or value.dtype == want:
+            continue
+        name, value.name = value.name, f"{value.name}_{value.dtype.name.lower()}"
+        cast = ir.node("Cast", inputs=[value], attributes={"to": want})
+        graph.append(cast)
+        out = cast.outputs[0]
+        out.name, out.dtype, out.shape = name, want, value.shape
+        graph.outputs[i] = out
+
+
 def write_onnx(module: nn.Module, inputs: "tuple[Tensor, ...] | Call", path: Path, *, mode: str = "condensed",
                formulation: str = "auto", precision: str = "fp32", dynamic_axes: Any = "batch",
                reference: Optional[Callable] = None) -> OnnxExport:
@@ -301,7 +324,8 @@ def _write_onnx(source: nn.Module, call: Call, path: Path, mode: str, formulatio
                    "torch.onnx (custom_translation_table)")
     names = signature.input_names(program)
     with torch.no_grad():
-        outputs = signature.output_names(example(module))
+        returned = example(module)
+    outputs = signature.output_names(returned)
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")    # the exporter's own progress chatter and constant-folding notes
@@ -312,6 +336,8 @@ def _write_onnx(source: nn.Module, call: Call, path: Path, mode: str, formulatio
     if len(outputs) == len(graph_outputs):
         for value, name in zip(graph_outputs, outputs):
             value.name = name
+        _outputs_in_dtypes(onnx_program.model.graph,
+                           [t.dtype for t in pytree.tree_leaves(returned) if isinstance(t, Tensor)])
     outputs = [v.name for v in graph_outputs]
     check = None
     if dynamic_axes != "batch":
