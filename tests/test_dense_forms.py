@@ -142,3 +142,83 @@ def test_a_layer_dense_by_choice_runs_the_measured_form(monkeypatch, tmp_path, d
     with torch.no_grad():
         masked = sparsecc.masked_reference(model)(x)
     torch.testing.assert_close(out, masked, **TOL[dtype])
+
+
+@pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(48, 40), (771, 770), (5, 3)], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_tvm_one_token_form_computes_f_linear(dtype, shape, bias):
+    """The TVM runtime's dense GEMV (`runtime.GEMV16`) is offered for one-token calls of bf16 / fp16 layers only,
+    and equals torch's op in that dtype: rows that do not fill a block, inputs that do not fill a vector, bias or
+    none, at 1 and 2 threads."""
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    out, n = shape
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(out, n, generator=g) * 0.2).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype) if bias else None
+    forms = tvm_runtime._LinearForms(lambda: w, b)
+    one = torch.randn(1, 1, n, generator=g).to(dtype)
+    offered = forms.candidates(one, 1)
+    assert (tvm_runtime.GEMV16 in offered) == (dtype != torch.float32)
+    assert tvm_runtime.GEMV16 not in forms.candidates(torch.randn(2, n).to(dtype), 2)   # two tokens: torch's
+    if dtype == torch.float32:
+        return
+    fn = forms.form(tvm_runtime.GEMV16, one)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for x in (one, torch.randn(n, generator=g).to(dtype), torch.randn(1, n, generator=g).to(dtype)):
+                _check(fn(x), F.linear(x, w, b))
+                want = F.linear(x.double(), w.double(), b.double() if bias else None)
+                torch.testing.assert_close(fn(x).double(), want, **TOL[dtype])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.measured_choice
+@pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("structure", ["fanin", "2:4"])
+def test_a_half_layer_dense_by_choice_at_one_token_runs_the_tvm_form(monkeypatch, tmp_path, dtype, structure):
+    """A stand-in clock: at one token the dense op beats the sparse kernel and the TVM GEMV beats torch's. The
+    layer (fan-in or 2:4) then runs the TVM form, its report says so, and decode-sized calls still equal the
+    user's model; calls of more tokens keep torch's forms."""
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
+
+    def medians(fns, **kwargs):
+        if "dense" in fns:
+            fns["dense"]()
+            return {"sparse": 3e-4, "dense": 2e-4}
+        for fn in fns.values():
+            fn()
+        return {name: 1e-4 if name == tvm_runtime.GEMV16 else 2e-4 for name in fns}
+
+    monkeypatch.setattr(timing, "medians", medians)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 8)).eval().to(dtype)
+    if structure == "fanin":
+        prune.custom_from_mask(model[0], "weight", fanin_mask(model[0].weight, 0.75, 0.1))
+    else:
+        keep = model[0].weight.abs().view(96, 16, 4).argsort(-1)[..., 2:]
+        mask = torch.zeros(96, 16, 4, dtype=torch.bool).scatter_(-1, keep, True).view(96, 64)
+        prune.custom_from_mask(model[0], "weight", mask)
+    x = torch.randn(1, 1, 64, dtype=dtype)
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    entry = next(lay for lay in compiled.report.layers if lay.name == "0.weight")
+    assert entry.runtime == "tvm+dense" and f"dense ({tvm_runtime.GEMV16})" in entry.choice, entry.choice
+    bound = compiled.module.get_submodule("0").__dict__["_bound"][2]
+    (key,) = [k for k, c in bound.choices.items() if c.dense]
+    assert bound.choices[key].dense_form == tvm_runtime.GEMV16
+    for shape in ((1, 1, 64), (1, 1, 64), (4, 1, 64)):       # decode steps, then a batch of 4 (torch's form)
+        x = torch.randn(*shape, dtype=dtype)
+        out, expected = compiled(x), model(x)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+        with torch.no_grad():
+            torch.testing.assert_close(out, sparsecc.masked_reference(model)(x), **TOL[dtype])

@@ -237,6 +237,52 @@ def _constant(x: Tensor, bias: Optional[Tensor], shape: tuple[int, ...], channel
     return bias.view(view).expand(shape).clone(memory_format=torch.contiguous_format)
 
 
+#: The TVM runtime's dense form of a bf16 / fp16 Linear at one token (`kernels.dense_gemv`).
+GEMV16 = "tvm_gemv"
+
+
+class _LinearForms(_dense.LinearForms):
+    """torch's forms of a Linear, and for a one-token call of a bf16 / fp16 layer this runtime's dense GEMV
+    (`GEMV16`): torch's 16-bit GEMV converts as it goes on CPUs without AVX512_BF16 / AVX512_FP16 and ran at
+    a third of that kernel's speed there (AMD EPYC Zen 3, 1 thread, 768-2048 wide: 2.6-3.0x), so a decode step's
+    layers that stay dense, and the dense op the sparse kernels are measured against, were slower than they
+    need be. It is one more measured candidate (`tuning.choose_tile`), so a CPU where torch's is faster (AMX)
+    keeps torch's; it reads the plain form's decoded weight (no copy) and sums in float32."""
+
+    def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
+        found = super().candidates(x, tokens)
+        one = x.shape[-1] > 0 and x.numel() == x.shape[-1]
+        return (*found, GEMV16) if one and x.dtype in HALF and x.device.type == "cpu" else found
+
+    def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
+        if name != GEMV16:
+            return super()._packed(name, weight, x)
+        return _dense_gemv(weight, self.bias)
+
+
+def _dense_gemv(weight: Tensor, bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
+    """``F.linear`` at one token by `kernels.dense_gemv` on ``weight`` (the layer's dtype; inputs and outputs in
+    it too, as a call's are: `_Tuned.__call__` makes them contiguous and checks the dtype)."""
+    import tvm_ffi
+
+    from sparsecc.runtimes.tvm.kernels import DENSE_ROWS
+
+    out, n = weight.shape
+    weight = weight.contiguous()
+    wide_bias = bias.float().contiguous() if bias is not None else torch.zeros(out)
+    kernel = _kernel("dense_gemv", 0, 1, torch.int32, bias is not None, dtype=weight.dtype, io=weight.dtype)
+    args = (tvm_ffi.from_dlpack(weight), tvm_ffi.from_dlpack(wide_bias))
+    blocks = -(-out // DENSE_ROWS)
+
+    def run(x: Tensor) -> Tensor:
+        y = x.new_empty(*x.shape[:-1], out)
+        parallel.run(kernel, blocks, out * n, x.view(1, n), *args, y.view(1, out))
+        return y
+
+    run.tensors = (weight, wide_bias)   # what ``args`` points into stays alive with the form
+    return run
+
+
 class _Tuned:
     """A bound layer that runs its sparse kernel or its dense op (on the dense weight, decoded on first use),
     whichever `tuning` measured faster for this call's token bucket and torch's thread count. ``sparse`` takes
@@ -549,8 +595,8 @@ class BoundLinear(_Bound):
 
     def _make_dense_forms(self, x: Tensor) -> _dense.DenseForms:
         in_features = x.shape[-1]
-        return _dense.LinearForms(lambda: formats.decode_fanin(self.values, self.indices, self.rows, self.out,
-                                                               in_features), self.bias_or_none)
+        return _LinearForms(lambda: formats.decode_fanin(self.values, self.indices, self.rows, self.out,
+                                                         in_features), self.bias_or_none)
 
     def sparse(self, x: Tensor, tile=None) -> Tensor:
         # Outputs are allocated in their final shape: a tensor of their own, never a view.
@@ -807,7 +853,7 @@ class BoundNM(_Tuned):
         return x.new_zeros(*x.shape[:-1], 0)
 
     def _make_dense_forms(self, x: Tensor) -> _dense.DenseForms:
-        return _dense.LinearForms(lambda: formats.decode_fanin(self.values, formats.nm_indices(
+        return _LinearForms(lambda: formats.decode_fanin(self.values, formats.nm_indices(
             self.metadata, self.in_features), None, self.out, self.in_features), self.bias_or_none)
 
     def _on_fanin(self, tokens: int) -> bool:
