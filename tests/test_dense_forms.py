@@ -105,6 +105,23 @@ def test_no_packed_form_where_the_dtype_has_none():
     assert forms.candidates(torch.randn(5, 2, dtype=torch.float64), 5) == (dense.PLAIN,)
 
 
+def _dense_wins(monkeypatch, tmp_path, fastest: str) -> None:
+    """A stand-in clock in a fresh tuning cache: the dense op beats the sparse kernel, and among the dense forms
+    (and the sparse kernel's tiles) ``fastest`` wins. Every measured callable still runs once, as the real
+    clock's warm-up does (forms are built there)."""
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
+
+    def medians(fns, **kwargs):
+        for fn in fns.values():
+            fn()
+        if "dense" in fns:
+            return {"sparse": 3e-4, "dense": 2e-4}
+        return {name: 1e-4 if name == fastest else 2e-4 for name in fns}     # a form or tile search
+
+    monkeypatch.setattr(timing, "medians", medians)
+
+
 @pytest.mark.measured_choice
 @pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
 @pytest.mark.skipif(not dense.packs(torch.bfloat16), reason="this torch / CPU has no packed bf16 Linear")
@@ -112,16 +129,7 @@ def test_no_packed_form_where_the_dtype_has_none():
 def test_a_layer_dense_by_choice_runs_the_measured_form(monkeypatch, tmp_path, dtype):
     """A stand-in clock: the dense op beats the sparse kernel, and the packed form beats the plain one. The
     layer then runs the packed form (its report says so), and the model still equals the user's."""
-    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
-
-    def medians(fns, **kwargs):
-        if "dense" in fns:
-            fns["dense"]()
-            return {"sparse": 3e-4, "dense": 2e-4}
-        return {name: 1e-4 if name == dense.PACKED else 2e-4 for name in fns}     # a form or tile search
-
-    monkeypatch.setattr(timing, "medians", medians)
+    _dense_wins(monkeypatch, tmp_path, dense.PACKED)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 8)).eval().to(dtype)
     prune.custom_from_mask(model[0], "weight", fanin_mask(model[0].weight, 0.75, 0.1))
@@ -188,18 +196,7 @@ def test_a_half_layer_dense_by_choice_at_one_token_runs_the_tvm_form(monkeypatch
     user's model; calls of more tokens keep torch's forms."""
     from sparsecc.runtimes.tvm import runtime as tvm_runtime
 
-    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("sparsecc.runtimes.tvm.runtime._tuning", None)
-
-    def medians(fns, **kwargs):
-        if "dense" in fns:
-            fns["dense"]()
-            return {"sparse": 3e-4, "dense": 2e-4}
-        for fn in fns.values():
-            fn()
-        return {name: 1e-4 if name == tvm_runtime.GEMV16 else 2e-4 for name in fns}
-
-    monkeypatch.setattr(timing, "medians", medians)
+    _dense_wins(monkeypatch, tmp_path, tvm_runtime.GEMV16)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 8)).eval().to(dtype)
     if structure == "fanin":

@@ -313,6 +313,10 @@ def precision(c: Compilation) -> StageResult:
              f"{str(c.options.dtype).removeprefix('torch.')} values ({dense} dense Linear / convolution(s) too), the "
              f"rest runs under autocast; outputs validated against the float32 model at {_precision.TOLERANCE:.0e} "
              f"x max |output|",)
+    slow = _precision.slow_note(c.options.precision)
+    if slow is not None:
+        logging.getLogger("sparsecc").warning("sparsecc: %s", slow)
+        notes += (slow,)
     if isinstance(c.module, fx.GraphModule) and _precision.convolutional(c.module):
         _precision.channels_last(c.module)
         notes += (f"precision {c.options.precision}, a convolutional network: 4-D inputs run in channels-last memory "
