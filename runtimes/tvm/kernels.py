@@ -132,6 +132,13 @@ def _gathered(lanes: list, dtype: str):
     return T.reinterpret(f"float32x{n}", T.shift_left(words, T.broadcast(T.uint32(16), n)))
 
 
+def _lanes_sum(acc, *lead):
+    """The 8 lanes of ``acc[*lead, :]`` summed pairwise (lane i with lane i + 4 first): the one-token kernels'
+    horizontal reduction, in one order everywhere."""
+    lane = [acc[(*lead, i)] for i in range(VEC)]
+    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]))
+
+
 def _narrow(value, dtype: str, lanes: int = 1):
     """A float32 result stored as ``dtype`` (the rounding torch's ``.to`` does: to nearest even)."""
     if dtype == "float32":
@@ -251,8 +258,7 @@ def fanin_gemv(key: KernelKey):
                     tail[0] = tail[0] + _wide(v[r, j], VDT) * _wide(x[0, T.Cast("int32", idx[r, j])], IO)
                 for c in T.unroll(1, CHAINS):
                     acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
-                total = T.meta_var(((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) +
-                    ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])) + tail[0])
+                total = T.meta_var(_lanes_sum(acc, 0) + tail[0])
                 if BIAS:
                     y[0, orow[r]] = _narrow(total + b[orow[r]], IO)
                 else:
@@ -303,8 +309,7 @@ def dense_gemv(key: KernelKey):
                 tail[q] = tail[q] + _wide(w[r0 + q, j], VDT) * _wide(x[0, j], IO)
         for q in T.unroll(NR):
             acc[q, 0, T.ramp(0, 1, VEC)] = acc[q, 0, T.ramp(0, 1, VEC)] + acc[q, 1, T.ramp(0, 1, VEC)]
-            total = T.meta_var(((acc[q, 0, 0] + acc[q, 0, 4]) + (acc[q, 0, 1] + acc[q, 0, 5])) +
-                               ((acc[q, 0, 2] + acc[q, 0, 6]) + (acc[q, 0, 3] + acc[q, 0, 7])) + tail[q])
+            total = T.meta_var(_lanes_sum(acc, q, 0) + tail[q])
             if BIAS:
                 y[0, r0 + q] = _narrow(total + b[r0 + q], IO)
             else:
@@ -708,8 +713,7 @@ def mask_gemv(key: KernelKey):
 def _nm_epilogue(acc, y, b, r, BIAS):
     for c in T.unroll(1, CHAINS):
         acc[0, T.ramp(0, 1, VEC)] = acc[0, T.ramp(0, 1, VEC)] + acc[c, T.ramp(0, 1, VEC)]
-    total = T.meta_var(((acc[0, 0] + acc[0, 4]) + (acc[0, 1] + acc[0, 5])) +
-                       ((acc[0, 2] + acc[0, 6]) + (acc[0, 3] + acc[0, 7])))
+    total = T.meta_var(_lanes_sum(acc, 0))
     if BIAS:
         y[0, r] = total + b[r]
     else:

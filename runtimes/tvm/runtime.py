@@ -251,8 +251,7 @@ class _LinearForms(_dense.LinearForms):
 
     def candidates(self, x: Tensor, tokens: int) -> tuple[str, ...]:
         found = super().candidates(x, tokens)
-        one = x.shape[-1] > 0 and x.numel() == x.shape[-1]
-        return (*found, GEMV16) if one and x.dtype in HALF and x.device.type == "cpu" else found
+        return (*found, GEMV16) if tokens == 1 and x.shape[-1] > 0 and x.dtype in HALF else found
 
     def _packed(self, name: str, weight: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
         if name != GEMV16:
