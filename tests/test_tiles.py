@@ -15,7 +15,10 @@ from tests.conftest import assert_equivalent
 
 pytestmark = pytest.mark.skipif(unavailable("tvm") is not None, reason=f"TVM not installed: {unavailable('tvm')}")
 
-EXTRA = (tvm_kernels.Tile(1, 1, 0), tvm_kernels.Tile(5, 2, 8), tvm_kernels.Tile(2, 3, 0), tvm_kernels.Tile(1, 13, 16))
+#: Beyond the tuner's: odd shapes, and windows of 1 KiB, so that the small layers here sweep many windows (rows
+#: stepping together, then each alone for its rest of a window, and rows left over from the tile's rows).
+EXTRA = (tvm_kernels.Tile(1, 1, 0), tvm_kernels.Tile(5, 2, 8), tvm_kernels.Tile(2, 3, 0), tvm_kernels.Tile(1, 13, 16),
+         tvm_kernels.Tile(2, 3, 0, 1), tvm_kernels.Tile(3, 2, 0, 1), tvm_kernels.Tile(1, 4, 0, 1))
 
 
 def _tiles(k: int, tokens: int, lanes: int) -> tuple:
@@ -90,3 +93,38 @@ def test_token_tiles_are_balanced():
             assert covered == list(range(total))
             widths = {w for w, _, _ in runs}
             assert max(widths) <= most and max(widths) - min(widths) <= 1
+
+
+def test_windows_cut_every_row_at_the_same_inputs():
+    out_f, in_f, k = 40, 300, 30
+    indices = torch.stack([torch.randperm(in_f)[:k].sort().values for _ in range(out_f)]).to(torch.int16)
+    bound = tvm_runtime.BoundLinear(torch.randn(out_f, k), indices, None, None, out_f)
+    tile = tvm_kernels.Tile(2, 2, 0, 1)
+    count = bound.window_count(tile, 64)
+    assert count > 4
+    bound.windows(tile, 64)
+    table, _ = bound.window_tables[count]
+    assert table.shape == (out_f, count + 1) and table.dtype == torch.int32
+    assert (table[:, 0] == 0).all() and (table[:, -1] == k).all() and (table[:, 1:] >= table[:, :-1]).all()
+    edges = torch.linspace(0, int(indices.max()) + 1, count + 1).round().long()
+    for r in range(out_f):
+        for w in range(count):
+            run = indices[r, table[r, w]:table[r, w + 1]].long()
+            assert ((run >= edges[w]) & (run < edges[w + 1])).all()      # the same window in every row
+
+
+def test_windowed_tiles_need_sorted_indices(lanes):
+    out_f, in_f = 24, 1200                          # k = 120: beyond the compiled-in fan-ins
+    w = torch.randn(out_f, in_f)
+    mask = fanin_mask(w, 0.9, 0.0)
+    enc = formats.encode_fanin(w * mask, mask, int(mask.sum(1).max()))
+    x = torch.randn(64, in_f)
+    bound = tvm_runtime.BoundLinear(enc.values, enc.indices, None, None, out_f)
+    assert any(t.window for t in bound.tiles(x))
+    shuffled = torch.stack([torch.randperm(enc.values.shape[1]) for _ in range(out_f)])
+    unsorted = tvm_runtime.BoundLinear(enc.values.gather(1, shuffled), enc.indices.gather(1, shuffled), None, None,
+                                       out_f)
+    tiles = unsorted.tiles(x)
+    assert tiles and not any(t.window for t in tiles)
+    for tile in tiles:
+        assert_equivalent(unsorted.sparse(x, tile), F.linear(x, w * mask))

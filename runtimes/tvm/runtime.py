@@ -477,6 +477,7 @@ class _Bound(_Tuned):
 
         self.args = tuple(tvm_ffi.from_dlpack(t) for t in (self.values, self.indices, self.orow, self.arow, self.bias))
         self.kernels: dict[tuple, Callable] = {}
+        self.window_tables: dict[int, tuple[Tensor, object]] = {}
 
     def kernel(self, kind: str, tokens: int, tile=None, io: torch.dtype = torch.float32) -> Callable:
         fn = self.kernels.get((kind, tokens, tile, io))
@@ -487,9 +488,55 @@ class _Bound(_Tuned):
             k = self.values.shape[1]
             if tile is not None and k > tvm_kernels.STATIC_K:
                 k = 0                   # the tiled kernel for any fan-in (`fanin_tiled`)
-            fn = self.kernels[(kind, tokens, tile, io)] = _kernel(kind, k, tokens, index_dtype, self.has_bias, tile,
-                                                                  self.values.dtype, io)
+            fn = self.kernels[(kind, tokens, tile, io)] = _kernel(
+                kind, k, tokens, index_dtype, self.has_bias, tile.code() if tile is not None else None,
+                self.values.dtype, io)
         return fn
+
+    def window_index(self) -> Tensor:
+        """Each row's indices as windows count them (`windows`): the layer's own, in its input's units."""
+        return self.indices
+
+    def window_units(self) -> int:
+        """Index units per input row of the token kernel's input (a direct convolution's taps of one channel
+        read the same plane: one row of the input per channel)."""
+        return 1
+
+    def windows(self, tile, tokens: int) -> object:
+        """The window table of a windowed ``tile`` (`kernels.Tile.window`) at ``tokens`` (padded) tokens, as a
+        TVM tensor: ``[rows, windows + 1]`` int32, row ``r``'s values in window ``w`` being ``table[r, w] ..<
+        table[r, w + 1]`` (its indices are sorted). A window spans the inputs whose token-tile rows fill
+        ``tile.window`` KiB, so that its inputs stay in cache (L2, where the whole input does not fit) while
+        every row of the thread's share reads them."""
+        count = self.window_count(tile, tokens)
+        found = self.window_tables.get(count)
+        if found is None:
+            import tvm_ffi
+
+            index = self.window_index().to(torch.int64).contiguous()
+            edges = torch.linspace(0, self._reach(), count + 1).round().to(torch.int64)   # balanced windows
+            table = torch.searchsorted(index, edges.expand(index.shape[0], -1).contiguous(), side="left")
+            table = table.to(torch.int32).contiguous()
+            found = self.window_tables[count] = (table, tvm_ffi.from_dlpack(table))
+        return found[1]
+
+    def window_count(self, tile, tokens: int) -> int:
+        """How many windows a windowed ``tile`` cuts this layer's inputs into at ``tokens`` (padded) tokens."""
+        width = min(tokens, tile.vectors * lanes()) * 4
+        span = max(1, tile.window * 1024 // width) * self.window_units()
+        return -(-self._reach() // span)
+
+    def _reach(self) -> int:
+        index = self.window_index()
+        return int(index.max()) + 1 if index.numel() else 1
+
+    def windowed(self) -> bool:
+        """Whether windowed tiles can run: they need each row's indices sorted (`formats` keeps them so)."""
+        found = self.__dict__.get("_windowed")
+        if found is None:
+            index = self.window_index()
+            found = self.__dict__["_windowed"] = bool((index[:, 1:] >= index[:, :-1]).all())
+        return found
 
     def run(self, kind: str, tokens: int, x: Tensor, y: Tensor, args: Optional[tuple] = None, tile=None,
             io: Optional[torch.dtype] = None) -> None:
@@ -499,9 +546,11 @@ class _Bound(_Tuned):
         from sparsecc.runtimes.tvm.kernels import blocks
 
         rows = self.values.shape[0]
+        args = self.args if args is None else args
+        if tile is not None and tile.window:
+            args = (*args, self.windows(tile, tokens))
         parallel.run(self.kernel(kind, tokens, tile, io or x.dtype),
-                     blocks(kind, rows, tile), rows * self.values.shape[1] * tokens, x,
-                     *(self.args if args is None else args), y)
+                     blocks(kind, rows, tile), rows * self.values.shape[1] * tokens, x, *args, y)
 
     def tiles(self, x: Tensor) -> tuple:
         from sparsecc.runtimes.tvm import kernels as tvm_kernels
@@ -510,8 +559,13 @@ class _Bound(_Tuned):
         if tokens < SPMM_MIN_TOKENS:
             return ()
         pairs = x.dtype == torch.bfloat16     # token vectors read in pairs, padded to two vectors
-        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(tokens, lanes() * (1 + pairs)),
-                                      lanes(), pairs=pairs)
+        padded = tvm_kernels.padded(tokens, lanes() * (1 + pairs))
+        return self.offered(tvm_kernels.candidates(self.values.shape[1], padded, lanes(), pairs=pairs), padded)
+
+    def offered(self, tiles: tuple, tokens: int) -> tuple:
+        """``tiles`` less the windowed ones this layer cannot run, or would run as one window (the tile without
+        chunks, measured anyway)."""
+        return tuple(t for t in tiles if not t.window or self.windowed() and self.window_count(t, tokens) > 1)
 
     def tiled(self, xt: Tensor, tile, y: Optional[Tensor] = None) -> Tensor:
         """``[out, tokens_padded]`` (float32) from ``xt = [in, tokens_padded]`` by the tiled kernel (into ``y``, if
@@ -691,6 +745,12 @@ class BoundConv2d(_Bound):
         self.offsets: dict[tuple[int, int], Tensor] = {}
         self.in_channels, self.groups, self.original_indices = in_channels, groups, indices
 
+    def window_index(self) -> Tensor:
+        return self.original_indices        # a group's filters count from their group's first channel
+
+    def window_units(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1] if self.direct else 1
+
     def _phases(self, h: int, w: int) -> tuple[int, int]:
         """Rows and columns of one phase plane of the zero-padded ``h x w`` input: the padded plane split by
         stride (row ``a + sh * qy`` of the padded input is row ``qy`` of phase ``a``), so that a strided
@@ -744,7 +804,8 @@ class BoundConv2d(_Bound):
     def tiles(self, x: Tensor) -> tuple:
         from sparsecc.runtimes.tvm import kernels as tvm_kernels
 
-        return tvm_kernels.candidates(self.values.shape[1], tvm_kernels.padded(self.tokens(x), lanes()), lanes())
+        padded = tvm_kernels.padded(self.tokens(x), lanes())
+        return self.offered(tvm_kernels.candidates(self.values.shape[1], padded, lanes()), padded)
 
     def _out_size(self, x: Tensor) -> tuple[int, int]:
         return tuple(ops.conv_out_size(s, k, st, p, d) for s, k, st, p, d in
