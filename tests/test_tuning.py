@@ -403,12 +403,17 @@ def _mlp(tokens: int = 40):
     return model, torch.randn(tokens, 64)
 
 
-def _whole_model_clock(monkeypatch, dense_faster: bool):
-    """Layers alone: the sparse kernel wins (any tile). The whole model: dense wins or loses, as asked; both
-    ways are run, so the switch between them is exercised."""
+def _whole_model_clock(monkeypatch, dense_faster: bool, model_s: float = 2e-3):
+    """Layers alone: the sparse kernel wins (any tile) by 0.2 ms each. The whole model: ``model_s`` with the
+    layers' choices (2 ms: their gains are no clear margin, `autotune.CLEAR_GAIN`), and dense wins or loses, as
+    asked; both ways are run, so the switch between them is exercised."""
     seen = []
 
     def medians(fns, **kwargs):
+        if "model" in fns:
+            fns["model"]()
+            seen.append(["model"])
+            return {"model": model_s}
         if "chosen" in fns:
             for fn in fns.values():
                 fn()
@@ -443,7 +448,7 @@ def test_the_whole_model_runs_dense_where_its_sparse_choices_lose_together(monke
     model, x = _mlp()
     chained = spy                                   # whether each chained call ran chained
     compiled = sparsecc.compile(model, (x,), backend="tvm")
-    assert seen == [["chosen", "dense"]]
+    assert seen == [["model"], ["chosen", "dense"]]
     bounds = _bounds(compiled)
     assert len(bounds) == 2
     key = (tuning.bucket(x.shape[0]), torch.get_num_threads())
@@ -465,6 +470,34 @@ def test_the_whole_model_runs_dense_where_its_sparse_choices_lose_together(monke
         with torch.no_grad():
             assert_equivalent(out, sparsecc.masked_reference(model)(inputs))
     assert chained and all(c is not dense_faster for c in chained)   # chained only where both run sparse
+
+
+def test_layers_gains_of_half_the_models_time_are_not_timed_all_dense(monkeypatch, tmp_path):
+    """Where the layers' measured gains add up to `autotune.CLEAR_GAIN` of the model's time, the model is timed
+    with its choices only: they stand, no dense form is built for the check, the note says why, and the model
+    equals the user's."""
+    from sparsecc.compiler import autotune
+    from sparsecc.runtimes.tvm import runtime as tvm_runtime
+
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tvm_runtime, "_tuning", None)
+    seen = _whole_model_clock(monkeypatch, dense_faster=True, model_s=0.7e-3)
+    assert 2 * 0.2e-3 >= autotune.CLEAR_GAIN * 0.7e-3           # two layers' gains: past the share of the model
+    model, x = _mlp()
+    compiled = sparsecc.compile(model, (x,), backend="tvm")
+    assert seen == [["model"]]                           # not timed all dense
+    key = (tuning.bucket(x.shape[0]), torch.get_num_threads())
+    for bound in _bounds(compiled):
+        assert not bound.choices[key].dense and not bound.choices[key].whole_model
+        assert bound.sparse_buckets() == [key] and bound.dense_forms(x).held() == ()
+    (note,) = [n for n in compiled.report.notes if n.startswith("whole model")]
+    assert "0.70 ms with the layers' choices" in note and "add up to 0.40 ms" in note
+    assert "keeps its 2 layer(s)' sparse choices (a clear margin" in note
+    out, expected = compiled(x), model(x)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_equivalent(out, expected)
+    with torch.no_grad():
+        assert_equivalent(out, sparsecc.masked_reference(model)(x))
 
 
 def test_switching_a_bucket_to_dense_and_back_restores_its_route(monkeypatch, tmp_path):
@@ -502,7 +535,7 @@ def test_the_reference_runtime_takes_the_whole_model_check_too(monkeypatch, tmp_
     seen = _whole_model_clock(monkeypatch, dense_faster)
     model, x = _mlp()
     compiled = sparsecc.compile(model, (x,), backend="reference")
-    assert seen == [["chosen", "dense"]]
+    assert seen == [["model"], ["chosen", "dense"]]
     for bound in _bounds(compiled):
         (choice,) = bound.choices.values()
         assert choice.dense is dense_faster and choice.whole_model is dense_faster
@@ -526,7 +559,7 @@ def test_a_call_at_a_new_size_is_checked_on_the_whole_model(monkeypatch, tmp_pat
     seen = _whole_model_clock(monkeypatch, dense_faster=False)
     model, x = _mlp(tokens=40)
     compiled = sparsecc.compile(model, (x,), backend="tvm")
-    assert seen == [["chosen", "dense"]]                   # compile: the 64-token bucket, kept sparse
+    assert seen == [["model"], ["chosen", "dense"]]                   # compile: the 64-token bucket, kept sparse
     seen.clear()
     _whole_model_clock(monkeypatch, dense_faster=True).clear()
     other = torch.randn(10, 64)                            # the 16-token bucket: settled now, then checked
@@ -565,9 +598,9 @@ def test_calls_with_inputs_that_are_not_tensors_are_not_run_again(monkeypatch, t
     model = Scaled().eval()
     prune.custom_from_mask(model.fc, "weight", fanin_mask(model.fc.weight, 0.75))
     compiled = sparsecc.compile(model, (torch.randn(40, 64), 2.0), backend="tvm")
-    assert seen == [["chosen", "dense"]]
+    assert seen == [["model"], ["chosen", "dense"]]
     other = torch.randn(10, 64)
     out, expected = compiled(other, 2.0), model(other, 2.0)
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert_equivalent(out, expected)
-    assert seen == [["chosen", "dense"]]                   # not run again: ``scale`` is not a tensor
+    assert seen == [["model"], ["chosen", "dense"]]                   # not run again: ``scale`` is not a tensor

@@ -8,12 +8,13 @@ makes the choices for the example's token counts, and the report shows each laye
 Each layer's choice is measured on the layer alone; `never_slower` then times the whole model on the example
 inputs with those choices and with every layer dense, and keeps the faster: layers that won alone can lose
 together (all-MiniLM-L6-v2 at 2:4, 2 threads, 16 tokens: six Linears 16% faster than dense alone, the model
-0.88x dense with them and 0.94x without, on a Xeon with AVX-512).
+0.88x dense with them and 0.94x without, on a Xeon with AVX-512). Where the layers' measured gains are a clear
+margin (`CLEAR_GAIN` of the model's time), the model is timed with its choices only.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -42,6 +43,12 @@ def autotune(module: nn.Module, inputs: Call) -> tuple[tuple[tuple[str, LayerCha
 #: it runs dense at the example's call sizes: a near-tie goes to the op the user's model runs.
 MODEL_MARGIN = 0.02
 
+#: Where the sparse choices' gains measured layer by layer add up to this share of the model's own time (all
+#: dense would take 1.5x as long), the model is not timed all dense: no interaction between layers makes up
+#: that much, and the check cost ViT-B/16 at 90% 3.6 of a 13 s warm compile (Zen 3, 1 thread), where its
+#: layers' gains are 1.4x the model's time. Near-ties (2:4, a few sparse layers) are always timed both ways.
+CLEAR_GAIN = 0.5
+
 
 def _switchable(module: nn.Module, since: int) -> list[tuple[Any, tuple[int, int]]]:
     """(bound layer, bucket) pairs where a layer runs its sparse kernel by a choice settled after ``since``
@@ -57,7 +64,8 @@ def _switchable(module: nn.Module, since: int) -> list[tuple[Any, tuple[int, int
 def never_slower(module: nn.Module, inputs: Call, since: int = 0, what: str = "the example inputs") -> Optional[str]:
     """Time ``module`` on ``inputs`` with its layers' measured choices settled after ``since`` (those the call
     made: other call sizes keep theirs) and with every such layer dense (interleaved medians), and keep the
-    faster (`MODEL_MARGIN`); a note on the outcome, or None where no such layer runs sparse. ``inputs`` is run
+    faster (`MODEL_MARGIN`), unless the gains are a clear margin (`CLEAR_GAIN`); a note on the outcome, or None
+    where no such layer runs sparse. ``inputs`` is run
     again and again: a call that changes state it is given (a KV cache) must not come here."""
     from sparsecc.core import timing
 
@@ -70,6 +78,14 @@ def never_slower(module: nn.Module, inputs: Call, since: int = 0, what: str = "t
             bound.run_dense(key, dense)
         inputs(module)
 
+    bounds = {id(b): b for b, _ in pairs}
+    clear = _clear_gain(pairs, lambda: run(False))
+    if clear is not None:
+        for bound in bounds.values():
+            bound.settle()
+        return (f"whole model at {what}, {torch.get_num_threads()} thread(s): {clear[0] * 1e3:,.2f} ms with the "
+                f"layers' choices, whose gains measured layer by layer add up to {clear[1] * 1e3:,.2f} ms: keeps "
+                f"its {len(bounds)} layer(s)' sparse choices (a clear margin: not timed with every layer dense)")
     # A warm-up round builds the dense forms; three rounds bound the cost of a large model (ViT-B/16: about
     # 1.4 s of a compile), a small one gets as many as half a second holds (up to 60).
     times = timing.medians({"chosen": lambda: run(False), "dense": lambda: run(True)}, runs=3, warmup=1,
@@ -77,7 +93,6 @@ def never_slower(module: nn.Module, inputs: Call, since: int = 0, what: str = "t
     dense = times["dense"] < times["chosen"] * (1 + MODEL_MARGIN)
     for bound, key in pairs:
         bound.run_dense(key, dense)
-    bounds = {id(b): b for b, _ in pairs}
     for bound in bounds.values():
         bound.settle()
     layers = len(bounds)
@@ -86,6 +101,20 @@ def never_slower(module: nn.Module, inputs: Call, since: int = 0, what: str = "t
     return (f"whole model at {what}, {torch.get_num_threads()} thread(s): "
             f"{times['chosen'] * 1e3:,.2f} ms with the layers' choices, {times['dense'] * 1e3:,.2f} ms with every "
             f"layer dense: {outcome}")
+
+
+def _clear_gain(pairs: list, chosen: Callable[[], None]) -> Optional[tuple[float, float]]:
+    """(the model's seconds with its choices, their gains' sum) where the sparse choices' gains measured layer by
+    layer are at least `CLEAR_GAIN` of the model's time, else None. The model takes at least its sparse layers'
+    time, so where the gains fall short of that bound's share the model is not even timed."""
+    from sparsecc.core import timing
+
+    made = [bound.choices[key] for bound, key in pairs]
+    gain = sum(max(0.0, c.dense_s - c.sparse_s) for c in made)
+    if gain < CLEAR_GAIN * sum(c.sparse_s for c in made):
+        return None
+    model = timing.medians({"model": chosen}, runs=2, warmup=0)["model"]
+    return (model, gain) if gain >= CLEAR_GAIN * model else None
 
 
 def choices(module: nn.Module) -> tuple[tuple[str, LayerChange], ...]:
