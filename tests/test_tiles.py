@@ -128,3 +128,23 @@ def test_windowed_tiles_need_sorted_indices(lanes):
     assert tiles and not any(t.window for t in tiles)
     for tile in tiles:
         assert_equivalent(unsorted.sparse(x, tile), F.linear(x, w * mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_windowed_tiles_take_16_bit_inputs(lanes, dtype):
+    """A bf16 input reaches the windowed kernel as 32-bit words of two tokens (two accumulators a load), an fp16
+    one widened: both equal the layer in its dtype, and the float32 path bit for bit."""
+    out_f, in_f = 30, 700                            # k = 140 at 80%: windows are offered
+    w = torch.randn(out_f, in_f)
+    mask = fanin_mask(w, 0.8, 0.1)
+    enc = formats.encode_fanin(w * mask, mask, int(mask.sum(1).max()))
+    bound = tvm_runtime.BoundLinear(enc.values.to(dtype), enc.indices, enc.rows, None, out_f)
+    x = torch.randn(45, in_f).to(dtype)
+    expected = F.linear(x, (w * mask).to(dtype))
+    offered = [t for t in bound.tiles(x) if t.window]
+    assert offered
+    for tile in offered + [tvm_kernels.Tile(2, 2, 0, 1), tvm_kernels.Tile(1, 4, 0, 1)]:
+        y = bound.sparse(x, tile)
+        assert y.shape == expected.shape and y.dtype == dtype
+        assert_equivalent(y, expected)
+        torch.testing.assert_close(y, bound.sparse(x.float(), tile).to(dtype), rtol=0, atol=0)

@@ -477,7 +477,8 @@ class _Bound(_Tuned):
 
         self.args = tuple(tvm_ffi.from_dlpack(t) for t in (self.values, self.indices, self.orow, self.arow, self.bias))
         self.kernels: dict[tuple, Callable] = {}
-        self.window_tables: dict[int, tuple[Tensor, object]] = {}
+        # Window tables by window count, and by (tile, padded tokens) for the call path.
+        self.window_tables: dict[object, tuple[Tensor, object]] = {}
 
     def kernel(self, kind: str, tokens: int, tile=None, io: torch.dtype = torch.float32) -> Callable:
         fn = self.kernels.get((kind, tokens, tile, io))
@@ -508,16 +509,19 @@ class _Bound(_Tuned):
         table[r, w + 1]`` (its indices are sorted). A window spans the inputs whose token-tile rows fill
         ``tile.window`` KiB, so that its inputs stay in cache (L2, where the whole input does not fit) while
         every row of the thread's share reads them."""
-        count = self.window_count(tile, tokens)
-        found = self.window_tables.get(count)
+        found = self.window_tables.get((tile, tokens))      # every call of a windowed tile: one lookup
         if found is None:
-            import tvm_ffi
+            count = self.window_count(tile, tokens)
+            found = self.window_tables.get(count)
+            if found is None:
+                import tvm_ffi
 
-            index = self.window_index().to(torch.int64).contiguous()
-            edges = torch.linspace(0, self._reach(), count + 1).round().to(torch.int64)   # balanced windows
-            table = torch.searchsorted(index, edges.expand(index.shape[0], -1).contiguous(), side="left")
-            table = table.to(torch.int32).contiguous()
-            found = self.window_tables[count] = (table, tvm_ffi.from_dlpack(table))
+                index = self.window_index().to(torch.int64).contiguous()
+                edges = torch.linspace(0, self._reach(), count + 1).round().to(torch.int64)   # balanced windows
+                table = torch.searchsorted(index, edges.expand(index.shape[0], -1).contiguous(), side="left")
+                table = table.to(torch.int32).contiguous()
+                found = self.window_tables[count] = (table, tvm_ffi.from_dlpack(table))
+            self.window_tables[(tile, tokens)] = found
         return found[1]
 
     def window_count(self, tile, tokens: int) -> int:
@@ -527,8 +531,11 @@ class _Bound(_Tuned):
         return -(-self._reach() // span)
 
     def _reach(self) -> int:
-        index = self.window_index()
-        return int(index.max()) + 1 if index.numel() else 1
+        found = self.__dict__.get("_reach_")
+        if found is None:
+            index = self.window_index()
+            found = self.__dict__["_reach_"] = int(index.max()) + 1 if index.numel() else 1
+        return found
 
     def windowed(self) -> bool:
         """Whether windowed tiles can run: they need each row's indices sorted (`formats` keeps them so)."""
