@@ -527,11 +527,11 @@ def fanin_tiled(key: KernelKey):
         return _wide(value, VDT) * xt[index * NTP + u * L + t]
 
     @T.macro
-    def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj):
+    def begin(acc, b, y, orow, r0, nrows, v0, W, first):
         # ``v0`` and ``W``: the first unit and the unit count; accumulator ``[q, u * U + h]`` holds the tokens
-        # of unit ``u``'s ``h``-th vector, stored at ``((v0 + u) * U + h) * L`` in ``y``.
-        acc = T.decl_buffer((ROWS_, W * U, L), DT, scope="global")
-        if j0 == 0:
+        # of unit ``u``'s ``h``-th vector, stored at ``((v0 + u) * U + h) * L`` in ``y``. The first sweep starts
+        # from the bias, later ones from the partial sums in ``y``.
+        if first:
             for q in T.unroll(nrows):
                 for u in T.unroll(W * U):
                     for t in T.vectorized(L):
@@ -541,20 +541,33 @@ def fanin_tiled(key: KernelKey):
                 for u in T.unroll(W * U):
                     for t in T.vectorized(L):
                         acc[q, u, t] = y[orow[r0 + q], (v0 * U + u) * L + t]
-        for j in range(nj):
-            for q in T.unroll(nrows):
-                for u in T.unroll(W):
-                    for t in T.vectorized(L):
-                        acc[q, u * U, t] = acc[q, u * U, t] + term(
-                            v[r0 + q, j0 + j], xt, T.Cast("int32", idx[r0 + q, j0 + j]), v0 + u, 0, t)
-                    if SPLIT:
-                        for t in T.vectorized(L):
-                            acc[q, u * U + 1, t] = acc[q, u * U + 1, t] + term(
-                                v[r0 + q, j0 + j], xt, T.Cast("int32", idx[r0 + q, j0 + j]), v0 + u, 1, t)
+
+    @T.macro
+    def accumulate(acc, xt, v, idx, r, q, j, v0, W):
+        # row ``r``'s ``j``-th value times its input's tokens, into the accumulators of the tile's row ``q``
+        for u in T.unroll(W):
+            for t in T.vectorized(L):
+                acc[q, u * U, t] = acc[q, u * U, t] + term(v[r, j], xt, T.Cast("int32", idx[r, j]), v0 + u, 0, t)
+            if SPLIT:
+                for t in T.vectorized(L):
+                    acc[q, u * U + 1, t] = acc[q, u * U + 1, t] + term(
+                        v[r, j], xt, T.Cast("int32", idx[r, j]), v0 + u, 1, t)
+
+    @T.macro
+    def end(acc, y, orow, r0, nrows, v0, W):
         for q in T.unroll(nrows):
             for u in T.unroll(W * U):
                 for t in T.vectorized(L):
                     y[orow[r0 + q], (v0 * U + u) * L + t] = acc[q, u, t]
+
+    @T.macro
+    def tile(xt, v, idx, orow, b, y, r0, nrows, v0, W, j0, nj):
+        acc = T.decl_buffer((ROWS_, W * U, L), DT, scope="global")
+        begin(acc, b, y, orow, r0, nrows, v0, W, j0 == 0)
+        for j in range(nj):
+            for q in T.unroll(nrows):
+                accumulate(acc, xt, v, idx, r0 + q, q, j0 + j, v0, W)
+        end(acc, y, orow, r0, nrows, v0, W)
 
     @T.macro
     def slab(xt, v, idx, orow, b, y, R, K, b0, b1, v0, W):
@@ -576,46 +589,16 @@ def fanin_tiled(key: KernelKey):
         # Window ``c`` of rows ``r0 ..``: row ``r0 + q``'s values ``wp[r0 + q, c] ..< wp[r0 + q, c + 1]``. The
         # rows step together for as many values as each has in the window, then each alone for its rest.
         acc = T.decl_buffer((ROWS_, W * U, L), DT, scope="global")
-        if c == 0:
-            for q in T.unroll(nrows):
-                for u in T.unroll(W * U):
-                    for t in T.vectorized(L):
-                        acc[q, u, t] = b[orow[r0 + q]] if BIAS else T.cast(0, DT)
-        else:
-            for q in T.unroll(nrows):
-                for u in T.unroll(W * U):
-                    for t in T.vectorized(L):
-                        acc[q, u, t] = y[orow[r0 + q], (v0 * U + u) * L + t]
+        begin(acc, b, y, orow, r0, nrows, v0, W, c == 0)
         both = T.meta_var(functools.reduce(T.min, [wp[r0 + q, c + 1] - wp[r0 + q, c] for q in range(nrows)]))
         for j in range(both):
             for q in T.unroll(nrows):
-                for u in T.unroll(W):
-                    for t in T.vectorized(L):
-                        acc[q, u * U, t] = acc[q, u * U, t] + term(
-                            v[r0 + q, wp[r0 + q, c] + j], xt, T.Cast("int32", idx[r0 + q, wp[r0 + q, c] + j]),
-                            v0 + u, 0, t)
-                    if SPLIT:
-                        for t in T.vectorized(L):
-                            acc[q, u * U + 1, t] = acc[q, u * U + 1, t] + term(
-                                v[r0 + q, wp[r0 + q, c] + j], xt,
-                                T.Cast("int32", idx[r0 + q, wp[r0 + q, c] + j]), v0 + u, 1, t)
+                accumulate(acc, xt, v, idx, r0 + q, q, wp[r0 + q, c] + j, v0, W)
         if nrows > 1:
             for q in T.unroll(nrows):
                 for j in range(wp[r0 + q, c + 1] - wp[r0 + q, c] - both):
-                    for u in T.unroll(W):
-                        for t in T.vectorized(L):
-                            acc[q, u * U, t] = acc[q, u * U, t] + term(
-                                v[r0 + q, wp[r0 + q, c] + both + j], xt,
-                                T.Cast("int32", idx[r0 + q, wp[r0 + q, c] + both + j]), v0 + u, 0, t)
-                        if SPLIT:
-                            for t in T.vectorized(L):
-                                acc[q, u * U + 1, t] = acc[q, u * U + 1, t] + term(
-                                    v[r0 + q, wp[r0 + q, c] + both + j], xt,
-                                    T.Cast("int32", idx[r0 + q, wp[r0 + q, c] + both + j]), v0 + u, 1, t)
-        for q in T.unroll(nrows):
-            for u in T.unroll(W * U):
-                for t in T.vectorized(L):
-                    y[orow[r0 + q], (v0 * U + u) * L + t] = acc[q, u, t]
+                    accumulate(acc, xt, v, idx, r0 + q, q, wp[r0 + q, c] + both + j, v0, W)
+        end(acc, y, orow, r0, nrows, v0, W)
 
     @T.macro
     def windows(xt, v, idx, orow, b, y, wp, R, NW, b0, b1, v0, W):
