@@ -503,6 +503,7 @@ def fanin_tiled(key: KernelKey):
     DT = "float32"
     FLAT = key.kind == "tiled_flat"
     ROWS_, CH = TL.rows, TL.chunk
+    WINDOWED = TL.window > 0          # swept by window (`windows`), else by chunk (`slab`)
     K = KS if KS else tvm.tirx.Var("K", "int32")
     # A bf16 input is read as 32-bit words (`SPLIT_DTYPE`): one load per two token vectors (a "unit" of U
     # vectors), each an accumulator of its own; a float32 input one vector per load.
@@ -613,54 +614,36 @@ def fanin_tiled(key: KernelKey):
                         for q in range(R - rb * ROWS_):
                             window(xt, v, idx, orow, b, y, wp, rb * ROWS_ + q, 1, v0, W, c)
 
-    if TL.window:
-        @T.prim_func
-        def windowed(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle,
-                     b_h: T.handle, w_h: T.handle, b0: T.int32, b1: T.int32, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            R = T.int32()
-            A = T.int32()
-            XN = T.int32()
-            OUT = T.int32()
-            NW1 = T.int32()
-            xt = T.match_buffer(xt_h, (XN,), XDT, align=_align(XDT))
-            v = T.match_buffer(v_h, (R, K), VDT, align=_align(VDT))
-            idx = T.match_buffer(i_h, (R, K), IDX, align=2)
-            orow = T.match_buffer(orow_h, (R,), "int32", align=4)
-            arow = T.match_buffer(arow_h, (A,), "int32", align=4)
-            b = T.match_buffer(b_h, (OUT,), DT, align=4)
-            wp = T.match_buffer(w_h, (R, NW1), "int32", align=4)
-            y = T.match_buffer(y_h, (OUT, NTP), DT, align=4)
-            for i in range(N0):
-                windows(xt, v, idx, orow, b, y, wp, R, NW1 - 1, b0, b1, S0 + i * W0, W0)
-            for i in range(N1):
-                windows(xt, v, idx, orow, b, y, wp, R, NW1 - 1, b0, b1, S1 + i * W1, W1)
-            if b0 == 0:
-                for a in range(A):
-                    for t in range(NTP):
-                        y[arow[a], t] = b[arow[a]] if BIAS else T.cast(0, DT)
-
-        return windowed
-
     @T.prim_func
     def tiled(xt_h: T.handle, v_h: T.handle, i_h: T.handle, orow_h: T.handle, arow_h: T.handle, b_h: T.handle,
-              b0: T.int32, b1: T.int32, y_h: T.handle):
+              w_h: T.handle, b0: T.int32, b1: T.int32, y_h: T.handle):
+        # ``w_h``: the window table of a windowed tile (`Tile.window`), ``[R, windows + 1]``; any ``[n, 2]``
+        # table (unread) for a chunked one.
         T.func_attr({"tirx.noalias": True})
         R = T.int32()
         A = T.int32()
         XN = T.int32()
         OUT = T.int32()
+        WR = T.int32()
+        NW1 = T.int32()
         xt = T.match_buffer(xt_h, (XN,), XDT, align=_align(XDT))
         v = T.match_buffer(v_h, (R, K), VDT, align=_align(VDT))
         idx = T.match_buffer(i_h, (R, K), IDX, align=2)
         orow = T.match_buffer(orow_h, (R,), "int32", align=4)
         arow = T.match_buffer(arow_h, (A,), "int32", align=4)
         b = T.match_buffer(b_h, (OUT,), DT, align=4)
+        wp = T.match_buffer(w_h, (WR, NW1), "int32", align=4)
         y = T.match_buffer(y_h, (OUT, NTP), DT, align=4)
-        for i in range(N0):
-            slab(xt, v, idx, orow, b, y, R, K, b0, b1, S0 + i * W0, W0)
-        for i in range(N1):
-            slab(xt, v, idx, orow, b, y, R, K, b0, b1, S1 + i * W1, W1)
+        if WINDOWED:
+            for i in range(N0):
+                windows(xt, v, idx, orow, b, y, wp, R, NW1 - 1, b0, b1, S0 + i * W0, W0)
+            for i in range(N1):
+                windows(xt, v, idx, orow, b, y, wp, R, NW1 - 1, b0, b1, S1 + i * W1, W1)
+        else:
+            for i in range(N0):
+                slab(xt, v, idx, orow, b, y, R, K, b0, b1, S0 + i * W0, W0)
+            for i in range(N1):
+                slab(xt, v, idx, orow, b, y, R, K, b0, b1, S1 + i * W1, W1)
         if b0 == 0:
             for a in range(A):
                 for t in range(NTP):

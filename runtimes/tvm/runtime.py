@@ -449,6 +449,15 @@ class _Tuned:
             self._dense_forms.keep({c.dense_form or _dense.PLAIN for c in self.choices.values() if c.dense})
 
 
+@functools.cache
+def _no_windows() -> object:
+    """The window table a chunked tile's kernel takes and never reads (`kernels.fanin_tiled`)."""
+    import tvm_ffi
+
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    return table, tvm_ffi.from_dlpack(table)
+
+
 class _Bound(_Tuned):
     """One layer's constants in the form the kernels take, derived once, plus its kernels by token count."""
 
@@ -554,8 +563,8 @@ class _Bound(_Tuned):
 
         rows = self.values.shape[0]
         args = self.args if args is None else args
-        if tile is not None and tile.window:
-            args = (*args, self.windows(tile, tokens))
+        if tile is not None:         # the tiled kernels take a window table, read by windowed tiles only
+            args = (*args, self.windows(tile, tokens) if tile.window else _no_windows()[1])
         parallel.run(self.kernel(kind, tokens, tile, io or x.dtype),
                      blocks(kind, rows, tile), rows * self.values.shape[1] * tokens, x, *args, y)
 
