@@ -45,8 +45,9 @@ MODEL_MARGIN = 0.02
 
 #: Where the sparse choices' gains measured layer by layer add up to this share of the model's own time (all
 #: dense would take 1.5x as long), the model is not timed all dense: no interaction between layers makes up
-#: that much, and the check cost ViT-B/16 at 90% 3.6 of a 13 s warm compile (Zen 3, 1 thread), where its
-#: layers' gains are 1.4x the model's time. Near-ties (2:4, a few sparse layers) are always timed both ways.
+#: that much, and building and running every dense form for the check cost ViT-B/16 at 90% 5.5 s of a 14.4 s
+#: warm compile (Zen 3, 1 thread), where its layers' gains are 1.3x the model's time. Near-ties (2:4, a few
+#: sparse layers) are timed both ways.
 CLEAR_GAIN = 0.5
 
 
@@ -65,8 +66,8 @@ def never_slower(module: nn.Module, inputs: Call, since: int = 0, what: str = "t
     """Time ``module`` on ``inputs`` with its layers' measured choices settled after ``since`` (those the call
     made: other call sizes keep theirs) and with every such layer dense (interleaved medians), and keep the
     faster (`MODEL_MARGIN`), unless the gains are a clear margin (`CLEAR_GAIN`); a note on the outcome, or None
-    where no such layer runs sparse. ``inputs`` is run
-    again and again: a call that changes state it is given (a KV cache) must not come here."""
+    where no such layer runs sparse. ``inputs`` is run again and again: a call that changes state it is given
+    (a KV cache) must not come here."""
     from sparsecc.core import timing
 
     pairs = _switchable(module, since)
